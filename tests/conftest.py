@@ -1,0 +1,94 @@
+"""Fixtures: tiny models and datasets built locally (no network), shared by the test modules."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import REPO, write_json
+
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "demo"))
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_config(tmp_path_factory):
+    """A 2-level UNet2DModel config at 16 px: milliseconds per step on CPU, attention included."""
+    folder = tmp_path_factory.mktemp("unet_config")
+    return write_json(
+        os.path.join(folder, "config.json"),
+        {
+            "_class_name": "UNet2DModel",
+            "sample_size": 16,
+            "in_channels": 3,
+            "out_channels": 3,
+            "layers_per_block": 1,
+            "block_out_channels": [16, 32],
+            "norm_num_groups": 8,
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+            "attention_head_dim": 8,
+        },
+    )
+
+
+def _shape_images(count, seed=0):
+    from make_shapes import draw_shape
+    import random
+
+    rng = random.Random(seed)
+    # Non-square sizes so that random cropping has something to choose.
+    return [draw_shape(rng, 24).resize((24, 20 + index % 3)) for index in range(count)]
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """7 readable images in nested folders and one corrupt file; 7 images at batch 2 = 4 batches per epoch."""
+    folder = tmp_path_factory.mktemp("images")
+    os.makedirs(folder / "sub")
+    for index, image in enumerate(_shape_images(7)):
+        image.save(folder / ("sub" if index % 2 else ".") / f"img_{index}.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def parquet_dataset(tmp_path_factory):
+    """A local dataset folder in parquet form with the image in a column called `pixels`."""
+    import datasets
+
+    folder = tmp_path_factory.mktemp("parquet_dataset")
+    dataset = datasets.Dataset.from_dict(
+        {"pixels": _shape_images(5, seed=1), "label": list(range(5))},
+        features=datasets.Features({"pixels": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    os.makedirs(folder / "data")
+    dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def sixteen_bit_image():
+    """A 16-bit greyscale gradient that 8-bit conversion would collapse to at most 256 levels."""
+    values = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    return Image.fromarray(values)  # uint16 -> mode I;16
+
+
+@pytest.fixture
+def yaml_file(tmp_path):
+    def write(values, name="config.yaml"):
+        import yaml
+
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(values) if not isinstance(values, str) else values)
+        return str(path)
+
+    return write
+
+
+def read_json(path):
+    with open(path) as file:
+        return json.load(file)

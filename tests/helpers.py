@@ -1,0 +1,130 @@
+"""Launch the training scripts the way users do, and compare what they write."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+LAUNCH_TIMEOUT = 600
+
+
+def script_path(name):
+    return os.path.join(REPO, name)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(script, args, num_processes=1, accelerate_config=None):
+    """`accelerate launch [...] script args` as a user types it (2 processes: CPU DDP over gloo, SPEC §9)."""
+    command = [os.path.join(BIN, "accelerate"), "launch"]
+    if accelerate_config is not None:
+        command += ["--config_file", accelerate_config]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+    else:
+        command += ["--num_processes", "1"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return command + [script_path(script)] + [str(arg) for arg in args]
+
+
+def script_env(**extra):
+    env = dict(os.environ)
+    env.update({"ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run(command, cwd=None, env=None, check=True, timeout=LAUNCH_TIMEOUT):
+    result = subprocess.run(command, cwd=cwd, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)}\nexited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
+            f"stderr:\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def launch(script, args, num_processes=1, check=True, env=None, cwd=None):
+    return run(launch_command(script, args, num_processes), cwd=cwd, env=env, check=check)
+
+
+def run_python(script, args, check=False, env=None, cwd=None):
+    """`python script args`: the plain way, used where the script's own exit status matters."""
+    return run([sys.executable, script_path(script)] + [str(a) for a in args], cwd=cwd, env=env, check=check)
+
+
+def start_python(script, args, env=None, cwd=None):
+    return subprocess.Popen(
+        [sys.executable, script_path(script)] + [str(a) for a in args],
+        cwd=cwd, env=env or script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_path(path, process, timeout=300):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"process exited {process.returncode} before {path} appeared\n{err[-4000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.01)
+
+
+def send_signal_and_wait(process, signum=signal.SIGTERM, timeout=300):
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def load_weights(folder):
+    """The safetensors weights of a diffusers model folder (unet/, unet_ema/, ...)."""
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(folder_a, folder_b):
+    a, b = load_weights(folder_a), load_weights(folder_b)
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ between {folder_a} and {folder_b}: {different[:3]}"
+
+
+def assert_different_weights(folder_a, folder_b):
+    a, b = load_weights(folder_a), load_weights(folder_b)
+    assert any(not torch.equal(a[key], b[key]) for key in a), f"{folder_a} and {folder_b} hold identical weights"
+
+
+def checkpoints(output_dir):
+    return {name for name in os.listdir(output_dir) if "checkpoint" in name}
+
+
+def snapshot(folder):
+    """Every file under `folder` with its size, mtime and bytes: to prove a failed run left it untouched."""
+    state = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            info = os.stat(path)
+            content = open(path, "rb").read() if os.path.isfile(path) else None
+            state[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns, content)
+    return state
+
+
+def write_json(path, value):
+    with open(path, "w") as file:
+        json.dump(value, file)
+    return path

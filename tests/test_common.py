@@ -1,0 +1,220 @@
+"""The shared module: noise, loss targets and weights, checkpoint safety, preemption, --config."""
+
+import os
+import signal
+import types
+
+import pytest
+import torch
+
+import train_common as common
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Randomness, noise, loss
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_derived_seeds_depend_on_every_key_and_nothing_else():
+    assert common.derive_seed(0, 1, 2) == common.derive_seed(0, 1, 2)
+    seeds = {common.derive_seed(0, 1, 2), common.derive_seed(1, 1, 2), common.derive_seed(0, 2, 2),
+             common.derive_seed(0, 1, 3), common.derive_seed(0, 1, 2, 0)}
+    assert len(seeds) == 5
+    assert 0 <= common.derive_seed(-5, 2**70) < 2**63
+
+
+def test_noise_offset_shifts_each_channel_and_perturbation_keeps_target():
+    latents = torch.zeros(4, 3, 32, 32)
+    plain = common.sample_noise(latents, common.make_generator("cpu", 1))
+    offset = common.sample_noise(latents, common.make_generator("cpu", 1), noise_offset=1.0)
+    assert torch.equal(plain, common.sample_noise(latents, common.make_generator("cpu", 1)))
+    # The offset adds one value per (sample, channel): the per-channel means move, the spatial pattern does not.
+    shift = (offset - plain).flatten(2)
+    assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6)
+    assert shift[..., 0].abs().mean() > 0.3
+
+    perturbed = common.perturb_noise(plain, 0.1, common.make_generator("cpu", 2))
+    assert 0.05 < (perturbed - plain).std() < 0.15
+    assert common.perturb_noise(plain, 0.0, None) is plain
+
+
+def test_loss_targets_follow_the_prediction_type():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    clean, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([10, 900])
+    assert common.loss_target(scheduler, "epsilon", clean, noise, timesteps) is noise
+    assert common.loss_target(scheduler, "sample", clean, noise, timesteps) is clean
+    velocity = common.loss_target(scheduler, "v_prediction", clean, noise, timesteps)
+    alpha = scheduler.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(velocity, alpha * noise - sigma * clean, atol=1e-5)
+    with pytest.raises(ValueError):
+        common.loss_target(scheduler, "x0", clean, noise, timesteps)
+
+
+def test_min_snr_weights_clip_high_snr_timesteps_only():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.tensor([1, 500, 999])
+    snr = compute_snr(scheduler, timesteps)
+    weights = common.min_snr_loss_weights(scheduler, timesteps, 5.0, "epsilon")
+    assert snr[0] > 5 and torch.isclose(weights[0], 5.0 / snr[0])
+    assert snr[2] < 5 and torch.isclose(weights[2], torch.tensor(1.0))
+    v_weights = common.min_snr_loss_weights(scheduler, timesteps, 5.0, "v_prediction")
+    assert torch.allclose(v_weights, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def test_weighted_loss_is_a_weighted_mean_of_per_sample_errors():
+    prediction, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
+    assert common.diffusion_loss(prediction, target).item() == pytest.approx(2.5)
+    assert common.diffusion_loss(prediction, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
+    state = common.RunState(seed=3)
+    sampler = common.EpochSampler(10, state, stream=1)
+    first = list(sampler)
+    assert sorted(index for _, index in first) == list(range(10)) and {epoch for epoch, _ in first} == {0}
+    assert list(common.EpochSampler(10, common.RunState(seed=3), stream=1)) == first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert [index for _, index in second] != [index for _, index in first]
+    assert {epoch for epoch, _ in second} == {1}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def make_checkpoints(folder, *names):
+    for name in names:
+        os.makedirs(os.path.join(folder, name))
+        open(os.path.join(folder, name, "state.bin"), "w").write(name)
+
+
+def test_latest_ignores_partial_and_unrelated_folders(tmp_path):
+    folder = str(tmp_path)
+    assert common.resolve_resume_checkpoint(folder, "latest") is None
+    make_checkpoints(folder, "checkpoint-2", "checkpoint-10", ".partial-checkpoint-12", "checkpoint-x", "logs")
+    assert common.resolve_resume_checkpoint(folder, "latest") == os.path.join(folder, "checkpoint-10")
+    assert common.resolve_resume_checkpoint(folder, "checkpoint-2") == os.path.join(folder, "checkpoint-2")
+    absolute = os.path.join(folder, "checkpoint-2")
+    assert common.resolve_resume_checkpoint("/elsewhere", absolute) == absolute
+    assert common.checkpoint_step(absolute + "/") == 2
+    for missing in ("checkpoint-3", ".partial-checkpoint-12", "logs"):
+        with pytest.raises(common.InputError, match="--resume_from_checkpoint"):
+            common.resolve_resume_checkpoint(folder, missing)
+
+
+def test_rotation_keeps_the_newest_and_clears_partial_writes(tmp_path):
+    folder = str(tmp_path)
+    make_checkpoints(folder, "checkpoint-2", "checkpoint-4", "checkpoint-10", ".partial-checkpoint-12")
+    common.rotate_checkpoints(folder, 2)
+    assert sorted(os.listdir(folder)) == ["checkpoint-10", "checkpoint-4"]
+    common.rotate_checkpoints(folder, None)
+    assert sorted(os.listdir(folder)) == ["checkpoint-10", "checkpoint-4"]
+
+
+class FakeAccelerator:
+    """What save_checkpoint needs from accelerate, on one process; save_state writes one file."""
+
+    is_main_process = True
+    num_processes = 1
+
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "model.bin"), "w").write("weights")
+        if self.fail:
+            raise OSError("disk full")
+
+
+def test_save_checkpoint_is_atomic_and_rotates_after_success(tmp_path):
+    folder = str(tmp_path)
+    make_checkpoints(folder, "checkpoint-2", "checkpoint-4")
+    path = common.save_checkpoint(FakeAccelerator(), folder, 6, total_limit=2)
+    assert path == os.path.join(folder, "checkpoint-6")
+    assert sorted(os.listdir(folder)) == ["checkpoint-4", "checkpoint-6"]
+
+    with pytest.raises(OSError):
+        common.save_checkpoint(FakeAccelerator(fail=True), folder, 8, total_limit=1)
+    # The failed write is not a checkpoint, and nothing was rotated away because of it.
+    assert common.resolve_resume_checkpoint(folder, "latest") == os.path.join(folder, "checkpoint-6")
+    assert {"checkpoint-4", "checkpoint-6"} <= set(os.listdir(folder))
+
+    # Saving a step that exists (after resuming from an older checkpoint) replaces it whole.
+    common.save_checkpoint(FakeAccelerator(), folder, 4, total_limit=None)
+    assert sorted(os.listdir(os.path.join(folder, "checkpoint-4"))) == ["model.bin"]
+    assert not [name for name in os.listdir(folder) if name.startswith(common.PARTIAL_PREFIX)]
+
+
+def test_preemption_flag_is_set_by_signals_and_maps_to_exit_status():
+    previous = {signum: signal.getsignal(signum) for signum in common.PreemptionHandler.EXIT_STATUS}
+    try:
+        handler = common.PreemptionHandler(types.SimpleNamespace(num_processes=1))
+        assert handler.stop_requested() == 0
+        os.kill(os.getpid(), signal.SIGINT)
+        assert handler.stop_requested() == 130
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.stop_requested() == 143
+        # A second Ctrl-C interrupts at once.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for signum, previous_handler in previous.items():
+            signal.signal(signum, previous_handler)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def make_parser():
+    parser = common.ArgumentParser(prog="train.py")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--mode", choices=["a", "b"], default="a")
+    parser.add_argument("--prompts", nargs="+", default=None)
+    parser.add_argument("--flag", action="store_true")
+    return parser
+
+
+def test_config_values_apply_and_command_line_wins(yaml_file):
+    path = yaml_file("model: tiny\nlearning_rate: 1e-3\nsteps: 5\nmode: b\nprompts: [x, y]\nflag: true\n")
+    args = common.parse_args_with_config(make_parser(), ["--config", path, "--steps", "7"])
+    assert (args.model, args.learning_rate, args.steps, args.mode, args.prompts, args.flag) == \
+        ("tiny", 1e-3, 7, "b", ["x", "y"], True)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: m\nstep: 3\n", "unknown key 'step'"),
+    ("model: m\nsteps: many\n", "invalid value 'many'"),
+    ("model: m\nmode: c\n", "'c' is not one of"),
+    ("model: m\nflag: 1\n", "must be true or false"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("model: [unclosed\n", "cannot read"),
+])
+def test_config_errors_are_one_line_and_name_the_key(yaml_file, capsys, text, message):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args_with_config(make_parser(), ["--config", yaml_file(text)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
+
+
+def test_missing_config_file_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args_with_config(make_parser(), ["--config", "/nonexistent.yaml", "--model", "m"])
+    assert "--config: file '/nonexistent.yaml' does not exist" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""A tiny random Stable Diffusion pipeline folder, built locally (no hub): the base model for the SD script tests.
+
+Same layout as a real SD 1.x folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), so every
+script loads it exactly like `stable-diffusion-v1-5`. The VAE has 4 down blocks (latents are 1/8 of the image, as
+ControlNet's conditioning embedding expects); the CLIP tokenizer is written from a hand-made byte-level vocabulary
+with whole-word tokens for the words tests use (`toy` is one token, as textual inversion's initializer must be).
+"""
+
+import json
+import os
+
+WORDS = ["a", "photo", "of", "toy", "cat", "dog", "sks", "red", "blue", "circle", "square", "shape", "picture",
+         "the", "in", "style", "make", "it", "green", "with", "background", "painting"]
+
+
+def _byte_characters():
+    """CLIP's byte-to-unicode table: 256 printable characters standing for the 256 bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    characters, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            characters.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in characters]
+
+
+def write_tokenizer(folder):
+    os.makedirs(folder, exist_ok=True)
+    characters = _byte_characters()
+    vocab = {}
+    for token in characters + [c + "</w>" for c in characters]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append(f"{merged} {piece}")
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    with open(os.path.join(folder, "vocab.json"), "w") as file:
+        json.dump(vocab, file)
+    with open(os.path.join(folder, "merges.txt"), "w") as file:
+        file.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_sd(folder, seed=0):
+    """Write the pipeline to `folder` and return the folder."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(os.path.join(folder, "tokenizer"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, projection_dim=32,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build_tiny_sd(sys.argv[1] if len(sys.argv) > 1 else "tiny-sd"))

@@ -1,0 +1,420 @@
+"""What must behave identically in every training script of the suite.
+
+Three groups, nothing else (dataset code, argparse and save hooks stay in each script):
+
+* Command line: one-line errors (`InputError`, `ArgumentParser`, `run_main`) and `--config FILE.yaml` loading.
+* Diffusion maths: restorable per-batch randomness, noise/timestep sampling with offset noise and input
+  perturbation, the loss target for each prediction type, and Min-SNR loss weights.
+* Checkpoint safety: atomic `checkpoint-N` writes, rotation after a complete save, `latest` resolution that never
+  sees a partial checkpoint, and a preemption flag that all ranks agree on at an optimizer-step boundary.
+"""
+
+import argparse
+import gc
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class InputError(Exception):
+    """A mistake in the command line or in the user's data. Reported as one line, without a traceback."""
+
+
+def _is_rank_zero():
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_main(main):
+    """Run a script's `main()` and exit with the status it returns (143/130 after a preemption stop).
+
+    `InputError` becomes a one-line message and exit status 2. The models `main()` held are released and the process
+    group is destroyed before exit: with torch 2.13 a DDP process can otherwise abort at interpreter exit.
+    """
+    try:
+        status = main() or 0
+    except InputError as error:
+        if _is_rank_zero():
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        status = 2
+    gc.collect()
+    _destroy_process_group()
+    sys.exit(status)
+
+
+def _destroy_process_group():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the suite's error contract: one line naming the flag, exit status 2, no usage dump."""
+
+    def error(self, message):
+        if _is_rank_zero():
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def parse_args_with_config(parser, argv=None):
+    """Parse `argv` with `--config FILE.yaml` support.
+
+    The YAML file maps flag names without dashes to values (`train_batch_size: 4`); the command line wins over the
+    file; an unknown key, a missing file or a value of the wrong type is an error naming it.
+    """
+    parser.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="A YAML file whose keys are flag names without dashes. Flags given on the command line win.",
+    )
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config", default=None)
+    known, _ = config_only.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**_load_config_file(parser, known.config))
+    return parser.parse_args(argv)
+
+
+def _load_config_file(parser, path):
+    import yaml
+
+    if not os.path.isfile(path):
+        parser.error(f"argument --config: file {path!r} does not exist")
+    try:
+        with open(path) as file:
+            values = yaml.safe_load(file) or {}
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"argument --config: cannot read {path!r} as YAML ({type(error).__name__})")
+    if not isinstance(values, dict):
+        parser.error(f"argument --config: {path!r} must hold a mapping of flag names to values")
+
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None:
+            parser.error(f"--config {path}: unknown key {key!r} (keys are flag names without the leading dashes)")
+        defaults[action.dest] = _config_value(parser, path, key, action, value)
+        # A required flag given in the file no longer has to be on the command line.
+        action.required = False
+    return defaults
+
+
+def _config_value(parser, path, key, action, value):
+    flag = action.option_strings[-1] if action.option_strings else key
+
+    def convert(item):
+        # PyYAML reads `1e-4` as a string, so string values go through the flag's own type like argv does.
+        if isinstance(item, str) and action.type is not None:
+            try:
+                item = action.type(item)
+            except (TypeError, ValueError):
+                parser.error(f"--config {path}: key {key!r}: invalid value {item!r} for {flag}")
+        if action.choices is not None and item not in action.choices:
+            choices = ", ".join(map(repr, action.choices))
+            parser.error(f"--config {path}: key {key!r}: {item!r} is not one of {choices}")
+        return item
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            parser.error(f"--config {path}: key {key!r} must be true or false")
+        return value
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [convert(item) for item in items]
+    if isinstance(value, (list, dict)):
+        parser.error(f"--config {path}: key {key!r} takes a single value")
+    return convert(value)
+
+
+def require_positive(args, *names):
+    """Raise InputError for the first of `names` whose value is set and <= 0."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise InputError(f"--{name} must be > 0, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Restorable randomness, noise and loss
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(*keys):
+    """A well-mixed 63-bit seed from integers (run seed, stream, epoch, index, rank, ...).
+
+    Randomness derived this way depends only on where it is used, not on how much randomness was drawn before, so a
+    resumed run draws exactly what the uninterrupted run drew, whatever the data loader workers did.
+    """
+    # The key count goes first: SeedSequence treats trailing zeros as absent, so (a, b) would equal (a, b, 0).
+    entropy = [len(keys)] + [int(key) % (1 << 64) for key in keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def make_generator(device, *keys):
+    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
+
+
+def resolve_seed(seed, accelerator):
+    """The run's base seed: `--seed` if given, otherwise one drawn on the main process and shared with all ranks."""
+    if seed is not None:
+        return seed
+    from accelerate.utils import broadcast_object_list
+
+    drawn = [int.from_bytes(os.urandom(4), "little")]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(drawn, from_process=0)
+    return drawn[0]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) pairs: a shuffle of range(num_samples) that depends only on the run seed and the epoch.
+
+    Every rank computes the same order (accelerate then gives each rank its share of each batch), a resumed run
+    recomputes it, and the dataset receives the epoch with each index to derive per-sample augmentation randomness.
+    accelerate's prepared data loader calls `set_epoch`.
+    """
+
+    def __init__(self, num_samples, run_state, stream, shuffle=True):
+        self.num_samples, self.run_state, self.stream, self.shuffle = num_samples, run_state, stream, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = make_generator("cpu", self.run_state.seed, self.stream, self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = range(self.num_samples)
+        return iter([(self.epoch, index) for index in order])
+
+
+class RunState:
+    """Values a resumed run must take from its checkpoint rather than from the command line (the base seed)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def state_dict(self):
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.seed = state["seed"]
+
+
+def sample_noise(latents, generator, noise_offset=0.0):
+    """Gaussian noise shaped like `latents`, plus per-channel offset noise when `noise_offset` > 0."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device)
+        noise = noise + noise_offset * offset.to(latents.dtype)
+    return noise
+
+
+def sample_timesteps(batch_size, num_train_timesteps, generator, device):
+    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
+
+
+def perturb_noise(noise, input_perturbation, generator):
+    """The noise actually added to the inputs under input perturbation (https://arxiv.org/abs/2301.11706); the loss
+    target stays the unperturbed `noise`."""
+    if not input_perturbation:
+        return noise
+    extra = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + input_perturbation * extra
+
+
+def loss_target(noise_scheduler, prediction_type, clean, noise, timesteps):
+    """What the network is trained to predict for `prediction_type` (epsilon, v_prediction or sample)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(clean, noise, timesteps)
+    if prediction_type == "sample":
+        return clean
+    raise ValueError(f"Unknown prediction type {prediction_type!r}")
+
+
+def min_snr_loss_weights(noise_scheduler, timesteps, snr_gamma, prediction_type):
+    """Per-sample loss weights of Min-SNR-gamma (https://arxiv.org/abs/2303.09556), shaped (batch,)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def diffusion_loss(prediction, target, weights=None):
+    """Mean squared error in fp32; with `weights` (batch,), a weighted mean of the per-sample errors."""
+    squared_error = (prediction.float() - target.float()) ** 2
+    if weights is None:
+        return squared_error.mean()
+    per_sample = squared_error.mean(dim=list(range(1, squared_error.ndim)))
+    return (per_sample * weights.float()).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Checkpoints are written under this prefix and renamed when complete; the name does not contain "checkpoint-N"
+# at its start, so neither `latest` nor the diffusers-style `startswith("checkpoint")` listings ever see one.
+PARTIAL_PREFIX = ".partial-"
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def resolve_resume_checkpoint(output_dir, value):
+    """The checkpoint folder `--resume_from_checkpoint value` names, or None to start fresh.
+
+    `latest` picks the newest complete checkpoint (None when there is none); a `checkpoint-N` name is looked up in
+    `output_dir`, a path is used as given. A named checkpoint that does not exist is an InputError.
+    """
+    if value is None:
+        return None
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    for candidate in (value, os.path.join(output_dir, os.path.basename(os.path.normpath(value)))):
+        if os.path.isdir(candidate) and CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(candidate))):
+            return candidate
+    raise InputError(
+        f"--resume_from_checkpoint {value!r}: no such checkpoint (expected a checkpoint-N folder in {output_dir!r}"
+        " or a path to one, or 'latest')"
+    )
+
+
+def checkpoint_step(path):
+    return int(CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(path))).group(1))
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None):
+    """Write `output_dir/checkpoint-{step}` atomically and return its path.
+
+    Every rank calls this (accelerate's save_state runs on every rank). The state is written under a partial name,
+    flushed to disk, and renamed by the main process; only then are old checkpoints beyond `total_limit` removed.
+    A crash at any point leaves the previous checkpoints intact and no `checkpoint-N` that is incomplete.
+    """
+    final_path = os.path.join(output_dir, f"checkpoint-{step}")
+    partial_path = os.path.join(output_dir, f"{PARTIAL_PREFIX}checkpoint-{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial_path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial_path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(partial_path)
+        if os.path.exists(final_path):
+            # Re-saving a step (e.g. after resuming from an older checkpoint): retire the old copy first.
+            retired = os.path.join(output_dir, f"{PARTIAL_PREFIX}retired-checkpoint-{step}")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(final_path, retired)
+            os.replace(partial_path, final_path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(partial_path, final_path)
+        _fsync_dir(output_dir)
+        rotate_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final_path
+
+
+def rotate_checkpoints(output_dir, total_limit):
+    """Keep the newest `total_limit` complete checkpoints; remove older ones and leftovers of interrupted writes."""
+    for name in os.listdir(output_dir):
+        if name.startswith(PARTIAL_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    if not total_limit:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for _, path in checkpoints[: max(len(checkpoints) - total_limit, 0)]:
+        logger.info(f"Removing old checkpoint {path} (--checkpoints_total_limit={total_limit})")
+        shutil.rmtree(path)
+
+
+def _fsync_tree(path):
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as file:
+                os.fsync(file.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class PreemptionHandler:
+    """Turns SIGTERM, SIGUSR1 and SIGINT into a request to stop at the next optimizer-step boundary.
+
+    `stop_requested()` is called by every rank after every optimizer step and returns the same answer on
+    all of them (the exit status to use, or 0), so that all ranks save the same checkpoint and stop together even
+    when the signal reached only one of them. A second SIGINT interrupts at once.
+    """
+
+    EXIT_STATUS = {signal.SIGTERM: 143, signal.SIGUSR1: 143, signal.SIGINT: 130}
+
+    def __init__(self, accelerator):
+        self.requested = 0
+        self._group = None
+        if accelerator.num_processes > 1:
+            # A CPU (gloo) group: agreeing on the flag never waits for the GPU to finish its queued work.
+            self._group = torch.distributed.new_group(backend="gloo")
+        for signum in self.EXIT_STATUS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = max(self.requested, self.EXIT_STATUS[signum])
+        print(
+            f"Received {signal.Signals(signum).name}: stopping after the current optimizer step and saving a checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def stop_requested(self):
+        if self._group is None:
+            return self.requested
+        flag = torch.tensor([self.requested], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
