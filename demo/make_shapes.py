@@ -19,9 +19,10 @@ SHAPES = ("circle", "square", "triangle")
 def draw_shape(rng, size):
     image = Image.new("RGB", (size, size), (245, 245, 240))
     draw = ImageDraw.Draw(image)
-    extent = rng.uniform(0.45, 0.75) * size
-    cx = rng.uniform(extent / 2, size - extent / 2)
-    cy = rng.uniform(extent / 2, size - extent / 2)
+    # Large, roughly centred shapes: a few minutes of CPU training is enough to learn them.
+    extent = rng.uniform(0.5, 0.7) * size
+    cx = size / 2 + rng.uniform(-0.08, 0.08) * size
+    cy = size / 2 + rng.uniform(-0.08, 0.08) * size
     half = extent / 2
     colour = rng.choice(COLOURS)
     shape = rng.choice(SHAPES)
