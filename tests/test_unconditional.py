@@ -274,6 +274,8 @@ def test_diffusers_docs_command_runs_unchanged(tmp_path):
 BAD_INPUTS = {
     "missing model config": ({"model_config_name_or_path": "/nonexistent/unet.json"}, "--model_config_name_or_path"),
     "model config folder without config.json": ({"model_config_name_or_path": "{empty_dir}"}, "config.json"),
+    "model config that is not JSON": ({"model_config_name_or_path": "{garbage_json}"}, "--model_config_name_or_path"),
+    "dataset folder that is not a dataset": ({"train_data_dir": None, "dataset_name": "{empty_dir}"}, "--dataset_name"),
     "missing dataset": ({"train_data_dir": None, "dataset_name": "/nonexistent/dataset"}, "--dataset_name"),
     "missing train_data_dir": ({"train_data_dir": "/nonexistent/images"}, "--train_data_dir"),
     "no data at all": ({"train_data_dir": None}, "--train_data_dir"),
@@ -301,8 +303,9 @@ def test_bad_input_gets_one_line_error(case, image_folder, tiny_unet_config, par
     (tmp_path / "corrupt_only").mkdir()
     (tmp_path / "corrupt_only" / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
+    (tmp_path / "garbage.json").write_text("{not json")
     values = {"empty_dir": str(tmp_path / "empty"), "bad_config": str(tmp_path / "bad.yaml"),
-              "parquet": parquet_dataset, "corrupt_only": str(tmp_path / "corrupt_only")}
+              "parquet": parquet_dataset, "garbage_json": str(tmp_path / "garbage.json"), "corrupt_only": str(tmp_path / "corrupt_only")}
     overrides = {k: v.format(**values) if isinstance(v, str) else v for k, v in overrides.items()}
 
     out = tmp_path / "existing_output"
