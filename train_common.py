@@ -2,7 +2,8 @@
 
 Three groups, nothing else (dataset code, argparse and save hooks stay in each script):
 
-* Command line: one-line errors (`InputError`, `ArgumentParser`, `run_main`) and `--config FILE.yaml` loading.
+* Command line and bad input: one-line errors (`InputError`, `ArgumentParser`, `run_main`), `--config FILE.yaml`
+  loading, and the checks every script applies to paths, packages and images (SPEC §7).
 * Diffusion maths: restorable per-batch randomness, noise/timestep sampling with offset noise and input
   perturbation, the loss target for each prediction type, and Min-SNR loss weights.
 * Checkpoint safety: atomic `checkpoint-N` writes, rotation after a complete save, `latest` resolution that never
@@ -146,6 +147,76 @@ def require_positive(args, *names):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise InputError(f"--{name} must be > 0, got {value}")
+
+
+def first_line(error):
+    """The first line of an exception's message (library errors can be pages long), or its type name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_local_or_hub_id(flag, value):
+    """A value that is clearly a path must exist; one that could be a hub id (`name`, `owner/name`) is checked when
+    it is loaded, where a failure becomes an InputError too."""
+    looks_like_path = value.startswith((".", "/", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+    if looks_like_path and not os.path.exists(os.path.expanduser(value)):
+        raise InputError(f"{flag} {value!r} does not exist")
+
+
+def require_package(module, flag, install):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"{flag} needs the {module} package: {install}")
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_files(folder):
+    """Image files under `folder` (any depth), in a stable order."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                yield os.path.join(root, name)
+
+
+def drop_unreadable_images(dataset, column, flag, source):
+    """`dataset` without the rows whose image in `column` cannot be decoded, each named in a warning.
+
+    Every image is decoded once up front (datasets caches the result), so a corrupt file is skipped here by name
+    instead of crashing the run mid-epoch. No readable image at all is an InputError.
+    """
+    from datasets import Image as ImageFeature
+
+    raw = dataset.cast_column(column, ImageFeature(decode=False))
+    readable = raw.map(
+        lambda batch: {"readable": [_is_readable_image(item) for item in batch[column]]},
+        batched=True,
+        remove_columns=raw.column_names,
+        desc="Checking images",
+    )["readable"]
+    bad = [index for index, ok in enumerate(readable) if not ok]
+    for index in bad:
+        item = raw[index][column]
+        logger.warning(f"Skipping unreadable image {item.get('path') or f'row {index}'} in {source}")
+    if len(bad) == len(dataset):
+        raise InputError(f"{flag} {source!r}: none of the {len(dataset)} images can be read")
+    return dataset.select([index for index, ok in enumerate(readable) if ok]) if bad else dataset
+
+
+def _is_readable_image(item):
+    from io import BytesIO
+
+    from PIL import Image
+
+    try:
+        with Image.open(BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+            image.load()
+            return image.width > 0 and image.height > 0
+    except Exception:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -407,7 +478,8 @@ class PreemptionHandler:
             raise KeyboardInterrupt
         self.requested = max(self.requested, self.EXIT_STATUS[signum])
         print(
-            f"Received {signal.Signals(signum).name}: stopping after the current optimizer step and saving a checkpoint.",
+            f"Received {signal.Signals(signum).name}: stopping after the current optimizer step"
+            " and saving a checkpoint.",
             file=sys.stderr,
             flush=True,
         )

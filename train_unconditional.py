@@ -11,7 +11,6 @@ flags and defaults, the same output layout (a `DDPMPipeline` folder in `--output
 import math
 import os
 from datetime import timedelta
-from io import BytesIO
 
 import numpy as np
 import torch
@@ -22,7 +21,6 @@ from train_common import InputError
 
 # Independent random streams, derived from the run seed (see train_common.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 LR_SCHEDULERS = (
     "linear",
@@ -58,7 +56,7 @@ def parse_args(argv=None):
     add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
     # Model (upstream)
     add("--model_config_name_or_path", type=str, default=None,
-        help="A UNet2DModel config (a config.json, a folder holding one, or a hub id). Default: the upstream 64px UNet.")
+        help="A UNet2DModel config: a config.json, a folder holding one, or a hub id. Default: the upstream UNet.")
     add("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample"],
         help="Whether the model predicts the noise (epsilon) or the clean image (sample).")
     add("--ddpm_num_steps", type=int, default=1000)
@@ -125,16 +123,19 @@ def validate_args(args):
         raise InputError(f"--ddpm_beta_schedule {args.ddpm_beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
 
     if args.dataset_name is None and args.train_data_dir is None:
-        raise InputError("give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (a folder of images)")
+        raise InputError(
+            "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (a folder of images)"
+        )
     if args.dataset_name is not None:
-        _check_local_or_hub_id("--dataset_name", args.dataset_name)
+        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
     elif not os.path.isdir(args.train_data_dir):
         raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
-    elif not any(_image_files(args.train_data_dir)):
-        raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    elif not any(common.image_files(args.train_data_dir)):
+        extensions = ", ".join(common.IMAGE_EXTENSIONS)
+        raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
     if args.model_config_name_or_path is not None:
         path = args.model_config_name_or_path
-        _check_local_or_hub_id("--model_config_name_or_path", path)
+        common.check_local_or_hub_id("--model_config_name_or_path", path)
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(f"--model_config_name_or_path {path!r} is a folder without a config.json")
 
@@ -161,20 +162,6 @@ def validate_args(args):
             )
 
 
-def _check_local_or_hub_id(flag, value):
-    """Local paths must exist; anything that could be a hub id (`name` or `owner/name`) is checked when loaded."""
-    looks_like_path = value.startswith((".", "/", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value
-    if looks_like_path and not os.path.exists(os.path.expanduser(value)):
-        raise InputError(f"{flag} {value!r} does not exist")
-
-
-def _image_files(folder):
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                yield os.path.join(root, name)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,60 +171,31 @@ def load_images_dataset(args):
     """The training images as a datasets.Dataset with one column, `args.image_column`; unreadable images removed."""
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-    flag, source = ("--dataset_name", args.dataset_name) if args.dataset_name else ("--train_data_dir", args.train_data_dir)
+    if args.dataset_name:
+        flag, source = "--dataset_name", args.dataset_name
+    else:
+        flag, source = "--train_data_dir", args.train_data_dir
     try:
         if args.dataset_name is None:
             dataset = load_dataset("imagefolder", data_dir=source, cache_dir=args.cache_dir, split="train")
-        elif os.path.isfile(os.path.join(source, "state.json")) or os.path.isfile(os.path.join(source, "dataset_dict.json")):
+        elif any(os.path.isfile(os.path.join(source, name)) for name in ("state.json", "dataset_dict.json")):
             dataset = load_from_disk(source)
         else:
             dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
     except Exception as error:  # datasets raises many types; the user needs the source and the reason
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{flag} {source!r}: cannot load the dataset ({reason})") from None
+        raise InputError(f"{flag} {source!r}: cannot load the dataset ({common.first_line(error)})") from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise InputError(f"{flag} {source!r} has no 'train' split (splits: {', '.join(dataset)})")
         dataset = dataset["train"]
     assert isinstance(dataset, Dataset)
     if args.image_column not in dataset.column_names:
-        raise InputError(
-            f"--image_column {args.image_column!r} is not a column of {source!r}; columns: {', '.join(dataset.column_names)}"
-        )
+        columns = ", ".join(dataset.column_names)
+        raise InputError(f"--image_column {args.image_column!r} is not a column of {source!r}; columns: {columns}")
     dataset = dataset.select_columns([args.image_column])
     if len(dataset) == 0:
         raise InputError(f"{flag} {source!r} holds no images")
-    return _drop_unreadable_images(dataset, args.image_column, flag, source)
-
-
-def _drop_unreadable_images(dataset, column, flag, source):
-    """Decode every image once up front (cached by datasets) so that a corrupt file is skipped by name here instead
-    of crashing the run mid-epoch."""
-    from datasets import Image as ImageFeature
-
-    raw = dataset.cast_column(column, ImageFeature(decode=False))
-    readable = raw.map(
-        lambda batch: {"readable": [_is_readable(item) for item in batch[column]]},
-        batched=True,
-        remove_columns=raw.column_names,
-        desc="Checking images",
-    )["readable"]
-    bad = [index for index, ok in enumerate(readable) if not ok]
-    for index in bad:
-        item = raw[index][column]
-        common.logger.warning(f"Skipping unreadable image {item.get('path') or f'row {index}'} in {source}")
-    if len(bad) == len(dataset):
-        raise InputError(f"{flag} {source!r}: none of the {len(dataset)} images can be read")
-    return dataset.select([index for index, ok in enumerate(readable) if ok]) if bad else dataset
-
-
-def _is_readable(item):
-    try:
-        with Image.open(BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
-            image.load()
-            return image.width > 0 and image.height > 0
-    except Exception:
-        return False
+    return common.drop_unreadable_images(dataset, args.image_column, flag, source)
 
 
 def preprocess_image(image, resolution, center_crop, random_flip, preserve_precision, generator):
@@ -285,10 +243,10 @@ class TrainImages(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
-        a = self.args
-        image = self.images[index][self.column]
-        pixels = preprocess_image(image, a.resolution, a.center_crop, a.random_flip, a.preserve_input_precision, generator)
-        return {"input": pixels}
+        a, image = self.args, self.images[index][self.column]
+        return {"input": preprocess_image(
+            image, a.resolution, a.center_crop, a.random_flip, a.preserve_input_precision, generator
+        )}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -303,8 +261,8 @@ def build_unet(args):
         try:
             config = UNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InputError(f"--model_config_name_or_path {args.model_config_name_or_path!r}: cannot load ({reason})") from None
+            path, reason = args.model_config_name_or_path, common.first_line(error)
+            raise InputError(f"--model_config_name_or_path {path!r}: cannot load ({reason})") from None
         return UNet2DModel.from_config(config)
     # The upstream default: a 6-level UNet with attention at 1/16 resolution.
     return UNet2DModel(

@@ -100,7 +100,7 @@ def assert_same_weights(folder_a, folder_b):
     a, b = load_weights(folder_a), load_weights(folder_b)
     assert a.keys() == b.keys()
     different = [key for key in a if not torch.equal(a[key], b[key])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ between {folder_a} and {folder_b}: {different[:3]}"
+    assert not different, f"{len(different)}/{len(a)} tensors differ: {folder_a} vs {folder_b}: {different[:3]}"
 
 
 def assert_different_weights(folder_a, folder_b):

@@ -305,7 +305,8 @@ def test_bad_input_gets_one_line_error(case, image_folder, tiny_unet_config, par
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
     (tmp_path / "garbage.json").write_text("{not json")
     values = {"empty_dir": str(tmp_path / "empty"), "bad_config": str(tmp_path / "bad.yaml"),
-              "parquet": parquet_dataset, "garbage_json": str(tmp_path / "garbage.json"), "corrupt_only": str(tmp_path / "corrupt_only")}
+              "parquet": parquet_dataset, "garbage_json": str(tmp_path / "garbage.json"),
+              "corrupt_only": str(tmp_path / "corrupt_only")}
     overrides = {k: v.format(**values) if isinstance(v, str) else v for k, v in overrides.items()}
 
     out = tmp_path / "existing_output"
