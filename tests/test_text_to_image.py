@@ -1,0 +1,486 @@
+"""train_text_to_image.py: launched as users launch it, plus in-process checks of the data and loss code."""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from helpers import (
+    assert_different_weights,
+    assert_same_weights,
+    checkpoints,
+    launch,
+    load_weights,
+    run_python,
+    send_signal_and_wait,
+    snapshot,
+    start_python,
+    wait_for_path,
+)
+
+SCRIPT = "train_text_to_image.py"
+PROMPTS = ["a photo of a cat", "a red circle", "a blue square"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fixtures: the tiny SD pipeline and small captioned datasets, built once per module
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+def _images(count, seed=0):
+    from conftest import _shape_images
+
+    return _shape_images(count, seed)
+
+
+@pytest.fixture(scope="module")
+def metadata_folder(tmp_path_factory):
+    """An imagefolder: 7 readable images with list-valued captions in metadata.jsonl, plus one corrupt file.
+    7 images at batch 2 = 4 batches per epoch; at batch 1, 7."""
+    folder = tmp_path_factory.mktemp("metadata_folder")
+    rows = []
+    for index, image in enumerate(_images(7)):
+        image.save(folder / f"img_{index}.png")
+        rows.append({"file_name": f"img_{index}.png", "text": ["a red circle", "a blue square"][: 1 + index % 2]})
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    rows.append({"file_name": "corrupt.png", "text": ["broken"]})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def txt_folder(tmp_path_factory):
+    """A plain folder of images with `name.txt` captions beside them (one image has none)."""
+    folder = tmp_path_factory.mktemp("txt_folder")
+    for index, image in enumerate(_images(5, seed=2)):
+        image.save(folder / f"shape_{index}.png")
+        if index != 4:
+            (folder / f"shape_{index}.txt").write_text(f"a photo of a {'cat' if index % 2 else 'dog'}\n")
+    return str(folder)
+
+
+def base_args(model, data, output_dir, **overrides):
+    """Tiny, fast settings: 64 px (8x8 latents), batch 2, validation with 2 denoising steps."""
+    args = {
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "resolution": 64,
+        "output_dir": output_dir,
+        "train_batch_size": 2,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 0,
+        "validation_inference_steps": 2,
+        "seed": 0,
+        "logging_steps": 1,
+    }
+    args.update(overrides)
+    flags = []
+    for key, value in args.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif isinstance(value, list):
+            flags += [f"--{key}"] + [str(item) for item in value]
+        elif value is not None and value is not False:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launched runs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_trains_writes_a_loadable_pipeline_checkpoints_and_validation(tiny_sd, metadata_folder, tmp_path, yaml_file):
+    """A run with every training flag family on (Min-SNR, offset noise, input perturbation, DREAM, gradient
+    checkpointing, 8-bit Adam, offloaded foreach EMA, bicubic resizing, scale_lr, a polynomial schedule; most given
+    in a YAML file) writes a pipeline, checkpoints and validation images that work. What each flag changes is shown
+    in-process by test_each_loss_flag_changes_the_loss."""
+    config = yaml_file({
+        "snr_gamma": 5.0, "noise_offset": 0.1, "input_perturbation": 0.1, "dream_training": True,
+        "dream_detail_preservation": 0.5, "prediction_type": "epsilon", "gradient_checkpointing": True,
+        "use_8bit_adam": True, "offload_ema": True, "foreach_ema": True, "image_interpolation_mode": "bicubic",
+        "scale_lr": True, "lr_scheduler": "polynomial", "allow_tf32": True,
+    })
+    out = str(tmp_path / "out")
+    result = launch(SCRIPT, ["--config", config] + base_args(
+        tiny_sd, metadata_folder, out, use_ema=True, max_train_steps=6, checkpointing_steps=3, random_flip=True,
+        validation_prompts=PROMPTS[:2], validation_epochs=1))
+
+    # The corrupt file is skipped by name; the 7 good images make 4 batches of 2 per epoch.
+    assert "Skipping unreadable image" in result.stderr and "corrupt.png" in result.stderr
+    assert "7 examples, 2 epochs of 4 steps" in result.stderr
+    assert checkpoints(out) == {"checkpoint-3", "checkpoint-6"}
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    # The output folder is a full pipeline that loads and generates.
+    pipeline = StableDiffusionPipeline.from_pretrained(out)
+    image = pipeline("a photo of a cat", num_inference_steps=2, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+    # The frozen parts are saved as loaded (fp32), not in a training dtype.
+    assert all(t.dtype == torch.float32 for t in load_weights(os.path.join(out, "vae")).values())
+    assert all(torch.isfinite(t).all() for t in load_weights(os.path.join(out, "unet")).values())
+
+    # EMA: the pipeline holds the EMA weights, unet_raw/ the trained ones, and they differ; the checkpoint agrees.
+    checkpoint = os.path.join(out, "checkpoint-6")
+    assert_different_weights(os.path.join(out, "unet"), os.path.join(out, "unet_raw"))
+    assert_same_weights(os.path.join(checkpoint, "unet_ema"), os.path.join(out, "unet"))
+    assert_same_weights(os.path.join(checkpoint, "unet"), os.path.join(out, "unet_raw"))
+    assert_different_weights(os.path.join(tiny_sd, "unet"), os.path.join(out, "unet_raw"))
+
+    # checkpoint-N/unet is usable by itself in the base pipeline.
+    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, unet=unet)
+    assert base("a dog", num_inference_steps=2, output_type="np").images[0].shape == (64, 64, 3)
+
+    # Validation images after each epoch (validation_epochs 1) and after training, on disk and in TensorBoard.
+    for name in ("epoch_0000", "epoch_0001", "final"):
+        assert sorted(os.listdir(os.path.join(out, "validation", name))) == ["00.png", "01.png"], name
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "logs", "text2image-fine-tune"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert len(events.Images("validation")) >= 2 and events.Images("test")
+
+    with open(os.path.join(out, "README.md")) as file:
+        card = file.read()
+    assert "text-to-image" in card and PROMPTS[0] in card and "val_imgs_grid.png" in card
+    assert os.path.isfile(os.path.join(out, "val_imgs_grid.png"))
+
+
+def test_exact_resume_with_rotation_before_and_after(tiny_sd, metadata_folder, tmp_path):
+    """Batch 1 (7 steps per epoch), EMA, random crops/flips/captions: 12 steps straight == 9 steps (checkpoint-9,
+    mid-epoch) + resume latest to 12, bit for bit. Rotation keeps the newest 2 checkpoints before and after resume."""
+    settings = {"train_batch_size": 1, "use_ema": True, "random_flip": True, "checkpointing_steps": 3,
+                    "checkpoints_total_limit": 2, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 4}
+    straight = str(tmp_path / "straight")
+    launch(SCRIPT, base_args(tiny_sd, metadata_folder, straight, max_train_steps=12, **settings))
+    assert checkpoints(straight) == {"checkpoint-9", "checkpoint-12"}
+
+    resumed = str(tmp_path / "resumed")
+    first = launch(SCRIPT, base_args(tiny_sd, metadata_folder, resumed, max_train_steps=9,
+                                     resume_from_checkpoint="latest", **settings))
+    assert "no checkpoint" in first.stderr and "starting a new run" in first.stderr
+    assert checkpoints(resumed) == {"checkpoint-6", "checkpoint-9"}
+    second = launch(SCRIPT, base_args(tiny_sd, metadata_folder, resumed, max_train_steps=12,
+                                      resume_from_checkpoint="latest", **settings))
+    assert f"Resuming from {os.path.join(resumed, 'checkpoint-9')}" in second.stderr
+    assert checkpoints(resumed) == {"checkpoint-9", "checkpoint-12"}
+
+    for folder in ("checkpoint-12/unet", "checkpoint-12/unet_ema", "unet", "unet_raw"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+
+
+def test_sigterm_with_accumulation_saves_and_latest_resumes_exactly(tiny_sd, metadata_folder, tmp_path):
+    """Gradient accumulation 2 and EMA: SIGTERM -> checkpoint at the stop step, exit 143; resume latest == straight."""
+    settings = {"train_batch_size": 1, "gradient_accumulation_steps": 2, "use_ema": True, "random_flip": True,
+                    "max_train_steps": 40, "checkpointing_steps": 2, "lr_scheduler": "linear"}
+    interrupted = str(tmp_path / "interrupted")
+    process = start_python(SCRIPT, base_args(tiny_sd, metadata_folder, interrupted, **settings))
+    wait_for_path(os.path.join(interrupted, "checkpoint-2"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+
+    assert status == 143, stderr[-3000:]
+    assert "Received SIGTERM" in stderr and "Continue with --resume_from_checkpoint latest" in stdout
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(interrupted))
+    assert 2 <= stop_step < 40, "the signal arrived after the run had finished: the test needs more steps"
+    assert not os.path.exists(os.path.join(interrupted, "model_index.json"))
+
+    launch(SCRIPT, base_args(tiny_sd, metadata_folder, interrupted, resume_from_checkpoint="latest", **settings))
+    straight = str(tmp_path / "straight")
+    launch(SCRIPT, base_args(tiny_sd, metadata_folder, straight, **settings))
+    for folder in ("unet", "unet_raw"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(interrupted, folder))
+
+
+def test_two_processes(tiny_sd, txt_folder, tmp_path):
+    """CPU DDP over gloo on a folder with .txt captions: trains, splits validation prompts across ranks, checkpoints,
+    resumes exactly on 2 processes and exits cleanly."""
+    settings = {"train_batch_size": 1, "max_train_steps": 4, "checkpointing_steps": 2, "use_ema": True,
+                    "validation_prompts": PROMPTS}
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, txt_folder, straight, **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert "1 of 5 images" in result.stderr and "no caption" in result.stderr
+    assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
+    assert set(os.listdir(os.path.join(straight, "checkpoint-2"))) >= {"random_states_0.pkl", "random_states_1.pkl"}
+    assert sorted(os.listdir(os.path.join(straight, "validation", "final"))) == ["00.png", "01.png", "02.png"]
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    launch(SCRIPT, base_args(tiny_sd, txt_folder, resumed, resume_from_checkpoint="checkpoint-2", **settings),
+           num_processes=2)
+    for folder in ("checkpoint-4/unet", "checkpoint-4/unet_ema", "unet", "unet_raw"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+
+
+def test_diffusers_docs_command_runs_unchanged(tiny_sd, tmp_path):
+    """The diffusers docs' command line with a local dataset, the tiny model and --mixed_precision=no (CPU): parses,
+    loads, and trains at 512 px with EMA, accumulation 4 and gradient checkpointing; a SIGTERM right after start
+    stops it after its first optimizer step (so --max_train_steps=15000 stays as in the docs)."""
+    import datasets
+
+    data = tmp_path / "dataset"
+    datasets.Dataset.from_dict(
+        {"image": _images(2), "text": ["a photo of a cat", "a photo of a dog"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    ).save_to_disk(str(data))
+    out = str(tmp_path / "sd-naruto-model")
+    process = start_python(SCRIPT, [
+        f"--pretrained_model_name_or_path={tiny_sd}", f"--dataset_name={data}", "--use_ema", "--resolution=512",
+        "--center_crop", "--random_flip", "--train_batch_size=1", "--gradient_accumulation_steps=4",
+        "--gradient_checkpointing", "--max_train_steps=15000", "--learning_rate=1e-05", "--max_grad_norm=1",
+        "--lr_scheduler=constant", "--lr_warmup_steps=0", f"--output_dir={out}", "--mixed_precision=no",
+    ])
+    wait_for_path(os.path.join(out, "logs"), process)
+    status, _, stderr = send_signal_and_wait(process, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert "15000 steps in all, batch 1 per device, total batch 4" in stderr
+    assert checkpoints(out) == {"checkpoint-1"}
+    assert {"unet", "unet_ema"} <= set(os.listdir(os.path.join(out, "checkpoint-1")))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# In-process: data, captions, augmentation and the loss of one step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _script():
+    import train_text_to_image
+
+    return train_text_to_image
+
+
+def _namespace(**values):
+    defaults = {
+        "dataset_name": None, "dataset_config_name": None, "train_data_dir": None, "cache_dir": None,
+        "image_column": "image", "caption_column": "text", "max_train_samples": None, "resolution": 64,
+        "center_crop": False, "random_flip": True, "image_interpolation_mode": "lanczos", "noise_offset": 0.0,
+        "input_perturbation": 0.0, "dream_training": False, "dream_detail_preservation": 1.0, "snr_gamma": None,
+    }
+    defaults.update(values)
+    return argparse.Namespace(**defaults)
+
+
+def test_data_sources_captions_and_augmentation_are_restorable(tiny_sd, metadata_folder, txt_folder):
+    from transformers import CLIPTokenizer
+
+    from train_common import RunState
+
+    script = _script()
+    # A plain folder: captions from name.txt, an empty caption where there is none.
+    folder = script.load_captioned_dataset(_namespace(train_data_dir=txt_folder))
+    captions = dict(zip([os.path.basename(item["path"]) for item in
+                         folder.cast_column("image", __import__("datasets").Image(decode=False))["image"]],
+                        folder["text"]))
+    assert captions["shape_1.png"] == "a photo of a cat" and captions["shape_4.png"] == ""
+
+    # The imagefolder: list captions; each (seed, epoch, index) picks the same caption and crop every time, and
+    # different epochs pick differently.
+    dataset = script.load_captioned_dataset(_namespace(train_data_dir=metadata_folder))
+    assert len(dataset) == 7
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    run_state = RunState(seed=3)
+    train = script.CaptionedImages(dataset, tokenizer, _namespace(), run_state)
+    first, again = train[(0, 1)], train[(0, 1)]
+    assert torch.equal(first["pixel_values"], again["pixel_values"])
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert first["pixel_values"].shape == (3, 64, 64) and first["input_ids"].shape == (77,)
+    picked = {tokenizer.decode(train[(epoch, 1)]["input_ids"], skip_special_tokens=True) for epoch in range(20)}
+    assert picked == {"a red circle", "a blue square"}
+    pixels = {train[(epoch, 1)]["pixel_values"].sum().item() for epoch in range(6)}
+    assert len(pixels) > 1, "random crops/flips never changed"
+
+    # --max_train_samples: a subset drawn from the run seed (a resumed run gets its seed from the checkpoint later).
+    subset = script.CaptionedImages(dataset, tokenizer, _namespace(max_train_samples=3), run_state)
+    rows = [subset._row(i) for i in range(len(subset))]
+    assert len(subset) == 3 and len(set(rows)) == 3 and set(rows) <= set(range(7))
+    assert rows == [script.CaptionedImages(dataset, tokenizer, _namespace(max_train_samples=3), RunState(3))._row(i)
+                    for i in range(3)]
+    subsets = set()
+    for seed in range(5):  # the subset follows the run seed, even when it changes after construction (resume)
+        run_state.seed = seed
+        subsets.add(tuple(subset._row(i) for i in range(3)))
+    assert len(subsets) > 1
+
+    # --image_interpolation_mode changes the resize filter.
+    image = _images(1)[0]
+    resized = {mode: script.preprocess_image(image, 64, script.INTERPOLATION_MODES[mode], True, False,
+                                             torch.Generator().manual_seed(0))
+               for mode in ("lanczos", "nearest")}
+    assert not torch.equal(resized["lanczos"], resized["nearest"])
+
+
+def test_wrong_columns_list_the_real_columns(metadata_folder, tmp_path):
+    import datasets
+
+    from train_common import InputError
+
+    script = _script()
+    with pytest.raises(InputError, match=r"--image_column 'picture' is not a column .*columns: image, text"):
+        script.load_captioned_dataset(_namespace(train_data_dir=metadata_folder, image_column="picture"))
+    with pytest.raises(InputError, match=r"--caption_column 'caption' is not a column .*columns: image, text"):
+        script.load_captioned_dataset(_namespace(train_data_dir=metadata_folder, caption_column="caption"))
+    # A caption column that holds numbers, not text: rejected before training, naming the column.
+    numbers = str(tmp_path / "numbers")
+    datasets.Dataset.from_dict({"image": _images(2), "text": [1, 2]},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "text": datasets.Value("int64")})).save_to_disk(numbers)
+    with pytest.raises(InputError, match=r"--caption_column 'text' .* expected text or lists of text"):
+        script.load_captioned_dataset(_namespace(dataset_name=numbers))
+    # A local dataset folder (save_to_disk) with text captions loads.
+    texts = str(tmp_path / "texts")
+    datasets.Dataset.from_dict({"image": _images(2), "text": ["a cat", "a dog"], "extra": [0, 1]},
+                               features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                                           "extra": datasets.Value("int64")})).save_to_disk(texts)
+    assert script.load_captioned_dataset(_namespace(dataset_name=texts)).column_names == ["image", "text"]
+
+
+@pytest.fixture(scope="module")
+def loss_inputs(tiny_sd):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    batch = {
+        "pixel_values": torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0)) * 2 - 1,
+        "input_ids": tokenizer(["a photo of a cat", "a dog"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids,
+    }
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"),
+        "vae": AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae"),
+        "text_encoder": CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder"),
+        "scheduler_config": DDPMScheduler.load_config(tiny_sd, subfolder="scheduler"),
+        "batch": batch,
+    }
+
+
+def _loss(loss_inputs, prediction_type="epsilon", **flags):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(loss_inputs["scheduler_config"], prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(7)
+    return _script().training_loss(loss_inputs["unet"], loss_inputs["vae"], loss_inputs["text_encoder"], scheduler,
+                                   loss_inputs["batch"], generator, _namespace(**flags), torch.float32).item()
+
+
+def test_each_loss_flag_changes_the_loss(loss_inputs):
+    """Same batch, same generator: the loss is reproducible, and each flag family changes it."""
+    baseline = _loss(loss_inputs)
+    assert baseline == _loss(loss_inputs)
+    # Min-SNR: gamma below every SNR changes the weights; a gamma above every SNR makes them all 1 (epsilon).
+    assert _loss(loss_inputs, snr_gamma=1e-3) != pytest.approx(baseline)
+    assert _loss(loss_inputs, snr_gamma=1e12) == pytest.approx(baseline, rel=1e-6)
+    for flags in ({"noise_offset": 0.5}, {"input_perturbation": 0.5}, {"dream_training": True},
+                  {"dream_training": True, "dream_detail_preservation": 3.0}):
+        assert _loss(loss_inputs, **flags) != pytest.approx(baseline), flags
+    assert _loss(loss_inputs, dream_training=True) != pytest.approx(
+        _loss(loss_inputs, dream_training=True, dream_detail_preservation=3.0))
+    assert _loss(loss_inputs, prediction_type="v_prediction") != pytest.approx(baseline)
+
+
+def test_optimizer_choice():
+    script = _script()
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    args = argparse.Namespace(use_8bit_adam=True, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999,
+                              adam_weight_decay=1e-2, adam_epsilon=1e-8)
+    assert type(script.build_optimizer(args, params)).__name__ == "AdamW8bit"
+    args.use_8bit_adam = False
+    assert isinstance(script.build_optimizer(args, params), torch.optim.AdamW)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem, non-zero exit, no traceback, output_dir untouched (SPEC §7)
+# --------------------------------------------------------------------------------------------------------------------
+
+# Checked in-process through the script's own entry point (run_main -> exit status 2): all fail before any model,
+# dataset or Accelerator is created.
+BAD_ARGUMENTS = {
+    "missing model": ({"pretrained_model_name_or_path": "/nonexistent/sd"}, "--pretrained_model_name_or_path"),
+    "model folder without unet": ({"pretrained_model_name_or_path": "{empty_dir}"}, "missing tokenizer/"),
+    "missing dataset": ({"train_data_dir": None, "dataset_name": "/nonexistent/dataset"}, "--dataset_name"),
+    "missing train_data_dir": ({"train_data_dir": "/nonexistent/images"}, "--train_data_dir"),
+    "no data at all": ({"train_data_dir": None}, "--train_data_dir"),
+    "resolution not a multiple of 8": ({"resolution": 60}, "multiple of 8"),
+    "resolution 0": ({"resolution": 0}, "--resolution"),
+    "max_train_steps 0": ({"max_train_steps": 0}, "--max_train_steps"),
+    "checkpointing_steps 0": ({"checkpointing_steps": 0}, "--checkpointing_steps"),
+    "gradient_accumulation_steps 0": ({"gradient_accumulation_steps": 0}, "--gradient_accumulation_steps"),
+    "validation_epochs 0": ({"validation_epochs": 0}, "--validation_epochs"),
+    "learning_rate -1": ({"learning_rate": -1}, "--learning_rate"),
+    "checkpoints_total_limit 0": ({"checkpoints_total_limit": 0}, "--checkpoints_total_limit"),
+    "max_train_samples 0": ({"max_train_samples": 0}, "--max_train_samples"),
+    "missing checkpoint": ({"resume_from_checkpoint": "checkpoint-999"}, "--resume_from_checkpoint"),
+    "wandb with hub token": ({"report_to": "wandb", "hub_token": "hf_secret"}, "--hub_token"),
+    "unknown prediction type": ({"prediction_type": "sample"}, "--prediction_type"),
+    "dream with v_prediction": ({"dream_training": True, "prediction_type": "v_prediction"}, "--dream_training"),
+    "unknown lr scheduler": ({"lr_scheduler": "sometimes"}, "--lr_scheduler"),
+    "unknown interpolation": ({"image_interpolation_mode": "fancy"}, "--image_interpolation_mode"),
+    "resolution not an int": ({"resolution": "big"}, "--resolution"),
+}
+
+
+def _existing_output(tmp_path):
+    out = tmp_path / "existing_output"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    return str(out), snapshot(str(out))
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_argument_gets_one_line_error(case, tiny_sd, metadata_folder, tmp_path, capsys):
+    from train_common import run_main
+
+    overrides, expected = BAD_ARGUMENTS[case]
+    (tmp_path / "empty").mkdir()
+    overrides = {k: v.format(empty_dir=str(tmp_path / "empty")) if isinstance(v, str) else v
+                 for k, v in overrides.items()}
+    out, before = _existing_output(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: _script().main(base_args(tiny_sd, metadata_folder, out, **overrides)))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and expected in lines[0], stderr
+    assert snapshot(out) == before
+
+
+def test_wrong_column_in_a_launched_run_gets_one_line_error(tiny_sd, metadata_folder, tmp_path):
+    """A data error found after the Accelerator exists (the column checks, also covered in-process above) still
+    ends the process with one line, exit status 2, no traceback, output_dir untouched."""
+    out, before = _existing_output(tmp_path)
+    result = run_python(SCRIPT, base_args(tiny_sd, metadata_folder, out, caption_column="caption"))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: --caption_column 'caption'"), result.stderr[-3000:]
+    assert "columns: image, text" in last
+    assert sum("error:" in line for line in result.stderr.splitlines()) == 1
+    assert snapshot(out) == before
+
+
+def test_broken_model_part_is_named(tiny_sd, tmp_path):
+    from train_common import InputError
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(tiny_sd, broken)
+    (broken / "unet" / "config.json").write_text("{ not json")
+    args = _script().parse_args(["--pretrained_model_name_or_path", str(broken), "--train_data_dir", str(tmp_path)])
+    with pytest.raises(InputError, match=r"--pretrained_model_name_or_path .*broken_model': cannot load unet/"):
+        _script().load_models(args)

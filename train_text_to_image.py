@@ -1,0 +1,904 @@
+#!/usr/bin/env python
+"""Fine-tune the UNet of a Stable Diffusion pipeline on images with captions (full fine-tuning, optional EMA).
+
+A drop-in replacement for diffusers' `examples/text_to_image/train_text_to_image.py`: the same flags and defaults,
+the same output layout (a `StableDiffusionPipeline` folder in `--output_dir`, `checkpoint-N/` folders), plus
+`--config`, `--logging_steps`, exact resume, atomic checkpoints, preemption handling, a plain folder of images with
+`name.txt` captions as data, and the raw (non-EMA) weights kept in `unet_raw/` when `--use_ema` is on.
+
+    accelerate launch train_text_to_image.py --pretrained_model_name_or_path ./sd-folder \\
+        --train_data_dir ./captioned-images --resolution 512 --use_ema --output_dir sd-finetuned
+"""
+
+import math
+import os
+from datetime import timedelta
+
+import numpy as np
+import torch
+from PIL import Image
+
+import train_common as common
+from train_common import InputError
+
+# Independent random streams, derived from the run seed (see train_common.derive_seed).
+SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM = 1, 2, 3, 4, 5
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+# The names upstream takes from torchvision's InterpolationMode, mapped to PIL (torchvision is not required here).
+INTERPOLATION_MODES = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+    "lanczos": Image.LANCZOS,
+    "nearest": Image.NEAREST,
+    "nearest_exact": Image.NEAREST,
+}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = common.ArgumentParser(description="Fine-tune a Stable Diffusion UNet on captioned images.")
+    add = parser.add_argument
+    # Model (upstream)
+    add("--pretrained_model_name_or_path", type=str, required=True,
+        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/).")
+    add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
+    add("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+    add("--non_ema_revision", type=str, default=None,
+        help="Revision of the UNet to train (the EMA copy starts from --revision). Defaults to --revision.")
+    add("--prediction_type", type=str, default=None,
+        help="epsilon or v_prediction; default: the pretrained scheduler's prediction type.")
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention.")
+    # Data (upstream)
+    add("--dataset_name", type=str, default=None,
+        help="A dataset on the hub, or a local dataset folder (parquet/arrow/imagefolder/save_to_disk).")
+    add("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
+    add("--train_data_dir", type=str, default=None,
+        help="An imagefolder with metadata.jsonl/metadata.csv captions, or a folder of images where an optional "
+             "name.txt beside name.png holds the caption. Ignored if --dataset_name is given.")
+    add("--image_column", type=str, default="image", help="The dataset column that holds the images.")
+    add("--caption_column", type=str, default="text",
+        help="The dataset column that holds a caption or a list of captions (one is picked at random).")
+    add("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples.")
+    add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    add("--resolution", type=int, default=512, help="Images are resized and cropped to this square size.")
+    add("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    add("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    add("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION_MODES),
+        help="The filter used to resize images.")
+    add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
+    # Training (upstream)
+    add("--output_dir", type=str, default="sd-model-finetuned", help="Where the pipeline and checkpoints go.")
+    add("--seed", type=int, default=None, help="Seed for data order, augmentation, noise and validation images.")
+    add("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    add("--num_train_epochs", type=int, default=100)
+    add("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet backward.")
+    add("--learning_rate", type=float, default=1e-4)
+    add("--scale_lr", action="store_true",
+        help="Multiply the learning rate by processes x accumulation steps x batch size.")
+    add("--lr_scheduler", type=str, default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
+    add("--lr_warmup_steps", type=int, default=500)
+    add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (recommended 5.0).")
+    add("--dream_training", action="store_true",
+        help="DREAM training (https://arxiv.org/abs/2312.00210): one extra forward pass per step, epsilon only.")
+    add("--dream_detail_preservation", type=float, default=1.0, help="DREAM's detail preservation factor p (> 0).")
+    add("--noise_offset", type=float, default=0, help="Scale of offset noise.")
+    add("--input_perturbation", type=float, default=0, help="Scale of input perturbation (recommended 0.1).")
+    add("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    add("--use_ema", action="store_true", help="Keep an EMA of the UNet weights; the final pipeline holds the EMA.")
+    add("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates.")
+    add("--foreach_ema", action="store_true", help="Update the EMA with torch's faster foreach kernels.")
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-2)
+    add("--adam_epsilon", type=float, default=1e-08)
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        help="Default: accelerate's config. The frozen VAE and text encoder run in this precision; the UNet "
+             "weights stay fp32.")
+    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--resume_from_checkpoint", type=str, default=None,
+        help="A checkpoint-N folder (name in --output_dir, or path) or 'latest' to continue training from.")
+    # Validation, logging and hub (upstream)
+    add("--validation_prompts", type=str, default=None, nargs="+",
+        help="Prompts rendered every --validation_epochs epochs and after training, logged to --report_to.")
+    add("--validation_epochs", type=int, default=5, help="Render the validation prompts every N epochs.")
+    add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml or all.")
+    add("--tracker_project_name", type=str, default="text2image-fine-tune")
+    add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
+    add("--push_to_hub", action="store_true")
+    add("--hub_token", type=str, default=None)
+    add("--hub_model_id", type=str, default=None)
+    add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
+    # Additions
+    add("--logging_steps", type=int, default=10,
+        help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
+    add("--validation_inference_steps", type=int, default=20, help="Denoising steps for validation images.")
+    args = common.parse_args_with_config(parser, argv)
+    if args.non_ema_revision is None:
+        args.non_ema_revision = args.revision
+    return args
+
+
+def validate_args(args):
+    """Every check that needs no model or dataset loaded. Raises InputError."""
+    common.require_positive(
+        args, "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
+        "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
+        "logging_steps", "validation_inference_steps", "dream_detail_preservation",
+    )
+    if args.resolution % 8:
+        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "input_perturbation", "max_grad_norm"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"--prediction_type {args.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    if args.dream_training and args.prediction_type == "v_prediction":
+        raise InputError("--dream_training supports only --prediction_type epsilon")
+    if args.validation_prompts is not None and not all(prompt.strip() for prompt in args.validation_prompts):
+        raise InputError("--validation_prompts: a prompt is empty")
+
+    check_model_source(args.pretrained_model_name_or_path)
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise InputError(
+            "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (a folder of images)"
+        )
+    if args.dataset_name is not None:
+        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
+    elif not os.path.isdir(args.train_data_dir):
+        raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
+    elif not any(common.image_files(args.train_data_dir)):
+        extensions = ", ".join(common.IMAGE_EXTENSIONS)
+        raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
+
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
+    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    reporters = {name.strip() for name in args.report_to.split(",")}
+    if reporters & {"wandb", "all"}:
+        if args.hub_token is not None:
+            raise InputError(
+                "--report_to wandb with --hub_token would expose the token in the wandb run; "
+                "use `hf auth login` instead"
+            )
+        if "wandb" in reporters:
+            common.require_package("wandb", "--report_to wandb", "pip install wandb")
+    if args.use_8bit_adam:
+        common.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise InputError(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed "
+                "(pip install -r requirements-xformers.txt)"
+            )
+
+
+def check_model_source(path):
+    """A local pipeline folder must exist and hold every part we load; a hub id is checked when loaded."""
+    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
+    if os.path.isdir(path):
+        missing = [part for part in PIPELINE_PARTS if not os.path.isdir(os.path.join(path, part))]
+        if missing:
+            raise InputError(
+                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
+                f"(missing {', '.join(f'{part}/' for part in missing)})"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_captioned_dataset(args):
+    """The training examples as a datasets.Dataset with columns `--image_column` and `--caption_column`.
+
+    Sources: a hub dataset or local dataset folder (`--dataset_name`), an imagefolder with a metadata file, or a plain
+    folder of images where `name.txt` holds the caption of `name.png` (no .txt: an empty caption). Unreadable images
+    are removed with a warning naming them.
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if args.dataset_name:
+        flag, source = "--dataset_name", args.dataset_name
+    else:
+        flag, source = "--train_data_dir", args.train_data_dir
+    try:
+        if args.dataset_name is None:
+            if _has_metadata(source):
+                dataset = load_dataset("imagefolder", data_dir=source, cache_dir=args.cache_dir)
+            else:
+                dataset = _folder_with_text_captions(source, args.image_column, args.caption_column)
+        elif any(os.path.isfile(os.path.join(source, name)) for name in ("state.json", "dataset_dict.json")):
+            dataset = load_from_disk(source)
+        else:
+            dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir,
+                                   data_dir=args.train_data_dir)
+    except InputError:
+        raise
+    except Exception as error:  # datasets raises many types; the user needs the source and the reason
+        raise InputError(f"{flag} {source!r}: cannot load the dataset ({common.first_line(error)})") from None
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset:
+            raise InputError(f"{flag} {source!r} has no 'train' split (splits: {', '.join(dataset)})")
+        dataset = dataset["train"]
+
+    columns = dataset.column_names
+    for column_flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column not in columns:
+            raise InputError(f"{column_flag} {column!r} is not a column of {source!r}; columns: {', '.join(columns)}")
+    _check_caption_feature(dataset.features[args.caption_column], args.caption_column, source)
+    dataset = dataset.select_columns([args.image_column, args.caption_column])
+    if len(dataset) == 0:
+        raise InputError(f"{flag} {source!r} holds no examples")
+    return common.drop_unreadable_images(dataset, args.image_column, flag, source)
+
+
+def _has_metadata(folder):
+    return any(name in METADATA_FILES for _, _, files in os.walk(folder) for name in files)
+
+
+def _folder_with_text_captions(folder, image_column, caption_column):
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    paths = list(common.image_files(folder))
+    captions = []
+    for path in paths:
+        caption_file = os.path.splitext(path)[0] + ".txt"
+        if os.path.isfile(caption_file):
+            with open(caption_file, encoding="utf-8") as file:
+                captions.append(file.read().strip())
+        else:
+            captions.append("")
+    uncaptioned = captions.count("")
+    if uncaptioned:
+        common.logger.warning(f"{uncaptioned} of {len(paths)} images in {folder} have no caption (.txt): empty prompt")
+    features = Features({image_column: ImageFeature(), caption_column: Value("string")})
+    return Dataset.from_dict({image_column: paths, caption_column: captions}, features=features)
+
+
+def _check_caption_feature(feature, column, source):
+    """Captions must be text or lists of text; anything else is reported before training starts."""
+    from datasets import Value
+
+    inner = feature
+    if isinstance(feature, list) and feature:
+        inner = feature[0]
+    elif type(feature).__name__ in ("List", "LargeList", "Sequence"):
+        inner = feature.feature
+    if not (isinstance(inner, Value) and inner.dtype in ("string", "large_string")):
+        raise InputError(
+            f"--caption_column {column!r} of {source!r} holds {feature}; expected text or lists of text"
+        )
+
+
+def preprocess_image(image, resolution, interpolation, center_crop, random_flip, generator):
+    """PIL image -> (3, resolution, resolution) float tensor in [-1, 1]: resize the short side, crop, maybe flip.
+    Random choices come from `generator` so that they are reproducible per sample and epoch."""
+    image = image.convert("RGB")
+    width, height = image.size
+    short = min(width, height)
+    size = (max(resolution, round(width * resolution / short)), max(resolution, round(height * resolution / short)))
+    image = image.resize(size, resample=interpolation)
+    width, height = image.size
+    if center_crop:
+        left, top = round((width - resolution) / 2), round((height - resolution) / 2)
+    else:
+        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels * 2.0 - 1.0).contiguous()
+
+
+def pick_caption(caption, generator):
+    """A caption, or one caption of a list chosen with `generator` (restorable, unlike `random.choice`)."""
+    if caption is None:
+        return ""
+    if isinstance(caption, str):
+        return caption
+    captions = list(caption)
+    if not captions:
+        return ""
+    return str(captions[int(torch.randint(0, len(captions), (1,), generator=generator))])
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Indexed by (epoch, index) from common.EpochSampler. The caption choice, crop and flip depend only on the run
+    seed, the epoch and the sample index, so they are the same on resume and with any number of workers.
+
+    With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
+    the checkpoint only after the dataset is built."""
+
+    def __init__(self, dataset, tokenizer, args, run_state):
+        self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
+        self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
+        self._subset = (None, None)  # (seed, indices)
+
+    def __len__(self):
+        return self.size
+
+    def _row(self, index):
+        if self.size == len(self.dataset):
+            return index
+        seed, indices = self._subset
+        if seed != self.run_state.seed:
+            rng = np.random.default_rng(common.derive_seed(self.run_state.seed, SUBSET_STREAM))
+            order = rng.permutation(len(self.dataset))
+            indices = order[: self.size].tolist()
+            self._subset = (self.run_state.seed, indices)
+        return indices[index]
+
+    def __getitem__(self, key):
+        epoch, index = key
+        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        a = self.args
+        example = self.dataset[self._row(index)]
+        caption = pick_caption(example[a.caption_column], generator)
+        interpolation = INTERPOLATION_MODES[a.image_interpolation_mode]
+        pixels = preprocess_image(example[a.image_column], a.resolution, interpolation, a.center_crop, a.random_flip,
+                                  generator)
+        input_ids = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+        return {"pixel_values": pixels, "input_ids": input_ids}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _frozen_models_outside_zero3():
+    """Under DeepSpeed ZeRO-3 only the prepared (trained) model may be partitioned: load the frozen ones whole."""
+    import contextlib
+
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin if accelerate.state.is_initialized() else None
+    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+
+
+def load_models(args):
+    """(noise_scheduler, tokenizer, text_encoder, vae, unet) from the pretrained pipeline; load errors are InputErrors
+    naming the part that failed."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = args.pretrained_model_name_or_path
+    common_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+
+    def load(part, loader, **kwargs):
+        try:
+            return loader(source, subfolder=part, **{**common_kwargs, **kwargs})
+        except Exception as error:
+            reason = common.first_line(error)
+            raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({reason})") from None
+
+    noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
+    tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
+    with _frozen_models_outside_zero3():
+        text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
+        vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
+    unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
+
+    if args.prediction_type is not None:
+        # The scheduler config is what DREAM and the validation pipeline read.
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"the scheduler predicts {prediction_type!r}; pass --prediction_type epsilon or v_prediction")
+    if args.dream_training and prediction_type != "epsilon":
+        raise InputError(f"--dream_training supports only epsilon prediction; the model uses {prediction_type!r}")
+    return noise_scheduler, tokenizer, text_encoder, vae, unet
+
+
+def build_ema(args, unet):
+    """An EMAModel of the UNet, starting from --revision's weights (which differ from the trained UNet's only when
+    --non_ema_revision names another revision)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    start = unet
+    if args.non_ema_revision != args.revision:
+        start = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant,
+            cache_dir=args.cache_dir,
+        ).to(torch.float32)
+    return EMAModel(start.parameters(), model_cls=UNet2DConditionModel, model_config=start.config,
+                    foreach=args.foreach_ema)
+
+
+def build_optimizer(args, params):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One training step's loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype):
+    """The diffusion loss of one batch: encode images and captions with the frozen models, noise the latents (offset
+    noise, input perturbation), optionally apply DREAM, and weight by Min-SNR.
+
+    Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
+    from diffusers.training_utils import compute_dream_and_update_latents
+
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(weight_dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
+        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+
+    noise = common.sample_noise(latents, generator, args.noise_offset)
+    timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
+                                        latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, common.perturb_noise(noise, args.input_perturbation, generator),
+                                              timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+    if args.dream_training:
+        noisy_latents, target = compute_dream_and_update_latents(
+            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
+            args.dream_detail_preservation,
+        )
+
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    weights = None
+    if args.snr_gamma is not None:
+        weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
+    return common.diffusion_loss(model_pred, target, weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation, saving, model card
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def generate_validation_images(accelerator, unet, vae, text_encoder, tokenizer, args, seed):
+    """Render the validation prompts, split across all ranks (no rank idles past a collective timeout). Prompt i
+    always uses a generator seeded from (run seed, i), so images do not depend on the number of processes. The main
+    process gets [(prompt, PIL image)] in prompt order, other ranks None."""
+    from accelerate.utils import gather_object
+    from diffusers import StableDiffusionPipeline
+
+    prompts = args.validation_prompts
+    mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    images = []
+    if mine:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
+            variant=args.variant, cache_dir=args.cache_dir,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        if args.enable_xformers_memory_efficient_attention:
+            pipeline.enable_xformers_memory_efficient_attention()
+        was_training = unet.training
+        unet.eval()
+        for index in mine:
+            generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
+            with torch.no_grad(), accelerator.autocast():
+                image = pipeline(
+                    prompts[index], num_inference_steps=args.validation_inference_steps, generator=generator,
+                    height=args.resolution, width=args.resolution, output_type="np",
+                ).images[0]
+            images.append((index, (image * 255).round().astype("uint8")))
+        unet.train(was_training)
+        del pipeline
+    gathered = gather_object(images) if accelerator.num_processes > 1 else images
+    if not accelerator.is_main_process:
+        return None
+    return [(prompts[index], Image.fromarray(image)) for index, image in sorted(gathered, key=lambda pair: pair[0])]
+
+
+def validate_with_ema(accelerator, unet, ema_unet, vae, text_encoder, tokenizer, args, seed):
+    """Validation images from the EMA weights when --use_ema (swapped in, then the trained weights restored)."""
+    model = accelerator.unwrap_model(unet)
+    if ema_unet is not None:
+        ema_unet.store(model.parameters())
+        ema_unet.copy_to(model.parameters())
+    try:
+        return generate_validation_images(accelerator, model, vae, text_encoder, tokenizer, args, seed)
+    finally:
+        if ema_unet is not None:
+            ema_unet.restore(model.parameters())
+
+
+def log_validation_images(accelerator, images, name, epoch, global_step, args):
+    """Save the images under output_dir/validation/<name>/ and send them to TensorBoard / wandb (main process)."""
+    folder = os.path.join(args.output_dir, "validation", name)
+    os.makedirs(folder, exist_ok=True)
+    for index, (_, image) in enumerate(images):
+        image.save(os.path.join(folder, f"{index:02d}.png"))
+    tag = "test" if name == "final" else "validation"
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            batch = np.stack([np.asarray(image) for _, image in images])
+            tracker.writer.add_images(tag, batch, epoch, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            logged = [wandb.Image(image, caption=f"{i}: {prompt}") for i, (prompt, image) in enumerate(images)]
+            tracker.log({tag: logged}, step=global_step)
+    return folder
+
+
+def save_pipeline(accelerator, unet, ema_unet, args):
+    """Write the StableDiffusionPipeline to --output_dir: the EMA weights in unet/ when --use_ema (the raw trained
+    weights in unet_raw/), the trained UNet otherwise. The VAE and text encoder are saved as loaded (not downcast)."""
+    from diffusers import StableDiffusionPipeline
+
+    model = accelerator.unwrap_model(unet)
+    if ema_unet is not None:
+        model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
+        ema_unet.store(model.parameters())
+        ema_unet.copy_to(model.parameters())
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=model, revision=args.revision, variant=args.variant,
+        cache_dir=args.cache_dir,
+    )
+    pipeline.save_pretrained(args.output_dir)
+    if ema_unet is not None:
+        ema_unet.restore(model.parameters())
+
+
+def write_model_card(args, global_step, images):
+    from diffusers.utils import make_image_grid
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = args.dataset_name or args.train_data_dir
+    gallery = ""
+    example_prompt = "a photo of a cat"
+    if images:
+        grid = make_image_grid([image for _, image in images], 1, len(images))
+        grid.save(os.path.join(args.output_dir, "val_imgs_grid.png"))
+        prompts = "\n".join(f"{i}. {prompt}" for i, (prompt, _) in enumerate(images))
+        gallery = (f"Images generated by the fine-tuned pipeline for these prompts:\n\n{prompts}\n\n"
+                   "![val_imgs_grid](./val_imgs_grid.png)\n")
+        example_prompt = images[0][0]
+    description = f"""
+# Text-to-image fine-tuning of {args.pretrained_model_name_or_path}
+
+The UNet of **{args.pretrained_model_name_or_path}** fine-tuned on **{data}** with `train_text_to_image.py` for
+{global_step} optimizer steps at {args.resolution}x{args.resolution}.
+
+{gallery}
+## Usage
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipeline = StableDiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
+image = pipeline({example_prompt!r}).images[0]
+```
+
+## Training
+
+| setting | value |
+|---|---|
+| weights in `unet/` | {"EMA (raw trained weights in `unet_raw/`)" if args.use_ema else "trained"} |
+| epochs, steps | {args.num_train_epochs}, {global_step} |
+| batch size per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate, scheduler, warmup | {args.learning_rate}, {args.lr_scheduler}, {args.lr_warmup_steps} |
+| resolution | {args.resolution} |
+| Min-SNR gamma | {args.snr_gamma} |
+| noise offset, input perturbation | {args.noise_offset}, {args.input_perturbation} |
+| DREAM | {args.dream_training} |
+| mixed precision | {args.mixed_precision} |
+| seed | {args.seed} |
+"""
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
+    base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
+    card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
+                              license="creativeml-openrail-m", inference=True)
+    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
+                                   model_description=description)
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate_args(args)
+
+    import logging
+
+    import datasets
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+    from diffusers import UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        # Validation and saving run between steps; give them far more than the default collective timeout.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
+    )
+    args.mixed_precision = accelerator.mixed_precision  # what accelerate chose (flag, launch option or config)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger = get_logger(__name__, log_level="INFO")
+    if not accelerator.is_local_main_process:
+        for library in (datasets, transformers, diffusers):
+            library.utils.logging.set_verbosity_error()
+    preemption = common.PreemptionHandler(accelerator)
+
+    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    accelerator.register_for_checkpointing(run_state)
+    set_seed(run_state.seed)
+
+    # Data first: a bad dataset is reported before any model is built or anything is written.
+    with accelerator.main_process_first():
+        examples = load_captioned_dataset(args)
+
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    # Frozen parts run in the mixed-precision dtype; the trained UNet stays fp32 (its optimizer states too).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.to(torch.float32).train()
+    ema_unet = build_ema(args, unet) if args.use_ema else None
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    train_dataset = CaptionedImages(examples, tokenizer, args, run_state)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(args, unet.parameters())
+    batches_per_rank = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_rank / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    else:
+        args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+    def save_model_hook(models, weights, output_dir):
+        # A checkpoint is usable by itself: unet/ holds the trained weights, unet_ema/ the EMA.
+        if accelerator.is_main_process:
+            if ema_unet is not None:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for saved in models:
+                accelerator.unwrap_model(saved).save_pretrained(os.path.join(output_dir, "unet"))
+        weights.clear()  # the unet/ folder replaces accelerate's own copy of the weights
+
+    def load_model_hook(models, input_dir):
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel,
+                                              foreach=args.foreach_ema)
+            ema_unet.load_state_dict(loaded.state_dict())
+            ema_unet.to("cpu" if args.offload_ema else accelerator.device)
+        while models:
+            target = accelerator.unwrap_model(models.pop())
+            target.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet").state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    if ema_unet is not None:
+        if args.offload_ema and accelerator.device.type == "cuda":
+            ema_unet.pin_memory()  # fast non-blocking copies to and from the GPU at each EMA update
+        elif not args.offload_ema:
+            ema_unet.to(accelerator.device)
+
+    global_step = 0
+    if args.resume_path is not None:
+        logger.info(f"Resuming from {args.resume_path}")
+        accelerator.load_state(args.resume_path)
+        global_step = common.checkpoint_step(args.resume_path)
+        if args.seed is not None and args.seed != run_state.seed:
+            logger.warning(f"--seed {args.seed} ignored: the checkpoint's run uses seed {run_state.seed}")
+    elif args.resume_from_checkpoint == "latest":
+        logger.info(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}, starting a new run")
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=tracked)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{len(train_dataset)} examples, {args.num_train_epochs} epochs of {steps_per_epoch} steps, "
+        f"{args.max_train_steps} steps in all, batch {args.train_batch_size} per device, total batch {total_batch_size}"
+    )
+
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if global_step >= args.max_train_steps:
+        logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
+    progress_bar = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_batches = 0
+    last_checkpoint_step, last_checkpoint = None, None
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        unet.train()
+        loader, start = train_dataloader, 0
+        if epoch == first_epoch and batches_to_skip:
+            loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
+        loader.set_epoch(epoch)
+        for batch_index, batch in enumerate(loader, start=start):
+            generator = common.make_generator(
+                accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
+            )
+            with accelerator.accumulate(unet):
+                loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach()
+            running_batches += 1
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema_unet is not None:
+                if args.offload_ema:
+                    ema_unet.to(device=accelerator.device, non_blocking=True)
+                ema_unet.step(unet.parameters())
+                if args.offload_ema:
+                    ema_unet.to(device="cpu", non_blocking=True)
+            progress_bar.update(1)
+
+            if global_step % args.logging_steps == 0:
+                mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / running_batches
+                logs = {"train_loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                running_loss.zero_()
+                running_batches = 0
+
+            if global_step % args.checkpointing_steps == 0:
+                last_checkpoint = common.save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                )
+                last_checkpoint_step = global_step
+                logger.info(f"Saved {last_checkpoint}")
+
+            stop_status = preemption.stop_requested()
+            if stop_status:
+                if last_checkpoint_step != global_step:
+                    last_checkpoint = common.save_checkpoint(
+                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                    )
+                progress_bar.close()
+                accelerator.print(
+                    f"Stopped at step {global_step}: checkpoint saved to {last_checkpoint}. "
+                    "Continue with --resume_from_checkpoint latest."
+                )
+                accelerator.end_training()
+                return stop_status
+            if global_step >= args.max_train_steps:
+                break
+
+        # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
+        if args.validation_prompts and epoch % args.validation_epochs == 0:
+            images = validate_with_ema(accelerator, unet, ema_unet, vae, text_encoder, tokenizer, args, run_state.seed)
+            if accelerator.is_main_process:
+                folder = log_validation_images(accelerator, images, f"epoch_{epoch:04d}", epoch, global_step, args)
+                logger.info(f"Saved validation images to {folder}")
+        accelerator.wait_for_everyone()
+    progress_bar.close()
+
+    # A last round of validation images from the final (EMA) weights, shown in the model card.
+    final_images = None
+    if args.validation_prompts:
+        final_images = validate_with_ema(
+            accelerator, unet, ema_unet, vae, text_encoder, tokenizer, args, run_state.seed
+        )
+    if accelerator.is_main_process:
+        save_pipeline(accelerator, unet, ema_unet, args)
+        if final_images:
+            log_validation_images(accelerator, final_images, "final", args.num_train_epochs, global_step, args)
+        write_model_card(args, global_step, final_images)
+        logger.info(f"Saved the StableDiffusionPipeline to {args.output_dir}")
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message=f"Step {global_step}",
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*", "logs/*"],
+                token=args.hub_token,
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
