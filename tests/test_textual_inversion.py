@@ -1,0 +1,342 @@
+"""textual_inversion.py, launched as users launch it, on a tiny local Stable Diffusion model."""
+
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import (
+    checkpoints,
+    launch,
+    run_python,
+    send_signal_and_wait,
+    snapshot,
+    start_python,
+    wait_for_path,
+)
+
+SCRIPT = "textual_inversion.py"
+TOKEN = "<cat-toy>"
+EMBEDDING_KEY = "embeddings.token_embedding.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+def base_args(model, data, output_dir, **overrides):
+    """Tiny, fast settings: 64 px (8x8 latents), batch 2, each of the 7 images once per epoch (4 batches)."""
+    args = {
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "placeholder_token": TOKEN,
+        "initializer_token": "toy",
+        "resolution": 64,
+        "output_dir": output_dir,
+        "train_batch_size": 2,
+        "repeats": 1,
+        "max_train_steps": 4,
+        "learning_rate": 1e-2,
+        "lr_warmup_steps": 0,
+        "seed": 0,
+        "logging_steps": 1,
+        "validation_inference_steps": 2,
+    }
+    args.update(overrides)
+    flags = []
+    for key, value in args.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is not None and value is not False:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def embeds(path):
+    return load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
+
+
+def assert_same_embeds(path_a, path_b):
+    a, b = embeds(path_a), embeds(path_b)
+    assert a.keys() == b.keys() == {TOKEN}
+    assert torch.equal(a[TOKEN], b[TOKEN]), f"{path_a} and {path_b} differ"
+
+
+def base_embedding_matrix(model):
+    return load_file(os.path.join(model, "text_encoder", "model.safetensors"))[EMBEDDING_KEY]
+
+
+def toy_id(model):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    return tokenizer.encode("toy", add_special_tokens=False)[0], len(tokenizer)
+
+
+def test_trains_and_the_embedding_loads_into_a_pipeline(tiny_sd, image_folder, tmp_path):
+    out = str(tmp_path / "out")
+    result = launch(SCRIPT, base_args(
+        tiny_sd, image_folder, out, num_vectors=2, save_steps=2, checkpointing_steps=2, save_as_full_pipeline=True,
+        validation_prompt=f"a photo of {TOKEN}", validation_steps=2, num_validation_images=2,
+    ))
+
+    # The corrupt file is skipped by name; the 7 good images make 4 batches of 2.
+    assert "Skipping unreadable image" in result.stderr and "corrupt.png" in result.stderr
+    assert "7 images x 1 repeats = 7 samples" in result.stderr
+    learned = embeds(os.path.join(out, "learned_embeds.safetensors"))
+    assert list(learned) == [TOKEN] and learned[TOKEN].shape == (2, 32)
+    toy, vocabulary = toy_id(tiny_sd)
+    base = base_embedding_matrix(tiny_sd)
+    initial = base[toy].repeat(2, 1)
+    assert not torch.equal(learned[TOKEN], initial), "the new vectors did not train"
+
+    # --save_steps files, and checkpoints that hold the new rows (loadable by themselves), not the text encoder.
+    for step in (2, 4):
+        assert_same_embeds(os.path.join(out, f"learned_embeds-steps-{step}.safetensors"),
+                           os.path.join(out, f"checkpoint-{step}", "learned_embeds.safetensors"))
+    assert_same_embeds(os.path.join(out, "learned_embeds-steps-4.safetensors"),
+                       os.path.join(out, "learned_embeds.safetensors"))
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
+    checkpoint_files = os.listdir(os.path.join(out, "checkpoint-4"))
+    assert not [name for name in checkpoint_files if name.startswith(("model", "pytorch_model"))], checkpoint_files
+    checkpoint_bytes = sum(os.path.getsize(os.path.join(out, "checkpoint-4", n)) for n in checkpoint_files)
+    assert checkpoint_bytes < os.path.getsize(os.path.join(tiny_sd, "text_encoder", "model.safetensors")) / 4
+
+    # --save_as_full_pipeline: every original row of the embedding matrix is bit-identical; the new rows are learned.
+    full = load_file(os.path.join(out, "text_encoder", "model.safetensors"))[EMBEDDING_KEY]
+    assert full.shape == (vocabulary + 2, 32)
+    assert torch.equal(full[:vocabulary], base), "rows other than the placeholder's changed"
+    assert torch.equal(full[vocabulary:], learned[TOKEN])
+
+    # Validation images are saved and logged; the model card says how to use the embedding.
+    assert sorted(os.listdir(os.path.join(out, "validation"))) == [
+        "step_2_0.png", "step_2_1.png", "step_4_0.png", "step_4_1.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "logs", "textual_inversion"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [event.step for event in events.Images("validation")] == [2, 4]
+    card = open(os.path.join(out, "README.md")).read()
+    assert "load_textual_inversion" in card and "textual_inversion" in card
+
+    # load_textual_inversion(output_dir) resolves <cat-toy> to both vectors and the prompt uses the learned values:
+    # the image differs from the one the same tokens give with their initial (initializer) values.
+    from diffusers import StableDiffusionPipeline
+
+    def render(source):
+        pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.load_textual_inversion(source, token=TOKEN if isinstance(source, dict) else None)
+        assert pipeline.maybe_convert_prompt(f"a {TOKEN}", pipeline.tokenizer) == f"a {TOKEN} {TOKEN}_1"
+        return pipeline(f"a photo of {TOKEN}", num_inference_steps=2, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    trained = render(out)
+    assert trained.shape == (1, 64, 64, 3)
+    assert not torch.equal(torch.from_numpy(trained), torch.from_numpy(render({TOKEN: initial})))
+    assert torch.equal(torch.from_numpy(trained), torch.from_numpy(render(os.path.join(out, "checkpoint-4"))))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_exact(tiny_sd, image_folder, tmp_path, accumulation):
+    """N steps straight == resume from a mid-epoch checkpoint + the rest, bit for bit (random captions, flips,
+    VAE sampling, noise). With accumulation 1 also: rotation before and after resume."""
+    if accumulation == 1:  # 4 steps an epoch: checkpoint-6 is mid-epoch
+        settings = dict(max_train_steps=10, checkpointing_steps=3, checkpoints_total_limit=2, half=6, end=9)
+    else:  # 2 steps an epoch: checkpoint-3 is mid-epoch
+        settings = dict(max_train_steps=5, checkpointing_steps=3, half=3, end=3)
+    half, end = settings.pop("half"), settings.pop("end")
+    settings.update(gradient_accumulation_steps=accumulation, lr_scheduler="cosine", lr_warmup_steps=2, num_vectors=2)
+    straight = str(tmp_path / "straight")
+    launch(SCRIPT, base_args(tiny_sd, image_folder, straight, **settings))
+    expected = {"checkpoint-6", "checkpoint-9"} if accumulation == 1 else {"checkpoint-3"}
+    assert checkpoints(straight) == expected
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, f"checkpoint-{half}"), os.path.join(resumed, f"checkpoint-{half}"))
+    if accumulation == 1:
+        # An older checkpoint beside it, which rotation after the resumed run's first save must remove.
+        shutil.copytree(os.path.join(straight, f"checkpoint-{half}"), os.path.join(resumed, "checkpoint-3"))
+    result = launch(SCRIPT, base_args(tiny_sd, image_folder, resumed, resume_from_checkpoint="latest", **settings))
+    assert f"Resuming from {os.path.join(resumed, f'checkpoint-{half}')}" in result.stderr
+    assert checkpoints(resumed) == expected
+
+    for name in (f"checkpoint-{end}/learned_embeds.safetensors", "learned_embeds.safetensors"):
+        assert_same_embeds(os.path.join(straight, name), os.path.join(resumed, name))
+
+
+def test_sigterm_saves_a_checkpoint_and_latest_resumes_exactly(tiny_sd, image_folder, tmp_path):
+    """Also: style templates, --center_crop and --no_safe_serialization (.bin outputs)."""
+    settings = dict(train_batch_size=1, repeats=3, max_train_steps=30, checkpointing_steps=5, save_steps=5,
+                    lr_scheduler="linear", learnable_property="style", center_crop=True, no_safe_serialization=True)
+    interrupted = str(tmp_path / "interrupted")
+    process = start_python(SCRIPT, base_args(tiny_sd, image_folder, interrupted, **settings))
+    wait_for_path(os.path.join(interrupted, "checkpoint-5"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+
+    assert status == 143, stderr[-3000:]
+    assert "Received SIGTERM" in stderr and "Continue with --resume_from_checkpoint latest" in stdout
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(interrupted))
+    assert 5 <= stop_step < 30, "the signal arrived after the run had finished: the test needs more steps"
+    assert not os.path.exists(os.path.join(interrupted, "learned_embeds.bin"))
+
+    launch(SCRIPT, base_args(tiny_sd, image_folder, interrupted, resume_from_checkpoint="latest", **settings))
+    straight = str(tmp_path / "straight")
+    launch(SCRIPT, base_args(tiny_sd, image_folder, straight, **settings))
+    assert not os.path.exists(os.path.join(straight, "learned_embeds.safetensors"))
+    assert_same_embeds(os.path.join(straight, "learned_embeds.bin"), os.path.join(interrupted, "learned_embeds.bin"))
+    assert_same_embeds(os.path.join(straight, "learned_embeds-steps-30.bin"),
+                       os.path.join(interrupted, "learned_embeds-steps-30.bin"))
+
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipeline.load_textual_inversion(straight, weight_name="learned_embeds.bin")
+    assert TOKEN in pipeline.tokenizer.get_vocab()
+
+
+def test_two_processes(tiny_sd, image_folder, tmp_path):
+    """CPU DDP over gloo: trains, validates (images split across ranks), checkpoints and resumes exactly."""
+    settings = dict(max_train_steps=4, checkpointing_steps=2, validation_prompt=f"a photo of {TOKEN}",
+                    validation_steps=4, num_validation_images=3)
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, image_folder, straight, **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
+    assert set(os.listdir(os.path.join(straight, "checkpoint-2"))) >= {
+        "random_states_0.pkl", "random_states_1.pkl", "learned_embeds.safetensors"}
+    assert sorted(os.listdir(os.path.join(straight, "validation"))) == [f"step_4_{i}.png" for i in range(3)]
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    launch(SCRIPT, base_args(tiny_sd, image_folder, resumed, resume_from_checkpoint="checkpoint-2", **settings),
+           num_processes=2)
+    assert_same_embeds(os.path.join(straight, "learned_embeds.safetensors"),
+                       os.path.join(resumed, "learned_embeds.safetensors"))
+
+
+def test_diffusers_docs_command_runs_unchanged(tiny_sd, tmp_path):
+    """The diffusers docs' command line with the tiny model and two local images. 3000 steps at 512 px would take
+    hours on CPU, so a SIGTERM right after training starts keeps it short: it must parse, scale the learning rate,
+    train a first step and leave a checkpoint holding the <cat-toy> embedding."""
+    from conftest import _shape_images
+
+    data = tmp_path / "cat_toy"
+    data.mkdir()
+    for index, image in enumerate(_shape_images(2)):
+        image.save(data / f"{index}.jpeg")
+    out = str(tmp_path / "textual_inversion_cat")
+    process = start_python(SCRIPT, [
+        f"--pretrained_model_name_or_path={tiny_sd}", f"--train_data_dir={data}", '--learnable_property=object',
+        f'--placeholder_token={TOKEN}', '--initializer_token=toy', "--resolution=512", "--train_batch_size=1",
+        "--gradient_accumulation_steps=4", "--max_train_steps=3000", "--learning_rate=5.0e-04", "--scale_lr",
+        '--lr_scheduler=constant', "--lr_warmup_steps=0", f'--output_dir={out}',
+    ])
+    wait_for_path(os.path.join(out, "logs"), process)
+    status, _, stderr = send_signal_and_wait(process, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    # 2 images x 100 repeats at batch 1 and accumulation 4: 50 steps an epoch; lr 5e-4 x 4 x 1 x 1.
+    assert "2 images x 100 repeats = 200 samples, 60 epochs of 50 steps, 3000 steps in all" in stderr
+    assert "learning rate 0.002" in stderr
+    assert checkpoints(out) == {"checkpoint-1"}
+    assert embeds(os.path.join(out, "checkpoint-1", "learned_embeds.safetensors"))[TOKEN].shape == (1, 32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem, non-zero exit, no traceback, output_dir untouched (SPEC §7)
+# --------------------------------------------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "missing train_data_dir": ({"train_data_dir": "/nonexistent/images"}, "--train_data_dir"),
+    "empty image folder": ({"train_data_dir": "{empty_dir}"}, "holds no images"),
+    "only corrupt images": ({"train_data_dir": "{corrupt_only}"}, "none of the 1 images"),
+    "multi-token initializer": ({"initializer_token": "xyzzy"}, "--initializer_token 'xyzzy' must be exactly one"),
+    "placeholder already in the tokenizer": (
+        {"tokenizer_name": "{used_tokenizer}"}, "already has the token '<cat-toy>'"),
+    "num_vectors 0": ({"num_vectors": 0}, "--num_vectors must be >= 1"),
+    "max_train_steps 0": ({"max_train_steps": 0}, "--max_train_steps"),
+    "learning_rate 0": ({"learning_rate": 0}, "--learning_rate"),
+    "save_steps -1": ({"save_steps": -1}, "--save_steps"),
+    "checkpoints_total_limit 0": ({"checkpoints_total_limit": 0}, "--checkpoints_total_limit"),
+    "missing checkpoint": ({"resume_from_checkpoint": "checkpoint-999"}, "--resume_from_checkpoint"),
+    "checkpoint of another placeholder": ({"resume_from_checkpoint": "{other_checkpoint}"}, "--num_vectors 1"),
+    "missing model": ({"pretrained_model_name_or_path": "/nonexistent/sd"}, "--pretrained_model_name_or_path"),
+    "model folder that is not an SD folder": ({"pretrained_model_name_or_path": "{empty_dir}"}, "missing tokenizer"),
+    "unknown learnable property": ({"learnable_property": "objects"}, "--learnable_property"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_one_line_error(case, tiny_sd, image_folder, tmp_path):
+    overrides, expected = BAD_INPUTS[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt_only").mkdir()
+    (tmp_path / "corrupt_only" / "broken.jpg").write_bytes(b"not a jpeg")
+    values = {"empty_dir": str(tmp_path / "empty"), "corrupt_only": str(tmp_path / "corrupt_only")}
+    if "{used_tokenizer}" in overrides.values():
+        # A tokenizer saved by an earlier run that already learned <cat-toy>.
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+        tokenizer.add_tokens([TOKEN])
+        tokenizer.save_pretrained(str(tmp_path / "used_tokenizer"))
+        values["used_tokenizer"] = str(tmp_path / "used_tokenizer")
+    if "{other_checkpoint}" in overrides.values():
+        other = tmp_path / "other" / "checkpoint-2"
+        other.mkdir(parents=True)
+        save_file({TOKEN: torch.zeros(3, 32)}, str(other / "learned_embeds.safetensors"))
+        values["other_checkpoint"] = str(other)
+    overrides = {k: v.format(**values) if isinstance(v, str) else v for k, v in overrides.items()}
+
+    out = tmp_path / "existing_output"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    before = snapshot(str(out))
+    result = run_python(SCRIPT, base_args(tiny_sd, image_folder, str(out), **overrides))
+
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower() and expected in line]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == error_lines[0]
+    assert snapshot(str(out)) == before
+
+
+def test_exif_orientation_and_restorable_per_sample_randomness(tiny_sd, tmp_path):
+    """In-process (no launch): a phone photo's EXIF rotation is applied; a sample's caption template and flip depend
+    only on (seed, epoch, index), so a resumed run or another worker draws the same ones."""
+    from argparse import Namespace
+
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    import train_common
+    import textual_inversion as script
+
+    path = str(tmp_path / "rotated.jpg")
+    image = Image.new("RGB", (30, 20), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored landscape, displayed portrait
+    image.save(path, exif=exif)
+    assert script._load_rgb(path).size == (20, 30)
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    args = Namespace(learnable_property="object", resolution=16, center_crop=False, repeats=4)
+    dataset = script.TextualInversionDataset([path], tokenizer, "toy", args, train_common.RunState(seed=7))
+    assert len(dataset) == 4
+    samples = {(epoch, index): dataset[(epoch, index)] for epoch in range(3) for index in range(4)}
+    for key, sample in samples.items():
+        again = dataset[key]
+        assert torch.equal(sample["input_ids"], again["input_ids"])
+        assert torch.equal(sample["pixel_values"], again["pixel_values"])
+    assert len({tuple(sample["input_ids"].tolist()) for sample in samples.values()}) > 1, "one template for all"
+    assert samples[(0, 0)]["pixel_values"].shape == (3, 16, 16)

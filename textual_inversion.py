@@ -1,0 +1,869 @@
+#!/usr/bin/env python
+"""Textual inversion: learn new token embeddings in a Stable Diffusion text encoder from a few images of a concept.
+
+A drop-in replacement for diffusers' `examples/textual_inversion/textual_inversion.py`: the same flags and defaults,
+the same outputs (`learned_embeds.safetensors` for `pipe.load_textual_inversion(output_dir)`,
+`learned_embeds-steps-N.safetensors` every `--save_steps`, a full pipeline with `--save_as_full_pipeline`), plus
+`--config`, exact resume from small checkpoints (the learned rows, not the whole text encoder), atomic checkpoints,
+preemption handling and one-line errors.
+
+    accelerate launch textual_inversion.py --pretrained_model_name_or_path=$MODEL_NAME --train_data_dir=$DATA_DIR \
+      --learnable_property="object" --placeholder_token="<cat-toy>" --initializer_token="toy" \
+      --resolution=512 --train_batch_size=1 --gradient_accumulation_steps=4 --max_train_steps=3000 \
+      --learning_rate=5.0e-04 --scale_lr --lr_scheduler="constant" --lr_warmup_steps=0 \
+    --output_dir="textual_inversion_cat"
+
+How only the new rows train: the text encoder's token embedding is replaced, for the run, by `PlaceholderEmbedding`,
+which holds the original matrix frozen and the new rows as the only trainable parameter. Every other row therefore
+stays bit-identical by construction, the optimizer state is a few vectors (not the whole vocabulary), and a checkpoint
+only needs the new rows.
+"""
+
+import functools
+import math
+import os
+import warnings
+from datetime import timedelta
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+import train_common as common
+from train_common import InputError
+
+# Independent random streams, derived from the run seed (see train_common.derive_seed).
+SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, VALIDATION_STREAM = 1, 2, 3, 4
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all")
+EMBEDS_NAME, EMBEDS_NAME_BIN = "learned_embeds.safetensors", "learned_embeds.bin"
+MODEL_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+# The prompts of the textual inversion paper: the concept is always seen inside a short caption.
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a cropped painting in the style of {}", "a good painting in the style of {}",
+    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = common.ArgumentParser(description="Learn new token embeddings (textual inversion) for Stable Diffusion.")
+    add = parser.add_argument
+    # What is learned (upstream)
+    add("--placeholder_token", type=str, required=True,
+        help="The new token that stands for the concept, e.g. <cat-toy>.")
+    add("--initializer_token", type=str, required=True,
+        help="An existing single-token word whose embedding the new token(s) start from.")
+    add("--num_vectors", type=int, default=1,
+        help="How many embedding vectors learn the concept (extra tokens <tok>_1 ... <tok>_{n-1}).")
+    add("--learnable_property", type=str, default="object", choices=["object", "style"],
+        help="Caption templates: 'a photo of a <tok>' (object) or 'a painting in the style of <tok>' (style).")
+    # Model (upstream)
+    add("--pretrained_model_name_or_path", type=str, required=True,
+        help="A Stable Diffusion pipeline folder or hub id.")
+    add("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
+    add("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    add("--tokenizer_name", type=str, default=None, help="A tokenizer folder or hub id, if not the model's own.")
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention in the UNet.")
+    add("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
+    # Data (upstream)
+    add("--train_data_dir", type=str, required=True, help="A folder of images of the concept (any depth).")
+    add("--repeats", type=int, default=100, help="How many times each image appears per epoch.")
+    add("--resolution", type=int, default=512, help="Images are resized to this square size.")
+    add("--center_crop", action="store_true",
+        help="Crop the central square before resizing (otherwise the whole image is resized to a square).")
+    add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
+    # Training (upstream)
+    add("--output_dir", type=str, default="text-inversion-model", help="Where embeddings and checkpoints go.")
+    add("--seed", type=int, default=None, help="Seed for data order, captions, flips, noise and validation.")
+    add("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    add("--num_train_epochs", type=int, default=100)
+    add("--max_train_steps", type=int, default=5000, help="Total optimizer steps; overrides --num_train_epochs.")
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--learning_rate", type=float, default=1e-4)
+    add("--scale_lr", action="store_true", default=False,
+        help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
+    add("--lr_scheduler", type=str, default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
+    add("--lr_warmup_steps", type=int, default=500)
+    add("--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts scheduler.")
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-2)
+    add("--adam_epsilon", type=float, default=1e-08)
+    add("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
+        help="Precision of the frozen VAE and UNet; the learned embeddings stay fp32.")
+    # Saving (upstream)
+    add("--save_steps", type=int, default=500, help="Write learned_embeds-steps-N.safetensors every N steps.")
+    add("--save_as_full_pipeline", action="store_true", help="Also save the whole pipeline with the new tokens.")
+    add("--no_safe_serialization", action="store_true", help="Write learned_embeds*.bin (torch.save) instead.")
+    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--resume_from_checkpoint", type=str, default=None,
+        help="A checkpoint-N folder (name in --output_dir, or path) or 'latest' to continue training from.")
+    # Validation (upstream)
+    add("--validation_prompt", type=str, default=None, help="A prompt using the placeholder, rendered during training.")
+    add("--num_validation_images", type=int, default=4)
+    add("--validation_steps", type=int, default=100, help="Render the validation prompt every N optimizer steps.")
+    add("--validation_epochs", type=int, default=None, help="Deprecated: use --validation_steps.")
+    # Logging and hub (upstream)
+    add("--report_to", type=str, default="tensorboard", help=f"One of {', '.join(REPORT_TO)}.")
+    add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
+    add("--push_to_hub", action="store_true")
+    add("--hub_token", type=str, default=None)
+    add("--hub_model_id", type=str, default=None)
+    add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
+    # Additions
+    add("--max_grad_norm", type=float, default=1.0,
+        help="Clip the gradient norm of the learned embeddings to this value.")
+    add("--validation_inference_steps", type=int, default=25, help="Denoising steps for validation images.")
+    add("--logging_steps", type=int, default=10,
+        help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
+    return common.parse_args_with_config(parser, argv)
+
+
+def validate_args(args):
+    """Every check that needs no model loaded, then the token checks (the tokenizer is cheap to load).
+
+    Returns the tokenizer. Raises InputError."""
+    if args.num_vectors < 1:
+        raise InputError(f"--num_vectors must be >= 1, got {args.num_vectors}")
+    common.require_positive(
+        args, "repeats", "resolution", "train_batch_size", "num_train_epochs", "max_train_steps",
+        "gradient_accumulation_steps", "learning_rate", "lr_num_cycles", "save_steps", "checkpointing_steps",
+        "checkpoints_total_limit", "num_validation_images", "validation_steps", "validation_epochs",
+        "validation_inference_steps", "logging_steps", "max_grad_norm",
+    )
+    if args.lr_warmup_steps < 0:
+        raise InputError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.dataloader_num_workers < 0:
+        raise InputError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    if args.report_to not in REPORT_TO:
+        raise InputError(f"--report_to {args.report_to!r} is not one of {', '.join(REPORT_TO)}")
+    if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
+        raise InputError(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
+
+    if not os.path.isdir(args.train_data_dir):
+        raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
+    if not any(common.image_files(args.train_data_dir)):
+        extensions = ", ".join(common.IMAGE_EXTENSIONS)
+        raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
+    _check_model_path(args.pretrained_model_name_or_path)
+    if args.tokenizer_name is not None:
+        common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
+
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
+    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_path is not None:
+        _check_checkpoint_matches(args)
+
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        raise InputError(
+            f"--report_to {args.report_to} with --hub_token would expose the token in the run; use `hf auth login`"
+        )
+    if args.report_to == "wandb":
+        common.require_package("wandb", "--report_to wandb", "pip install wandb")
+    if args.report_to == "comet_ml":
+        common.require_package("comet_ml", "--report_to comet_ml", "pip install comet_ml")
+    if args.use_8bit_adam:
+        common.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise InputError(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed "
+                "(pip install -r requirements-xformers.txt)"
+            )
+
+    tokenizer = load_tokenizer(args)
+    check_tokens(args, tokenizer)
+    return tokenizer
+
+
+def _check_model_path(path):
+    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
+    if os.path.isdir(path):
+        missing = [name for name in MODEL_SUBFOLDERS if not os.path.isdir(os.path.join(path, name))]
+        if missing:
+            missing = ", ".join(f"{name}/" for name in missing)
+            raise InputError(
+                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion folder (missing {missing})"
+            )
+
+
+def _check_checkpoint_matches(args):
+    """A checkpoint holds the rows of one placeholder; resuming it under other token flags cannot be exact."""
+    from safetensors import safe_open
+
+    path = os.path.join(args.resume_path, EMBEDS_NAME)
+    if not os.path.isfile(path):
+        raise InputError(f"--resume_from_checkpoint {args.resume_path!r} holds no {EMBEDS_NAME}")
+    with safe_open(path, framework="pt") as file:
+        keys = list(file.keys())
+        rows = file.get_slice(keys[0]).get_shape()[0] if keys else 0
+    if keys != [args.placeholder_token] or rows != args.num_vectors:
+        raise InputError(
+            f"--resume_from_checkpoint {args.resume_path!r} learned {keys[0] if keys else '?'!r} with {rows} vector(s);"
+            " "
+            f"this run asks for --placeholder_token {args.placeholder_token!r} with --num_vectors {args.num_vectors}"
+        )
+
+
+def load_tokenizer(args):
+    from transformers import CLIPTokenizer
+
+    if args.tokenizer_name is not None:
+        flag, source, subfolder = "--tokenizer_name", args.tokenizer_name, None
+    else:
+        flag, source, subfolder = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "tokenizer"
+    try:
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        return CLIPTokenizer.from_pretrained(source, revision=args.revision, **kwargs)
+    except Exception as error:
+        raise InputError(f"{flag} {source!r}: cannot load the tokenizer ({common.first_line(error)})") from None
+
+
+def placeholder_tokens(args):
+    """`<tok>`, then `<tok>_1 ... <tok>_{n-1}`: the names diffusers' load_textual_inversion gives a multi-vector
+    embedding, so a prompt that says `<tok>` is expanded to all of them at inference."""
+    return [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
+
+
+def check_tokens(args, tokenizer):
+    vocabulary = tokenizer.get_vocab()  # includes tokens added earlier (e.g. a tokenizer saved by a previous run)
+    for token in placeholder_tokens(args):
+        if token in vocabulary:
+            raise InputError(
+                f"--placeholder_token: the tokenizer already has the token {token!r}; choose a new placeholder"
+            )
+    ids = tokenizer.encode(args.initializer_token, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = " ".join(tokenizer.convert_ids_to_tokens(ids)) if ids else "nothing"
+        raise InputError(
+            f"--initializer_token {args.initializer_token!r} must be exactly one token; the tokenizer splits it "
+            f"into {len(ids)} ({pieces})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def readable_images(folder):
+    """(the images of `folder` that decode, a warning naming each one that does not): a bad file is skipped up front
+    instead of crashing the run mid-way."""
+    readable, skipped = [], []
+    for path in common.image_files(folder):
+        try:
+            with Image.open(path) as image:
+                image.load()
+            readable.append(path)
+        except Exception as error:
+            skipped.append(f"Skipping unreadable image {path} ({common.first_line(error)})")
+    if not readable:
+        raise InputError(f"--train_data_dir {folder!r}: none of the {len(skipped)} images can be read")
+    return readable, skipped
+
+
+@functools.lru_cache(maxsize=64)
+def _load_rgb(path):
+    """Decoded once per process: a textual inversion folder holds a few images, each seen `--repeats` times."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def preprocess_image(image, resolution, center_crop, generator):
+    """RGB PIL image -> (3, resolution, resolution) float tensor in [-1, 1], as upstream: optional central square
+    crop, bicubic resize to a square, horizontal flip with probability 0.5 (drawn from `generator`)."""
+    if center_crop:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    image = image.resize((resolution, resolution), resample=Image.BICUBIC)
+    if torch.rand(1, generator=generator).item() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class TextualInversionDataset(torch.utils.data.Dataset):
+    """Each image `--repeats` times, each sample with a caption template holding the placeholder tokens.
+
+    Indexed by (epoch, index) from common.EpochSampler: the template and the flip depend only on the run seed, the
+    epoch and the sample index, so they are the same on resume and with any number of workers."""
+
+    def __init__(self, paths, tokenizer, placeholder_text, args, run_state):
+        self.paths, self.tokenizer, self.placeholder_text = paths, tokenizer, placeholder_text
+        self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+        self.resolution, self.center_crop, self.repeats = args.resolution, args.center_crop, args.repeats
+        self.run_state = run_state
+
+    def __len__(self):
+        return len(self.paths) * self.repeats
+
+    def __getitem__(self, key):
+        epoch, index = key
+        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        template = self.templates[int(torch.randint(len(self.templates), (1,), generator=generator))]
+        input_ids = self.tokenizer(
+            template.format(self.placeholder_text),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids[0]
+        image = _load_rgb(self.paths[index % len(self.paths)])
+        pixels = preprocess_image(image, self.resolution, self.center_crop, generator)
+        return {"pixel_values": pixels, "input_ids": input_ids}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The learned embedding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PlaceholderEmbedding(torch.nn.Module):
+    """A token embedding whose first `len(base)` rows are the frozen original matrix and whose last rows (the new
+    tokens' ids, appended at the end of the vocabulary) are the only trainable parameter."""
+
+    def __init__(self, base_weight, new_rows):
+        super().__init__()
+        # A frozen parameter, not a buffer: DDP would broadcast a buffer of the whole vocabulary every forward.
+        self.base = torch.nn.Parameter(base_weight, requires_grad=False)
+        self.new_rows = torch.nn.Parameter(new_rows)
+
+    @property
+    def num_embeddings(self):
+        return self.base.shape[0] + self.new_rows.shape[0]
+
+    @property
+    def embedding_dim(self):
+        return self.base.shape[1]
+
+    @property
+    def weight(self):
+        return torch.cat([self.base, self.new_rows])
+
+    def forward(self, input_ids):
+        # Two small lookups instead of concatenating the whole vocabulary every step.
+        first_new = self.base.shape[0]
+        is_new = (input_ids >= first_new).unsqueeze(-1)
+        old = torch.nn.functional.embedding(input_ids.clamp(max=first_new - 1), self.base)
+        new = torch.nn.functional.embedding((input_ids - first_new).clamp(min=0), self.new_rows)
+        return torch.where(is_new, new.to(old.dtype), old)
+
+    def as_embedding(self):
+        """A plain nn.Embedding with the learned rows in place, for saving a whole text encoder."""
+        embedding = torch.nn.Embedding(self.num_embeddings, self.embedding_dim)
+        embedding.weight.data = self.weight.detach().clone()
+        return embedding
+
+
+def add_placeholder_tokens(args, tokenizer, text_encoder):
+    """Add the placeholder tokens to the tokenizer and give the text encoder a PlaceholderEmbedding whose new rows
+    start as copies of the initializer token's embedding. Returns the PlaceholderEmbedding."""
+    tokens = placeholder_tokens(args)
+    tokenizer.add_tokens(tokens)
+    token_ids = tokenizer.convert_tokens_to_ids(tokens)
+    first_new = len(tokenizer) - len(tokens)
+    # Checked already by check_tokens; this guards the id layout the embedding relies on.
+    assert token_ids == list(range(first_new, len(tokenizer))), token_ids
+    initializer_id = tokenizer.encode(args.initializer_token, add_special_tokens=False)[0]
+
+    old_weight = text_encoder.get_input_embeddings().weight.data
+    if old_weight.shape[0] < first_new:
+        raise InputError(
+            f"--pretrained_model_name_or_path: the text encoder has {old_weight.shape[0]} token embeddings but the "
+            f"tokenizer has {first_new} tokens"
+        )
+    # Rows past the tokenizer's vocabulary (padding some models carry) are dropped, as resize_token_embeddings does.
+    base = old_weight[:first_new].clone()
+    new_rows = base[initializer_id].repeat(len(tokens), 1).float()
+    embedding = PlaceholderEmbedding(base, new_rows)
+    text_encoder.set_input_embeddings(embedding)
+    text_encoder.config.vocab_size = embedding.num_embeddings
+    return embedding
+
+
+def save_embeddings(embedding, placeholder_token, path, safe=True):
+    """The format diffusers' load_textual_inversion reads: {placeholder_token: (num_vectors, dim)}."""
+    state = {placeholder_token: embedding.new_rows.detach().cpu().clone()}
+    if safe:
+        from safetensors.torch import save_file
+
+        save_file(state, path, metadata={"format": "pt"})
+    else:
+        torch.save(state, path)
+
+
+def embeds_file_name(args, step=None):
+    stem = "learned_embeds" if step is None else f"learned_embeds-steps-{step}"
+    return stem + (".bin" if args.no_safe_serialization else ".safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation, saving, model card
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def generate_validation_images(accelerator, text_encoder, tokenizer, unet, vae, noise_scheduler, args, seed):
+    """Render `--num_validation_images` images of `--validation_prompt`, split across ranks (no rank idles past a
+    collective timeout). Image i always comes from the same seed, whatever the number of processes. The main process
+    gets the PIL images, other ranks None."""
+    from accelerate.utils import gather_object
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    mine = list(range(accelerator.process_index, args.num_validation_images, accelerator.num_processes))
+    images = []
+    if mine:
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        text_encoder.eval()
+        for index in mine:
+            generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
+            with torch.no_grad(), accelerator.autocast():
+                image = pipeline(
+                    args.validation_prompt, num_inference_steps=args.validation_inference_steps, generator=generator
+                ).images[0]
+            images.append((index, np.asarray(image)))
+        text_encoder.train()
+        del pipeline
+    gathered = gather_object(images) if accelerator.num_processes > 1 else images
+    if not accelerator.is_main_process:
+        return None
+    return [Image.fromarray(array) for _, array in sorted(gathered, key=lambda pair: pair[0])]
+
+
+def save_validation_images(accelerator, images, global_step, args):
+    """Write the images to output_dir/validation/ and send them to the trackers. Returns the relative paths."""
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = os.path.join("validation", f"step_{global_step}_{index}.png")
+        image.save(os.path.join(args.output_dir, path))
+        paths.append(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            batch = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images("validation", batch, global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {args.validation_prompt}")
+                                        for i, image in enumerate(images)]}, step=global_step)
+    return paths
+
+
+def save_full_pipeline(accelerator, text_encoder, embedding, tokenizer, args):
+    """A StableDiffusionPipeline folder whose text encoder and tokenizer know the new tokens; the UNet, VAE and
+    scheduler are reloaded from the base model in their stored precision."""
+    from diffusers import StableDiffusionPipeline
+
+    text_encoder = accelerator.unwrap_model(text_encoder)
+    text_encoder.set_input_embeddings(embedding.as_embedding())
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=tokenizer,
+        revision=args.revision, variant=args.variant,
+    )
+    pipeline.save_pretrained(args.output_dir)
+    text_encoder.set_input_embeddings(embedding)
+
+
+def write_model_card(args, global_step, validation_paths):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    tokens = " ".join(placeholder_tokens(args))
+    images = "\n".join(f"![validation {i}](./{path})" for i, path in enumerate(validation_paths))
+    gallery = f"Validation images for `{args.validation_prompt}` at step {global_step}:\n\n{images}\n" if images else ""
+    description = f"""
+# Textual inversion: {args.placeholder_token}
+
+A textual inversion embedding for `{args.pretrained_model_name_or_path}`, learned with textual_inversion.py from the
+images in `{args.train_data_dir}` ({args.learnable_property}, {args.num_vectors} vector(s): {tokens}) for
+{global_step} optimizer steps, starting from the embedding of `{args.initializer_token}`.
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipeline = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipeline.load_textual_inversion("{args.hub_model_id or args.output_dir}")
+image = pipeline("a photo of {args.placeholder_token}").images[0]
+```
+
+{gallery}
+## Training
+
+| setting | value |
+|---|---|
+| resolution, center crop | {args.resolution}, {args.center_crop} |
+| batch size per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate, scheduler, warmup | {args.learning_rate}, {args.lr_scheduler}, {args.lr_warmup_steps} |
+| mixed precision | {args.mixed_precision} |
+| seed | {args.seed} |
+"""
+    card_data = ModelCardData(
+        library_name="diffusers", license="creativeml-openrail-m", base_model=args.pretrained_model_name_or_path,
+        tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "textual_inversion"],
+    )
+    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
+                                   model_description=description)
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_models(args):
+    """The frozen parts (noise scheduler, VAE, UNet) and the text encoder, from the base model."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    source = args.pretrained_model_name_or_path
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=args.revision)
+        common_kwargs = dict(revision=args.revision, variant=args.variant)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common_kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **common_kwargs)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common_kwargs)
+    except Exception as error:
+        reason = common.first_line(error)
+        raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load the model ({reason})") from None
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise InputError(
+            f"--pretrained_model_name_or_path {source!r}: unsupported prediction type "
+            f"{noise_scheduler.config.prediction_type!r} (epsilon or v_prediction)"
+        )
+    return noise_scheduler, text_encoder, vae, unet
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tokenizer = validate_args(args)
+    # Data first: a folder of unreadable images is reported before anything is loaded or written.
+    paths, skipped = readable_images(args.train_data_dir)
+
+    import datasets
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        # Validation and saving run between steps; give them far more than the default collective timeout.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
+    )
+    import logging
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger = get_logger(__name__, log_level="INFO")
+    if not accelerator.is_local_main_process:
+        for library in (datasets, diffusers, transformers):
+            library.utils.logging.set_verbosity_error()
+    preemption = common.PreemptionHandler(accelerator)
+
+    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    accelerator.register_for_checkpointing(run_state)
+    set_seed(run_state.seed)
+
+    for warning in skipped:
+        logger.warning(warning)
+
+    noise_scheduler, text_encoder, vae, unet = load_models(args)
+    embedding = add_placeholder_tokens(args, tokenizer, text_encoder)
+    # Only the new rows train: the rest of the text encoder, the VAE and the UNet are frozen.
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    embedding.new_rows.requires_grad_(True)
+    if args.gradient_checkpointing:
+        # Checkpointing needs train mode in the UNet; its dropout is 0, so the outputs are unchanged.
+        unet.train()
+        text_encoder.gradient_checkpointing_enable()
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Captions spell out every vector's token; at inference the pipeline expands `<tok>` to the same string.
+    train_dataset = TextualInversionDataset(paths, tokenizer, " ".join(placeholder_tokens(args)), args, run_state)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(
+        [embedding.new_rows],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    batches_per_rank = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_rank / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.validation_epochs is not None:
+        warnings.warn(
+            f"--validation_epochs is deprecated; using --validation_steps {args.validation_epochs * steps_per_epoch}",
+            FutureWarning,
+            stacklevel=1,
+        )
+        args.validation_steps = args.validation_epochs * steps_per_epoch
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+    )
+
+    def save_model_hook(models, weights, output_dir):
+        # A checkpoint holds what is trained: the new rows, in the format load_textual_inversion reads (so the
+        # checkpoint is usable by itself); the frozen text encoder is not copied.
+        if accelerator.is_main_process:
+            save_embeddings(embedding, args.placeholder_token, os.path.join(output_dir, EMBEDS_NAME))
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        from safetensors.torch import load_file
+
+        models.clear()  # the frozen weights come from the base model; only the new rows are restored
+        rows = load_file(os.path.join(input_dir, EMBEDS_NAME))[args.placeholder_token]
+        with torch.no_grad():
+            embedding.new_rows.copy_(rows)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        text_encoder, optimizer, train_dataloader, lr_scheduler
+    )
+    # The frozen models only run forward: keep them in the mixed precision dtype.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (unet, vae):
+        frozen.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            frozen.to(dtype=weight_dtype)
+
+    global_step = 0
+    if args.resume_path is not None:
+        logger.info(f"Resuming from {args.resume_path}")
+        accelerator.load_state(args.resume_path)
+        global_step = common.checkpoint_step(args.resume_path)
+        if args.seed is not None and args.seed != run_state.seed:
+            logger.warning(f"--seed {args.seed} ignored: the checkpoint's run uses seed {run_state.seed}")
+    elif args.resume_from_checkpoint == "latest":
+        logger.info(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}, starting a new run")
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("textual_inversion", config=tracked)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{len(paths)} images x {args.repeats} repeats = {len(train_dataset)} samples, {args.num_train_epochs} epochs "
+        f"of {steps_per_epoch} steps, {args.max_train_steps} steps in all, batch {args.train_batch_size} per device, "
+        f"total batch {total_batch_size}, learning rate {args.learning_rate:g}"
+    )
+
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if global_step >= args.max_train_steps:
+        logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
+    progress_bar = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_batches = 0
+    last_checkpoint_step, last_checkpoint = None, None
+    validation_paths = []
+    text_encoder.train()
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        loader, start = train_dataloader, 0
+        if epoch == first_epoch and batches_to_skip:
+            loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
+        loader.set_epoch(epoch)
+        for batch_index, batch in enumerate(loader, start=start):
+            generator = common.make_generator(
+                accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
+            )
+            with accelerator.accumulate(text_encoder):
+                with torch.no_grad():
+                    pixels = batch["pixel_values"].to(weight_dtype)
+                    latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+                    latents = latents * vae.config.scaling_factor
+                noise = common.sample_noise(latents, generator)
+                timesteps = common.sample_timesteps(
+                    latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, latents.device
+                )
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"])[0].to(dtype=weight_dtype)
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                target = common.loss_target(
+                    noise_scheduler, noise_scheduler.config.prediction_type, latents, noise, timesteps
+                )
+                loss = common.diffusion_loss(model_pred, target)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_([embedding.new_rows], args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach()
+            running_batches += 1
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+
+            if global_step % args.logging_steps == 0:
+                mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / running_batches
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                running_loss.zero_()
+                running_batches = 0
+
+            if global_step % args.save_steps == 0 and accelerator.is_main_process:
+                path = os.path.join(args.output_dir, embeds_file_name(args, global_step))
+                save_embeddings(embedding, args.placeholder_token, path, safe=not args.no_safe_serialization)
+                logger.info(f"Saved {path}")
+
+            if global_step % args.checkpointing_steps == 0:
+                last_checkpoint = common.save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                )
+                last_checkpoint_step = global_step
+                logger.info(f"Saved {last_checkpoint}")
+
+            if args.validation_prompt is not None and global_step % args.validation_steps == 0:
+                images = generate_validation_images(
+                    accelerator, accelerator.unwrap_model(text_encoder), tokenizer, unet, vae, noise_scheduler, args,
+                    run_state.seed,
+                )
+                if accelerator.is_main_process:
+                    validation_paths = save_validation_images(accelerator, images, global_step, args)
+                    logger.info(f"Saved validation images to {os.path.join(args.output_dir, 'validation')}")
+
+            stop_status = preemption.stop_requested()
+            if stop_status:
+                if last_checkpoint_step != global_step:
+                    last_checkpoint = common.save_checkpoint(
+                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                    )
+                progress_bar.close()
+                accelerator.print(
+                    f"Stopped at step {global_step}: checkpoint saved to {last_checkpoint}. "
+                    "Continue with --resume_from_checkpoint latest."
+                )
+                accelerator.end_training()
+                return stop_status
+            if global_step >= args.max_train_steps:
+                break
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_full = args.save_as_full_pipeline
+        if args.push_to_hub and not save_full:
+            logger.warning("--push_to_hub: saving the full pipeline as well (as upstream does)")
+            save_full = True
+        if save_full:
+            save_full_pipeline(accelerator, text_encoder, embedding, tokenizer, args)
+        path = os.path.join(args.output_dir, embeds_file_name(args))
+        save_embeddings(embedding, args.placeholder_token, path, safe=not args.no_safe_serialization)
+        write_model_card(args, global_step, validation_paths)
+        logger.info(f"Saved {path}")
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*"],
+                token=args.hub_token,
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
