@@ -182,35 +182,44 @@ def image_files(folder):
                 yield os.path.join(root, name)
 
 
-def drop_unreadable_images(dataset, column, flag, source):
-    """`dataset` without the rows whose image in `column` cannot be decoded, each named in a warning.
+def drop_unreadable_images(dataset, columns, flag, source):
+    """`dataset` without the rows where an image in `columns` (one name or several) cannot be decoded, each file
+    named in a warning.
 
     Every image is decoded once up front (datasets caches the result), so a corrupt file is skipped here by name
-    instead of crashing the run mid-epoch. No readable image at all is an InputError.
+    instead of crashing the run mid-epoch. No readable row at all is an InputError.
     """
     from datasets import Image as ImageFeature
 
-    raw = dataset.cast_column(column, ImageFeature(decode=False))
-    readable = raw.map(
-        lambda batch: {"readable": [_is_readable_image(item) for item in batch[column]]},
-        batched=True,
-        remove_columns=raw.column_names,
-        desc="Checking images",
-    )["readable"]
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    raw = dataset
+    for column in columns:
+        raw = raw.cast_column(column, ImageFeature(decode=False))
+
+    def check(batch):
+        rows = range(len(batch[columns[0]]))
+        return {"readable": [all(is_readable_image(batch[column][row]) for column in columns) for row in rows]}
+
+    readable = raw.map(check, batched=True, remove_columns=raw.column_names, desc="Checking images")["readable"]
     bad = [index for index, ok in enumerate(readable) if not ok]
     for index in bad:
-        item = raw[index][column]
-        logger.warning(f"Skipping unreadable image {item.get('path') or f'row {index}'} in {source}")
+        row = raw[index]
+        names = [(row[c] or {}).get("path") or f"row {index} of {c}" for c in columns if not is_readable_image(row[c])]
+        logger.warning(f"Skipping unreadable image {', '.join(names)} in {source}")
     if len(bad) == len(dataset):
-        raise InputError(f"{flag} {source!r}: none of the {len(dataset)} images can be read")
+        what = "images" if len(columns) == 1 else "examples"
+        raise InputError(f"{flag} {source!r}: none of the {len(dataset)} {what} can be read")
     return dataset.select([index for index, ok in enumerate(readable) if ok]) if bad else dataset
 
 
-def _is_readable_image(item):
+def is_readable_image(item):
+    """`item`: a datasets image cell with decode=False ({"bytes", "path"}), or {"path": file}."""
     from io import BytesIO
 
     from PIL import Image
 
+    if not item:
+        return False
     try:
         with Image.open(BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
             image.load()

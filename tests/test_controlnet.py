@@ -1,0 +1,436 @@
+"""train_controlnet.py, launched as users launch it (plus in-process checks of the ControlNet initialisation and of
+the paired image preprocessing)."""
+
+import json
+import os
+import random
+import shutil
+import signal
+from argparse import Namespace
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from helpers import (
+    assert_same_weights,
+    checkpoints,
+    launch,
+    load_weights,
+    run_python,
+    send_signal_and_wait,
+    snapshot,
+    start_python,
+    wait_for_path,
+)
+
+SCRIPT = "train_controlnet.py"
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "cyan": (0, 200, 200),
+          "brown": (120, 70, 20), "yellow": (230, 210, 40)}
+
+
+def fill_example(rng, width, height=None):
+    """A fill50k-style example: a filled circle on a coloured background, its outline as the conditioning image,
+    and a caption naming both colours."""
+    height = height or width
+    circle, background = rng.sample(sorted(COLORS), 2)
+    radius = rng.randint(min(width, height) // 6, min(width, height) // 3)
+    x, y = rng.randint(radius, width - radius), rng.randint(radius, height - radius)
+    box = (x - radius, y - radius, x + radius, y + radius)
+    image = Image.new("RGB", (width, height), COLORS[background])
+    ImageDraw.Draw(image).ellipse(box, fill=COLORS[circle])
+    conditioning = Image.new("RGB", (width, height), (0, 0, 0))
+    ImageDraw.Draw(conditioning).ellipse(box, outline=(255, 255, 255), width=2)
+    return image, conditioning, f"{circle} circle with {background} background"
+
+
+def write_parquet_dataset(folder, count, seed, size=(28, 24), list_captions=False):
+    import datasets
+
+    examples = [fill_example(random.Random(seed * 1000 + i), *size) for i in range(count)]
+    captions = [[text, "a picture of a circle"] if list_captions else text for _, _, text in examples]
+    caption_feature = [datasets.Value("string")] if list_captions else datasets.Value("string")
+    dataset = datasets.Dataset.from_dict(
+        {"image": [e[0] for e in examples], "conditioning_image": [e[1] for e in examples], "text": captions},
+        features=datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
+                                    "text": caption_feature}),
+    )
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    dataset.to_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"))
+    return examples
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(scope="module")
+def fill_folder(tmp_path_factory):
+    """An imagefolder: metadata.jsonl names the target (file_name), the conditioning image by its path in the
+    `conditioning_image` column, and the caption. 7 good examples and one whose target image is corrupt."""
+    folder = tmp_path_factory.mktemp("fill_folder")
+    os.makedirs(folder / "conditioning")
+    rows = []
+    for index in range(7):
+        image, conditioning, text = fill_example(random.Random(index), 24)
+        image.save(folder / f"{index}.png")
+        conditioning.save(folder / "conditioning" / f"{index}.png")
+        rows.append({"file_name": f"{index}.png", "conditioning_image": f"conditioning/{index}.png", "text": text})
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    rows.append({"file_name": "corrupt.png", "conditioning_image": "conditioning/0.png", "text": "red circle"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def fill_parquet(tmp_path_factory):
+    """A local dataset folder (parquet), 6 non-square examples with lists of captions: random crops, caption choice
+    and prompt dropout all have something to choose."""
+    folder = tmp_path_factory.mktemp("fill_parquet")
+    write_parquet_dataset(str(folder), 6, seed=7, list_captions=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def validation_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("validation")
+    paths = []
+    for index in range(2):
+        path = str(folder / f"conditioning_{index}.png")
+        fill_example(random.Random(100 + index), 32)[1].save(path)
+        paths.append(path)
+    return paths
+
+
+def base_args(model, output_dir, data=None, parquet=None, **overrides):
+    """Tiny, fast settings: 64 px (8x8 latents), batch 2, constant LR after 1 warmup step."""
+    args = {
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "dataset_name": parquet,
+        "resolution": 64,
+        "output_dir": output_dir,
+        "train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 1,
+        "seed": 0,
+        "logging_steps": 1,
+        "validation_inference_steps": 2,
+    }
+    args.update(overrides)
+    flags = []
+    for key, value in args.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            flags += [f"--{key}"] + [str(item) for item in value]
+        elif value is not None and value is not False:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def controlnet_weights(folder):
+    return load_weights(folder)
+
+
+def test_trains_and_output_drives_controlnet_pipeline(tiny_sd, fill_folder, validation_images, tmp_path):
+    out = str(tmp_path / "out")
+    result = launch(SCRIPT, base_args(
+        tiny_sd, out, data=fill_folder, max_train_steps=4, checkpointing_steps=2, validation_steps=2,
+        validation_prompt=["red circle with blue background", "green circle with yellow background"],
+        validation_image=validation_images[:1], num_validation_images=2,
+    ))
+
+    # The corrupt target image is skipped by name; 7 examples remain (4 batches of 2 per epoch).
+    assert "Skipping unreadable image" in result.stderr and "corrupt.png" in result.stderr
+    assert "7 examples" in result.stderr
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "images_0.png", "images_1.png",
+                 "checkpoint-2/controlnet/config.json", "checkpoint-4/controlnet/diffusion_pytorch_model.safetensors"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    card = open(os.path.join(out, "README.md")).read()
+    assert "controlnet" in card and "ControlNetModel.from_pretrained" in card and "red circle with blue background" in card
+
+    # One image prompt for two prompts (N:1): a grid per pair (conditioning + 2 images) at steps 2, 4 and at the end.
+    for name in ("step_000002", "step_000004", "final"):
+        for pair in (0, 1):
+            grid = Image.open(os.path.join(out, "validation", name, f"pair_{pair:02d}.png"))
+            assert grid.size == (3 * 64, 64), (name, grid.size)
+
+    # The final weights are the step-4 weights, and training moved the zero convolutions off zero.
+    assert_same_weights(os.path.join(out, "checkpoint-4", "controlnet"), out)
+    weights = controlnet_weights(out)
+    zero_convs = [key for key in weights if key.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
+    assert zero_convs and any(weights[key].abs().sum() > 0 for key in zero_convs)
+
+    # TensorBoard received the loss curve and the validation images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "logs", "train_controlnet"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    tags = events.Tags()["images"]
+    assert any(tag.startswith("validation/0") for tag in tags) and any(tag.startswith("test/1") for tag in tags)
+
+    # The output is a ControlNet that drives StableDiffusionControlNetPipeline, and it changes what the UNet makes.
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    controlnet = ControlNetModel.from_pretrained(out)
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd, controlnet=controlnet, safety_checker=None,
+                                                                 requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    conditioning = Image.open(validation_images[0]).convert("RGB")
+    images = pipeline("red circle", conditioning, num_inference_steps=2, height=64, width=64, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 64, 3)
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    without = plain("red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    assert not (images == without).all()
+
+
+def test_controlnet_from_unet_starts_with_zero_convolutions(tiny_sd):
+    """An untrained ControlNet initialised from the UNet copies its encoder, and its zero convolutions make the UNet's
+    output exactly what it is without a ControlNet."""
+    from diffusers import UNet2DConditionModel
+
+    import train_controlnet
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    controlnet = train_controlnet.build_controlnet(Namespace(controlnet_model_name_or_path=None), unet)
+    assert controlnet.dtype == torch.float32
+    assert torch.equal(controlnet.conv_in.weight, unet.conv_in.weight)
+    zero_convs = list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]
+    assert all(torch.count_nonzero(p) == 0 for conv in zero_convs for p in conv.parameters())
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, 32, generator=generator)
+    condition = torch.rand(2, 3, 64, 64, generator=generator)
+    timesteps = torch.tensor([10, 500])
+    with torch.no_grad():
+        down, mid = controlnet(latents, timesteps, text, controlnet_cond=condition, return_dict=False)
+        controlled = unet(latents, timesteps, text, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+        plain = unet(latents, timesteps, text).sample
+    assert torch.equal(controlled, plain)
+
+
+def test_image_and_conditioning_image_get_the_same_crop_and_flip():
+    """Target in [-1, 1], conditioning in [0, 1], cropped and flipped identically; the random choices are a function
+    of the generator's seed alone (restorable)."""
+    import train_controlnet
+
+    image = Image.effect_noise((48, 32), 60).convert("RGB")
+    for seed in range(6):
+        target, conditioning = train_controlnet.preprocess_pair(
+            image, image.copy(), 16, True, True, torch.Generator().manual_seed(seed))
+        assert target.shape == conditioning.shape == (3, 16, 16)
+        assert target.min() >= -1 and target.max() <= 1 and conditioning.min() >= 0 and conditioning.max() <= 1
+        assert torch.allclose((target + 1) / 2, conditioning, atol=1e-6)
+    crops = {train_controlnet.preprocess_pair(image, image, 16, True, True, torch.Generator().manual_seed(s))[1]
+             .sum().item() for s in range(6)}
+    assert len(crops) > 1, "random crops/flips never changed"
+    again = train_controlnet.preprocess_pair(image, image, 16, True, True, torch.Generator().manual_seed(3))
+    first = train_controlnet.preprocess_pair(image, image, 16, True, True, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], first[0])
+
+    # --proportion_empty_prompts: 0 keeps every caption, 1 drops every caption, 0.5 drops about half, restorably.
+    pick = train_controlnet.pick_caption
+    assert all(pick("a cat", 0, torch.Generator().manual_seed(s)) == "a cat" for s in range(20))
+    assert all(pick("a cat", 1, torch.Generator().manual_seed(s)) == "" for s in range(20))
+    halves = [pick(["a", "b"], 0.5, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert 60 < halves.count("") < 140 and {"a", "b"} <= set(halves)
+    assert halves == [pick(["a", "b"], 0.5, torch.Generator().manual_seed(s)) for s in range(200)]
+
+
+def test_checkpoint_rotation_and_rotation_after_resume(tiny_sd, fill_folder, tmp_path):
+    out = str(tmp_path / "out")
+    # 7 examples at batch 1: 7 steps per epoch.
+    settings = dict(train_batch_size=1, checkpointing_steps=2, checkpoints_total_limit=2)
+    launch(SCRIPT, base_args(tiny_sd, out, data=fill_folder, **settings))
+    assert checkpoints(out) == {"checkpoint-4", "checkpoint-6"}
+
+    launch(SCRIPT, base_args(tiny_sd, out, data=fill_folder, num_train_epochs=2, resume_from_checkpoint="checkpoint-6",
+                             **settings))
+    assert checkpoints(out) == {"checkpoint-12", "checkpoint-14"}
+
+
+EXACT_SETTINGS = {
+    # Random crops and flips, list captions, prompt dropout, a random subset, Min-SNR and offset noise.
+    1: dict(random_crop=True, random_flip=True, proportion_empty_prompts=0.5, max_train_samples=5, snr_gamma=5.0,
+            noise_offset=0.1, lr_scheduler="cosine"),
+    # v-prediction, gradient checkpointing and freed gradients, with gradient accumulation.
+    2: dict(random_crop=True, proportion_empty_prompts=0.3, prediction_type="v_prediction", gradient_checkpointing=True,
+            set_grads_to_none=True, lr_scheduler="linear"),
+}
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_exact(tiny_sd, fill_parquet, validation_images, tmp_path, accumulation):
+    """N steps straight == resume from a mid-epoch checkpoint + the rest, bit for bit (with validation images rendered
+    in between when GA is 1: they must not disturb training)."""
+    # GA 1: 5 samples at batch 2 -> 3 steps per epoch, 7 steps, checkpoint 4 (mid epoch 2).
+    # GA 2: 6 samples at batch 2 -> 3 batches -> 2 steps per epoch, 5 steps, checkpoint 3 (mid epoch 2).
+    total, half = (7, 4) if accumulation == 1 else (5, 3)
+    settings = dict(EXACT_SETTINGS[accumulation], gradient_accumulation_steps=accumulation, max_train_steps=total,
+                    checkpointing_steps=half)
+    if accumulation == 1:
+        settings.update(validation_prompt=["red circle"], validation_image=validation_images, num_validation_images=1,
+                        validation_steps=2)
+    straight = str(tmp_path / "straight")
+    launch(SCRIPT, base_args(tiny_sd, straight, parquet=fill_parquet, **settings))
+    assert f"checkpoint-{half}" in checkpoints(straight)
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, f"checkpoint-{half}"), os.path.join(resumed, f"checkpoint-{half}"))
+    result = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=fill_parquet, resume_from_checkpoint="latest",
+                                      **settings))
+    assert f"Resuming from {os.path.join(resumed, f'checkpoint-{half}')}" in result.stderr
+
+    assert_same_weights(os.path.join(straight, f"checkpoint-{half}", "controlnet"),
+                        os.path.join(resumed, f"checkpoint-{half}", "controlnet"))
+    assert_same_weights(straight, resumed)
+    # The run did train: the final weights differ from the halfway ones.
+    assert any(not torch.equal(a, b) for a, b in zip(load_weights(straight).values(),
+                                                     load_weights(os.path.join(straight, f"checkpoint-{half}", "controlnet")).values()))
+
+
+def test_sigterm_saves_a_checkpoint_and_latest_resumes_exactly(tiny_sd, fill_folder, tmp_path):
+    settings = dict(train_batch_size=1, max_train_steps=30, checkpointing_steps=5, lr_scheduler="linear",
+                    random_crop=True, proportion_empty_prompts=0.2)
+    interrupted = str(tmp_path / "interrupted")
+    process = start_python(SCRIPT, base_args(tiny_sd, interrupted, data=fill_folder, **settings))
+    wait_for_path(os.path.join(interrupted, "checkpoint-5"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+
+    assert status == 143, stderr[-3000:]
+    assert "Received SIGTERM" in stderr and "Continue with --resume_from_checkpoint latest" in stdout
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(interrupted))
+    assert 5 <= stop_step < 30, "the signal arrived after the run had finished: the test needs more steps"
+    assert not os.path.exists(os.path.join(interrupted, "diffusion_pytorch_model.safetensors"))
+
+    launch(SCRIPT, base_args(tiny_sd, interrupted, data=fill_folder, resume_from_checkpoint="latest", **settings))
+    straight = str(tmp_path / "straight")
+    launch(SCRIPT, base_args(tiny_sd, straight, data=fill_folder, **settings))
+    assert_same_weights(straight, interrupted)
+
+
+def test_two_processes(tiny_sd, fill_parquet, validation_images, tmp_path):
+    """CPU DDP over gloo: trains, validates on both ranks (N:N pairs), checkpoints, resumes exactly, exits cleanly."""
+    settings = dict(max_train_steps=3, checkpointing_steps=1, train_batch_size=1, random_crop=True,
+                    validation_prompt=["red circle", "blue circle"], validation_image=validation_images,
+                    num_validation_images=1, validation_steps=3)
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, straight, parquet=fill_parquet, **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert checkpoints(straight) == {"checkpoint-1", "checkpoint-2", "checkpoint-3"}
+    assert set(os.listdir(os.path.join(straight, "checkpoint-2"))) >= {"random_states_0.pkl", "random_states_1.pkl"}
+    for name in ("step_000003", "final"):
+        for pair in (0, 1):
+            assert os.path.isfile(os.path.join(straight, "validation", name, f"pair_{pair:02d}.png"))
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-1"), os.path.join(resumed, "checkpoint-1"))
+    settings.pop("validation_prompt"), settings.pop("validation_image")
+    result = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=fill_parquet, resume_from_checkpoint="checkpoint-1",
+                                      **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert_same_weights(os.path.join(straight, "checkpoint-3", "controlnet"),
+                        os.path.join(resumed, "checkpoint-3", "controlnet"))
+    assert_same_weights(straight, resumed)
+
+
+def test_diffusers_docs_command_runs_unchanged(tiny_sd, tmp_path):
+    """The diffusers docs' command line, verbatim apart from $MODEL_DIR and $OUTPUT_DIR. `fusing/fill50k` is a local
+    fill-style dataset folder of that name in the working directory (datasets looks there before the hub). At 512 px
+    one optimizer step (4 accumulated batches) takes ~20 s on one CPU core and the final validation several minutes,
+    so a SIGTERM during the first step keeps the test short: the run checkpoints that step and exits 143."""
+    write_parquet_dataset(str(tmp_path / "fusing" / "fill50k"), 8, seed=3, size=(64, 64))
+    for index in (1, 2):
+        fill_example(random.Random(index), 64)[1].save(tmp_path / f"conditioning_image_{index}.png")
+    out = str(tmp_path / "controlnet-out")
+    process = start_python(SCRIPT, [
+        f"--pretrained_model_name_or_path={tiny_sd}",
+        f"--output_dir={out}",
+        "--dataset_name=fusing/fill50k",
+        "--resolution=512",
+        "--learning_rate=1e-5",
+        "--validation_image", "./conditioning_image_1.png", "./conditioning_image_2.png",
+        "--validation_prompt", "red circle with blue background", "cyan circle with brown floral background",
+        "--train_batch_size=1",
+        "--gradient_accumulation_steps=4",
+    ], cwd=str(tmp_path))
+    wait_for_path(os.path.join(out, "logs"), process)
+    status, _, stderr = send_signal_and_wait(process, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert "8 examples, 1 epochs of 2 steps" in stderr
+    assert checkpoints(out) == {"checkpoint-1"}
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_pretrained(os.path.join(out, "checkpoint-1", "controlnet"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem, non-zero exit, no traceback, output_dir untouched (SPEC §7)
+# --------------------------------------------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "image column missing": ({"image_column": "target"}, ["--image_column", "columns: image, conditioning_image, text"]),
+    "conditioning column missing": ({"conditioning_image_column": "edges"},
+                                    ["--conditioning_image_column", "'edges'", "columns: image, conditioning_image, text"]),
+    "validation prompt/image count mismatch": (
+        {"validation_prompt": ["a", "b"], "validation_image": ["{val}", "{val}", "{val}"]},
+        ["--validation_prompt", "--validation_image"]),
+    "validation prompt without image": ({"validation_prompt": ["a"]}, ["--validation_image"]),
+    "missing validation image": ({"validation_prompt": ["a"], "validation_image": ["/nonexistent/c.png"]},
+                                 ["--validation_image", "/nonexistent/c.png"]),
+    "proportion above 1": ({"proportion_empty_prompts": 1.5}, ["--proportion_empty_prompts"]),
+    "resolution not a multiple of 8": ({"resolution": 60}, ["--resolution", "multiple of 8"]),
+    "missing model": ({"pretrained_model_name_or_path": "/nonexistent/sd"}, ["--pretrained_model_name_or_path"]),
+    "model folder that is not a pipeline": ({"pretrained_model_name_or_path": "{empty_dir}"}, ["unet/"]),
+    "missing controlnet": ({"controlnet_model_name_or_path": "/nonexistent/cn"}, ["--controlnet_model_name_or_path"]),
+    "missing dataset": ({"train_data_dir": None, "dataset_name": "/nonexistent/data"}, ["--dataset_name"]),
+    "missing train_data_dir": ({"train_data_dir": "/nonexistent/images"}, ["--train_data_dir"]),
+    "both data sources": ({"dataset_name": "{parquet}"}, ["--dataset_name", "--train_data_dir"]),
+    "max_train_steps 0": ({"max_train_steps": 0}, ["--max_train_steps"]),
+    "checkpointing_steps 0": ({"checkpointing_steps": 0}, ["--checkpointing_steps"]),
+    "validation_steps 0": ({"validation_steps": 0}, ["--validation_steps"]),
+    "learning_rate 0": ({"learning_rate": 0}, ["--learning_rate"]),
+    "checkpoints_total_limit 0": ({"checkpoints_total_limit": 0}, ["--checkpoints_total_limit"]),
+    "missing checkpoint": ({"resume_from_checkpoint": "checkpoint-999"}, ["--resume_from_checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_one_line_error(case, tiny_sd, fill_folder, fill_parquet, validation_images, tmp_path):
+    overrides, expected = BAD_INPUTS[case]
+    (tmp_path / "empty").mkdir()
+    values = {"empty_dir": str(tmp_path / "empty"), "parquet": fill_parquet, "val": validation_images[0]}
+
+    def fill(value):
+        if isinstance(value, list):
+            return [fill(item) for item in value]
+        return value.format(**values) if isinstance(value, str) else value
+
+    overrides = {key: fill(value) for key, value in overrides.items()}
+    out = tmp_path / "existing_output"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    before = snapshot(str(out))
+    args = base_args(tiny_sd, str(out), data=fill_folder, **overrides)
+    result = run_python(SCRIPT, args)
+
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines()
+                   if "error" in line.lower() and all(text in line for text in expected)]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == error_lines[0]
+    assert snapshot(str(out)) == before

@@ -1,0 +1,913 @@
+#!/usr/bin/env python
+"""Train a ControlNet for a Stable Diffusion pipeline on (image, conditioning image, caption) examples.
+
+A drop-in replacement for diffusers' `examples/controlnet/train_controlnet.py`: the same flags and defaults, the same
+output layout (the ControlNet's `config.json` + `diffusion_pytorch_model.safetensors` at the top of `--output_dir`,
+`checkpoint-N/controlnet/` folders), plus `--config`, `--logging_steps`, `--snr_gamma` (Min-SNR), `--noise_offset`,
+`--prediction_type`, `--random_crop`/`--random_flip` (applied identically to both images),
+`--validation_inference_steps`, exact resume, atomic checkpoints and preemption handling. Validation images are
+rendered on all ranks (split between them), and a last round uses the ControlNet as saved.
+
+    accelerate launch train_controlnet.py --pretrained_model_name_or_path ./sd-folder --dataset_name ./fill50k \\
+        --resolution 512 --learning_rate 1e-5 --validation_image ./cond_1.png --validation_prompt "red circle" \\
+        --output_dir controlnet-fill
+"""
+
+import math
+import os
+from datetime import timedelta
+
+import numpy as np
+import torch
+from PIL import Image
+
+import train_common as common
+from train_common import InputError
+
+# Independent random streams, derived from the run seed (see train_common.derive_seed).
+SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM = 1, 2, 3, 4, 5
+PIPELINE_PARTS = ("text_encoder", "vae", "unet", "scheduler")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = common.ArgumentParser(description="Train a ControlNet for a Stable Diffusion pipeline.")
+    add = parser.add_argument
+    # Models (upstream)
+    add("--pretrained_model_name_or_path", type=str, required=True,
+        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/).")
+    add("--controlnet_model_name_or_path", type=str, default=None,
+        help="A ControlNet to continue training (folder or hub id). Default: a new one initialised from the UNet.")
+    add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
+    add("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+    add("--tokenizer_name", type=str, default=None, help="A tokenizer to use instead of the pipeline's tokenizer/.")
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention.")
+    # Data (upstream)
+    add("--dataset_name", type=str, default=None,
+        help="A dataset on the hub, or a local dataset folder (parquet/arrow/imagefolder/save_to_disk).")
+    add("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
+    add("--train_data_dir", type=str, default=None,
+        help="An imagefolder whose metadata.jsonl/metadata.csv names the image (file_name), the conditioning image "
+             "(conditioning_image_file_name, or a path in the conditioning image column) and the caption.")
+    add("--image_column", type=str, default="image", help="The dataset column that holds the target images.")
+    add("--conditioning_image_column", type=str, default="conditioning_image",
+        help="The dataset column that holds the ControlNet conditioning images.")
+    add("--caption_column", type=str, default="text",
+        help="The dataset column that holds a caption or a list of captions (one is picked at random).")
+    add("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples.")
+    add("--proportion_empty_prompts", type=float, default=0,
+        help="Fraction of captions replaced by the empty prompt (0 to 1).")
+    add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    add("--resolution", type=int, default=512,
+        help="Images are resized (short side) and cropped to this square size; a multiple of 8.")
+    add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
+    # Training (upstream)
+    add("--output_dir", type=str, default="controlnet-model", help="Where the ControlNet and checkpoints go.")
+    add("--seed", type=int, default=None, help="Seed for data order, prompt dropout, noise and validation images.")
+    add("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    add("--num_train_epochs", type=int, default=1)
+    add("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--gradient_checkpointing", action="store_true",
+        help="Trade compute for memory in the backward pass (through the ControlNet and the frozen UNet).")
+    add("--learning_rate", type=float, default=5e-6)
+    add("--scale_lr", action="store_true",
+        help="Multiply the learning rate by processes x accumulation steps x batch size.")
+    add("--lr_scheduler", type=str, default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
+    add("--lr_warmup_steps", type=int, default=500)
+    add("--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts scheduler.")
+    add("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    add("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-2)
+    add("--adam_epsilon", type=float, default=1e-08)
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    add("--set_grads_to_none", action="store_true",
+        help="Free gradients between steps instead of zeroing them (saves memory).")
+    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        help="Default: accelerate's config. The frozen UNet, VAE and text encoder run in this precision; the "
+             "ControlNet weights stay fp32.")
+    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--resume_from_checkpoint", type=str, default=None,
+        help="A checkpoint-N folder (name in --output_dir, or path) or 'latest' to continue training from.")
+    # Validation, logging and hub (upstream)
+    add("--validation_prompt", type=str, default=None, nargs="+",
+        help="Prompts rendered every --validation_steps: as many as --validation_image, or one for all images.")
+    add("--validation_image", type=str, default=None, nargs="+",
+        help="Conditioning image paths for validation: as many as --validation_prompt, or one for all prompts.")
+    add("--num_validation_images", type=int, default=4, help="Images generated for each (prompt, image) pair.")
+    add("--validation_steps", type=int, default=100, help="Run validation every N optimizer steps.")
+    add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml or all.")
+    add("--tracker_project_name", type=str, default="train_controlnet")
+    add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
+    add("--push_to_hub", action="store_true")
+    add("--hub_token", type=str, default=None)
+    add("--hub_model_id", type=str, default=None)
+    add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
+    # Additions
+    add("--prediction_type", type=str, default=None,
+        help="epsilon or v_prediction; default: the pretrained scheduler's prediction type.")
+    add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (recommended 5.0).")
+    add("--noise_offset", type=float, default=0, help="Scale of offset noise.")
+    add("--random_crop", action="store_true",
+        help="Crop a random square (the same one from the image and its conditioning image) instead of the centre.")
+    add("--random_flip", action="store_true", help="Flip the image and its conditioning image together at random.")
+    add("--validation_inference_steps", type=int, default=20, help="Denoising steps for validation images.")
+    add("--logging_steps", type=int, default=10,
+        help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
+    return common.parse_args_with_config(parser, argv)
+
+
+def validate_args(args):
+    """Every check that needs no model or dataset loaded. Raises InputError."""
+    common.require_positive(
+        args, "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
+        "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_steps",
+        "num_validation_images", "validation_inference_steps", "logging_steps", "lr_num_cycles",
+    )
+    if args.resolution % 8:
+        raise InputError(
+            f"--resolution must be a multiple of 8 (the VAE and the ControlNet's conditioning encoder downsample by 8),"
+            f" got {args.resolution}"
+        )
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise InputError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}")
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"--prediction_type {args.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    args.validation_pairs = validation_pairs(args)
+
+    check_model_source(args.pretrained_model_name_or_path)
+    if args.controlnet_model_name_or_path is not None:
+        path = args.controlnet_model_name_or_path
+        common.check_local_or_hub_id("--controlnet_model_name_or_path", path)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"--controlnet_model_name_or_path {path!r} is a folder without a config.json")
+    if args.tokenizer_name is not None:
+        common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
+
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise InputError("give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (an imagefolder)")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise InputError("give only one of --dataset_name and --train_data_dir")
+    if args.dataset_name is not None:
+        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
+    elif not os.path.isdir(args.train_data_dir):
+        raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
+
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
+    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    reporters = {name.strip() for name in args.report_to.split(",")}
+    if reporters & {"wandb", "all"}:
+        if args.hub_token is not None:
+            raise InputError(
+                "--report_to wandb with --hub_token would expose the token in the wandb run; use `hf auth login` instead"
+            )
+        if "wandb" in reporters:
+            common.require_package("wandb", "--report_to wandb", "pip install wandb")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as error:  # ImportError, or a broken native library raising at import
+            raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used ({common.first_line(error)}); "
+                             "pip install bitsandbytes") from None
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise InputError(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed "
+                "(pip install -r requirements-xformers.txt)"
+            )
+
+
+def validation_pairs(args):
+    """[(prompt, conditioning image path)]: prompts and images paired 1:1, one image for every prompt, or one prompt
+    for every image (upstream's rule). Checked before any model is loaded."""
+    prompts, images = args.validation_prompt, args.validation_image
+    if prompts is None and images is None:
+        return []
+    if images is None:
+        raise InputError("--validation_prompt needs --validation_image (the conditioning image(s) to render with)")
+    if prompts is None:
+        raise InputError("--validation_image needs --validation_prompt (the prompt(s) to render with)")
+    if len(prompts) != len(images) and len(prompts) != 1 and len(images) != 1:
+        raise InputError(
+            f"--validation_prompt has {len(prompts)} prompts and --validation_image {len(images)} images: give the "
+            "same number of each, or one of either"
+        )
+    for path in images:
+        if not os.path.isfile(path):
+            raise InputError(f"--validation_image {path!r} does not exist")
+        if not common.is_readable_image({"path": path}):
+            raise InputError(f"--validation_image {path!r} is not a readable image")
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    if len(images) == 1:
+        images = images * len(prompts)
+    return list(zip(prompts, images))
+
+
+def check_model_source(path):
+    """A local pipeline folder must exist and hold every part we load; a hub id is checked when loaded."""
+    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
+    if os.path.isdir(path):
+        missing = [part for part in PIPELINE_PARTS if not os.path.isdir(os.path.join(path, part))]
+        if missing:
+            raise InputError(
+                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
+                f"(missing {', '.join(f'{part}/' for part in missing)})"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_controlnet_dataset(args):
+    """The training examples as a datasets.Dataset with the image, conditioning image and caption columns.
+
+    Sources: a hub dataset or local dataset folder (`--dataset_name`), or an imagefolder (`--train_data_dir`) whose
+    metadata names both images. A column of file paths instead of images is read relative to the data folder. Rows
+    with an unreadable image are removed with a warning naming the file.
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    flag, source = ("--dataset_name", args.dataset_name) if args.dataset_name else ("--train_data_dir", args.train_data_dir)
+    try:
+        if args.dataset_name is None:
+            dataset = load_dataset("imagefolder", data_dir=source, cache_dir=args.cache_dir)
+        elif os.path.isfile(os.path.join(source, "state.json")) or os.path.isfile(os.path.join(source, "dataset_dict.json")):
+            dataset = load_from_disk(source)
+        else:
+            dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
+    except Exception as error:  # datasets raises many types; the user needs the source and the reason
+        raise InputError(f"{flag} {source!r}: cannot load the dataset ({common.first_line(error)})") from None
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset:
+            raise InputError(f"{flag} {source!r} has no 'train' split (splits: {', '.join(dataset)})")
+        dataset = dataset["train"]
+
+    columns = dataset.column_names
+    image_columns = (args.image_column, args.conditioning_image_column)
+    for column_flag, column in (("--image_column", args.image_column),
+                                ("--conditioning_image_column", args.conditioning_image_column),
+                                ("--caption_column", args.caption_column)):
+        if column not in columns:
+            raise InputError(f"{column_flag} {column!r} is not a column of {source!r}; columns: {', '.join(columns)}")
+    _check_caption_feature(dataset.features[args.caption_column], args.caption_column, source)
+    dataset = dataset.select_columns([args.image_column, args.conditioning_image_column, args.caption_column])
+    if len(dataset) == 0:
+        raise InputError(f"{flag} {source!r} holds no examples")
+    for column in image_columns:
+        dataset = _paths_to_images(dataset, column, source)
+    return common.drop_unreadable_images(dataset, image_columns, flag, source)
+
+
+def _paths_to_images(dataset, column, source):
+    """A column of file names (metadata naming the conditioning image by path) becomes an image column; relative
+    paths are read from the data folder."""
+    from datasets import Image as ImageFeature
+    from datasets import Value
+
+    feature = dataset.features[column]
+    if isinstance(feature, ImageFeature):
+        return dataset
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise InputError(f"column {column!r} of {source!r} holds {feature}; expected images or image file paths")
+    base = source if os.path.isdir(source) else ""
+    dataset = dataset.map(
+        lambda batch: {column: [os.path.join(base, path) if path else "" for path in batch[column]]},
+        batched=True, desc=f"Resolving {column} paths",
+    )
+    return dataset.cast_column(column, ImageFeature())
+
+
+def _check_caption_feature(feature, column, source):
+    """Captions must be text or lists of text; anything else is reported before training starts."""
+    from datasets import Value
+
+    inner = feature
+    if isinstance(feature, list) and feature:
+        inner = feature[0]
+    elif type(feature).__name__ in ("List", "LargeList", "Sequence"):
+        inner = feature.feature
+    if not (isinstance(inner, Value) and inner.dtype in ("string", "large_string")):
+        raise InputError(f"--caption_column {column!r} of {source!r} holds {feature}; expected text or lists of text")
+
+
+def resize_and_crop(image, resolution, crop_position, flip):
+    """PIL image -> RGB PIL image of resolution x resolution: resize the short side (bilinear, as upstream), then crop
+    at `crop_position` = (x, y) in [0, 1] of the room left over (0.5, 0.5 = centre crop), then maybe flip.
+
+    The position is relative, so an image and a conditioning image of the same aspect ratio get the same crop even at
+    different sizes."""
+    image = image.convert("RGB")
+    width, height = image.size
+    short = min(width, height)
+    size = (max(resolution, round(width * resolution / short)), max(resolution, round(height * resolution / short)))
+    image = image.resize(size, resample=Image.BILINEAR)
+    left = round(crop_position[0] * (size[0] - resolution))
+    top = round(crop_position[1] * (size[1] - resolution))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
+
+
+def to_tensor(image):
+    """RGB PIL image -> (3, H, W) float tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def preprocess_pair(image, conditioning_image, resolution, random_crop, random_flip, generator):
+    """The target image in [-1, 1] (what the VAE encodes) and the conditioning image in [0, 1] (what the ControlNet
+    reads), resized, cropped and flipped identically so that they stay aligned."""
+    crop_position = (0.5, 0.5)
+    if random_crop:
+        crop_position = tuple(torch.rand(2, generator=generator).tolist())
+    flip = bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
+    target = to_tensor(resize_and_crop(image, resolution, crop_position, flip)) * 2.0 - 1.0
+    conditioning = to_tensor(resize_and_crop(conditioning_image, resolution, crop_position, flip))
+    return target, conditioning
+
+
+def pick_caption(caption, proportion_empty, generator):
+    """The caption to train on: empty with probability `proportion_empty`, else the caption or one of a list of
+    captions. Both choices come from `generator` (restorable, unlike `random.random`)."""
+    drop = torch.rand(1, generator=generator).item() < proportion_empty
+    if drop or caption is None:
+        return ""
+    if isinstance(caption, str):
+        return caption
+    captions = list(caption)
+    if not captions:
+        return ""
+    return str(captions[int(torch.randint(0, len(captions), (1,), generator=generator))])
+
+
+class ControlNetExamples(torch.utils.data.Dataset):
+    """Indexed by (epoch, index) from common.EpochSampler. Prompt dropout, caption choice, crop and flip depend only
+    on the run seed, the epoch and the sample index, so they are the same on resume and with any number of workers.
+
+    With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
+    the checkpoint only after the dataset is built."""
+
+    def __init__(self, dataset, tokenizer, args, run_state):
+        self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
+        self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
+        self._subset = (None, None)  # (seed, indices)
+
+    def __len__(self):
+        return self.size
+
+    def _row(self, index):
+        if self.size == len(self.dataset):
+            return index
+        seed, indices = self._subset
+        if seed != self.run_state.seed:
+            order = np.random.default_rng(common.derive_seed(self.run_state.seed, SUBSET_STREAM)).permutation(len(self.dataset))
+            indices = order[: self.size].tolist()
+            self._subset = (self.run_state.seed, indices)
+        return indices[index]
+
+    def __getitem__(self, key):
+        epoch, index = key
+        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        a = self.args
+        example = self.dataset[self._row(index)]
+        caption = pick_caption(example[a.caption_column], a.proportion_empty_prompts, generator)
+        pixels, conditioning = preprocess_pair(example[a.image_column], example[a.conditioning_image_column],
+                                               a.resolution, a.random_crop, a.random_flip, generator)
+        input_ids = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+        return {"pixel_values": pixels, "conditioning_pixel_values": conditioning, "input_ids": input_ids}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_models(args):
+    """(noise_scheduler, tokenizer, text_encoder, vae, unet) from the pretrained pipeline; load errors are InputErrors
+    naming the part that failed."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    source = args.pretrained_model_name_or_path
+    common_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
+
+    def load(part, loader, **kwargs):
+        try:
+            return loader(source, subfolder=part, **{**common_kwargs, **kwargs})
+        except Exception as error:
+            raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({common.first_line(error)})") from None
+
+    noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
+    if args.tokenizer_name is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, **common_kwargs)
+        except Exception as error:
+            raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load ({common.first_line(error)})") from None
+    else:
+        tokenizer = load("tokenizer", AutoTokenizer.from_pretrained)
+    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
+    vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
+    unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
+
+    if args.prediction_type is not None:
+        # The scheduler config is what the loss target and the validation pipeline read.
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
+                         "pass --prediction_type epsilon or v_prediction")
+    return noise_scheduler, tokenizer, text_encoder, vae, unet
+
+
+def build_controlnet(args, unet):
+    """The ControlNet to train, in fp32: loaded from --controlnet_model_name_or_path, or a copy of the UNet's encoder
+    whose output ("zero") convolutions start at zero, so that before training it leaves the UNet's output unchanged."""
+    from diffusers import ControlNetModel
+
+    if args.controlnet_model_name_or_path is None:
+        common.logger.info("Initialising the ControlNet from the UNet")
+        controlnet = ControlNetModel.from_unet(unet)
+    else:
+        try:
+            controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+        except Exception as error:
+            raise InputError(
+                f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path!r}: cannot load "
+                f"({common.first_line(error)})"
+            ) from None
+    # Upstream refuses a half-precision ControlNet; the trained weights (and their optimizer states) must be fp32.
+    return controlnet if controlnet.dtype == torch.float32 else controlnet.to(torch.float32)
+
+
+def build_optimizer(args, params):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One training step's loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype):
+    """The diffusion loss of one batch: encode images and captions with the frozen models, noise the latents, let the
+    ControlNet read the conditioning image and feed its residuals into the frozen UNet, weight by Min-SNR.
+
+    Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(weight_dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
+        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+
+    noise = common.sample_noise(latents, generator, args.noise_offset)
+    timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
+                                        latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    down_residuals, mid_residual = controlnet(
+        noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=batch["conditioning_pixel_values"], return_dict=False,
+    )
+    model_pred = unet(
+        noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(weight_dtype),
+        down_block_additional_residuals=[residual.to(weight_dtype) for residual in down_residuals],
+        mid_block_additional_residual=mid_residual.to(weight_dtype), return_dict=False,
+    )[0]
+
+    prediction_type = noise_scheduler.config.prediction_type
+    target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+    weights = None
+    if args.snr_gamma is not None:
+        weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
+    return common.diffusion_loss(model_pred, target, weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation, saving, model card
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def generate_validation_images(accelerator, controlnet, unet, vae, text_encoder, tokenizer, noise_scheduler, args,
+                               seed):
+    """Render --num_validation_images images for every (prompt, conditioning image) pair, the work split across all
+    ranks (no rank idles past a collective timeout). Image k of pair i always comes from a generator seeded from
+    (run seed, i, k), so the images do not depend on the number of processes.
+
+    The main process gets [{"prompt", "conditioning", "images"}] in pair order, other ranks None."""
+    from accelerate.utils import gather_object
+    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+    pairs = args.validation_pairs
+    jobs = [(pair, k) for pair in range(len(pairs)) for k in range(args.num_validation_images)]
+    mine = jobs[accelerator.process_index::accelerator.num_processes]
+    conditioning = [resize_and_crop(Image.open(path), args.resolution, (0.5, 0.5), False) for _, path in pairs]
+    rendered = []
+    if mine:
+        pipeline = StableDiffusionControlNetPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+            scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        if args.enable_xformers_memory_efficient_attention:
+            pipeline.enable_xformers_memory_efficient_attention()
+        was_training = controlnet.training
+        controlnet.eval()
+        for pair, k in mine:
+            generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, pair, k)
+            with torch.no_grad(), accelerator.autocast():
+                image = pipeline(
+                    pairs[pair][0], conditioning[pair], num_inference_steps=args.validation_inference_steps,
+                    generator=generator, height=args.resolution, width=args.resolution, output_type="np",
+                ).images[0]
+            rendered.append((pair, k, (image * 255).round().astype("uint8")))
+        controlnet.train(was_training)
+        del pipeline
+    gathered = gather_object(rendered) if accelerator.num_processes > 1 else rendered
+    if not accelerator.is_main_process:
+        return None
+    logs = [{"prompt": prompt, "conditioning": conditioning[i], "images": []} for i, (prompt, _) in enumerate(pairs)]
+    for pair, _, image in sorted(gathered, key=lambda item: item[:2]):
+        logs[pair]["images"].append(Image.fromarray(image))
+    return logs
+
+
+def log_validation_images(accelerator, logs, name, global_step, args):
+    """Save one grid per pair (conditioning image, then the generated images) under output_dir/validation/<name>/ and
+    send the images to TensorBoard / wandb (main process)."""
+    from diffusers.utils import make_image_grid
+
+    folder = os.path.join(args.output_dir, "validation", name)
+    os.makedirs(folder, exist_ok=True)
+    key = "test" if name == "final" else "validation"
+    wandb_images = []
+    for index, log in enumerate(logs):
+        tiles = [log["conditioning"]] + log["images"]
+        make_image_grid(tiles, 1, len(tiles)).save(os.path.join(folder, f"pair_{index:02d}.png"))
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                batch = np.stack([np.asarray(tile) for tile in tiles])
+                tracker.writer.add_images(f"{key}/{index}: {log['prompt']}", batch, global_step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                wandb_images.append(wandb.Image(log["conditioning"], caption="Controlnet conditioning"))
+                wandb_images += [wandb.Image(image, caption=log["prompt"]) for image in log["images"]]
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log({key: wandb_images}, step=global_step)
+    return folder
+
+
+def write_model_card(args, global_step, logs):
+    from diffusers.utils import make_image_grid
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = args.dataset_name or args.train_data_dir
+    gallery = ""
+    if logs:
+        gallery = "Images generated with the trained ControlNet (conditioning image first):\n\n"
+        for index, log in enumerate(logs):
+            log["conditioning"].save(os.path.join(args.output_dir, "image_control.png"))
+            tiles = [log["conditioning"]] + log["images"]
+            make_image_grid(tiles, 1, len(tiles)).save(os.path.join(args.output_dir, f"images_{index}.png"))
+            gallery += f"prompt: {log['prompt']}\n![images_{index}](./images_{index}.png)\n\n"
+    example_prompt = logs[0]["prompt"] if logs else "red circle with blue background"
+    description = f"""
+# ControlNet trained on {args.pretrained_model_name_or_path}
+
+ControlNet weights for **{args.pretrained_model_name_or_path}**, trained on **{data}** with `train_controlnet.py`
+for {global_step} optimizer steps at {args.resolution}x{args.resolution}.
+
+{gallery}
+## Usage
+
+```python
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers.utils import load_image
+
+controlnet = ControlNetModel.from_pretrained("{args.hub_model_id or args.output_dir}")
+pipeline = StableDiffusionControlNetPipeline.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)
+image = pipeline({example_prompt!r}, load_image("conditioning.png")).images[0]
+```
+
+## Training
+
+| setting | value |
+|---|---|
+| initialised from | {args.controlnet_model_name_or_path or "the UNet (zero convolutions)"} |
+| epochs, steps | {args.num_train_epochs}, {global_step} |
+| batch size per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate, scheduler, warmup | {args.learning_rate}, {args.lr_scheduler}, {args.lr_warmup_steps} |
+| proportion of empty prompts | {args.proportion_empty_prompts} |
+| Min-SNR gamma, noise offset | {args.snr_gamma}, {args.noise_offset} |
+| mixed precision | {args.mixed_precision} |
+| seed | {args.seed} |
+"""
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
+            "diffusers-training"]
+    base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
+    card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
+                              license="creativeml-openrail-m", inference=True)
+    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
+                                   model_description=description)
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate_args(args)
+
+    import logging
+
+    import datasets
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+    from diffusers import ControlNetModel
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        # Validation and saving run between steps; give them far more than the default collective timeout.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger = get_logger(__name__, log_level="INFO")
+    if not accelerator.is_local_main_process:
+        for library in (datasets, transformers, diffusers):
+            library.utils.logging.set_verbosity_error()
+    preemption = common.PreemptionHandler(accelerator)
+
+    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    accelerator.register_for_checkpointing(run_state)
+    set_seed(run_state.seed)
+
+    # Data first: a bad dataset is reported before any model is built or anything is written.
+    with accelerator.main_process_first():
+        examples = load_controlnet_dataset(args)
+
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    controlnet = build_controlnet(args, unet)
+    # Frozen parts run in the mixed-precision dtype; the trained ControlNet stays fp32 (its optimizer states too).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (vae, unet, text_encoder):
+        frozen.requires_grad_(False)
+    controlnet.train()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+        controlnet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        # The loss backpropagates through the frozen UNet into the ControlNet's residuals: both hold activations.
+        controlnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    train_dataset = ControlNetExamples(examples, tokenizer, args, run_state)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(args, controlnet.parameters())
+    batches_per_rank = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_rank / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    else:
+        args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+    def save_model_hook(models, weights, output_dir):
+        # A checkpoint is usable by itself: controlnet/ loads with ControlNetModel.from_pretrained.
+        if accelerator.is_main_process:
+            for saved in models:
+                accelerator.unwrap_model(saved).save_pretrained(os.path.join(output_dir, "controlnet"))
+        weights.clear()  # the controlnet/ folder replaces accelerate's own copy of the weights
+
+    def load_model_hook(models, input_dir):
+        while models:
+            target = accelerator.unwrap_model(models.pop())
+            target.load_state_dict(ControlNetModel.from_pretrained(input_dir, subfolder="controlnet").state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        controlnet, optimizer, train_dataloader, lr_scheduler
+    )
+    for frozen in (vae, unet, text_encoder):
+        frozen.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            frozen.to(dtype=weight_dtype)
+
+    global_step = 0
+    if args.resume_path is not None:
+        logger.info(f"Resuming from {args.resume_path}")
+        accelerator.load_state(args.resume_path)
+        global_step = common.checkpoint_step(args.resume_path)
+        if args.seed is not None and args.seed != run_state.seed:
+            logger.warning(f"--seed {args.seed} ignored: the checkpoint's run uses seed {run_state.seed}")
+    elif args.resume_from_checkpoint == "latest":
+        logger.info(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}, starting a new run")
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+        # TensorBoard cannot store lists (the validation prompts and images) as hyperparameters.
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=tracked)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{len(train_dataset)} examples, {args.num_train_epochs} epochs of {steps_per_epoch} steps, "
+        f"{args.max_train_steps} steps in all, batch {args.train_batch_size} per device, total batch {total_batch_size}"
+    )
+
+    def validate(name, model):
+        logs = generate_validation_images(accelerator, model, unet, vae, text_encoder, tokenizer, noise_scheduler,
+                                          args, run_state.seed)
+        if accelerator.is_main_process:
+            folder = log_validation_images(accelerator, logs, name, global_step, args)
+            logger.info(f"Saved validation images to {folder}")
+        return logs
+
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if global_step >= args.max_train_steps:
+        logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
+    progress_bar = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_batches = 0
+    last_checkpoint_step, last_checkpoint = None, None
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        controlnet.train()
+        loader, start = train_dataloader, 0
+        if epoch == first_epoch and batches_to_skip:
+            loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
+        loader.set_epoch(epoch)
+        for batch_index, batch in enumerate(loader, start=start):
+            generator = common.make_generator(
+                accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
+            )
+            with accelerator.accumulate(controlnet):
+                loss = training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, generator, args,
+                                     weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+            running_loss += loss.detach()
+            running_batches += 1
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+
+            if global_step % args.logging_steps == 0:
+                mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / running_batches
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                running_loss.zero_()
+                running_batches = 0
+
+            if global_step % args.checkpointing_steps == 0:
+                last_checkpoint = common.save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                )
+                last_checkpoint_step = global_step
+                logger.info(f"Saved {last_checkpoint}")
+
+            stop_status = preemption.stop_requested()
+            if stop_status:
+                if last_checkpoint_step != global_step:
+                    last_checkpoint = common.save_checkpoint(
+                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                    )
+                progress_bar.close()
+                accelerator.print(
+                    f"Stopped at step {global_step}: checkpoint saved to {last_checkpoint}. "
+                    "Continue with --resume_from_checkpoint latest."
+                )
+                accelerator.end_training()
+                return stop_status
+            # After the stop check: a preempted run saves and exits without waiting for validation images.
+            if args.validation_pairs and global_step % args.validation_steps == 0:
+                validate(f"step_{global_step:06d}", accelerator.unwrap_model(controlnet))
+            if global_step >= args.max_train_steps:
+                break
+    progress_bar.close()
+
+    # The final ControlNet: config.json + diffusion_pytorch_model.safetensors at the top of output_dir.
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(controlnet).save_pretrained(args.output_dir)
+        logger.info(f"Saved the ControlNet to {args.output_dir}")
+    accelerator.wait_for_everyone()
+
+    # A last validation round with the ControlNet as saved (what users will load), shown in the model card.
+    final_logs = None
+    if args.validation_pairs:
+        saved = ControlNetModel.from_pretrained(args.output_dir).to(accelerator.device)
+        final_logs = validate("final", saved)
+        del saved
+    if accelerator.is_main_process:
+        write_model_card(args, global_step, final_logs)
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*", "logs/*"],
+                token=args.hub_token,
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
