@@ -433,6 +433,60 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None):
     return final_path
 
 
+def resume_from_checkpoint(accelerator, args, run_state):
+    """Restore `args.resume_path` (resolved by validation from --resume_from_checkpoint) into the prepared objects
+    and return the optimizer step to continue from; 0 for a new run, which `latest` without a checkpoint says."""
+    if args.resume_path is None:
+        if args.resume_from_checkpoint == "latest":
+            _main_log(accelerator, f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}, "
+                                   "starting a new run")
+        return 0
+    _main_log(accelerator, f"Resuming from {args.resume_path}")
+    accelerator.load_state(args.resume_path)
+    if args.seed is not None and args.seed != run_state.seed:
+        _main_log(accelerator, f"--seed {args.seed} ignored: the checkpoint's run uses seed {run_state.seed}",
+                  logging.WARNING)
+    return checkpoint_step(args.resume_path)
+
+
+class Checkpointer:
+    """The checkpoint side of the training loop, identical in every script: `checkpoint-N` every
+    `--checkpointing_steps`, and on a preemption request a checkpoint at the current step (unless one was just
+    written) and the exit status to return. Every rank calls both methods after every optimizer step."""
+
+    def __init__(self, accelerator, output_dir, checkpointing_steps, total_limit, preemption):
+        self.accelerator, self.output_dir = accelerator, output_dir
+        self.checkpointing_steps, self.total_limit, self.preemption = checkpointing_steps, total_limit, preemption
+        self.last_step, self.last_path = None, None
+
+    def save(self, step):
+        self.last_path = save_checkpoint(self.accelerator, self.output_dir, step, self.total_limit)
+        self.last_step = step
+        _main_log(self.accelerator, f"Saved {self.last_path}")
+        return self.last_path
+
+    def save_if_due(self, step):
+        if step % self.checkpointing_steps == 0:
+            self.save(step)
+
+    def stop_if_requested(self, step):
+        """0 to go on; otherwise the exit status (143 or 130), after the checkpoint of `step` is on disk."""
+        status = self.preemption.stop_requested()
+        if status:
+            if self.last_step != step:
+                self.save(step)
+            self.accelerator.print(
+                f"Stopped at step {step}: checkpoint saved to {self.last_path}. "
+                "Continue with --resume_from_checkpoint latest."
+            )
+        return status
+
+
+def _main_log(accelerator, message, level=logging.INFO):
+    if accelerator.is_main_process:
+        logger.log(level, message)
+
+
 def rotate_checkpoints(output_dir, total_limit):
     """Keep the newest `total_limit` complete checkpoints; remove older ones and leftovers of interrupted writes."""
     for name in os.listdir(output_dir):

@@ -768,15 +768,7 @@ def main(argv=None):
         if weight_dtype != torch.float32:
             frozen.to(dtype=weight_dtype)
 
-    global_step = 0
-    if args.resume_path is not None:
-        logger.info(f"Resuming from {args.resume_path}")
-        accelerator.load_state(args.resume_path)
-        global_step = common.checkpoint_step(args.resume_path)
-        if args.seed is not None and args.seed != run_state.seed:
-            logger.warning(f"--seed {args.seed} ignored: the checkpoint's run uses seed {run_state.seed}")
-    elif args.resume_from_checkpoint == "latest":
-        logger.info(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}, starting a new run")
+    global_step = common.resume_from_checkpoint(accelerator, args, run_state)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -814,7 +806,9 @@ def main(argv=None):
     )
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
-    last_checkpoint_step, last_checkpoint = None, None
+    checkpointer = common.Checkpointer(
+        accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
+    )
 
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:
@@ -853,24 +847,11 @@ def main(argv=None):
                 running_loss.zero_()
                 running_batches = 0
 
-            if global_step % args.checkpointing_steps == 0:
-                last_checkpoint = common.save_checkpoint(
-                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit
-                )
-                last_checkpoint_step = global_step
-                logger.info(f"Saved {last_checkpoint}")
+            checkpointer.save_if_due(global_step)
 
-            stop_status = preemption.stop_requested()
+            stop_status = checkpointer.stop_if_requested(global_step)
             if stop_status:
-                if last_checkpoint_step != global_step:
-                    last_checkpoint = common.save_checkpoint(
-                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit
-                    )
                 progress_bar.close()
-                accelerator.print(
-                    f"Stopped at step {global_step}: checkpoint saved to {last_checkpoint}. "
-                    "Continue with --resume_from_checkpoint latest."
-                )
                 accelerator.end_training()
                 return stop_status
             # After the stop check: a preempted run saves and exits without waiting for validation images.

@@ -132,6 +132,9 @@ class FakeAccelerator:
     def wait_for_everyone(self):
         pass
 
+    def print(self, *args):
+        print(*args)
+
     def save_state(self, path):
         os.makedirs(path, exist_ok=True)
         open(os.path.join(path, "model.bin"), "w").write("weights")
@@ -156,6 +159,25 @@ def test_save_checkpoint_is_atomic_and_rotates_after_success(tmp_path):
     common.save_checkpoint(FakeAccelerator(), folder, 4, total_limit=None)
     assert sorted(os.listdir(os.path.join(folder, "checkpoint-4"))) == ["model.bin"]
     assert not [name for name in os.listdir(folder) if name.startswith(common.PARTIAL_PREFIX)]
+
+
+def test_checkpointer_saves_on_schedule_and_once_more_when_stopped(tmp_path, capsys):
+    folder = str(tmp_path)
+    preemption = types.SimpleNamespace(stop_requested=lambda: 0)
+    checkpointer = common.Checkpointer(FakeAccelerator(), folder, 2, None, preemption)
+    for step in (1, 2, 3):
+        checkpointer.save_if_due(step)
+        assert checkpointer.stop_if_requested(step) == 0
+    assert sorted(os.listdir(folder)) == ["checkpoint-2"]
+
+    preemption.stop_requested = lambda: 143
+    checkpointer.save_if_due(4)
+    written = os.stat(os.path.join(folder, "checkpoint-4", "model.bin")).st_mtime_ns
+    assert checkpointer.stop_if_requested(4) == 143  # just saved: not written twice
+    assert os.stat(os.path.join(folder, "checkpoint-4", "model.bin")).st_mtime_ns == written
+    assert checkpointer.stop_if_requested(5) == 143  # mid-interval: the stop step gets its own checkpoint
+    assert sorted(os.listdir(folder)) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    assert f"checkpoint saved to {os.path.join(folder, 'checkpoint-5')}" in capsys.readouterr().out
 
 
 def test_preemption_flag_is_set_by_signals_and_maps_to_exit_status():
