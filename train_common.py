@@ -8,6 +8,7 @@ Three groups, nothing else (dataset code, argparse and save hooks stay in each s
   perturbation, the loss target for each prediction type, and Min-SNR loss weights.
 * Checkpoint safety: atomic `checkpoint-N` writes, rotation after a complete save, `latest` resolution that never
   sees a partial checkpoint, and a preemption flag that all ranks agree on at an optimizer-step boundary.
+* Distributed engines: the DeepSpeed settings that come from the command line (`adopt_deepspeed_settings`).
 """
 
 import argparse
@@ -514,6 +515,43 @@ def _fsync_dir(path):
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distributed engines
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm):
+    """Under DeepSpeed, give its config what the command line says; a no-op otherwise. Call right after creating the
+    Accelerator, before `prepare`.
+
+    DeepSpeed owns gradient accumulation (accelerate fills it from `--gradient_accumulation_steps`) and clipping
+    (`accelerator.clip_grad_norm_` does nothing under it), so its `auto` clipping becomes `--max_grad_norm` and its
+    `auto` batch sizes become `--train_batch_size` per process. Without an accelerator device (CPU runs, as in the
+    tests) accelerate counts one process of rank 0 on every rank although DeepSpeed started a group of several; the
+    real rank and world size are restored so that data sharding and main-process-only writes stay correct.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
+        from accelerate import PartialState
+
+        rank = torch.distributed.get_rank()
+        # Both shared states: AcceleratorState holds a copy of PartialState's values.
+        for state in (PartialState(), accelerator.state):
+            state.num_processes = torch.distributed.get_world_size()
+            state.process_index = rank
+            state.local_process_index = int(os.environ.get("LOCAL_RANK", rank))
+    config = plugin.deepspeed_config
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = max_grad_norm
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = train_batch_size
+    if config.get("train_batch_size") == "auto":
+        # DeepSpeed derives it from micro batch x accumulation x world size.
+        del config["train_batch_size"]
 
 
 class PreemptionHandler:
