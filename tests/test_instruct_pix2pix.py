@@ -1,0 +1,598 @@
+"""train_instruct_pix2pix.py: launched as users launch it, plus in-process checks of the widened UNet, the paired
+image preprocessing, conditioning dropout and the loss."""
+
+import json
+import os
+import random
+import shutil
+import signal
+from argparse import Namespace
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from helpers import (
+    assert_different_weights,
+    assert_same_weights,
+    checkpoints,
+    launch,
+    load_weights,
+    run_python,
+    send_signal_and_wait,
+    snapshot,
+    start_python,
+    wait_for_path,
+)
+
+SCRIPT = "train_instruct_pix2pix.py"
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+COLUMNS = "columns: input_image, edited_image, edit_prompt"
+
+
+def edit_example(rng, width, height=None):
+    """A circle of one colour and the same circle recoloured, with the instruction that turns one into the other."""
+    height = height or width
+    before, after = rng.sample(sorted(COLORS), 2)
+    radius = rng.randint(min(width, height) // 5, min(width, height) // 3)
+    x, y = rng.randint(radius, width - radius), rng.randint(radius, height - radius)
+    images = []
+    for colour in (before, after):
+        image = Image.new("RGB", (width, height), (240, 240, 235))
+        ImageDraw.Draw(image).ellipse((x - radius, y - radius, x + radius, y + radius), fill=COLORS[colour])
+        images.append(image)
+    return images[0], images[1], f"make it {after}"
+
+
+def write_parquet_dataset(folder, count, seed, size=(28, 24)):
+    """A local dataset folder in parquet form with upstream's column names."""
+    import datasets
+
+    examples = [edit_example(random.Random(seed * 1000 + i), *size) for i in range(count)]
+    dataset = datasets.Dataset.from_dict(
+        {"input_image": [e[0] for e in examples], "edited_image": [e[1] for e in examples],
+         "edit_prompt": [e[2] for e in examples]},
+        features=datasets.Features({"input_image": datasets.Image(), "edited_image": datasets.Image(),
+                                    "edit_prompt": datasets.Value("string")}),
+    )
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    dataset.to_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(scope="module")
+def pairs_folder(tmp_path_factory):
+    """An imagefolder whose metadata.jsonl names both images (`*_file_name`) and the instruction: 7 good examples and
+    one whose original image is corrupt. 7 examples at batch 2 = 4 batches per epoch; at batch 1, 7."""
+    folder = tmp_path_factory.mktemp("pairs_folder")
+    rows = []
+    for index in range(7):
+        original, edited, prompt = edit_example(random.Random(index), 24)
+        original.save(folder / f"original_{index}.png")
+        edited.save(folder / f"edited_{index}.png")
+        rows.append({"input_image_file_name": f"original_{index}.png", "edited_image_file_name": f"edited_{index}.png",
+                     "edit_prompt": prompt})
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    rows.append({"input_image_file_name": "corrupt.png", "edited_image_file_name": "edited_0.png",
+                 "edit_prompt": "make it red"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def pairs_parquet(tmp_path_factory):
+    """A local dataset folder (parquet) of 6 non-square examples: random crops have something to choose."""
+    return write_parquet_dataset(str(tmp_path_factory.mktemp("pairs_parquet")), 6, seed=7)
+
+
+@pytest.fixture(scope="module")
+def validation_image(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("validation") / "to_edit.png")
+    edit_example(random.Random(100), 32)[0].save(path)
+    return path
+
+
+def base_args(model, output_dir, data=None, parquet=None, **overrides):
+    """Tiny, fast settings: 64 px (8x8 latents), batch 2, validation with 2 denoising steps."""
+    args = {
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "dataset_name": parquet,
+        "resolution": 64,
+        "output_dir": output_dir,
+        "train_batch_size": 2,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 0,
+        "validation_inference_steps": 2,
+        "seed": 0,
+        "logging_steps": 1,
+    }
+    args.update(overrides)
+    flags = []
+    for key, value in args.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is not None and value is not False:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def run_seed(checkpoint):
+    """The run seed a checkpoint stores (RunState, registered for checkpointing)."""
+    return torch.load(os.path.join(checkpoint, "custom_checkpoint_0.pkl"), weights_only=False)["seed"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launched runs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_trains_an_editing_pipeline_with_checkpoints_and_validation(tiny_sd, pairs_folder, validation_image,
+                                                                    tmp_path, yaml_file):
+    """Every training flag family on (EMA offloaded with foreach, Min-SNR, offset noise, conditioning dropout,
+    gradient checkpointing, 8-bit Adam, scale_lr, a cosine schedule; most given in a YAML file): the output is an
+    InstructPix2Pix pipeline that edits images, checkpoints load by themselves, validation images are written."""
+    config = yaml_file({
+        "snr_gamma": 5.0, "noise_offset": 0.1, "conditioning_dropout_prob": 0.1, "gradient_checkpointing": True,
+        "use_8bit_adam": True, "offload_ema": True, "foreach_ema": True, "scale_lr": True, "lr_scheduler": "cosine",
+        "allow_tf32": True,
+    })
+    out = str(tmp_path / "out")
+    result = launch(SCRIPT, ["--config", config] + base_args(
+        tiny_sd, out, data=pairs_folder, use_ema=True, max_train_steps=6, checkpointing_steps=3, random_flip=True,
+        val_image_url=validation_image, validation_prompt="make it green", num_validation_images=2))
+
+    # The corrupt original is skipped by name; the 7 good pairs make 4 batches of 2 per epoch.
+    assert "Skipping unreadable image" in result.stderr and "corrupt.png" in result.stderr
+    assert "7 examples, 2 epochs of 4 steps" in result.stderr
+    assert checkpoints(out) == {"checkpoint-3", "checkpoint-6"}
+
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    # The output folder is an InstructPix2Pix pipeline that loads and edits an image.
+    with open(os.path.join(out, "model_index.json")) as file:
+        assert json.load(file)["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
+    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(out)
+    assert pipeline.unet.config.in_channels == 8
+    to_edit = Image.open(validation_image).resize((64, 64))
+    edited = pipeline("make it green", image=to_edit, num_inference_steps=2, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images[0]
+    assert edited.shape == (64, 64, 3)
+
+    # Training used the original image: the new input channels, zero at the start, have learnt something.
+    raw = load_weights(os.path.join(out, "unet_raw"))
+    assert raw["conv_in.weight"].shape[1] == 8 and torch.count_nonzero(raw["conv_in.weight"][:, 4:]) > 0
+    # EMA: the pipeline holds the EMA weights, unet_raw/ the trained ones; the last checkpoint agrees.
+    checkpoint = os.path.join(out, "checkpoint-6")
+    assert_different_weights(os.path.join(out, "unet"), os.path.join(out, "unet_raw"))
+    assert_same_weights(os.path.join(checkpoint, "unet_ema"), os.path.join(out, "unet"))
+    assert_same_weights(os.path.join(checkpoint, "unet"), os.path.join(out, "unet_raw"))
+    # The frozen parts are saved as loaded (fp32), not in a training dtype.
+    assert all(t.dtype == torch.float32 for t in load_weights(os.path.join(out, "vae")).values())
+
+    # checkpoint-N/unet is usable by itself with the base model's other parts.
+    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+    base = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_sd, unet=unet)
+    assert base("make it red", image=to_edit, num_inference_steps=2, output_type="np").images[0].shape == (64, 64, 3)
+
+    # Validation after each epoch and from the saved pipeline, on disk and in TensorBoard.
+    for name in ("epoch_0000", "epoch_0001", "final"):
+        assert sorted(os.listdir(os.path.join(out, "validation", name))) == ["00.png", "01.png", "original.png"], name
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "logs", "instruct-pix2pix"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert len(events.Images("validation")) >= 2 and events.Images("test")
+
+    with open(os.path.join(out, "README.md")) as file:
+        card = file.read()
+    assert "instruct-pix2pix" in card and "make it green" in card and "val_imgs_grid.png" in card
+    assert os.path.isfile(os.path.join(out, "val_imgs_grid.png"))
+
+
+def test_exact_resume_without_seed_rotation_and_nothing_left_to_train(tiny_sd, pairs_parquet, tmp_path):
+    """GA 1, EMA, random crops and flips, conditioning dropout, a random subset and no --seed: 4 steps + resume latest
+    to 8 == 8 steps straight with the seed the first run drew, bit for bit (5 samples at batch 2 = 3 steps per epoch,
+    so checkpoint-4 is mid-epoch). Rotation keeps the newest 2 checkpoints before and after resume, and resuming at
+    --max_train_steps trains nothing but writes the final outputs."""
+    settings = {"use_ema": True, "random_flip": True, "conditioning_dropout_prob": 0.3, "max_train_samples": 5,
+                "checkpointing_steps": 2, "checkpoints_total_limit": 2, "lr_scheduler": "constant_with_warmup",
+                "lr_warmup_steps": 3, "snr_gamma": 5.0}
+    resumed = str(tmp_path / "resumed")
+    first = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=4,
+                                     resume_from_checkpoint="latest", **settings))
+    assert "no checkpoint" in first.stderr and "starting a new run" in first.stderr
+    assert checkpoints(resumed) == {"checkpoint-2", "checkpoint-4"}
+    seed = run_seed(os.path.join(resumed, "checkpoint-4"))
+    second = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=8,
+                                      resume_from_checkpoint="latest", **settings))
+    assert f"Resuming from {os.path.join(resumed, 'checkpoint-4')}" in second.stderr
+    assert checkpoints(resumed) == {"checkpoint-6", "checkpoint-8"}
+
+    straight = str(tmp_path / "straight")
+    launch(SCRIPT, base_args(tiny_sd, straight, parquet=pairs_parquet, seed=seed, max_train_steps=8, **settings))
+    for folder in ("checkpoint-8/unet", "checkpoint-8/unet_ema", "unet", "unet_raw"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+    assert_different_weights(os.path.join(straight, "checkpoint-6", "unet"), os.path.join(straight, "unet_raw"))
+
+    shutil.rmtree(os.path.join(resumed, "unet"))
+    again = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=8,
+                                     resume_from_checkpoint="latest", **settings))
+    assert "nothing to train" in again.stderr
+    assert checkpoints(resumed) == {"checkpoint-6", "checkpoint-8"}
+    assert_same_weights(os.path.join(straight, "unet"), os.path.join(resumed, "unet"))
+
+
+def test_sigterm_with_accumulation_saves_and_latest_resumes_exactly(tiny_sd, pairs_folder, tmp_path):
+    """GA 2 and EMA: SIGTERM -> checkpoint at the stop step, exit 143, no final pipeline; resume latest == straight."""
+    settings = {"train_batch_size": 1, "gradient_accumulation_steps": 2, "use_ema": True, "random_flip": True,
+                "conditioning_dropout_prob": 0.2, "max_train_steps": 16, "checkpointing_steps": 4,
+                "lr_scheduler": "linear"}
+    interrupted = str(tmp_path / "interrupted")
+    process = start_python(SCRIPT, base_args(tiny_sd, interrupted, data=pairs_folder, **settings))
+    wait_for_path(os.path.join(interrupted, "checkpoint-4"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+
+    assert status == 143, stderr[-3000:]
+    assert "Received SIGTERM" in stderr and "Continue with --resume_from_checkpoint latest" in stdout
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(interrupted))
+    assert 4 <= stop_step < 16, "the signal arrived after the run had finished: the test needs more steps"
+    assert not os.path.exists(os.path.join(interrupted, "model_index.json"))
+
+    launch(SCRIPT, base_args(tiny_sd, interrupted, data=pairs_folder, resume_from_checkpoint="latest", **settings))
+    straight = str(tmp_path / "straight")
+    launch(SCRIPT, base_args(tiny_sd, straight, data=pairs_folder, **settings))
+    for folder in ("unet", "unet_raw"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(interrupted, folder))
+
+
+def test_two_processes(tiny_sd, pairs_parquet, validation_image, tmp_path):
+    """CPU DDP over gloo: trains, splits the validation images across ranks, checkpoints, resumes exactly on 2
+    processes and exits cleanly."""
+    settings = {"train_batch_size": 1, "max_train_steps": 4, "checkpointing_steps": 2, "use_ema": True,
+                "random_flip": True, "conditioning_dropout_prob": 0.2}
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, straight, parquet=pairs_parquet, val_image_url=validation_image,
+                                      validation_prompt="make it blue", num_validation_images=3,
+                                      validation_epochs=10, **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    # 6 samples, 1 per rank per batch: 3 steps per epoch.
+    assert "6 examples, 2 epochs of 3 steps" in result.stderr
+    assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
+    assert set(os.listdir(os.path.join(straight, "checkpoint-2"))) >= {"random_states_0.pkl", "random_states_1.pkl"}
+    assert sorted(os.listdir(os.path.join(straight, "validation", "final"))) == [
+        "00.png", "01.png", "02.png", "original.png"]
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, resume_from_checkpoint="checkpoint-2",
+                                      **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    for folder in ("checkpoint-4/unet", "checkpoint-4/unet_ema", "unet", "unet_raw"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+
+
+def test_diffusers_docs_command_runs_unchanged(tiny_sd, tmp_path):
+    """The diffusers docs' command line. `fusing/instructpix2pix-1000-samples` is a local dataset folder of that name
+    in the working directory (datasets looks there before the hub) and $MODEL_NAME the tiny model. On CPU, fp16 and
+    xformers cannot run, so the run uses --mixed_precision=no (also for accelerate launch) without the xformers flag,
+    --resolution=64 and --max_train_steps=2 to stay short; every other flag is as in the docs, and the output goes to
+    the default --output_dir. With the xformers flag kept, the script must stop at once with one line saying that
+    xformers is not installed, before loading anything or writing the output folder."""
+    write_parquet_dataset(str(tmp_path / "fusing" / "instructpix2pix-1000-samples"), 8, seed=3, size=(64, 64))
+    docs_flags = [
+        f"--pretrained_model_name_or_path={tiny_sd}", "--dataset_name=fusing/instructpix2pix-1000-samples",
+        "--resolution=64", "--random_flip", "--train_batch_size=4", "--gradient_accumulation_steps=4",
+        "--gradient_checkpointing", "--max_train_steps=2", "--checkpointing_steps=5000", "--checkpoints_total_limit=1",
+        "--learning_rate=5e-05", "--max_grad_norm=1", "--lr_warmup_steps=0", "--conditioning_dropout_prob=0.05",
+        "--mixed_precision=no", "--seed=42", "--report_to=wandb",
+    ]
+    out = tmp_path / "instruct-pix2pix-model"
+
+    xformers = run_python(SCRIPT, docs_flags + ["--enable_xformers_memory_efficient_attention"], cwd=str(tmp_path))
+    assert xformers.returncode != 0 and "Traceback" not in xformers.stderr
+    assert xformers.stderr.strip().splitlines() == [
+        "error: --enable_xformers_memory_efficient_attention: xformers is not installed "
+        "(pip install -r requirements-xformers.txt)"]
+    assert not out.exists()
+
+    result = launch(SCRIPT, docs_flags, cwd=str(tmp_path))
+    # 8 examples at batch 4: 2 batches per epoch, accumulated into 1 optimizer step.
+    assert "8 examples, 2 epochs of 1 steps, 2 steps in all, batch 4 per device, total batch 16" in result.stderr
+    assert (out / "model_index.json").is_file() and checkpoints(str(out)) == set()
+    assert load_weights(str(out / "unet"))["conv_in.weight"].shape[1] == 8
+    assert (tmp_path / "wandb").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# In-process: the widened UNet, paired preprocessing, conditioning dropout, the loss
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _script():
+    import train_instruct_pix2pix
+
+    return train_instruct_pix2pix
+
+
+def test_conv_in_widened_with_zero_new_channels(tiny_sd):
+    """conv_in takes 8 channels: the first 4 and the bias are the original's, the new 4 are zero, so the untrained
+    model ignores the original image and predicts exactly what the base UNet predicts. An 8-channel UNet (training
+    an InstructPix2Pix model further) is left as it is; other channel counts are refused."""
+    from diffusers import UNet2DConditionModel
+
+    from train_common import InputError
+
+    script = _script()
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    unet = script.widen_conv_in(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    assert unet.config.in_channels == 8 and unet.conv_in.in_channels == 8
+    assert unet.conv_in.weight.shape == (base.conv_in.out_channels, 8, 3, 3)
+    assert torch.equal(unet.conv_in.weight[:, :4], base.conv_in.weight)
+    assert torch.count_nonzero(unet.conv_in.weight[:, 4:]) == 0
+    assert torch.equal(unet.conv_in.bias, base.conv_in.bias)
+
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 4, 8, 8, generator=generator)
+    original = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, 32, generator=generator)
+    timesteps = torch.tensor([10, 500])
+    with torch.no_grad():
+        widened = unet(torch.cat([noisy, original], dim=1), timesteps, text).sample
+        plain = base(noisy, timesteps, text).sample
+    assert torch.equal(widened, plain)
+
+    weight = unet.conv_in.weight.clone()
+    assert script.widen_conv_in(unet) is unet and torch.equal(unet.conv_in.weight, weight)
+    unet.register_to_config(in_channels=9)
+    with pytest.raises(InputError, match="9 input channels"):
+        script.widen_conv_in(unet)
+
+
+def _pairs_namespace(**values):
+    defaults = {"original_image_column": "input_image", "edited_image_column": "edited_image",
+                "edit_prompt_column": "edit_prompt", "resolution": 16, "center_crop": False, "random_flip": True,
+                "max_train_samples": None, "dataset_name": None, "dataset_config_name": None, "cache_dir": None,
+                "train_data_dir": None}
+    defaults.update(values)
+    return Namespace(**defaults)
+
+
+def test_original_and_edited_images_get_the_same_crop_and_flip(tiny_sd):
+    """The same image fed as original and edited comes out identical for every sample, with random crops and flips
+    that differ between samples and repeat exactly for the same (seed, epoch, index)."""
+    import datasets
+    from transformers import CLIPTokenizer
+
+    from train_common import RunState
+
+    script = _script()
+    image = Image.effect_noise((48, 32), 60).convert("RGB")
+    for seed in range(8):
+        original, edited = script.preprocess_pair(image, image.copy(), 16, False, True,
+                                                  torch.Generator().manual_seed(seed))
+        assert original.shape == (3, 16, 16) and original.min() >= -1 and original.max() <= 1
+        assert torch.equal(original, edited)
+    # An edited image twice the size (same aspect ratio) gets the same relative crop and the same flip.
+    big = image.resize((96, 64), Image.BICUBIC)
+    for seed in range(4):
+        original, edited = script.preprocess_pair(image, big, 16, False, True, torch.Generator().manual_seed(seed))
+        assert (original - edited).abs().mean() < 0.1
+
+    # Through the dataset, as training reads it: identical pairs, crops that change with the sample, repeatable.
+    dataset = datasets.Dataset.from_dict(
+        {"input_image": [image] * 3, "edited_image": [image] * 3, "edit_prompt": ["make it red"] * 3},
+        features=datasets.Features({"input_image": datasets.Image(), "edited_image": datasets.Image(),
+                                    "edit_prompt": datasets.Value("string")}))
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    examples = script.EditExamples(dataset, tokenizer, _pairs_namespace(), RunState(seed=5))
+    crops = set()
+    for epoch in range(4):
+        for index in range(3):
+            item = examples[(epoch, index)]
+            assert torch.equal(item["original_pixel_values"], item["edited_pixel_values"])
+            crops.add(item["original_pixel_values"].sum().item())
+    assert len(crops) > 3, "random crops/flips never changed"
+    assert torch.equal(examples[(2, 1)]["original_pixel_values"], examples[(2, 1)]["original_pixel_values"])
+    assert tokenizer.decode(examples[(0, 0)]["input_ids"], skip_special_tokens=True) == "make it red"
+    # Centre crop without flip: the same for every sample.
+    centred = script.EditExamples(dataset, tokenizer, _pairs_namespace(center_crop=True, random_flip=False),
+                                  RunState(seed=5))
+    assert len({centred[(epoch, 0)]["edited_pixel_values"].sum().item() for epoch in range(4)}) == 1
+
+
+def test_conditioning_dropout_rates_and_masks():
+    """p = 0.1 over 4000 samples: ~20% lose the prompt (u < 2p), ~20% the original image (p <= u < 3p), ~10% both;
+    the draws repeat for the same (seed, epoch, index). Dropped prompts become the empty prompt's encoding, dropped
+    images zero latents; the rest is untouched."""
+    from train_common import RunState
+
+    script = _script()
+    examples = script.EditExamples([], None, _pairs_namespace(), RunState(seed=11))
+    draws = torch.stack([examples.dropout_draw(epoch, index) for epoch in range(4) for index in range(1000)])
+    assert torch.equal(draws[:50], torch.stack([examples.dropout_draw(0, index) for index in range(50)]))
+    drop_prompt, drop_image = script.conditioning_dropout_masks(draws, 0.1)
+    assert abs(drop_prompt.float().mean().item() - 0.2) < 0.025
+    assert abs(drop_image.float().mean().item() - 0.2) < 0.025
+    assert abs((drop_prompt & drop_image).float().mean().item() - 0.1) < 0.02
+    assert not any(mask.any() for mask in script.conditioning_dropout_masks(draws, 0.0))
+
+    generator = torch.Generator().manual_seed(0)
+    states, latents, empty = (torch.randn(4, 77, 32, generator=generator), torch.randn(4, 4, 8, 8, generator=generator),
+                              torch.randn(1, 77, 32, generator=generator))
+    u = torch.tensor([0.05, 0.15, 0.25, 0.9])  # p = 0.1: prompt only, both, image only, none
+    new_states, new_latents = script.apply_conditioning_dropout(states, latents, u, 0.1, empty)
+    for row, (prompt_dropped, image_dropped) in enumerate([(True, False), (True, True), (False, True),
+                                                           (False, False)]):
+        assert torch.equal(new_states[row], empty[0] if prompt_dropped else states[row]), row
+        assert torch.equal(new_latents[row], torch.zeros_like(latents[row]) if image_dropped else latents[row]), row
+
+
+@pytest.fixture(scope="module")
+def loss_inputs(tiny_sd):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    script = _script()
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    unet = script.widen_conv_in(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    with torch.no_grad():  # as after some training: the original image's channels matter
+        unet.conv_in.weight[:, 4:].normal_(generator=torch.Generator().manual_seed(1))
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    pixels = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return {
+        "unet": unet, "vae": AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae"), "text_encoder": text_encoder,
+        "scheduler": DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler"), "tokenizer": tokenizer,
+        "empty": text_encoder(script.tokenize(tokenizer, [""]))[0].detach(),
+        "batch": {"edited_pixel_values": pixels, "original_pixel_values": pixels.flip(-1),
+                  "input_ids": script.tokenize(tokenizer, ["make it green", "make it blue"]),
+                  "dropout_draw": torch.tensor([0.5, 0.9])},
+    }
+
+
+def _loss(inputs, batch_changes=None, **flags):
+    args = Namespace(**{"conditioning_dropout_prob": None, "noise_offset": 0.0, "snr_gamma": None, **flags})
+    batch = {**inputs["batch"], **(batch_changes or {})}
+    with torch.no_grad():
+        return _script().training_loss(inputs["unet"], inputs["vae"], inputs["text_encoder"], inputs["scheduler"],
+                                       batch, torch.Generator().manual_seed(7), args, torch.float32,
+                                       inputs["empty"]).item()
+
+
+def test_loss_uses_both_conditions_and_each_flag(loss_inputs):
+    """Same batch, same generator: the loss is reproducible; the original image and the prompt both feed the UNet
+    unless conditioning dropout removes them; Min-SNR and offset noise change the loss."""
+    baseline = _loss(loss_inputs)
+    assert baseline == _loss(loss_inputs)
+    other_original = {"original_pixel_values": -loss_inputs["batch"]["original_pixel_values"]}
+    other_prompt = {"input_ids": _script().tokenize(loss_inputs["tokenizer"], ["make it red", "make it red"])}
+    assert _loss(loss_inputs, other_original) != pytest.approx(baseline)
+    assert _loss(loss_inputs, other_prompt) != pytest.approx(baseline)
+    # Draws in [p, 2p) drop both conditions, so neither changes the loss any more.
+    both_dropped = {"dropout_draw": torch.tensor([0.12, 0.15])}
+    dropped = _loss(loss_inputs, both_dropped, conditioning_dropout_prob=0.1)
+    assert dropped != pytest.approx(baseline)
+    assert _loss(loss_inputs, {**both_dropped, **other_original}, conditioning_dropout_prob=0.1) == dropped
+    assert _loss(loss_inputs, {**both_dropped, **other_prompt}, conditioning_dropout_prob=0.1) == dropped
+    # Draws above 3p drop nothing.
+    assert _loss(loss_inputs, conditioning_dropout_prob=0.1) == baseline
+    assert _loss(loss_inputs, snr_gamma=1e-3) != pytest.approx(baseline)
+    assert _loss(loss_inputs, noise_offset=0.5) != pytest.approx(baseline)
+
+
+def test_wrong_columns_list_the_real_columns(pairs_parquet, tmp_path):
+    """Checked in-process on the loader; a launched run with a wrong column is among the bad-input cases below."""
+    import datasets
+
+    from train_common import InputError
+
+    script = _script()
+    for flag, name in (("original_image_column", "before"), ("edited_image_column", "after"),
+                       ("edit_prompt_column", "instruction")):
+        with pytest.raises(InputError, match=rf"--{flag} '{name}' is not a column .*{COLUMNS}"):
+            script.load_edit_dataset(_pairs_namespace(dataset_name=pairs_parquet, **{flag: name}))
+    numbers = str(tmp_path / "numbers")
+    image = Image.new("RGB", (8, 8))
+    datasets.Dataset.from_dict(
+        {"input_image": [image], "edited_image": [image], "edit_prompt": [3]},
+        features=datasets.Features({"input_image": datasets.Image(), "edited_image": datasets.Image(),
+                                    "edit_prompt": datasets.Value("int64")})).save_to_disk(numbers)
+    with pytest.raises(InputError, match=r"--edit_prompt_column 'edit_prompt' .* expected text"):
+        script.load_edit_dataset(_pairs_namespace(dataset_name=numbers))
+    assert len(script.load_edit_dataset(_pairs_namespace(dataset_name=pairs_parquet))) == 6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem, non-zero exit, no traceback, output_dir untouched (SPEC §7)
+# --------------------------------------------------------------------------------------------------------------------
+
+# Checked in-process through the script's own argument checks and run_main (exit status 2): all of these fail before
+# any model, dataset or Accelerator is created.
+BAD_ARGUMENTS = {
+    "missing dataset": ({"dataset_name": "/nonexistent/data"}, ["--dataset_name", "/nonexistent/data"]),
+    "missing model": ({"pretrained_model_name_or_path": "/nonexistent/sd"}, ["--pretrained_model_name_or_path"]),
+    "model folder that is not a pipeline": ({"pretrained_model_name_or_path": "{empty_dir}"}, ["missing tokenizer/"]),
+    "max_train_steps 0": ({"max_train_steps": 0}, ["--max_train_steps"]),
+    "learning_rate 0": ({"learning_rate": 0}, ["--learning_rate"]),
+    "checkpointing_steps -1": ({"checkpointing_steps": -1}, ["--checkpointing_steps"]),
+    "checkpoints_total_limit 0": ({"checkpoints_total_limit": 0}, ["--checkpoints_total_limit"]),
+    "missing checkpoint": ({"resume_from_checkpoint": "checkpoint-999"}, ["--resume_from_checkpoint"]),
+    "missing validation image": ({"val_image_url": "/nonexistent/to_edit.png", "validation_prompt": "make it red"},
+                                 ["--val_image_url", "/nonexistent/to_edit.png", "does not exist"]),
+    "validation prompt without image": ({"validation_prompt": "make it red"}, ["--validation_prompt",
+                                                                               "--val_image_url"]),
+    "resolution not a multiple of 8": ({"resolution": 60}, ["--resolution", "multiple of 8"]),
+    "conditioning_dropout_prob above 1": ({"conditioning_dropout_prob": 1.5}, ["--conditioning_dropout_prob"]),
+    "conditioning_dropout_prob negative": ({"conditioning_dropout_prob": -0.1}, ["--conditioning_dropout_prob"]),
+    "num_validation_images 0": ({"num_validation_images": 0}, ["--num_validation_images"]),
+}
+
+
+def _existing_output(tmp_path):
+    out = tmp_path / "existing_output"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    return str(out), snapshot(str(out))
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_argument_gets_one_line_error(case, tiny_sd, pairs_parquet, tmp_path, capsys):
+    from train_common import run_main
+
+    overrides, expected = BAD_ARGUMENTS[case]
+    (tmp_path / "empty").mkdir()
+    overrides = {key: value.format(empty_dir=tmp_path / "empty") if isinstance(value, str) else value
+                 for key, value in overrides.items()}
+    out, before = _existing_output(tmp_path)
+    argv = base_args(tiny_sd, out, **{"parquet": pairs_parquet, **overrides})
+    script = _script()
+    with pytest.raises(SystemExit) as exit_info:
+        # The checks main() runs first; a case that passed them would exit 0 here instead of training in pytest.
+        run_main(lambda: script.validate_args(script.parse_args(argv)))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert all(text in lines[0] for text in expected), lines[0]
+    assert snapshot(out) == before
+
+
+def test_wrong_column_in_a_launched_run_gets_one_line_error(tiny_sd, pairs_parquet, tmp_path):
+    """A data error found after the Accelerator exists (the column checks, also covered in-process above) still ends
+    the process with one line listing the real columns, exit status 2, no traceback, output_dir untouched."""
+    out, before = _existing_output(tmp_path)
+    result = run_python(SCRIPT, base_args(tiny_sd, out, parquet=pairs_parquet, original_image_column="before"))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert error_lines == [f"error: --original_image_column 'before' is not a column of {pairs_parquet!r}; {COLUMNS}"]
+    assert result.stderr.rstrip().splitlines()[-1] == error_lines[0]
+    assert snapshot(out) == before
+
+
+def test_validation_image_from_a_path_or_an_unreachable_url(validation_image):
+    """A local image is fitted to --resolution (short side, multiples of 8, the size the pipeline edits at); a URL
+    that cannot be fetched is a one-line InputError naming --val_image_url (port 9 on localhost refuses at once)."""
+    from train_common import InputError
+
+    script = _script()
+    accelerator = Namespace(is_main_process=True, num_processes=1)
+    wide = Image.new("RGB", (50, 30))
+    assert script.fit_for_validation(wide, 64).size == (104, 64)
+    image = script.load_validation_image(accelerator, Namespace(val_image_url=validation_image, resolution=64))
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert script.load_validation_image(accelerator, Namespace(val_image_url=None, resolution=64)) is None
+    with pytest.raises(InputError, match=r"^--val_image_url 'http://127.0.0.1:9/to_edit.png': cannot load the image"):
+        script.load_validation_image(accelerator, Namespace(val_image_url="http://127.0.0.1:9/to_edit.png",
+                                                            resolution=64))

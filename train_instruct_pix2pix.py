@@ -1,0 +1,986 @@
+#!/usr/bin/env python
+"""Fine-tune a Stable Diffusion UNet for instruction-based image editing (InstructPix2Pix, full fine-tuning).
+
+A drop-in replacement for diffusers' `examples/instruct_pix2pix/train_instruct_pix2pix.py`: the same flags and
+defaults, the same output layout (a `StableDiffusionInstructPix2PixPipeline` folder in `--output_dir`,
+`checkpoint-N/` folders), plus `--config`, `--logging_steps`, `--validation_inference_steps`, `--snr_gamma`,
+`--noise_offset`, `--offload_ema`/`--foreach_ema`, exact resume, atomic checkpoints, preemption handling, and the raw
+(non-EMA) weights kept in `unet_raw/` when `--use_ema` is on.
+
+The UNet's first convolution is widened from 4 to 8 input channels: the noisy latent of the edited image and the
+(unscaled) VAE latent of the original image are concatenated, and the 4 new input channels start at zero, so the
+untrained model behaves exactly like the base model.
+
+    accelerate launch train_instruct_pix2pix.py --pretrained_model_name_or_path ./sd-folder \\
+        --dataset_name fusing/instructpix2pix-1000-samples --resolution 256 --random_flip \\
+        --conditioning_dropout_prob 0.05 --val_image_url ./mountain.png --validation_prompt "make it snowy"
+"""
+
+import math
+import os
+from datetime import timedelta
+
+import numpy as np
+import torch
+from PIL import Image
+
+import train_common as common
+from train_common import InputError
+
+# Independent random streams, derived from the run seed (see train_common.derive_seed).
+SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, DROPOUT_STREAM = 1, 2, 3, 4, 5, 6
+PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The UNet reads the noisy edited latent and the original image's latent, 4 channels each.
+LATENT_CHANNELS, EDIT_IN_CHANNELS = 4, 8
+# Upstream's validation guidance: how strongly to follow the original image and the instruction.
+VALIDATION_IMAGE_GUIDANCE, VALIDATION_TEXT_GUIDANCE = 1.5, 7.0
+TRACKER_PROJECT = "instruct-pix2pix"
+URL_PREFIXES = ("http://", "https://")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = common.ArgumentParser(description="Fine-tune a Stable Diffusion UNet for InstructPix2Pix image editing.")
+    add = parser.add_argument
+    # Model (upstream)
+    add("--pretrained_model_name_or_path", type=str, required=True,
+        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/). "
+             "An InstructPix2Pix pipeline (8-channel UNet) continues training as it is.")
+    add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
+    add("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+    add("--non_ema_revision", type=str, default=None,
+        help="Revision of the UNet to train (the EMA copy starts from --revision). Defaults to --revision.")
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention.")
+    # Data (upstream)
+    add("--dataset_name", type=str, default=None,
+        help="A dataset on the hub, or a local dataset folder (parquet/arrow/imagefolder/save_to_disk).")
+    add("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
+    add("--train_data_dir", type=str, default=None,
+        help="An imagefolder whose metadata.jsonl/metadata.csv names both images (e.g. input_image_file_name and "
+             "edited_image_file_name, or file paths in the image columns) and the edit prompt. Ignored if "
+             "--dataset_name is given.")
+    add("--original_image_column", type=str, default="input_image",
+        help="The dataset column that holds the images before the edit.")
+    add("--edited_image_column", type=str, default="edited_image",
+        help="The dataset column that holds the images after the edit.")
+    add("--edit_prompt_column", type=str, default="edit_prompt",
+        help="The dataset column that holds the edit instructions.")
+    add("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples.")
+    add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    add("--resolution", type=int, default=256,
+        help="Both images are resized (short side) and cropped to this square size; a multiple of 8.")
+    add("--center_crop", action="store_true",
+        help="Crop the centre instead of a random square (the same square from the original and the edited image).")
+    add("--random_flip", action="store_true", help="Flip the original and the edited image together at random.")
+    add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
+    # Training (upstream)
+    add("--output_dir", type=str, default="instruct-pix2pix-model", help="Where the pipeline and checkpoints go.")
+    add("--seed", type=int, default=None,
+        help="Seed for data order, augmentation, conditioning dropout, noise and validation images.")
+    add("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    add("--num_train_epochs", type=int, default=100, help="Passes over the data (unless --max_train_steps is set).")
+    add("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step.")
+    add("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet backward.")
+    add("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warmup).")
+    add("--scale_lr", action="store_true",
+        help="Multiply the learning rate by processes x accumulation steps x batch size.")
+    add("--lr_scheduler", type=str, default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
+    add("--lr_warmup_steps", type=int, default=500, help="Learning-rate warmup in optimizer steps.")
+    add("--conditioning_dropout_prob", type=float, default=None,
+        help="Conditioning dropout p (0 to 1) for classifier-free guidance on both conditions: per sample, u < 2p "
+             "drops the edit prompt and p <= u < 3p drops the original image (so p <= u < 2p drops both). The "
+             "InstructPix2Pix paper uses 0.05.")
+    add("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    add("--use_ema", action="store_true", help="Keep an EMA of the UNet weights; the final pipeline holds the EMA.")
+    add("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    add("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    add("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    add("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        help="Default: accelerate's config. The frozen VAE and text encoder run in this precision; the UNet "
+             "weights stay fp32.")
+    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--resume_from_checkpoint", type=str, default=None,
+        help="A checkpoint-N folder (name in --output_dir, or path) or 'latest' to continue training from.")
+    # Validation, logging and hub (upstream)
+    add("--val_image_url", type=str, default=None,
+        help="The image to edit for validation: a local path or an http(s) URL. Needs --validation_prompt.")
+    add("--validation_prompt", type=str, default=None,
+        help="The edit instruction applied to --val_image_url every --validation_epochs epochs and after training.")
+    add("--num_validation_images", type=int, default=4, help="Edited images generated at each validation.")
+    add("--validation_epochs", type=int, default=1, help="Run validation every N epochs.")
+    add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml or all.")
+    add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
+    add("--push_to_hub", action="store_true", help="Upload the final pipeline to the hub.")
+    add("--hub_token", type=str, default=None, help="Hub token for --push_to_hub.")
+    add("--hub_model_id", type=str, default=None, help="Hub repository for --push_to_hub (default: output_dir name).")
+    add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
+    # Additions
+    add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (recommended 5.0).")
+    add("--noise_offset", type=float, default=0, help="Scale of offset noise.")
+    add("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates.")
+    add("--foreach_ema", action="store_true", help="Update the EMA with torch's faster foreach kernels.")
+    add("--logging_steps", type=int, default=10,
+        help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
+    add("--validation_inference_steps", type=int, default=20, help="Denoising steps for validation images.")
+    args = common.parse_args_with_config(parser, argv)
+    if args.non_ema_revision is None:
+        args.non_ema_revision = args.revision
+    return args
+
+
+def validate_args(args):
+    """Every check that needs no model or dataset loaded. Raises InputError."""
+    common.require_positive(
+        args, "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
+        "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
+        "num_validation_images", "logging_steps", "validation_inference_steps",
+    )
+    if args.resolution % 8:
+        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.conditioning_dropout_prob is not None and not 0 <= args.conditioning_dropout_prob <= 1:
+        raise InputError(f"--conditioning_dropout_prob must be between 0 and 1 (the paper uses 0.05), "
+                         f"got {args.conditioning_dropout_prob}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    check_validation_args(args)
+
+    check_model_source(args.pretrained_model_name_or_path)
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise InputError(
+            "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (an imagefolder)"
+        )
+    if args.dataset_name is not None:
+        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
+    elif not os.path.isdir(args.train_data_dir):
+        raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
+
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
+    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    reporters = {name.strip() for name in args.report_to.split(",")}
+    if reporters & {"wandb", "all"}:
+        if args.hub_token is not None:
+            raise InputError(
+                "--report_to wandb with --hub_token would expose the token in the wandb run; "
+                "use `hf auth login` instead"
+            )
+        if "wandb" in reporters:
+            common.require_package("wandb", "--report_to wandb", "pip install wandb")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as error:  # ImportError, or a broken native library raising at import
+            raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used ({common.first_line(error)}); "
+                             "pip install bitsandbytes") from None
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise InputError(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed "
+                "(pip install -r requirements-xformers.txt)"
+            )
+
+
+def check_validation_args(args):
+    """Validation needs both the image and the instruction. A local image must exist and be readable now; a URL is
+    fetched when the run starts (load_validation_image)."""
+    if args.val_image_url is not None and args.validation_prompt is None:
+        raise InputError("--val_image_url needs --validation_prompt (the edit instruction to validate with)")
+    if args.validation_prompt is not None and args.val_image_url is None:
+        raise InputError("--validation_prompt needs --val_image_url (the image to edit for validation)")
+    source = args.val_image_url
+    if source is None or source.startswith(URL_PREFIXES):
+        return
+    if not os.path.isfile(source):
+        raise InputError(f"--val_image_url {source!r} does not exist (give a local image file or an http(s) URL)")
+    if not common.is_readable_image({"path": source}):
+        raise InputError(f"--val_image_url {source!r} is not a readable image")
+
+
+def check_model_source(path):
+    """A local pipeline folder must exist and hold every part we load; a hub id is checked when loaded."""
+    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
+    if os.path.isdir(path):
+        missing = [part for part in PIPELINE_PARTS if not os.path.isdir(os.path.join(path, part))]
+        if missing:
+            raise InputError(
+                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
+                f"(missing {', '.join(f'{part}/' for part in missing)})"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def image_columns(args):
+    return (args.original_image_column, args.edited_image_column)
+
+
+def load_edit_dataset(args):
+    """The training examples as a datasets.Dataset with the original image, edited image and edit prompt columns.
+
+    Sources: a hub dataset or local dataset folder (`--dataset_name`), or an imagefolder (`--train_data_dir`) whose
+    metadata names both images. A column of file paths instead of images is read relative to the data folder. Rows
+    with an unreadable image are removed with a warning naming the file.
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    flag, source = ("--dataset_name", args.dataset_name) if args.dataset_name else ("--train_data_dir",
+                                                                                   args.train_data_dir)
+    try:
+        if args.dataset_name is None:
+            dataset = load_dataset("imagefolder", data_dir=source, cache_dir=args.cache_dir)
+        elif any(os.path.isfile(os.path.join(source, name)) for name in ("state.json", "dataset_dict.json")):
+            dataset = load_from_disk(source)
+        else:
+            dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
+    except Exception as error:  # datasets raises many types; the user needs the source and the reason
+        raise InputError(f"{flag} {source!r}: cannot load the dataset ({common.first_line(error)})") from None
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset:
+            raise InputError(f"{flag} {source!r} has no 'train' split (splits: {', '.join(dataset)})")
+        dataset = dataset["train"]
+
+    columns = dataset.column_names
+    for column_flag, column in (("--original_image_column", args.original_image_column),
+                                ("--edited_image_column", args.edited_image_column),
+                                ("--edit_prompt_column", args.edit_prompt_column)):
+        if column not in columns:
+            raise InputError(f"{column_flag} {column!r} is not a column of {source!r}; columns: {', '.join(columns)}")
+    _check_prompt_feature(dataset.features[args.edit_prompt_column], args.edit_prompt_column, source)
+    dataset = dataset.select_columns([*image_columns(args), args.edit_prompt_column])
+    if len(dataset) == 0:
+        raise InputError(f"{flag} {source!r} holds no examples")
+    for column in image_columns(args):
+        dataset = _paths_to_images(dataset, column, source)
+    return common.drop_unreadable_images(dataset, image_columns(args), flag, source)
+
+
+def _paths_to_images(dataset, column, source):
+    """A column of file names becomes an image column; relative paths are read from the data folder."""
+    from datasets import Image as ImageFeature
+    from datasets import Value
+
+    feature = dataset.features[column]
+    if isinstance(feature, ImageFeature):
+        return dataset
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise InputError(f"column {column!r} of {source!r} holds {feature}; expected images or image file paths")
+    base = source if os.path.isdir(source) else ""
+    dataset = dataset.map(
+        lambda batch: {column: [os.path.join(base, path) if path else "" for path in batch[column]]},
+        batched=True, desc=f"Resolving {column} paths",
+    )
+    return dataset.cast_column(column, ImageFeature())
+
+
+def _check_prompt_feature(feature, column, source):
+    """Edit prompts must be text; anything else is reported before training starts."""
+    from datasets import Value
+
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise InputError(f"--edit_prompt_column {column!r} of {source!r} holds {feature}; expected text")
+
+
+def resize_short_side(image, resolution):
+    """RGB copy of `image` whose short side is `resolution` (bicubic, PIL's default that upstream uses)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    return image.resize(size, resample=Image.BICUBIC)
+
+
+def crop_and_flip(image, resolution, crop_position, flip):
+    """A resolution x resolution crop at `crop_position` = (x, y) in [0, 1] of the room left over (0.5, 0.5 = the
+    centre), flipped left-right if `flip`. The position is relative, so images of the same aspect ratio but different
+    sizes get the same crop."""
+    width, height = image.size
+    left = round(crop_position[0] * (width - resolution))
+    top = round(crop_position[1] * (height - resolution))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
+
+
+def to_model_range(image):
+    """RGB PIL image -> (3, H, W) float tensor in [-1, 1], what the VAE encodes."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels * 2.0 - 1.0).contiguous()
+
+
+def preprocess_pair(original, edited, resolution, center_crop, random_flip, generator):
+    """The original and the edited image as tensors in [-1, 1], resized, cropped and flipped identically so that the
+    edit stays aligned with its source. The crop and flip are drawn once per sample from `generator` (upstream draws
+    one for the whole batch)."""
+    crop_position = (0.5, 0.5) if center_crop else tuple(torch.rand(2, generator=generator).tolist())
+    flip = bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
+    return tuple(to_model_range(crop_and_flip(resize_short_side(image, resolution), resolution, crop_position, flip))
+                 for image in (original, edited))
+
+
+class EditExamples(torch.utils.data.Dataset):
+    """Indexed by (epoch, index) from common.EpochSampler. The crop, the flip and the conditioning-dropout draw depend
+    only on the run seed, the epoch and the sample index, so they are the same on resume and with any number of
+    workers or processes.
+
+    With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
+    the checkpoint only after the dataset is built."""
+
+    def __init__(self, dataset, tokenizer, args, run_state):
+        self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
+        self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
+        self._subset = (None, None)  # (seed, indices)
+
+    def __len__(self):
+        return self.size
+
+    def _row(self, index):
+        if self.size == len(self.dataset):
+            return index
+        seed, indices = self._subset
+        if seed != self.run_state.seed:
+            rng = np.random.default_rng(common.derive_seed(self.run_state.seed, SUBSET_STREAM))
+            indices = rng.permutation(len(self.dataset))[: self.size].tolist()
+            self._subset = (self.run_state.seed, indices)
+        return indices[index]
+
+    def dropout_draw(self, epoch, index):
+        """u ~ U[0, 1) for the conditioning dropout of sample `index` in `epoch` (its own stream, so turning dropout
+        on or off does not change the crops and flips)."""
+        generator = common.make_generator("cpu", self.run_state.seed, DROPOUT_STREAM, epoch, index)
+        return torch.rand((), generator=generator)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        a = self.args
+        example = self.dataset[self._row(index)]
+        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        original, edited = preprocess_pair(example[a.original_image_column], example[a.edited_image_column],
+                                           a.resolution, a.center_crop, a.random_flip, generator)
+        input_ids = tokenize(self.tokenizer, example[a.edit_prompt_column] or "")[0]
+        return {"original_pixel_values": original, "edited_pixel_values": edited, "input_ids": input_ids,
+                "dropout_draw": self.dropout_draw(epoch, index)}
+
+
+def tokenize(tokenizer, prompts):
+    return tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _frozen_models_outside_zero3():
+    """Under DeepSpeed ZeRO-3 only the prepared (trained) model may be partitioned: load the frozen ones whole."""
+    import contextlib
+
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin if accelerate.state.is_initialized() else None
+    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+
+
+def load_models(args):
+    """(noise_scheduler, tokenizer, text_encoder, vae, unet) from the pretrained pipeline, the UNet widened to 8 input
+    channels; load errors are InputErrors naming the part that failed."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = args.pretrained_model_name_or_path
+    common_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+
+    def load(part, loader, **kwargs):
+        try:
+            return loader(source, subfolder=part, **{**common_kwargs, **kwargs})
+        except Exception as error:
+            reason = common.first_line(error)
+            raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({reason})") from None
+
+    noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
+    tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
+    with _frozen_models_outside_zero3():
+        text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
+        vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
+    unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"--pretrained_model_name_or_path {source!r}: the scheduler predicts "
+                         f"{noise_scheduler.config.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    return noise_scheduler, tokenizer, text_encoder, vae, widen_conv_in(unet)
+
+
+def widen_conv_in(unet):
+    """The UNet with `conv_in` taking 8 channels: the 4 original input channels keep their weights (and the bias is
+    kept), the 4 new ones, which read the original image's latent, start at zero. A UNet that already has 8 input
+    channels (an InstructPix2Pix model being trained further) is returned as it is."""
+    in_channels = unet.config.in_channels
+    if in_channels == EDIT_IN_CHANNELS:
+        return unet
+    if in_channels != LATENT_CHANNELS:
+        raise InputError(f"--pretrained_model_name_or_path: the UNet takes {in_channels} input channels; expected "
+                         f"{LATENT_CHANNELS} (a text-to-image model) or {EDIT_IN_CHANNELS} (an InstructPix2Pix model)")
+    old = unet.conv_in
+    new = torch.nn.Conv2d(EDIT_IN_CHANNELS, old.out_channels, old.kernel_size, old.stride, old.padding,
+                          device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :LATENT_CHANNELS].copy_(old.weight)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=EDIT_IN_CHANNELS)
+    return unet
+
+
+def build_ema(args, unet):
+    """An EMAModel of the (widened) UNet, starting from --revision's weights (which differ from the trained UNet's
+    only when --non_ema_revision names another revision)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    start = unet
+    if args.non_ema_revision != args.revision:
+        start = widen_conv_in(UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant,
+            cache_dir=args.cache_dir,
+        ).to(torch.float32))
+    return EMAModel(start.parameters(), model_cls=UNet2DConditionModel, model_config=start.config,
+                    foreach=args.foreach_ema)
+
+
+def build_optimizer(args, params):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One training step's loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def conditioning_dropout_masks(draws, probability):
+    """Upstream's masks from per-sample draws u in [0, 1): (drop the prompt: u < 2p, drop the original image:
+    p <= u < 3p). So p of the samples lose only the prompt, p both, p only the image."""
+    drop_prompt = draws < 2 * probability
+    drop_image = (draws >= probability) & (draws < 3 * probability)
+    return drop_prompt, drop_image
+
+
+def apply_conditioning_dropout(encoder_hidden_states, original_latents, draws, probability, empty_prompt_states):
+    """Replace dropped prompts by the encoding of the empty prompt and zero dropped original-image latents."""
+    drop_prompt, drop_image = conditioning_dropout_masks(draws.to(original_latents.device), probability)
+    empty = empty_prompt_states.to(encoder_hidden_states.dtype).expand_as(encoder_hidden_states)
+    encoder_hidden_states = torch.where(drop_prompt[:, None, None], empty, encoder_hidden_states)
+    original_latents = original_latents * (~drop_image).to(original_latents.dtype)[:, None, None, None]
+    return encoder_hidden_states, original_latents
+
+
+def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype, empty_prompt_states):
+    """The diffusion loss of one batch: noise the edited image's latent, concatenate the original image's latent
+    (after conditioning dropout), predict with the 8-channel UNet, weight by Min-SNR.
+
+    Every random draw (latent sampling, noise, timesteps) comes from `generator` and the dropout draws come with the
+    batch, so a resumed run repeats them."""
+    with torch.no_grad():
+        edited = batch["edited_pixel_values"].to(weight_dtype)
+        latents = vae.encode(edited).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
+        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        # Unscaled and deterministic (the mode), as the InstructPix2Pix pipeline encodes the image it edits.
+        original_latents = vae.encode(batch["original_pixel_values"].to(weight_dtype)).latent_dist.mode().float()
+    if args.conditioning_dropout_prob:
+        encoder_hidden_states, original_latents = apply_conditioning_dropout(
+            encoder_hidden_states, original_latents, batch["dropout_draw"], args.conditioning_dropout_prob,
+            empty_prompt_states,
+        )
+
+    noise = common.sample_noise(latents, generator, args.noise_offset)
+    timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
+                                        latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    model_input = torch.cat([noisy_latents, original_latents], dim=1)
+    model_pred = unet(model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    prediction_type = noise_scheduler.config.prediction_type
+    target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+    weights = None
+    if args.snr_gamma is not None:
+        weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
+    return common.diffusion_loss(model_pred, target, weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation, saving, model card
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_validation_image(accelerator, args):
+    """The validation image (a local file, or a URL fetched once, by the main process, when the run starts so that an
+    unreachable URL fails before training rather than after the first epoch), fitted to --resolution. Every rank gets
+    it. None without validation."""
+    if args.val_image_url is None:
+        return None
+    from accelerate.utils import broadcast_object_list
+    from diffusers.utils import load_image
+
+    loaded = [None, None]  # (image, error)
+    if accelerator.is_main_process:
+        try:
+            loaded[0] = fit_for_validation(load_image(args.val_image_url), args.resolution)
+        except Exception as error:  # requests and PIL raise many types
+            loaded[1] = f"--val_image_url {args.val_image_url!r}: cannot load the image ({common.first_line(error)})"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(loaded, from_process=0)
+    if loaded[1] is not None:
+        raise InputError(loaded[1])
+    return loaded[0]
+
+
+def fit_for_validation(image, resolution):
+    """`image` resized to `resolution` on its short side and centre-cropped to multiples of 8, the size the pipeline
+    edits at (so the edited images line up with the original in the logs)."""
+    image = resize_short_side(image, resolution)
+    width, height = image.size
+    left, top = (width % 8) // 2, (height % 8) // 2
+    return image.crop((left, top, left + width - width % 8, top + height - height % 8))
+
+
+def generate_validation_images(accelerator, pipeline, image, args, seed):
+    """Edit `image` with --validation_prompt --num_validation_images times, the work split across all ranks (no rank
+    idles past a collective timeout). Image k always comes from a generator seeded from (run seed, k), so the images
+    do not depend on the number of processes. The main process gets the PIL images in order, other ranks None."""
+    from accelerate.utils import gather_object
+
+    mine = range(accelerator.process_index, args.num_validation_images, accelerator.num_processes)
+    rendered = []
+    pipeline.set_progress_bar_config(disable=True)
+    if args.enable_xformers_memory_efficient_attention:
+        pipeline.enable_xformers_memory_efficient_attention()
+    for k in mine:
+        generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, k)
+        with torch.no_grad(), accelerator.autocast():
+            edited = pipeline(
+                args.validation_prompt, image=image, num_inference_steps=args.validation_inference_steps,
+                image_guidance_scale=VALIDATION_IMAGE_GUIDANCE, guidance_scale=VALIDATION_TEXT_GUIDANCE,
+                generator=generator, output_type="np",
+            ).images[0]
+        rendered.append((k, (edited * 255).round().astype("uint8")))
+    gathered = gather_object(rendered) if accelerator.num_processes > 1 else rendered
+    if not accelerator.is_main_process:
+        return None
+    return [Image.fromarray(edited) for _, edited in sorted(gathered, key=lambda pair: pair[0])]
+
+
+def validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tokenizer, image, args, seed):
+    """Validation images from the current weights (the EMA weights when --use_ema: swapped in, then the trained
+    weights restored)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    model = accelerator.unwrap_model(unet)
+    if ema_unet is not None:
+        ema_unet.store(model.parameters())
+        ema_unet.copy_to(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
+            variant=args.variant, cache_dir=args.cache_dir,
+        )
+        return generate_validation_images(accelerator, pipeline, image, args, seed)
+    finally:
+        model.train(was_training)
+        if ema_unet is not None:
+            ema_unet.restore(model.parameters())
+
+
+def log_validation_images(accelerator, original, edited, name, epoch, global_step, args):
+    """Save the original and the edited images under output_dir/validation/<name>/ and send them to TensorBoard and
+    wandb (as upstream's table of original image, edited image, edit prompt). Main process only."""
+    folder = os.path.join(args.output_dir, "validation", name)
+    os.makedirs(folder, exist_ok=True)
+    original.save(os.path.join(folder, "original.png"))
+    for index, image in enumerate(edited):
+        image.save(os.path.join(folder, f"{index:02d}.png"))
+    tag = "test" if name == "final" else "validation"
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            batch = np.stack([np.asarray(image) for image in [original] + edited])
+            tracker.writer.add_images(tag, batch, epoch, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            table = wandb.Table(columns=["original_image", "edited_image", "edit_prompt"])
+            for image in edited:
+                table.add_data(wandb.Image(original), wandb.Image(image), args.validation_prompt)
+            tracker.log({tag: table}, step=global_step)
+    return folder
+
+
+def save_pipeline(accelerator, unet, ema_unet, args):
+    """Write the StableDiffusionInstructPix2PixPipeline to --output_dir: the EMA weights in unet/ when --use_ema (the
+    raw trained weights in unet_raw/), the trained UNet otherwise. The VAE and text encoder are saved as loaded (not
+    downcast)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    model = accelerator.unwrap_model(unet)
+    if ema_unet is not None:
+        model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
+        ema_unet.store(model.parameters())
+        ema_unet.copy_to(model.parameters())
+    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=model, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+    )
+    pipeline.save_pretrained(args.output_dir)
+    if ema_unet is not None:
+        ema_unet.restore(model.parameters())
+
+
+def write_model_card(args, global_step, original, edited):
+    from diffusers.utils import make_image_grid
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = args.dataset_name or args.train_data_dir
+    gallery = ""
+    example_prompt = args.validation_prompt or "make it snowy"
+    if edited:
+        make_image_grid([original] + edited, 1, len(edited) + 1).save(os.path.join(args.output_dir,
+                                                                                   "val_imgs_grid.png"))
+        gallery = (f"The validation image (first) edited by the trained pipeline with the instruction "
+                   f"*{args.validation_prompt}*:\n\n![val_imgs_grid](./val_imgs_grid.png)\n")
+    description = f"""
+# InstructPix2Pix fine-tuning of {args.pretrained_model_name_or_path}
+
+The UNet of **{args.pretrained_model_name_or_path}**, widened to 8 input channels, trained for instruction-based image
+editing on **{data}** with `train_instruct_pix2pix.py` for {global_step} optimizer steps at
+{args.resolution}x{args.resolution}.
+
+{gallery}
+## Usage
+
+```python
+from diffusers import StableDiffusionInstructPix2PixPipeline
+from diffusers.utils import load_image
+
+pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
+image = load_image("image_to_edit.png")
+edited = pipeline({example_prompt!r}, image=image, image_guidance_scale=1.5, guidance_scale=7).images[0]
+```
+
+## Training
+
+| setting | value |
+|---|---|
+| weights in `unet/` | {"EMA (raw trained weights in `unet_raw/`)" if args.use_ema else "trained"} |
+| epochs, steps | {args.num_train_epochs}, {global_step} |
+| batch size per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate, scheduler, warmup | {args.learning_rate}, {args.lr_scheduler}, {args.lr_warmup_steps} |
+| conditioning dropout probability | {args.conditioning_dropout_prob} |
+| Min-SNR gamma, noise offset | {args.snr_gamma}, {args.noise_offset} |
+| mixed precision | {args.mixed_precision} |
+| seed | {args.seed} |
+"""
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "image-to-image", "instruct-pix2pix", "diffusers",
+            "diffusers-training"]
+    base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
+    card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
+                              license="creativeml-openrail-m", inference=True)
+    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
+                                   model_description=description)
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate_args(args)
+
+    import logging
+
+    import datasets
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        # Validation and saving run between steps; give them far more than the default collective timeout.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
+    )
+    args.mixed_precision = accelerator.mixed_precision  # what accelerate chose (flag, launch option or config)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger = get_logger(__name__, log_level="INFO")
+    if not accelerator.is_local_main_process:
+        for library in (datasets, transformers, diffusers):
+            library.utils.logging.set_verbosity_error()
+    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    preemption = common.PreemptionHandler(accelerator)
+
+    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    accelerator.register_for_checkpointing(run_state)
+    set_seed(run_state.seed)
+
+    # Data and the validation image first: bad input is reported before any model is built or anything is written.
+    with accelerator.main_process_first():
+        examples = load_edit_dataset(args)
+    validation_image = load_validation_image(accelerator, args)
+
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    # Frozen parts run in the mixed-precision dtype; the trained UNet stays fp32 (its optimizer states too).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.to(torch.float32).train()
+    ema_unet = build_ema(args, unet) if args.use_ema else None
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    train_dataset = EditExamples(examples, tokenizer, args, run_state)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(args, unet.parameters())
+    batches_per_rank = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_rank / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    else:
+        args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+    def save_model_hook(models, weights, output_dir):
+        # A checkpoint is usable by itself: unet/ holds the trained (8-channel) weights, unet_ema/ the EMA.
+        if accelerator.is_main_process:
+            if ema_unet is not None:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for saved in models:
+                accelerator.unwrap_model(saved).save_pretrained(os.path.join(output_dir, "unet"))
+        weights.clear()  # the unet/ folder replaces accelerate's own copy of the weights
+
+    def load_model_hook(models, input_dir):
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel,
+                                              foreach=args.foreach_ema)
+            ema_unet.load_state_dict(loaded.state_dict())
+            ema_unet.to("cpu" if args.offload_ema else accelerator.device)
+        while models:
+            target = accelerator.unwrap_model(models.pop())
+            target.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet").state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    if ema_unet is not None:
+        if args.offload_ema and accelerator.device.type == "cuda":
+            ema_unet.pin_memory()  # fast non-blocking copies to and from the GPU at each EMA update
+        elif not args.offload_ema:
+            ema_unet.to(accelerator.device)
+    # What a dropped prompt becomes: the encoding of "", computed once (the text encoder is frozen).
+    with torch.no_grad():
+        empty_prompt_states = text_encoder(tokenize(tokenizer, [""]).to(accelerator.device), return_dict=False)[0]
+
+    global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracked)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{len(train_dataset)} examples, {args.num_train_epochs} epochs of {steps_per_epoch} steps, "
+        f"{args.max_train_steps} steps in all, batch {args.train_batch_size} per device, total batch {total_batch_size}"
+    )
+
+    def log_validation(name, epoch, edited):
+        if accelerator.is_main_process:
+            folder = log_validation_images(accelerator, validation_image, edited, name, epoch, global_step, args)
+            logger.info(f"Saved validation images to {folder}")
+
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if global_step >= args.max_train_steps:
+        logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
+    progress_bar = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_batches = 0
+    checkpointer = common.Checkpointer(
+        accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
+    )
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        unet.train()
+        loader, start = train_dataloader, 0
+        if epoch == first_epoch and batches_to_skip:
+            loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
+        loader.set_epoch(epoch)
+        for batch_index, batch in enumerate(loader, start=start):
+            generator = common.make_generator(
+                accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
+            )
+            with accelerator.accumulate(unet):
+                loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype,
+                                     empty_prompt_states)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach()
+            running_batches += 1
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema_unet is not None:
+                if args.offload_ema:
+                    ema_unet.to(device=accelerator.device, non_blocking=True)
+                ema_unet.step(unet.parameters())
+                if args.offload_ema:
+                    ema_unet.to(device="cpu", non_blocking=True)
+            progress_bar.update(1)
+
+            if global_step % args.logging_steps == 0:
+                mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / running_batches
+                logs = {"train_loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                running_loss.zero_()
+                running_batches = 0
+
+            checkpointer.save_if_due(global_step)
+
+            stop_status = checkpointer.stop_if_requested(global_step)
+            if stop_status:
+                progress_bar.close()
+                accelerator.end_training()
+                return stop_status
+            if global_step >= args.max_train_steps:
+                break
+
+        # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
+        if validation_image is not None and epoch % args.validation_epochs == 0:
+            edited = validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tokenizer,
+                                              validation_image, args, run_state.seed)
+            log_validation(f"epoch_{epoch:04d}", epoch, edited)
+        accelerator.wait_for_everyone()
+    progress_bar.close()
+
+    if accelerator.is_main_process:
+        save_pipeline(accelerator, unet, ema_unet, args)
+        logger.info(f"Saved the StableDiffusionInstructPix2PixPipeline to {args.output_dir}")
+    accelerator.wait_for_everyone()
+
+    # A last validation round from the pipeline as saved (what users will load), shown in the model card.
+    final_images = None
+    if validation_image is not None:
+        saved = StableDiffusionInstructPix2PixPipeline.from_pretrained(args.output_dir).to(accelerator.device)
+        final_images = generate_validation_images(accelerator, saved, validation_image, args, run_state.seed)
+        del saved
+        log_validation("final", args.num_train_epochs, final_images)
+    if accelerator.is_main_process:
+        write_model_card(args, global_step, validation_image, final_images)
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message=f"Step {global_step}",
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*", "logs/*"],
+                token=args.hub_token,
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
