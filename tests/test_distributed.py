@@ -1,0 +1,206 @@
+"""The launch configs in configs/launch/, DeepSpeed ZeRO-2 on 2 CPU processes, and the SLURM job's stop-and-requeue.
+
+DeepSpeed runs without ACCELERATE_USE_CPU (which would turn the launch into plain CPU DDP): DeepSpeed itself falls
+back to the CPU and a gloo-style communication op it compiles on first use (SPEC §9).
+"""
+
+import glob
+import os
+import signal
+import stat
+import subprocess
+
+import torch
+import yaml
+from helpers import BIN, REPO, assert_same_weights, checkpoints, free_port, run, script_env, wait_for_path
+from test_controlnet import fill_parquet  # noqa: F401 (module fixture)
+from test_instruct_pix2pix import pairs_parquet  # noqa: F401 (module fixture)
+from test_text_to_image import base_args, metadata_folder, tiny_sd  # noqa: F401 (module fixtures)
+
+LAUNCH_CONFIGS = {
+    "single_gpu.yaml": ("NO", None),
+    "multi_gpu.yaml": ("MULTI_GPU", None),
+    "multi_node.yaml": ("MULTI_GPU", None),
+    "deepspeed_zero2.yaml": ("DEEPSPEED", 2),
+    "deepspeed_zero2_offload.yaml": ("DEEPSPEED", 2),
+    "deepspeed_zero3.yaml": ("DEEPSPEED", 3),
+    "fsdp.yaml": ("FSDP", None),
+}
+
+
+def test_every_launch_config_parses_as_accelerate_reads_it_and_is_documented():
+    """The dry run for the GPU-only and multi-node configs: accelerate's own loader accepts each file and reads the
+    engine it names; README shows the command that uses each one."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    found = sorted(os.path.basename(path) for path in glob.glob(os.path.join(REPO, "configs", "launch", "*.yaml")))
+    assert found == sorted(LAUNCH_CONFIGS)
+    readme = open(os.path.join(REPO, "README.md")).read()
+    for name, (distributed_type, zero_stage) in LAUNCH_CONFIGS.items():
+        config = load_config_from_file(os.path.join(REPO, "configs", "launch", name))
+        assert config.distributed_type.value == distributed_type, name
+        if zero_stage is not None:
+            assert config.deepspeed_config["zero_stage"] == zero_stage, name
+        assert f"configs/launch/{name}" in readme, f"README does not show how to use {name}"
+
+
+def deepspeed_launch(script, args, config="deepspeed_zero2.yaml", num_processes=2):
+    command = [
+        os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(REPO, "configs", "launch", config),
+        "--num_processes", str(num_processes), "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        os.path.join(REPO, script),
+    ] + [str(arg) for arg in args]
+    env = script_env()
+    env.pop("ACCELERATE_USE_CPU")
+    return run(command, env=env)
+
+
+def assert_deepspeed_run_resumes_exactly(script, make_args, weights, checkpoint_weights, tmp_path, examples_line):
+    """Two ranks with ZeRO-2 and gradient accumulation: the optimizer state is sharded (one file per rank), the data
+    is split between the ranks, and 2 steps + resume + 2 steps equal 4 steps straight, bit for bit; the last
+    checkpoint's `checkpoint_weights` equal the final trained `weights`. Returns the straight run's output folder."""
+    settings = {"gradient_accumulation_steps": 2, "checkpointing_steps": 2, "train_batch_size": 1}
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    result = deepspeed_launch(script, make_args(straight, max_train_steps=4, **settings))
+    assert examples_line in result.stderr, [line for line in result.stderr.splitlines() if "examples, " in line]
+    assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
+    shards = sorted(os.listdir(os.path.join(straight, "checkpoint-2", "pytorch_model")))
+    assert [name for name in shards if "optim_states" in name] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+    deepspeed_launch(script, make_args(resumed, max_train_steps=2, **settings))
+    second = deepspeed_launch(script, make_args(resumed, max_train_steps=4, resume_from_checkpoint="latest",
+                                                **settings))
+    assert f"Resuming from {os.path.join(resumed, 'checkpoint-2')}" in second.stderr
+    assert_same_weights(os.path.join(straight, weights), os.path.join(resumed, weights))
+    assert_same_weights(os.path.join(straight, "checkpoint-4", checkpoint_weights), os.path.join(straight, weights))
+    return straight
+
+
+def test_text_to_image_under_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sd, metadata_folder, tmp_path):
+    # 7 examples over 2 ranks at batch 1 = 4 batches per rank, 2 optimizer steps per epoch; total batch 1 x 2 x 2.
+    straight = assert_deepspeed_run_resumes_exactly(
+        "train_text_to_image.py", lambda out, **flags: base_args(tiny_sd, metadata_folder, out, **flags), "unet",
+        "unet", tmp_path, "7 examples, 2 epochs of 2 steps, 4 steps in all, batch 1 per device, total batch 4")
+
+    from diffusers import StableDiffusionPipeline
+
+    image = StableDiffusionPipeline.from_pretrained(straight)(
+        "a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_controlnet_under_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sd, fill_parquet, tmp_path):
+    """The frozen UNet, VAE and text encoder stay outside DeepSpeed; only the ControlNet is its engine's model."""
+    from test_controlnet import base_args as controlnet_args
+
+    straight = assert_deepspeed_run_resumes_exactly(
+        "train_controlnet.py", lambda out, **flags: controlnet_args(tiny_sd, out, parquet=fill_parquet, **flags), ".",
+        "controlnet", tmp_path, "6 examples, 2 epochs of 2 steps, 4 steps in all, batch 1 per device, total batch 4")
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_sd, controlnet=ControlNetModel.from_pretrained(straight), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    image = pipeline("a red circle", Image.new("RGB", (64, 64), "white"), num_inference_steps=2, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_instruct_pix2pix_under_deepspeed_zero2_with_ema_trains_checkpoints_and_resumes_exactly(
+        tiny_sd, pairs_parquet, tmp_path):
+    """The EMA copy lives outside DeepSpeed and is saved and restored by the script's own hooks."""
+    from test_instruct_pix2pix import base_args as pix2pix_args
+
+    straight = assert_deepspeed_run_resumes_exactly(
+        "train_instruct_pix2pix.py",
+        lambda out, **flags: pix2pix_args(tiny_sd, out, parquet=pairs_parquet, use_ema=True, **flags), "unet_raw",
+        "unet", tmp_path, "examples, 2 epochs of 2 steps, 4 steps in all, batch 1 per device, total batch 4")
+    assert_same_weights(os.path.join(straight, "checkpoint-4", "unet_ema"), os.path.join(straight, "unet"))
+
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+
+    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(straight)
+    image = pipeline("make it green", image=Image.new("RGB", (64, 64), "red"), num_inference_steps=2,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SLURM: the batch script run on one machine with stand-ins for srun, scancel and scontrol
+# --------------------------------------------------------------------------------------------------------------------
+
+STUBS = {
+    # srun: run the step's command (options dropped) and remember its process.
+    "srun": """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+"$@" &
+echo $! > "$STUB_DIR/step.pid"
+wait $!
+""",
+    # scancel --signal=SIG JOB: signal every process of the job step, as Slurm does through the step's cgroup (the
+    # training processes run in sessions of their own, so a process-group signal would miss them), never the batch
+    # shell.
+    "scancel": """#!/bin/bash
+sig=${1#--signal=}
+tree() { echo "$1"; for child in $(pgrep -P "$1"); do tree "$child"; done; }
+kill -"$sig" $(tree "$(cat "$STUB_DIR/step.pid")")
+""",
+    "scontrol": """#!/bin/bash
+if [ "$1" = requeue ]; then echo "$2" >> "$STUB_DIR/requeued"; fi
+if [ "$1" = show ]; then echo 127.0.0.1; fi
+""",
+}
+
+
+def test_slurm_job_checkpoints_before_the_time_limit_and_requeues(tiny_sd, metadata_folder, tmp_path):
+    """Slurm's early-warning SIGUSR1 to the batch shell reaches the training processes (not the launcher), which save
+    a checkpoint and stop; the job requeues itself, and the requeued run continues from that checkpoint."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name, text in STUBS.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(stat.S_IRWXU)
+    # One simulated node with 2 CPU processes; mixed precision off on the CPU.
+    launch_config = yaml.safe_load(open(os.path.join(REPO, "configs", "launch", "multi_node.yaml")))
+    launch_config["mixed_precision"] = "no"
+    launch_config_path = tmp_path / "multi_node_cpu.yaml"
+    launch_config_path.write_text(yaml.safe_dump(launch_config))
+    env = script_env(
+        PATH=f"{stubs}:{BIN}:{os.environ['PATH']}", STUB_DIR=str(stubs), SLURM_JOB_ID="4242", SLURM_NNODES="1",
+        SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE="2",
+        MASTER_PORT=str(free_port()), LAUNCH_CONFIG=str(launch_config_path),
+    )
+    out = str(tmp_path / "out")
+    job = [os.path.join(REPO, "configs", "slurm_multinode.sbatch"), "train_text_to_image.py"] + base_args(
+        tiny_sd, metadata_folder, out, max_train_steps=40, checkpointing_steps=2,
+        train_batch_size=1)
+
+    batch_shell = subprocess.Popen(["bash"] + job, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_path(os.path.join(out, "checkpoint-2"), batch_shell)
+    batch_shell.send_signal(signal.SIGUSR1)
+    output, _ = batch_shell.communicate(timeout=300)
+    assert batch_shell.returncode == 0, output[-3000:]
+    assert (stubs / "requeued").read_text().split() == ["4242"]
+    assert "Received SIGUSR1" in output and "Continue with --resume_from_checkpoint latest" in output
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(out))
+    assert 2 <= stop_step < 40
+    assert not os.path.exists(os.path.join(out, "model_index.json"))
+
+    # The requeued job: the same command, which resumes from the newest checkpoint and finishes.
+    env["MASTER_PORT"] = str(free_port())
+    rerun = subprocess.run(["bash"] + job, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"Resuming from {os.path.join(out, f'checkpoint-{stop_step}')}" in rerun.stdout + rerun.stderr
+    assert os.path.exists(os.path.join(out, "model_index.json"))
+    assert (stubs / "requeued").read_text().split() == ["4242"]
+
+
+def test_slurm_script_refuses_to_run_without_a_training_script():
+    result = subprocess.run(["bash", os.path.join(REPO, "configs", "slurm_multinode.sbatch")], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "usage: sbatch" in result.stderr
