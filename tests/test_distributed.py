@@ -12,7 +12,17 @@ import subprocess
 
 import torch
 import yaml
-from helpers import BIN, REPO, assert_same_weights, checkpoints, free_port, run, script_env, wait_for_path
+from helpers import (
+    BIN,
+    REPO,
+    assert_same_weights,
+    checkpoints,
+    free_port,
+    launch_command,
+    run,
+    script_env,
+    wait_for_path,
+)
 from test_controlnet import fill_parquet  # noqa: F401 (module fixture)
 from test_instruct_pix2pix import pairs_parquet  # noqa: F401 (module fixture)
 from test_text_to_image import base_args, metadata_folder, tiny_sd  # noqa: F401 (module fixtures)
@@ -204,3 +214,34 @@ def test_slurm_script_refuses_to_run_without_a_training_script():
     result = subprocess.run(["bash", os.path.join(REPO, "configs", "slurm_multinode.sbatch")], capture_output=True,
                             text=True)
     assert result.returncode == 2 and "usage: sbatch" in result.stderr
+
+
+def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step_with_one_checkpoint(image_folder, tiny_unet_config,
+                                                                                   tmp_path):
+    """A preemption signal that reaches only rank 1 (as when a scheduler signals one node's processes first): the
+    ranks agree on the stop step, write one complete checkpoint together and both exit with 143."""
+    import psutil
+    from test_unconditional import base_args as unconditional_args
+
+    out = str(tmp_path / "out")
+    command = launch_command("train_unconditional.py", unconditional_args(
+        image_folder, tiny_unet_config, out, num_epochs=200, checkpointing_steps=3, use_ema=True), num_processes=2)
+    launcher = subprocess.Popen(command, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_path(os.path.join(out, "checkpoint-3"), launcher)
+
+    workers = [child for child in psutil.Process(launcher.pid).children(recursive=True)
+               if "train_unconditional.py" in " ".join(child.cmdline())]
+    ranks = {child.environ().get("RANK"): child for child in workers}
+    assert set(ranks) == {"0", "1"}
+    ranks["1"].send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=300)
+
+    stopped = [line for line in stdout.splitlines() if line.startswith("Stopped at step")]
+    assert len(stopped) == 1, stdout[-3000:]  # printed by the main process only
+    stop_step = int(stopped[0].split()[3].rstrip(":"))
+    assert f"checkpoint saved to {os.path.join(out, f'checkpoint-{stop_step}')}" in stopped[0]
+    assert "exitcode  : 143" in stderr and "exitcode  : 1 " not in stderr
+    assert max(int(name.split("-")[1]) for name in checkpoints(out)) == stop_step
+    assert not [name for name in os.listdir(out) if name.startswith(".partial")]
+    saved = os.listdir(os.path.join(out, f"checkpoint-{stop_step}"))
+    assert {"random_states_0.pkl", "random_states_1.pkl", "unet", "unet_ema"} <= set(saved)
