@@ -12,6 +12,7 @@ Three groups, nothing else (dataset code, argparse and save hooks stay in each s
 """
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -535,6 +536,13 @@ def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
+    if plugin.zero_stage == 3:
+        # Tried on CPU: training runs, but saving the partitioned model from the main process alone (checkpoint
+        # hooks, final pipeline) is not done yet; refuse rather than write incomplete weights or hang.
+        raise InputError(
+            "DeepSpeed ZeRO-3 is not supported yet; use configs/launch/deepspeed_zero2.yaml or "
+            "configs/launch/deepspeed_zero2_offload.yaml (optimizer states in CPU memory)"
+        )
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
         from accelerate import PartialState
 
@@ -552,6 +560,31 @@ def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm):
     if config.get("train_batch_size") == "auto":
         # DeepSpeed derives it from micro batch x accumulation x world size.
         del config["train_batch_size"]
+
+
+@contextlib.contextmanager
+def frozen_models_outside_zero3():
+    """Load the frozen models (VAE, text encoder, a UNet that is not trained) whole under DeepSpeed ZeRO-3: only the
+    model DeepSpeed prepares may be partitioned, and a partitioned frozen model cannot run its own forward.
+
+    accelerate's `zero3_init_context_manager(enable=False)` is not enough: it re-registers a stage-3 config with
+    transformers, whose `from_pretrained` then partitions the model anyway. So the config is taken away while the
+    frozen models load, and registered again afterwards for the trained model."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin if accelerate.state.is_initialized() else None
+    if plugin is None or not plugin.is_zero3_init_enabled():
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    with plugin.zero3_init_context_manager(enable=False):
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
 
 class PreemptionHandler:

@@ -400,17 +400,6 @@ def tokenize(tokenizer, prompts):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _frozen_models_outside_zero3():
-    """Under DeepSpeed ZeRO-3 only the prepared (trained) model may be partitioned: load the frozen ones whole."""
-    import contextlib
-
-    import accelerate
-    from accelerate.state import AcceleratorState
-
-    plugin = AcceleratorState().deepspeed_plugin if accelerate.state.is_initialized() else None
-    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
-
-
 def load_models(args):
     """(noise_scheduler, tokenizer, text_encoder, vae, unet) from the pretrained pipeline, the UNet widened to 8 input
     channels; load errors are InputErrors naming the part that failed."""
@@ -429,7 +418,7 @@ def load_models(args):
 
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
     tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
-    with _frozen_models_outside_zero3():
+    with common.frozen_models_outside_zero3():
         text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
         vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
     unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)

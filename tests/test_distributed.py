@@ -140,6 +140,26 @@ def test_instruct_pix2pix_under_deepspeed_zero2_with_ema_trains_checkpoints_and_
     assert image.shape == (64, 64, 3)
 
 
+def test_zero3_is_refused_with_one_line_before_loading_models(tiny_sd, metadata_folder, tmp_path):
+    out = str(tmp_path / "out")
+    command = [
+        os.path.join(BIN, "accelerate"), "launch", "--config_file",
+        os.path.join(REPO, "configs", "launch", "deepspeed_zero3.yaml"), "--num_processes", "2", "--mixed_precision",
+        "no", "--main_process_port", str(free_port()), os.path.join(REPO, "train_text_to_image.py"),
+    ] + base_args(tiny_sd, metadata_folder, out, max_train_steps=2)
+    env = script_env()
+    env.pop("ACCELERATE_USE_CPU")
+    result = run(command, env=env, check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: DeepSpeed ZeRO-3 is not supported yet; use configs/launch/deepspeed_zero2.yaml or "
+                      "configs/launch/deepspeed_zero2_offload.yaml (optimizer states in CPU memory)"]
+    # No traceback from the training processes (the launcher still reports the failed processes its own way).
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert 'train_text_to_image.py", line' not in result.stderr
+    assert not os.path.exists(out)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # SLURM: the batch script run on one machine with stand-ins for srun, scancel and scontrol
 # --------------------------------------------------------------------------------------------------------------------
