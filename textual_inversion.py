@@ -661,8 +661,8 @@ def main(argv=None):
         eps=args.adam_epsilon,
     )
 
-    batches_per_rank = math.ceil(len(train_dataloader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_rank / args.gradient_accumulation_steps)
+    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+                                             args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -731,8 +731,8 @@ def main(argv=None):
         f"total batch {total_batch_size}, learning rate {args.learning_rate:g}"
     )
 
-    first_epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+                                                          args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
     progress_bar = tqdm(

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import math
 import os
 import re
 import shutil
@@ -288,6 +289,17 @@ class EpochSampler(torch.utils.data.Sampler):
             order = range(self.num_samples)
         return iter([(self.epoch, index) for index in order])
 
+
+def steps_per_epoch(num_batches, num_processes, gradient_accumulation_steps):
+    """Optimizer steps in one epoch: accelerate gives each rank ceil(batches / processes) batches, and the last,
+    possibly partial, accumulation of an epoch still makes a step."""
+    return math.ceil(math.ceil(num_batches / num_processes) / gradient_accumulation_steps)
+
+
+def resume_position(global_step, steps_per_epoch, gradient_accumulation_steps):
+    """(epoch, batches of it to skip) where a run that has made `global_step` optimizer steps continues."""
+    epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+    return epoch, steps_into_epoch * gradient_accumulation_steps
 
 class RunState:
     """Values a resumed run must take from its checkpoint rather than from the command line (the base seed)."""

@@ -866,8 +866,8 @@ def main(argv=None):
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     params_to_optimize = [p for model in trained_models for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, params_to_optimize)
-    batches_per_rank = math.ceil(len(train_dataloader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_rank / args.gradient_accumulation_steps)
+    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+                                             args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     else:
@@ -931,8 +931,8 @@ def main(argv=None):
         f"total batch {total_batch_size}"
     )
 
-    first_epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+                                                          args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
     progress_bar = tqdm(

@@ -703,8 +703,8 @@ def main(argv=None):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(args, unet.parameters())
-    batches_per_rank = math.ceil(len(train_dataloader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_rank / args.gradient_accumulation_steps)
+    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+                                             args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     else:
@@ -770,8 +770,8 @@ def main(argv=None):
         f"{args.max_train_steps} steps in all, batch {args.train_batch_size} per device, total batch {total_batch_size}"
     )
 
-    first_epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+                                                          args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
     progress_bar = tqdm(

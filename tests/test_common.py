@@ -240,3 +240,15 @@ def test_missing_config_file_is_an_error(capsys):
     with pytest.raises(SystemExit):
         common.parse_args_with_config(make_parser(), ["--config", "/nonexistent.yaml", "--model", "m"])
     assert "--config: file '/nonexistent.yaml' does not exist" in capsys.readouterr().err
+
+
+def test_epoch_arithmetic_matches_what_accelerate_hands_each_rank():
+    # 7 batches over 2 ranks: 4 batches each (accelerate evens them out); accumulation 2 gives 2 steps per epoch.
+    assert common.steps_per_epoch(7, 2, 2) == 2
+    # A partial accumulation at the end of an epoch still steps: 3 batches at accumulation 2 are 2 steps.
+    assert common.steps_per_epoch(3, 1, 2) == 2
+    assert common.steps_per_epoch(8, 1, 1) == 8
+    # After 5 steps of 2 per epoch: epoch 2, skipping the batches of its first step.
+    assert common.resume_position(5, 2, 3) == (2, 3)
+    assert common.resume_position(4, 2, 3) == (2, 0)
+    assert common.resume_position(0, 4, 1) == (0, 0)
