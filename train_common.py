@@ -166,6 +166,18 @@ def check_local_or_hub_id(flag, value):
         raise InputError(f"{flag} {value!r} does not exist")
 
 
+def check_pipeline_folder(path, parts):
+    """`--pretrained_model_name_or_path`: a path must exist, and a local pipeline folder must hold every part
+    (`unet`, `vae`, ...) the script loads; a hub id is checked when loaded."""
+    check_local_or_hub_id("--pretrained_model_name_or_path", path)
+    if os.path.isdir(path):
+        missing = [part for part in parts if not os.path.isdir(os.path.join(path, part))]
+        if missing:
+            raise InputError(
+                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
+                f"(missing {', '.join(f'{part}/' for part in missing)})"
+            )
+
 def require_package(module, flag, install):
     import importlib.util
 
@@ -300,6 +312,7 @@ def resume_position(global_step, steps_per_epoch, gradient_accumulation_steps):
     """(epoch, batches of it to skip) where a run that has made `global_step` optimizer steps continues."""
     epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
     return epoch, steps_into_epoch * gradient_accumulation_steps
+
 
 class RunState:
     """Values a resumed run must take from its checkpoint rather than from the command line (the base seed)."""

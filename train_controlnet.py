@@ -160,7 +160,7 @@ def validate_args(args):
         raise InputError(f"--prediction_type {args.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     args.validation_pairs = validation_pairs(args)
 
-    check_model_source(args.pretrained_model_name_or_path)
+    common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
     if args.controlnet_model_name_or_path is not None:
         path = args.controlnet_model_name_or_path
         common.check_local_or_hub_id("--controlnet_model_name_or_path", path)
@@ -231,18 +231,6 @@ def validation_pairs(args):
     if len(images) == 1:
         images = images * len(prompts)
     return list(zip(prompts, images))
-
-
-def check_model_source(path):
-    """A local pipeline folder must exist and hold every part we load; a hub id is checked when loaded."""
-    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
-    if os.path.isdir(path):
-        missing = [part for part in PIPELINE_PARTS if not os.path.isdir(os.path.join(path, part))]
-        if missing:
-            raise InputError(
-                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
-                f"(missing {', '.join(f'{part}/' for part in missing)})"
-            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -202,7 +202,9 @@ def validate_args(args):
             if value is not None:
                 warnings.warn(f"{flag} is ignored without --with_prior_preservation", stacklevel=1)
 
-    check_model_source(args.pretrained_model_name_or_path, needs_tokenizer=args.tokenizer_name is None)
+    # --tokenizer_name replaces the pipeline's tokenizer/.
+    parts = REQUIRED_PARTS if args.tokenizer_name is None else REQUIRED_PARTS[1:]
+    common.check_pipeline_folder(args.pretrained_model_name_or_path, parts)
     if args.tokenizer_name is not None:
         common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
     if not os.path.isdir(args.instance_data_dir):
@@ -238,19 +240,6 @@ def validate_args(args):
             raise InputError(
                 "--enable_xformers_memory_efficient_attention: xformers is not installed "
                 "(pip install -r requirements-xformers.txt)"
-            )
-
-
-def check_model_source(path, needs_tokenizer=True):
-    """A local pipeline folder must exist and hold every part we load; a hub id is checked when loaded."""
-    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
-    if os.path.isdir(path):
-        parts = REQUIRED_PARTS if needs_tokenizer else REQUIRED_PARTS[1:]
-        missing = [part for part in parts if not os.path.isdir(os.path.join(path, part))]
-        if missing:
-            raise InputError(
-                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
-                f"(missing {', '.join(f'{part}/' for part in missing)})"
             )
 
 

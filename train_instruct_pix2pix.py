@@ -168,7 +168,7 @@ def validate_args(args):
         raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     check_validation_args(args)
 
-    check_model_source(args.pretrained_model_name_or_path)
+    common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
     if args.dataset_name is None and args.train_data_dir is None:
         raise InputError(
             "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (an imagefolder)"
@@ -221,18 +221,6 @@ def check_validation_args(args):
         raise InputError(f"--val_image_url {source!r} does not exist (give a local image file or an http(s) URL)")
     if not common.is_readable_image({"path": source}):
         raise InputError(f"--val_image_url {source!r} is not a readable image")
-
-
-def check_model_source(path):
-    """A local pipeline folder must exist and hold every part we load; a hub id is checked when loaded."""
-    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
-    if os.path.isdir(path):
-        missing = [part for part in PIPELINE_PARTS if not os.path.isdir(os.path.join(path, part))]
-        if missing:
-            raise InputError(
-                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
-                f"(missing {', '.join(f'{part}/' for part in missing)})"
-            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def validate_args(args):
     if args.validation_prompts is not None and not all(prompt.strip() for prompt in args.validation_prompts):
         raise InputError("--validation_prompts: a prompt is empty")
 
-    check_model_source(args.pretrained_model_name_or_path)
+    common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
     if args.dataset_name is None and args.train_data_dir is None:
         raise InputError(
             "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (a folder of images)"
@@ -198,18 +198,6 @@ def validate_args(args):
             raise InputError(
                 "--enable_xformers_memory_efficient_attention: xformers is not installed "
                 "(pip install -r requirements-xformers.txt)"
-            )
-
-
-def check_model_source(path):
-    """A local pipeline folder must exist and hold every part we load; a hub id is checked when loaded."""
-    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
-    if os.path.isdir(path):
-        missing = [part for part in PIPELINE_PARTS if not os.path.isdir(os.path.join(path, part))]
-        if missing:
-            raise InputError(
-                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
-                f"(missing {', '.join(f'{part}/' for part in missing)})"
             )
 
 
