@@ -134,9 +134,22 @@ def parse_args(argv=None):
     add("--logging_steps", type=int, default=10,
         help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
     add("--validation_inference_steps", type=int, default=20, help="Denoising steps for validation images.")
+    add("--cache_latents", action="store_true",
+        help="Encode every image with the VAE once (both orientations with --random_flip), keep the latent "
+             "distributions on disk under --feature_cache_dir, reuse them in later runs, and train without the VAE "
+             "in memory. Needs --center_crop: a random crop cannot be cached.")
+    add("--cache_text_embeddings", action="store_true",
+        help="Encode every caption with the text encoder once, keep the embeddings on disk under "
+             "--feature_cache_dir, reuse them in later runs, and train without the text encoder in memory.")
+    add("--feature_cache_dir", type=str, default=None,
+        help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
+             "or ~/.cache/diffusion-training). Entries are keyed by the images, captions, model weights, resolution "
+             "and transforms, so one folder serves any number of runs; deleting it is always safe.")
     args = common.parse_args_with_config(parser, argv)
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
+    if args.feature_cache_dir is None:
+        args.feature_cache_dir = common.default_feature_cache_dir()
     return args
 
 
@@ -162,6 +175,10 @@ def validate_args(args):
         raise InputError("--dream_training supports only --prediction_type epsilon")
     if args.validation_prompts is not None and not all(prompt.strip() for prompt in args.validation_prompts):
         raise InputError("--validation_prompts: a prompt is empty")
+    if args.cache_latents and not args.center_crop:
+        raise InputError("--cache_latents needs --center_crop: a random crop changes every epoch and cannot be cached")
+    if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
+        raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
 
     common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
     if args.dataset_name is None and args.train_data_dir is None:
@@ -327,12 +344,35 @@ class CaptionedImages(torch.utils.data.Dataset):
     seed, the epoch and the sample index, so they are the same on resume and with any number of workers.
 
     With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
-    the checkpoint only after the dataset is built."""
+    the checkpoint only after the dataset is built.
+
+    Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distribution / text
+    embedding instead of pixels / token ids; the random draws stay the same, so the training run does not change."""
 
     def __init__(self, dataset, tokenizer, args, run_state):
         self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
         self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
         self._subset = (None, None)  # (seed, indices)
+        self.latent_cache = self.image_keys = None
+        self.text_cache = self.caption_keys = None
+
+    def rows(self):
+        """The dataset rows this run trains on."""
+        return [self._row(index) for index in range(self.size)]
+
+    def use_latent_cache(self, cache, image_keys):
+        self.latent_cache, self.image_keys = cache, image_keys
+        # The image column is no longer read: skip decoding it.
+        self.dataset = self.dataset.select_columns([self.args.caption_column])
+
+    def use_text_cache(self, cache, caption_keys):
+        self.text_cache, self.caption_keys = cache, caption_keys
+
+    def token_ids(self, caption):
+        return self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
 
     def __len__(self):
         return self.size
@@ -352,16 +392,94 @@ class CaptionedImages(torch.utils.data.Dataset):
         epoch, index = key
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         a = self.args
-        example = self.dataset[self._row(index)]
+        row = self._row(index)
+        example = self.dataset[row]
         caption = pick_caption(example[a.caption_column], generator)
-        interpolation = INTERPOLATION_MODES[a.image_interpolation_mode]
-        pixels = preprocess_image(example[a.image_column], a.resolution, interpolation, a.center_crop, a.random_flip,
-                                  generator)
-        input_ids = self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixel_values": pixels, "input_ids": input_ids}
+        item = {}
+        if self.latent_cache is None:
+            interpolation = INTERPOLATION_MODES[a.image_interpolation_mode]
+            item["pixel_values"] = preprocess_image(example[a.image_column], a.resolution, interpolation,
+                                                    a.center_crop, a.random_flip, generator)
+        else:
+            # The same draw preprocess_image makes for the flip (a centre crop draws nothing).
+            flip = a.random_flip and torch.rand(1, generator=generator).item() < 0.5
+            entry = self.latent_cache.load(self.image_keys[row])
+            item["latent_dist"] = entry["flipped" if flip else "latent_dist"]
+        if self.text_cache is None:
+            item["input_ids"] = self.token_ids(caption)
+        else:
+            item["encoder_hidden_states"] = self.text_cache.load(self.caption_keys[caption])["hidden_states"]
+        return item
+
+
+def all_captions(cells):
+    """Every caption a row can be trained with: the caption, or each of a list."""
+    for cell in cells:
+        if cell is None or isinstance(cell, str):
+            yield cell or ""
+        else:
+            yield from (str(caption) for caption in cell) if len(cell) else [""]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Feature cache: latents and text embeddings computed once, then the VAE / text encoder leave memory
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
+    """Fill the latent cache for the rows this run trains on (split across ranks) and switch the dataset to it."""
+    from datasets import Image as ImageFeature
+
+    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
+        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
+        "interpolation": args.image_interpolation_mode, "crop": "center", "flip": args.random_flip,
+    })
+    rows = train_dataset.rows()
+    # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
+    cells = train_dataset.dataset.cast_column(args.image_column, ImageFeature(decode=False))
+    image_keys = {}
+    for start in range(0, len(rows), 1000):
+        chunk = rows[start:start + 1000]
+        image_keys.update(zip(chunk, map(common.image_fingerprint, cells[chunk][args.image_column])))
+    interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
+    decoder = ImageFeature()
+
+    def encode(batch_rows):
+        # Decoded exactly as the dataset decodes them, so the latents are those of the uncached run.
+        pixels = torch.stack([
+            preprocess_image(decoder.decode_example(cell), args.resolution, interpolation, True, False, None)
+            for cell in cells[batch_rows][args.image_column]
+        ])
+        views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
+        parameters = vae.encode(views.to(accelerator.device, weight_dtype)).latent_dist.parameters
+        count = len(batch_rows)
+        if not args.random_flip:
+            return [{"latent_dist": parameters[i]} for i in range(count)]
+        return [{"latent_dist": parameters[i], "flipped": parameters[count + i]} for i in range(count)]
+
+    vae.to(accelerator.device, dtype=weight_dtype)
+    cache.fill(accelerator, {key: row for row, key in image_keys.items()}, encode, args.train_batch_size)
+    train_dataset.use_latent_cache(cache, image_keys)
+
+
+def cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight_dtype):
+    """Fill the text-embedding cache for every caption of the rows this run trains on and switch the dataset to it.
+    Entries are keyed by token ids, so a different tokenizer is a miss too."""
+    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {
+        "text_encoder": common.model_fingerprint(text_encoder), "dtype": str(weight_dtype),
+    })
+    rows = train_dataset.rows()
+    captions = set(all_captions(train_dataset.dataset.select(rows)[args.caption_column]))
+    token_ids = {caption: train_dataset.token_ids(caption) for caption in sorted(captions)}
+    caption_keys = {caption: common.fingerprint(ids.tolist()) for caption, ids in token_ids.items()}
+
+    def encode(batch_ids):
+        hidden_states = text_encoder(torch.stack(batch_ids).to(accelerator.device), return_dict=False)[0]
+        return [{"hidden_states": states} for states in hidden_states]
+
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    cache.fill(accelerator, {caption_keys[c]: ids for c, ids in token_ids.items()}, encode, args.train_batch_size)
+    train_dataset.use_text_cache(cache, caption_keys)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -437,17 +555,24 @@ def build_optimizer(args, params):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype):
-    """The diffusion loss of one batch: encode images and captions with the frozen models, noise the latents (offset
-    noise, input perturbation), optionally apply DREAM, and weight by Min-SNR.
+def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype, scaling_factor):
+    """The diffusion loss of one batch: encode images and captions with the frozen models (or take them from the
+    cache), noise the latents (offset noise, input perturbation), optionally apply DREAM, and weight by Min-SNR.
 
     Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import compute_dream_and_update_latents
 
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(weight_dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
-        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        if "latent_dist" in batch:
+            latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
+        else:
+            latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+        latents = latent_dist.sample(generator=generator).float() * scaling_factor
+        if "encoder_hidden_states" in batch:
+            encoder_hidden_states = batch["encoder_hidden_states"]
+        else:
+            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
 
     noise = common.sample_noise(latents, generator, args.noise_offset)
     timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
@@ -474,6 +599,11 @@ def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, ar
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def frozen_dtype(accelerator):
+    """The VAE and text encoder run in the mixed-precision dtype; the trained UNet stays fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
 def generate_validation_images(accelerator, unet, vae, text_encoder, tokenizer, args, seed):
     """Render the validation prompts, split across all ranks (no rank idles past a collective timeout). Prompt i
     always uses a generator seeded from (run seed, i), so images do not depend on the number of processes. The main
@@ -485,11 +615,15 @@ def generate_validation_images(accelerator, unet, vae, text_encoder, tokenizer, 
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     images = []
     if mine:
+        # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
+        frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
         pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            args.pretrained_model_name_or_path, tokenizer=tokenizer, unet=unet, **frozen,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
             variant=args.variant, cache_dir=args.cache_dir,
         )
+        for name in {"vae", "text_encoder"} - frozen.keys():
+            getattr(pipeline, name).to(accelerator.device, dtype=frozen_dtype(accelerator))
         pipeline.set_progress_bar_config(disable=True)
         if args.enable_xformers_memory_efficient_attention:
             pipeline.enable_xformers_memory_efficient_attention()
@@ -667,7 +801,7 @@ def main(argv=None):
 
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
     # Frozen parts run in the mixed-precision dtype; the trained UNet stays fp32 (its optimizer states too).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = frozen_dtype(accelerator)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.to(torch.float32).train()
@@ -730,8 +864,6 @@ def main(argv=None):
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
     )
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
     if ema_unet is not None:
         if args.offload_ema and accelerator.device.type == "cuda":
             ema_unet.pin_memory()  # fast non-blocking copies to and from the GPU at each EMA update
@@ -739,6 +871,21 @@ def main(argv=None):
             ema_unet.to(accelerator.device)
 
     global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+
+    # The frozen models go to the device, or fill the cache (the rows trained on depend on the seed, known only now
+    # for a resumed run) and leave memory; validation loads them again when it needs them.
+    scaling_factor = vae.config.scaling_factor
+    if args.cache_latents:
+        cache_latents(accelerator, train_dataset, vae, args, weight_dtype)
+        vae = None
+    else:
+        vae.to(accelerator.device, dtype=weight_dtype)
+    if args.cache_text_embeddings:
+        cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight_dtype)
+        text_encoder = None
+    else:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    common.free_memory()
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -784,7 +931,8 @@ def main(argv=None):
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             with accelerator.accumulate(unet):
-                loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype)
+                loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype,
+                                     scaling_factor)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)

@@ -228,6 +228,65 @@ def test_two_processes(tiny_sd, txt_folder, tmp_path):
         assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
 
 
+def _cache_entries(cache_dir, kind):
+    """{entry path: mtime} of one kind of feature-cache entry."""
+    entries = {}
+    for root, _, files in os.walk(os.path.join(cache_dir, kind)):
+        for name in files:
+            if name.endswith(".safetensors"):
+                entries[os.path.join(root, name)] = os.stat(os.path.join(root, name)).st_mtime_ns
+    return entries
+
+
+def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_sees_edits(tiny_sd, txt_folder,
+                                                                                          tmp_path):
+    """--cache_latents --cache_text_embeddings with --random_flip:
+    - training on the cache equals training on fresh encodings within fp32 rounding (the VAE and text encoder see
+      other batch shapes when filling the cache, nothing else differs);
+    - a second run, in another output folder, computes nothing and rewrites no entry; it also stops and resumes
+      from the cache (with 2 data loader workers) bit for bit like the first;
+    - editing one image recomputes that image's entry only."""
+    data = str(tmp_path / "data")
+    shutil.copytree(txt_folder, data)
+    cache = str(tmp_path / "cache")
+    settings = {"center_crop": True, "random_flip": True, "max_train_steps": 4, "checkpointing_steps": 2,
+                "learning_rate": 1e-4}
+    cached = {"cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache}
+
+    fresh = str(tmp_path / "fresh")
+    launch(SCRIPT, base_args(tiny_sd, data, fresh, **settings))
+    first = str(tmp_path / "first")
+    result = launch(SCRIPT, base_args(tiny_sd, data, first, **settings, **cached))
+    # 5 images; captions: 2 x cat, 2 x dog, 1 empty -> 3 distinct.
+    assert "latents: 0 of 5 cached" in result.stderr and "computing 5" in result.stderr
+    assert "text_embeddings: 0 of 3 cached" in result.stderr
+    latents, texts = _cache_entries(cache, "latents"), _cache_entries(cache, "text_embeddings")
+    assert len(latents) == 5 and len(texts) == 3
+    fresh_weights, cached_weights = load_weights(os.path.join(fresh, "unet")), load_weights(os.path.join(first, "unet"))
+    for name, value in fresh_weights.items():
+        torch.testing.assert_close(cached_weights[name], value, rtol=0, atol=2e-6)
+    assert_different_weights(os.path.join(first, "unet"), os.path.join(tiny_sd, "unet"))
+
+    second = str(tmp_path / "second")
+    result = launch(SCRIPT, base_args(tiny_sd, data, second, **{**settings, "max_train_steps": 2}, **cached))
+    assert "latents: 5 of 5 cached" in result.stderr and "text_embeddings: 3 of 3 cached" in result.stderr
+    launch(SCRIPT, base_args(tiny_sd, data, second, **settings, **cached, resume_from_checkpoint="latest",
+                             dataloader_num_workers=2))
+    assert _cache_entries(cache, "latents") == latents and _cache_entries(cache, "text_embeddings") == texts
+    for folder in ("checkpoint-4/unet", "unet"):
+        assert_same_weights(os.path.join(first, folder), os.path.join(second, folder))
+
+    edited = os.path.join(data, "shape_0.png")
+    from PIL import Image
+
+    Image.open(os.path.join(data, "shape_1.png")).transpose(Image.FLIP_TOP_BOTTOM).save(edited)
+    result = launch(SCRIPT, base_args(tiny_sd, data, str(tmp_path / "third"), **{**settings, "max_train_steps": 1},
+                                      **cached))
+    assert "latents: 4 of 5 cached" in result.stderr and "computing 1" in result.stderr
+    after = _cache_entries(cache, "latents")
+    assert len(after) == 6 and all(after[path] == mtime for path, mtime in latents.items())
+
+
 def test_diffusers_docs_command_runs_unchanged(tiny_sd, tmp_path):
     """The diffusers docs' command line with a local dataset, the tiny model and --mixed_precision=no (CPU): parses,
     loads, and trains at 512 px with EMA, accumulation 4 and gradient checkpointing; a SIGTERM right after start
@@ -432,6 +491,9 @@ BAD_ARGUMENTS = {
     "unknown lr scheduler": ({"lr_scheduler": "sometimes"}, "--lr_scheduler"),
     "unknown interpolation": ({"image_interpolation_mode": "fancy"}, "--image_interpolation_mode"),
     "resolution not an int": ({"resolution": "big"}, "--resolution"),
+    "cache_latents with a random crop": ({"cache_latents": True}, "--cache_latents needs --center_crop"),
+    "feature_cache_dir is a file": ({"cache_text_embeddings": True, "feature_cache_dir": "{a_file}"},
+                                    "--feature_cache_dir"),
 }
 
 
@@ -448,8 +510,9 @@ def test_bad_argument_gets_one_line_error(case, tiny_sd, metadata_folder, tmp_pa
 
     overrides, expected = BAD_ARGUMENTS[case]
     (tmp_path / "empty").mkdir()
-    overrides = {k: v.format(empty_dir=str(tmp_path / "empty")) if isinstance(v, str) else v
-                 for k, v in overrides.items()}
+    (tmp_path / "a_file").write_text("not a folder")
+    overrides = {k: v.format(empty_dir=str(tmp_path / "empty"), a_file=str(tmp_path / "a_file"))
+                 if isinstance(v, str) else v for k, v in overrides.items()}
     out, before = _existing_output(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: _script().main(base_args(tiny_sd, metadata_folder, out, **overrides)))
