@@ -252,3 +252,72 @@ def test_epoch_arithmetic_matches_what_accelerate_hands_each_rank():
     assert common.resume_position(5, 2, 3) == (2, 3)
     assert common.resume_position(4, 2, 3) == (2, 0)
     assert common.resume_position(0, 4, 1) == (0, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Feature cache
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Rank:
+    """What FeatureCache.fill needs of an Accelerator: one rank of a group whose others never ran (a node that does
+    not share the cache folder)."""
+
+    def __init__(self, index, count):
+        self.process_index, self.num_processes, self.is_main_process = index, count, index == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_feature_cache_keys_split_partial_files_and_settings(tmp_path):
+    settings = {"vae": "abc", "resolution": 64}
+    cache = common.FeatureCache(str(tmp_path), "latents", settings)
+    assert cache.folder == common.FeatureCache(str(tmp_path), "latents", dict(settings)).folder
+    assert cache.folder != common.FeatureCache(str(tmp_path), "latents", {**settings, "resolution": 32}).folder
+
+    inputs = {common.fingerprint("image", index): torch.full((2,), float(index)) for index in range(5)}
+    encoded = []
+
+    def encode(values):
+        encoded.extend(float(value[0]) for value in values)
+        return [{"latent_dist": value * 2} for value in values]
+
+    # A crash mid-write leaves only a .partial file: the entry is still missing.
+    first = next(iter(inputs))
+    os.makedirs(os.path.dirname(cache.path(first)))
+    with open(cache.path(first) + ".1234.partial", "wb") as file:
+        file.write(b"half an entry")
+    assert cache.missing(inputs) == list(inputs)
+
+    # Rank 1 of 2 computes its share (keys 1 and 3) in one batch of 2, then, as its node does not see rank 0's
+    # entries, the rest.
+    cache.fill(_Rank(1, 2), inputs, encode, batch_size=2)
+    assert encoded[:2] == [1.0, 3.0] and sorted(encoded) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert cache.missing(inputs) == []
+    assert torch.equal(cache.load(common.fingerprint("image", 3))["latent_dist"], torch.full((2,), 6.0))
+    encoded.clear()
+    cache.fill(_Rank(0, 2), inputs, encode, batch_size=2)
+    assert encoded == []
+    assert os.path.isfile(os.path.join(cache.folder, "settings.json"))
+
+
+def test_fingerprints_follow_content(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (4, 4), "red").save(path)
+    before = common.image_fingerprint({"path": str(path), "bytes": None})
+    assert common.image_fingerprint({"path": str(path), "bytes": None}) == before
+    Image.new("RGB", (4, 4), "blue").save(path)
+    assert common.image_fingerprint({"path": str(path), "bytes": None}) != before
+    # Images held in the dataset are keyed by their bytes, wherever they came from.
+    assert common.image_fingerprint({"bytes": b"png", "path": "x.png"}) == common.image_fingerprint({"bytes": b"png"})
+
+    model = torch.nn.Linear(3, 2)
+    fingerprint = common.model_fingerprint(model)
+    assert common.model_fingerprint(model) == fingerprint
+    with torch.no_grad():
+        model.bias[0] += 1e-6
+    assert common.model_fingerprint(model) != fingerprint
+    assert common.model_fingerprint(model.to(torch.bfloat16)) != common.model_fingerprint(model.float())
