@@ -24,6 +24,7 @@ from helpers import (
     wait_for_path,
 )
 from test_controlnet import fill_parquet  # noqa: F401 (module fixture)
+from test_dreambooth_lora import instance_folder  # noqa: F401 (module fixture)
 from test_instruct_pix2pix import pairs_parquet  # noqa: F401 (module fixture)
 from test_text_to_image import base_args, metadata_folder, tiny_sd  # noqa: F401 (module fixtures)
 
@@ -65,25 +66,27 @@ def deepspeed_launch(script, args, config="deepspeed_zero2.yaml", num_processes=
     return run(command, env=env)
 
 
-def assert_deepspeed_run_resumes_exactly(script, make_args, weights, checkpoint_weights, tmp_path, examples_line):
+def assert_deepspeed_run_resumes_exactly(script, make_args, weights, checkpoint_weights, tmp_path, examples_line,
+                                         config="deepspeed_zero2.yaml", same=assert_same_weights):
     """Two ranks with ZeRO-2 and gradient accumulation: the optimizer state is sharded (one file per rank), the data
-    is split between the ranks, and 2 steps + resume + 2 steps equal 4 steps straight, bit for bit; the last
-    checkpoint's `checkpoint_weights` equal the final trained `weights`. Returns the straight run's output folder."""
+    is split between the ranks, and 2 steps + resume + 2 steps equal 4 steps straight, bit for bit (`same` compares
+    two weight paths); the last checkpoint's `checkpoint_weights` equal the final trained `weights`. Returns the
+    straight run's output folder."""
     settings = {"gradient_accumulation_steps": 2, "checkpointing_steps": 2, "train_batch_size": 1}
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    result = deepspeed_launch(script, make_args(straight, max_train_steps=4, **settings))
+    result = deepspeed_launch(script, make_args(straight, max_train_steps=4, **settings), config=config)
     assert examples_line in result.stderr, [line for line in result.stderr.splitlines() if "examples, " in line]
     assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
     shards = sorted(os.listdir(os.path.join(straight, "checkpoint-2", "pytorch_model")))
     assert [name for name in shards if "optim_states" in name] == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
-    deepspeed_launch(script, make_args(resumed, max_train_steps=2, **settings))
+    deepspeed_launch(script, make_args(resumed, max_train_steps=2, **settings), config=config)
     second = deepspeed_launch(script, make_args(resumed, max_train_steps=4, resume_from_checkpoint="latest",
-                                                **settings))
+                                                **settings), config=config)
     assert f"Resuming from {os.path.join(resumed, 'checkpoint-2')}" in second.stderr
-    assert_same_weights(os.path.join(straight, weights), os.path.join(resumed, weights))
-    assert_same_weights(os.path.join(straight, "checkpoint-4", checkpoint_weights), os.path.join(straight, weights))
+    same(os.path.join(straight, weights), os.path.join(resumed, weights))
+    same(os.path.join(straight, "checkpoint-4", checkpoint_weights), os.path.join(straight, weights))
     return straight
 
 
@@ -118,6 +121,53 @@ def test_controlnet_under_deepspeed_zero2_trains_checkpoints_and_resumes_exactly
     image = pipeline("a red circle", Image.new("RGB", (64, 64), "white"), num_inference_steps=2, output_type="np",
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_dreambooth_lora_under_deepspeed_zero2_offload_trains_checkpoints_and_resumes(tiny_sd, instance_folder,
+                                                                                      tmp_path):
+    """ZeRO-2 with the optimizer states in CPU memory: accelerate swaps AdamW for DeepSpeed's CPU Adam, over the LoRA
+    parameters only. The LoRA file of the output and of each checkpoint loads into a pipeline.
+
+    Resume is exact up to fp32 rounding here, not bit for bit: CPU Adam keeps beta**t as a running product and
+    recomputes it with pow() when it meets a step it did not count itself, as after a resume."""
+    from test_dreambooth_lora import base_args as dreambooth_args
+    from test_dreambooth_lora import lora
+
+    def close(folder_a, folder_b):
+        a, b = lora(folder_a), lora(folder_b)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+    straight = assert_deepspeed_run_resumes_exactly(
+        "train_dreambooth_lora.py", lambda out, **flags: dreambooth_args(tiny_sd, instance_folder, out, **flags), ".",
+        ".", tmp_path, "3 instance images, 3 examples", config="deepspeed_zero2_offload.yaml", same=close)
+    # The tolerance is far below what two optimizer steps change.
+    start, end = lora(os.path.join(straight, "checkpoint-2")), lora(straight)
+    assert max((end[key] - start[key]).abs().max() for key in end) > 1e-4
+
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipeline.load_lora_weights(straight)
+    image = pipeline("a photo of sks dog", num_inference_steps=2, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_textual_inversion_under_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sd, image_folder,
+                                                                                        tmp_path):
+    """The text encoder is DeepSpeed's model; only the new token's row changes and is saved."""
+    from test_textual_inversion import assert_same_embeds
+    from test_textual_inversion import base_args as inversion_args
+
+    def same(folder_a, folder_b):
+        assert_same_embeds(os.path.join(folder_a, "learned_embeds.safetensors"),
+                           os.path.join(folder_b, "learned_embeds.safetensors"))
+
+    assert_deepspeed_run_resumes_exactly(
+        "textual_inversion.py", lambda out, **flags: inversion_args(tiny_sd, image_folder, out, **flags), ".", ".",
+        tmp_path, "7 samples, 2 epochs of 2 steps", same=same)
 
 
 def test_instruct_pix2pix_under_deepspeed_zero2_with_ema_trains_checkpoints_and_resumes_exactly(
