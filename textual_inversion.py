@@ -4,8 +4,9 @@
 A drop-in replacement for diffusers' `examples/textual_inversion/textual_inversion.py`: the same flags and defaults,
 the same outputs (`learned_embeds.safetensors` for `pipe.load_textual_inversion(output_dir)`,
 `learned_embeds-steps-N.safetensors` every `--save_steps`, a full pipeline with `--save_as_full_pipeline`), plus
-`--config`, exact resume from small checkpoints (the learned rows, not the whole text encoder), atomic checkpoints,
-preemption handling and one-line errors.
+`--config`, `--cache_latents` (each image's VAE latents, both orientations, computed once, kept on disk under
+`--feature_cache_dir` and reused; the VAE then leaves memory), exact resume from small checkpoints (the learned rows,
+not the whole text encoder), atomic checkpoints, preemption handling and one-line errors.
 
     accelerate launch textual_inversion.py --pretrained_model_name_or_path=$MODEL_NAME --train_data_dir=$DATA_DIR \
       --learnable_property="object" --placeholder_token="<cat-toy>" --initializer_token="toy" \
@@ -147,7 +148,18 @@ def parse_args(argv=None):
     add("--validation_inference_steps", type=int, default=25, help="Denoising steps for validation images.")
     add("--logging_steps", type=int, default=10,
         help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
-    return common.parse_args_with_config(parser, argv)
+    add("--cache_latents", action="store_true",
+        help="Encode every image with the VAE once (both orientations: images are flipped at random), keep the "
+             "latent distributions on disk under --feature_cache_dir, reuse them in later runs, and train without "
+             "the VAE in memory. (The text encoder is trained, so its outputs cannot be cached.)")
+    add("--feature_cache_dir", type=str, default=None,
+        help="Where --cache_latents keeps its files (default: $DIFFUSION_TRAINING_CACHE or "
+             "~/.cache/diffusion-training). Entries are keyed by the images, VAE weights, resolution and transforms, "
+             "so one folder serves any number of runs; deleting it is always safe.")
+    args = common.parse_args_with_config(parser, argv)
+    if args.feature_cache_dir is None:
+        args.feature_cache_dir = common.default_feature_cache_dir()
+    return args
 
 
 def validate_args(args):
@@ -172,6 +184,8 @@ def validate_args(args):
         raise InputError(f"--report_to {args.report_to!r} is not one of {', '.join(REPORT_TO)}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         raise InputError(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
+    if args.cache_latents and os.path.isfile(args.feature_cache_dir):
+        raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
 
     if not os.path.isdir(args.train_data_dir):
         raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
@@ -305,15 +319,16 @@ def _load_rgb(path):
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def preprocess_image(image, resolution, center_crop, generator):
+def preprocess_image(image, resolution, center_crop, generator, random_flip=True):
     """RGB PIL image -> (3, resolution, resolution) float tensor in [-1, 1], as upstream: optional central square
-    crop, bicubic resize to a square, horizontal flip with probability 0.5 (drawn from `generator`)."""
+    crop, bicubic resize to a square, horizontal flip with probability 0.5 (drawn from `generator`; no draw and no
+    flip with random_flip=False, what the latent cache encodes)."""
     if center_crop:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
     image = image.resize((resolution, resolution), resample=Image.BICUBIC)
-    if torch.rand(1, generator=generator).item() < 0.5:
+    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -323,13 +338,22 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     """Each image `--repeats` times, each sample with a caption template holding the placeholder tokens.
 
     Indexed by (epoch, index) from common.EpochSampler: the template and the flip depend only on the run seed, the
-    epoch and the sample index, so they are the same on resume and with any number of workers."""
+    epoch and the sample index, so they are the same on resume and with any number of workers.
+
+    Once `use_latent_cache` is called, samples hold the cached latent distribution of their image (in the drawn
+    orientation) instead of pixels, and no image is read; the random draws stay the same, so the training run does
+    not change."""
 
     def __init__(self, paths, tokenizer, placeholder_text, args, run_state):
         self.paths, self.tokenizer, self.placeholder_text = paths, tokenizer, placeholder_text
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.resolution, self.center_crop, self.repeats = args.resolution, args.center_crop, args.repeats
         self.run_state = run_state
+        self.latent_cache = self.image_keys = None
+
+    def use_latent_cache(self, cache, image_keys):
+        """`image_keys`: one cache key per path, in the order of `paths`."""
+        self.latent_cache, self.image_keys = cache, image_keys
 
     def __len__(self):
         return len(self.paths) * self.repeats
@@ -345,9 +369,45 @@ class TextualInversionDataset(torch.utils.data.Dataset):
             max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
         ).input_ids[0]
+        if self.latent_cache is not None:
+            # The same draw preprocess_image makes for the flip (its crop and resize draw nothing).
+            flip = torch.rand(1, generator=generator).item() < 0.5
+            entry = self.latent_cache.load(self.image_keys[index % len(self.paths)])
+            return {"latent_dist": entry["flipped" if flip else "latent_dist"], "input_ids": input_ids}
         image = _load_rgb(self.paths[index % len(self.paths)])
         pixels = preprocess_image(image, self.resolution, self.center_crop, generator)
         return {"pixel_values": pixels, "input_ids": input_ids}
+
+
+def _to_device(device, weight_dtype, model):
+    """A frozen model on the device, cast only when training runs it in a lower precision."""
+    model.to(device)
+    if weight_dtype != torch.float32:
+        model.to(dtype=weight_dtype)
+    return model
+
+
+def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
+    """Fill the latent cache for every image (one entry per file, holding both orientations; the missing ones split
+    across ranks) and switch the dataset to it."""
+    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
+        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
+        "interpolation": "bicubic", "crop": "center square" if args.center_crop else "none (resized to a square)",
+        "flip": True, "preprocess": "textual_inversion: EXIF orientation, RGB, [-1, 1]",
+    })
+    image_keys = [common.image_fingerprint({"path": path}) for path in train_dataset.paths]
+
+    def encode(paths):
+        pixels = torch.stack([preprocess_image(_load_rgb(path), args.resolution, args.center_crop, None,
+                                               random_flip=False) for path in paths])
+        parameters = vae.encode(torch.cat([pixels, pixels.flip(-1)]).to(accelerator.device, weight_dtype))
+        parameters = parameters.latent_dist.parameters
+        return [{"latent_dist": parameters[i], "flipped": parameters[len(paths) + i]} for i in range(len(paths))]
+
+    _to_device(accelerator.device, weight_dtype, vae)
+    cache.fill(accelerator, dict(zip(image_keys, train_dataset.paths)), encode, args.train_batch_size)
+    _load_rgb.cache_clear()  # training reads no image any more
+    train_dataset.use_latent_cache(cache, image_keys)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -449,6 +509,13 @@ def generate_validation_images(accelerator, text_encoder, tokenizer, unet, vae, 
     mine = list(range(accelerator.process_index, args.num_validation_images, accelerator.num_processes))
     images = []
     if mine:
+        if vae is None:
+            # Dropped by --cache_latents: loaded again for the length of the validation, in the UNet's dtype.
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant,
+            ).to(accelerator.device, dtype=unet.dtype)
         pipeline = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
             scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
@@ -588,6 +655,7 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -705,12 +773,18 @@ def main(argv=None):
     )
     # The frozen models only run forward: keep them in the mixed precision dtype.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for frozen in (unet, vae):
-        frozen.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            frozen.to(dtype=weight_dtype)
+    _to_device(accelerator.device, weight_dtype, unet)
 
     global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+
+    # The VAE goes to the device, or fills the latent cache and leaves memory (validation loads it again).
+    scaling_factor = vae.config.scaling_factor
+    if args.cache_latents:
+        cache_latents(accelerator, train_dataset, vae, args, weight_dtype)
+        vae = None
+        common.free_memory()
+    else:
+        _to_device(accelerator.device, weight_dtype, vae)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -759,9 +833,11 @@ def main(argv=None):
             )
             with accelerator.accumulate(text_encoder):
                 with torch.no_grad():
-                    pixels = batch["pixel_values"].to(weight_dtype)
-                    latents = vae.encode(pixels).latent_dist.sample(generator=generator)
-                    latents = latents * vae.config.scaling_factor
+                    if "latent_dist" in batch:
+                        latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
+                    else:
+                        latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+                    latents = latent_dist.sample(generator=generator) * scaling_factor
                 noise = common.sample_noise(latents, generator)
                 timesteps = common.sample_timesteps(
                     latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, latents.device

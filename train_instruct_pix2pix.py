@@ -4,8 +4,10 @@
 A drop-in replacement for diffusers' `examples/instruct_pix2pix/train_instruct_pix2pix.py`: the same flags and
 defaults, the same output layout (a `StableDiffusionInstructPix2PixPipeline` folder in `--output_dir`,
 `checkpoint-N/` folders), plus `--config`, `--logging_steps`, `--validation_inference_steps`, `--snr_gamma`,
-`--noise_offset`, `--offload_ema`/`--foreach_ema`, exact resume, atomic checkpoints, preemption handling, and the raw
-(non-EMA) weights kept in `unet_raw/` when `--use_ema` is on.
+`--noise_offset`, `--offload_ema`/`--foreach_ema`, `--cache_latents`/`--cache_text_embeddings` (VAE latents and
+prompt embeddings computed once, kept on disk under `--feature_cache_dir` and reused; the frozen models then leave
+memory), exact resume, atomic checkpoints, preemption handling, and the raw (non-EMA) weights kept in `unet_raw/` when
+`--use_ema` is on.
 
 The UNet's first convolution is widened from 4 to 8 input channels: the noisy latent of the edited image and the
 (unscaled) VAE latent of the original image are concatenated, and the 4 new input channels start at zero, so the
@@ -141,9 +143,23 @@ def parse_args(argv=None):
     add("--logging_steps", type=int, default=10,
         help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
     add("--validation_inference_steps", type=int, default=20, help="Denoising steps for validation images.")
+    add("--cache_latents", action="store_true",
+        help="Encode every original and edited image with the VAE once (both orientations with --random_flip), keep "
+             "the latent distributions on disk under --feature_cache_dir, reuse them in later runs, and train without "
+             "the VAE in memory. Needs --center_crop: a random crop cannot be cached.")
+    add("--cache_text_embeddings", action="store_true",
+        help="Encode every edit prompt (and the empty prompt conditioning dropout uses) with the text encoder once, "
+             "keep the embeddings on disk under --feature_cache_dir, reuse them in later runs, and train without the "
+             "text encoder in memory.")
+    add("--feature_cache_dir", type=str, default=None,
+        help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
+             "or ~/.cache/diffusion-training). Entries are keyed by the images, prompts, model weights, resolution "
+             "and transforms, so one folder serves any number of runs; deleting it is always safe.")
     args = common.parse_args_with_config(parser, argv)
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
+    if args.feature_cache_dir is None:
+        args.feature_cache_dir = common.default_feature_cache_dir()
     return args
 
 
@@ -166,6 +182,10 @@ def validate_args(args):
         raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    if args.cache_latents and not args.center_crop:
+        raise InputError("--cache_latents needs --center_crop: a random crop changes every epoch and cannot be cached")
+    if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
+        raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
     check_validation_args(args)
 
     common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
@@ -340,12 +360,31 @@ class EditExamples(torch.utils.data.Dataset):
     workers or processes.
 
     With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
-    the checkpoint only after the dataset is built."""
+    the checkpoint only after the dataset is built.
+
+    Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distributions of both
+    images / the prompt's embedding instead of pixels / token ids; the random draws stay the same, so the training
+    run does not change."""
 
     def __init__(self, dataset, tokenizer, args, run_state):
         self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
         self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
         self._subset = (None, None)  # (seed, indices)
+        self.latent_cache = self.image_keys = None
+        self.text_cache = self.prompt_keys = None
+
+    def rows(self):
+        """The dataset rows this run trains on."""
+        return [self._row(index) for index in range(self.size)]
+
+    def use_latent_cache(self, cache, image_keys):
+        """`image_keys`: {row: (original image's key, edited image's key)}."""
+        self.latent_cache, self.image_keys = cache, image_keys
+        # The image columns are no longer read: skip decoding them.
+        self.dataset = self.dataset.select_columns([self.args.edit_prompt_column])
+
+    def use_text_cache(self, cache, prompt_keys):
+        self.text_cache, self.prompt_keys = cache, prompt_keys
 
     def __len__(self):
         return self.size
@@ -369,18 +408,106 @@ class EditExamples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         a = self.args
-        example = self.dataset[self._row(index)]
+        row = self._row(index)
+        example = self.dataset[row]
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
-        original, edited = preprocess_pair(example[a.original_image_column], example[a.edited_image_column],
-                                           a.resolution, a.center_crop, a.random_flip, generator)
-        input_ids = tokenize(self.tokenizer, example[a.edit_prompt_column] or "")[0]
-        return {"original_pixel_values": original, "edited_pixel_values": edited, "input_ids": input_ids,
-                "dropout_draw": self.dropout_draw(epoch, index)}
+        item = {}
+        if self.latent_cache is None:
+            item["original_pixel_values"], item["edited_pixel_values"] = preprocess_pair(
+                example[a.original_image_column], example[a.edited_image_column], a.resolution, a.center_crop,
+                a.random_flip, generator)
+        else:
+            # The same draw preprocess_pair makes for the flip (a centre crop draws nothing).
+            flip = bool(a.random_flip and torch.rand(1, generator=generator).item() < 0.5)
+            for name, image_key in zip(("original_latent_dist", "edited_latent_dist"), self.image_keys[row]):
+                item[name] = self.latent_cache.load(image_key)["flipped" if flip else "latent_dist"]
+        prompt = example[a.edit_prompt_column] or ""
+        if self.text_cache is None:
+            item["input_ids"] = tokenize(self.tokenizer, prompt)[0]
+        else:
+            item["encoder_hidden_states"] = self.text_cache.load(self.prompt_keys[prompt])["hidden_states"]
+        item["dropout_draw"] = self.dropout_draw(epoch, index)
+        return item
 
 
 def tokenize(tokenizer, prompts):
     return tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                      return_tensors="pt").input_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Feature cache: latents and prompt embeddings computed once, then the VAE / text encoder leave memory
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
+    """Fill the latent cache for the original and edited images of the rows this run trains on (one entry per
+    distinct image, split across ranks) and switch the dataset to it. An entry holds the latent distribution's
+    parameters, so training takes the original image's mode and samples the edited image's as it does uncached."""
+    from datasets import Image as ImageFeature
+
+    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
+        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
+        "interpolation": "bicubic", "crop": "center", "flip": args.random_flip,
+        "preprocess": "instruct_pix2pix: RGB, short side resized, relative crop (0.5, 0.5), [-1, 1]",
+    })
+    rows = train_dataset.rows()
+    columns = image_columns(args)
+    # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
+    cells = train_dataset.dataset
+    for column in columns:
+        cells = cells.cast_column(column, ImageFeature(decode=False))
+    image_keys, inputs = {}, {}
+    for start in range(0, len(rows), 1000):
+        chunk = rows[start:start + 1000]
+        batch = cells[chunk]
+        for offset, row in enumerate(chunk):
+            keys = tuple(common.image_fingerprint(batch[column][offset]) for column in columns)
+            image_keys[row] = keys
+            for column, image_key in zip(columns, keys):
+                inputs.setdefault(image_key, (row, column))
+    decoder = ImageFeature()
+
+    def encode(batch_inputs):
+        # Decoded exactly as the dataset decodes them, so the latents are those of the uncached run.
+        pixels = torch.stack([
+            to_model_range(crop_and_flip(resize_short_side(decoder.decode_example(cells[row][column]),
+                                                           args.resolution), args.resolution, (0.5, 0.5), False))
+            for row, column in batch_inputs
+        ])
+        views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
+        parameters = vae.encode(views.to(accelerator.device, weight_dtype)).latent_dist.parameters
+        count = len(batch_inputs)
+        if not args.random_flip:
+            return [{"latent_dist": parameters[i]} for i in range(count)]
+        return [{"latent_dist": parameters[i], "flipped": parameters[count + i]} for i in range(count)]
+
+    vae.to(accelerator.device, dtype=weight_dtype)
+    cache.fill(accelerator, inputs, encode, args.train_batch_size)
+    train_dataset.use_latent_cache(cache, image_keys)
+
+
+def cache_text_embeddings(accelerator, train_dataset, text_encoder, tokenizer, args, weight_dtype):
+    """Fill the text-embedding cache for the edit prompts of the rows this run trains on and for the empty prompt
+    (what conditioning dropout puts in place of a prompt), and switch the dataset to it. Entries are keyed by token
+    ids, so a different tokenizer is a miss too. Returns the empty prompt's embedding, (1, tokens, dim) on the
+    device."""
+    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {
+        "text_encoder": common.model_fingerprint(text_encoder), "dtype": str(weight_dtype),
+    })
+    rows = train_dataset.rows()
+    prompts = {prompt or "" for prompt in train_dataset.dataset.select(rows)[args.edit_prompt_column]} | {""}
+    token_ids = {prompt: tokenize(tokenizer, prompt)[0] for prompt in sorted(prompts)}
+    prompt_keys = {prompt: common.fingerprint(ids.tolist()) for prompt, ids in token_ids.items()}
+
+    def encode(batch_ids):
+        hidden_states = text_encoder(torch.stack(batch_ids).to(accelerator.device), return_dict=False)[0]
+        return [{"hidden_states": states} for states in hidden_states]
+
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    cache.fill(accelerator, {prompt_keys[p]: ids for p, ids in token_ids.items()}, encode, args.train_batch_size)
+    train_dataset.use_text_cache(cache, prompt_keys)
+    return cache.load(prompt_keys[""])["hidden_states"][None].to(accelerator.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -489,18 +616,29 @@ def apply_conditioning_dropout(encoder_hidden_states, original_latents, draws, p
     return encoder_hidden_states, original_latents
 
 
-def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype, empty_prompt_states):
-    """The diffusion loss of one batch: noise the edited image's latent, concatenate the original image's latent
-    (after conditioning dropout), predict with the 8-channel UNet, weight by Min-SNR.
+def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype, empty_prompt_states,
+                  scaling_factor):
+    """The diffusion loss of one batch: encode both images and the prompt with the frozen models (or take them from
+    the cache), noise the edited image's latent, concatenate the original image's latent (after conditioning
+    dropout), predict with the 8-channel UNet, weight by Min-SNR.
 
     Every random draw (latent sampling, noise, timesteps) comes from `generator` and the dropout draws come with the
     batch, so a resumed run repeats them."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    def latent_dist(name):
+        if f"{name}_latent_dist" in batch:
+            return DiagonalGaussianDistribution(batch[f"{name}_latent_dist"])
+        return vae.encode(batch[f"{name}_pixel_values"].to(weight_dtype)).latent_dist
+
     with torch.no_grad():
-        edited = batch["edited_pixel_values"].to(weight_dtype)
-        latents = vae.encode(edited).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
-        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        latents = latent_dist("edited").sample(generator=generator).float() * scaling_factor
+        if "encoder_hidden_states" in batch:
+            encoder_hidden_states = batch["encoder_hidden_states"]
+        else:
+            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
         # Unscaled and deterministic (the mode), as the InstructPix2Pix pipeline encodes the image it edits.
-        original_latents = vae.encode(batch["original_pixel_values"].to(weight_dtype)).latent_dist.mode().float()
+        original_latents = latent_dist("original").mode().float()
     if args.conditioning_dropout_prob:
         encoder_hidden_states, original_latents = apply_conditioning_dropout(
             encoder_hidden_states, original_latents, batch["dropout_draw"], args.conditioning_dropout_prob,
@@ -525,6 +663,11 @@ def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, ar
 # ----------------------------------------------------------------------------------------------------------------------
 # Validation, saving, model card
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def frozen_dtype(accelerator):
+    """The VAE and text encoder run in the mixed-precision dtype; the trained UNet stays fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def load_validation_image(accelerator, args):
@@ -586,7 +729,8 @@ def generate_validation_images(accelerator, pipeline, image, args, seed):
 
 def validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tokenizer, image, args, seed):
     """Validation images from the current weights (the EMA weights when --use_ema: swapped in, then the trained
-    weights restored)."""
+    weights restored). A frozen model the cache made unnecessary (None) is loaded again for the length of the
+    validation, in the dtype training would run it in."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     model = accelerator.unwrap_model(unet)
@@ -596,11 +740,14 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tok
     was_training = model.training
     model.eval()
     try:
+        frozen = {name: part for name, part in (("vae", vae), ("text_encoder", text_encoder)) if part is not None}
         pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model,
+            args.pretrained_model_name_or_path, tokenizer=tokenizer, unet=model, **frozen,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
             variant=args.variant, cache_dir=args.cache_dir,
         )
+        for name in {"vae", "text_encoder"} - frozen.keys():
+            getattr(pipeline, name).to(accelerator.device, dtype=frozen_dtype(accelerator))
         return generate_validation_images(accelerator, pipeline, image, args, seed)
     finally:
         model.train(was_training)
@@ -757,7 +904,7 @@ def main(argv=None):
 
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
     # Frozen parts run in the mixed-precision dtype; the trained UNet stays fp32 (its optimizer states too).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = frozen_dtype(accelerator)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.to(torch.float32).train()
@@ -820,18 +967,32 @@ def main(argv=None):
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
     )
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
     if ema_unet is not None:
         if args.offload_ema and accelerator.device.type == "cuda":
             ema_unet.pin_memory()  # fast non-blocking copies to and from the GPU at each EMA update
         elif not args.offload_ema:
             ema_unet.to(accelerator.device)
-    # What a dropped prompt becomes: the encoding of "", computed once (the text encoder is frozen).
-    with torch.no_grad():
-        empty_prompt_states = text_encoder(tokenize(tokenizer, [""]).to(accelerator.device), return_dict=False)[0]
 
     global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+
+    # The frozen models go to the device, or fill the cache (the rows trained on depend on the seed, known only now
+    # for a resumed run) and leave memory; validation loads them again when it needs them.
+    scaling_factor = vae.config.scaling_factor
+    if args.cache_latents:
+        cache_latents(accelerator, train_dataset, vae, args, weight_dtype)
+        vae = None
+    else:
+        vae.to(accelerator.device, dtype=weight_dtype)
+    # What a dropped prompt becomes: the encoding of "", computed once (the text encoder is frozen) or cached.
+    if args.cache_text_embeddings:
+        empty_prompt_states = cache_text_embeddings(accelerator, train_dataset, text_encoder, tokenizer, args,
+                                                    weight_dtype)
+        text_encoder = None
+    else:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        with torch.no_grad():
+            empty_prompt_states = text_encoder(tokenize(tokenizer, [""]).to(accelerator.device), return_dict=False)[0]
+    common.free_memory()
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -883,7 +1044,7 @@ def main(argv=None):
             )
             with accelerator.accumulate(unet):
                 loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype,
-                                     empty_prompt_states)
+                                     empty_prompt_states, scaling_factor)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)

@@ -224,6 +224,66 @@ def test_two_processes(tiny_sd, image_folder, tmp_path):
                        os.path.join(resumed, "learned_embeds.safetensors"))
 
 
+def _cache_entries(cache_dir, kind):
+    """{entry path: mtime} of one kind of feature-cache entry."""
+    entries = {}
+    for root, _, files in os.walk(os.path.join(cache_dir, kind)):
+        for name in files:
+            if name.endswith(".safetensors"):
+                entries[os.path.join(root, name)] = os.stat(os.path.join(root, name)).st_mtime_ns
+    return entries
+
+
+def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_sees_edits(tiny_sd, image_folder,
+                                                                                          tmp_path):
+    """--cache_latents (images are always flipped at random, so both orientations are cached), 2 repeats of each
+    image: one entry per image file, not per sample.
+    - training on the cache equals training on fresh encodings within fp32 rounding (the VAE sees other batch
+      shapes when filling the cache, nothing else differs); validation loads the dropped VAE again;
+    - a second run, in another output folder, computes nothing and rewrites no entry; it also stops and resumes
+      from the cache (with 2 data loader workers) bit for bit like the first;
+    - editing one image recomputes that image's entry only."""
+    data = str(tmp_path / "data")
+    shutil.copytree(image_folder, data)
+    cache = str(tmp_path / "cache")
+    settings = dict(repeats=2, num_vectors=2, max_train_steps=4, checkpointing_steps=2, learning_rate=1e-4)
+    cached = dict(cache_latents=True, feature_cache_dir=cache)
+
+    fresh = str(tmp_path / "fresh")
+    launch(SCRIPT, base_args(tiny_sd, data, fresh, **settings))
+    first = str(tmp_path / "first")
+    result = launch(SCRIPT, base_args(tiny_sd, data, first, **settings, **cached, validation_prompt=f"a {TOKEN}",
+                                      validation_steps=4, num_validation_images=1))
+    # 7 readable images (the corrupt one is skipped before the cache sees it), each seen twice an epoch.
+    assert "7 images x 2 repeats = 14 samples" in result.stderr
+    assert "latents: 0 of 7 cached" in result.stderr and "computing 7" in result.stderr
+    latents = _cache_entries(cache, "latents")
+    assert len(latents) == 7
+    learned, expected = (embeds(os.path.join(folder, "learned_embeds.safetensors"))[TOKEN] for folder in (first, fresh))
+    torch.testing.assert_close(learned, expected, rtol=0, atol=2e-6)
+    toy, _ = toy_id(tiny_sd)
+    assert not torch.equal(learned, base_embedding_matrix(tiny_sd)[toy].repeat(2, 1)), "the new vectors did not train"
+    assert os.listdir(os.path.join(first, "validation")) == ["step_4_0.png"]
+
+    second = str(tmp_path / "second")
+    result = launch(SCRIPT, base_args(tiny_sd, data, second, **{**settings, "max_train_steps": 2}, **cached))
+    assert "latents: 7 of 7 cached" in result.stderr and "computing 0" in result.stderr
+    launch(SCRIPT, base_args(tiny_sd, data, second, **settings, **cached, resume_from_checkpoint="latest",
+                             dataloader_num_workers=2))
+    assert _cache_entries(cache, "latents") == latents
+    for name in ("checkpoint-4/learned_embeds.safetensors", "learned_embeds.safetensors"):
+        assert_same_embeds(os.path.join(first, name), os.path.join(second, name))
+
+    from PIL import Image
+
+    Image.open(os.path.join(data, "img_2.png")).transpose(Image.FLIP_TOP_BOTTOM).save(os.path.join(data, "img_0.png"))
+    result = launch(SCRIPT, base_args(tiny_sd, data, str(tmp_path / "third"), **{**settings, "max_train_steps": 1},
+                                      **cached))
+    assert "latents: 6 of 7 cached" in result.stderr and "computing 1" in result.stderr
+    after = _cache_entries(cache, "latents")
+    assert len(after) == 8 and all(after[path] == mtime for path, mtime in latents.items())
+
+
 def test_diffusers_docs_command_runs_unchanged(tiny_sd, tmp_path):
     """The diffusers docs' command line with the tiny model and two local images. 3000 steps at 512 px would take
     hours on CPU, so a SIGTERM right after training starts keeps it short: it must parse, scale the learning rate,
@@ -272,6 +332,8 @@ BAD_INPUTS = {
     "missing model": ({"pretrained_model_name_or_path": "/nonexistent/sd"}, "--pretrained_model_name_or_path"),
     "model folder that is not an SD folder": ({"pretrained_model_name_or_path": "{empty_dir}"}, "missing tokenizer"),
     "unknown learnable property": ({"learnable_property": "objects"}, "--learnable_property"),
+    "feature_cache_dir is a file": ({"cache_latents": True, "feature_cache_dir": "{a_file}"},
+                                    "--feature_cache_dir"),
 }
 
 
@@ -281,7 +343,9 @@ def test_bad_input_gets_one_line_error(case, tiny_sd, image_folder, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "corrupt_only").mkdir()
     (tmp_path / "corrupt_only" / "broken.jpg").write_bytes(b"not a jpeg")
-    values = {"empty_dir": str(tmp_path / "empty"), "corrupt_only": str(tmp_path / "corrupt_only")}
+    (tmp_path / "a_file").write_text("not a folder")
+    values = {"empty_dir": str(tmp_path / "empty"), "corrupt_only": str(tmp_path / "corrupt_only"),
+              "a_file": str(tmp_path / "a_file")}
     if "{used_tokenizer}" in overrides.values():
         # A tokenizer saved by an earlier run that already learned <cat-toy>.
         from transformers import CLIPTokenizer
