@@ -5,8 +5,10 @@ A drop-in replacement for diffusers' `examples/controlnet/train_controlnet.py`: 
 output layout (the ControlNet's `config.json` + `diffusion_pytorch_model.safetensors` at the top of `--output_dir`,
 `checkpoint-N/controlnet/` folders), plus `--config`, `--logging_steps`, `--snr_gamma` (Min-SNR), `--noise_offset`,
 `--prediction_type`, `--random_crop`/`--random_flip` (applied identically to both images),
-`--validation_inference_steps`, exact resume, atomic checkpoints and preemption handling. Validation images are
-rendered on all ranks (split between them), and a last round uses the ControlNet as saved.
+`--validation_inference_steps`, `--cache_latents` / `--cache_text_embeddings` (the target images' VAE latents and the
+captions' embeddings computed once, kept on disk under `--feature_cache_dir` and reused by later and resumed runs;
+the VAE / text encoder then leave memory), exact resume, atomic checkpoints and preemption handling. Validation images
+are rendered on all ranks (split between them), and a last round uses the ControlNet as saved.
 
     accelerate launch train_controlnet.py --pretrained_model_name_or_path ./sd-folder --dataset_name ./fill50k \\
         --resolution 512 --learning_rate 1e-5 --validation_image ./cond_1.png --validation_prompt "red circle" \\
@@ -132,7 +134,23 @@ def parse_args(argv=None):
     add("--validation_inference_steps", type=int, default=20, help="Denoising steps for validation images.")
     add("--logging_steps", type=int, default=10,
         help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
-    return common.parse_args_with_config(parser, argv)
+    add("--cache_latents", action="store_true",
+        help="Encode every target image with the VAE once (both orientations with --random_flip), keep the latent "
+             "distributions on disk under --feature_cache_dir, reuse them in later runs, and train without the VAE "
+             "in memory (conditioning images are still read per sample). Not with --random_crop: a random crop "
+             "cannot be cached.")
+    add("--cache_text_embeddings", action="store_true",
+        help="Encode every caption (and the empty prompt of --proportion_empty_prompts) with the text encoder once, "
+             "keep the embeddings on disk under --feature_cache_dir, reuse them in later runs, and train without the "
+             "text encoder in memory.")
+    add("--feature_cache_dir", type=str, default=None,
+        help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
+             "or ~/.cache/diffusion-training). Entries are keyed by the images, captions, model weights, resolution "
+             "and transforms, so one folder serves any number of runs; deleting it is always safe.")
+    args = common.parse_args_with_config(parser, argv)
+    if args.feature_cache_dir is None:
+        args.feature_cache_dir = common.default_feature_cache_dir()
+    return args
 
 
 def validate_args(args):
@@ -158,6 +176,11 @@ def validate_args(args):
         raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"--prediction_type {args.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    if args.cache_latents and args.random_crop:
+        raise InputError("--cache_latents cannot be used with --random_crop: a random crop changes every epoch and "
+                         "cannot be cached")
+    if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
+        raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
     args.validation_pairs = validation_pairs(args)
 
     common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
@@ -170,7 +193,9 @@ def validate_args(args):
         common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
 
     if args.dataset_name is None and args.train_data_dir is None:
-        raise InputError("give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (an imagefolder)")
+        raise InputError(
+            "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (an imagefolder)"
+        )
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise InputError("give only one of --dataset_name and --train_data_dir")
     if args.dataset_name is not None:
@@ -186,7 +211,8 @@ def validate_args(args):
     if reporters & {"wandb", "all"}:
         if args.hub_token is not None:
             raise InputError(
-                "--report_to wandb with --hub_token would expose the token in the wandb run; use `hf auth login` instead"
+                "--report_to wandb with --hub_token would expose the token in the wandb run; "
+                "use `hf auth login` instead"
             )
         if "wandb" in reporters:
             common.require_package("wandb", "--report_to wandb", "pip install wandb")
@@ -247,11 +273,15 @@ def load_controlnet_dataset(args):
     """
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    flag, source = ("--dataset_name", args.dataset_name) if args.dataset_name else ("--train_data_dir", args.train_data_dir)
+    if args.dataset_name:
+        flag, source = "--dataset_name", args.dataset_name
+    else:
+        flag, source = "--train_data_dir", args.train_data_dir
+    saved_to_disk = any(os.path.isfile(os.path.join(source, name)) for name in ("state.json", "dataset_dict.json"))
     try:
         if args.dataset_name is None:
             dataset = load_dataset("imagefolder", data_dir=source, cache_dir=args.cache_dir)
-        elif os.path.isfile(os.path.join(source, "state.json")) or os.path.isfile(os.path.join(source, "dataset_dict.json")):
+        elif saved_to_disk:
             dataset = load_from_disk(source)
         else:
             dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
@@ -332,14 +362,25 @@ def to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def preprocess_pair(image, conditioning_image, resolution, random_crop, random_flip, generator):
-    """The target image in [-1, 1] (what the VAE encodes) and the conditioning image in [0, 1] (what the ControlNet
-    reads), resized, cropped and flipped identically so that they stay aligned."""
+def draw_augmentation(random_crop, random_flip, generator):
+    """(crop position, flip) of one example, drawn from `generator` (a centre crop draws nothing)."""
     crop_position = (0.5, 0.5)
     if random_crop:
         crop_position = tuple(torch.rand(2, generator=generator).tolist())
     flip = bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
-    target = to_tensor(resize_and_crop(image, resolution, crop_position, flip)) * 2.0 - 1.0
+    return crop_position, flip
+
+
+def preprocess_target(image, resolution, crop_position, flip):
+    """The target image in [-1, 1]: what the VAE encodes."""
+    return to_tensor(resize_and_crop(image, resolution, crop_position, flip)) * 2.0 - 1.0
+
+
+def preprocess_pair(image, conditioning_image, resolution, random_crop, random_flip, generator):
+    """The target image in [-1, 1] (what the VAE encodes) and the conditioning image in [0, 1] (what the ControlNet
+    reads), resized, cropped and flipped identically so that they stay aligned."""
+    crop_position, flip = draw_augmentation(random_crop, random_flip, generator)
+    target = preprocess_target(image, resolution, crop_position, flip)
     conditioning = to_tensor(resize_and_crop(conditioning_image, resolution, crop_position, flip))
     return target, conditioning
 
@@ -363,12 +404,38 @@ class ControlNetExamples(torch.utils.data.Dataset):
     on the run seed, the epoch and the sample index, so they are the same on resume and with any number of workers.
 
     With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
-    the checkpoint only after the dataset is built."""
+    the checkpoint only after the dataset is built.
+
+    Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distribution of the target
+    image / the caption's text embedding instead of pixels / token ids (the conditioning image is still read); the
+    random draws stay the same, so the training run does not change."""
 
     def __init__(self, dataset, tokenizer, args, run_state):
         self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
         self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
         self._subset = (None, None)  # (seed, indices)
+        self.latent_cache = self.image_keys = None
+        self.text_cache = self.caption_keys = None
+
+    def rows(self):
+        """The dataset rows this run trains on."""
+        return [self._row(index) for index in range(self.size)]
+
+    def use_latent_cache(self, cache, image_keys):
+        self.latent_cache, self.image_keys = cache, image_keys
+        # The target image column is no longer read: skip decoding it.
+        a = self.args
+        self.dataset = self.dataset.select_columns(list(dict.fromkeys([a.conditioning_image_column,
+                                                                       a.caption_column])))
+
+    def use_text_cache(self, cache, caption_keys):
+        self.text_cache, self.caption_keys = cache, caption_keys
+
+    def token_ids(self, caption):
+        return self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
 
     def __len__(self):
         return self.size
@@ -378,7 +445,8 @@ class ControlNetExamples(torch.utils.data.Dataset):
             return index
         seed, indices = self._subset
         if seed != self.run_state.seed:
-            order = np.random.default_rng(common.derive_seed(self.run_state.seed, SUBSET_STREAM)).permutation(len(self.dataset))
+            rng = np.random.default_rng(common.derive_seed(self.run_state.seed, SUBSET_STREAM))
+            order = rng.permutation(len(self.dataset))
             indices = order[: self.size].tolist()
             self._subset = (self.run_state.seed, indices)
         return indices[index]
@@ -387,15 +455,101 @@ class ControlNetExamples(torch.utils.data.Dataset):
         epoch, index = key
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         a = self.args
-        example = self.dataset[self._row(index)]
+        row = self._row(index)
+        example = self.dataset[row]
         caption = pick_caption(example[a.caption_column], a.proportion_empty_prompts, generator)
-        pixels, conditioning = preprocess_pair(example[a.image_column], example[a.conditioning_image_column],
-                                               a.resolution, a.random_crop, a.random_flip, generator)
-        input_ids = self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixel_values": pixels, "conditioning_pixel_values": conditioning, "input_ids": input_ids}
+        item = {}
+        if self.latent_cache is None:
+            item["pixel_values"], item["conditioning_pixel_values"] = preprocess_pair(
+                example[a.image_column], example[a.conditioning_image_column], a.resolution, a.random_crop,
+                a.random_flip, generator)
+        else:
+            # The same draws preprocess_pair makes (a centre crop draws nothing, then the flip).
+            crop_position, flip = draw_augmentation(a.random_crop, a.random_flip, generator)
+            entry = self.latent_cache.load(self.image_keys[row])
+            item["latent_dist"] = entry["flipped" if flip else "latent_dist"]
+            item["conditioning_pixel_values"] = to_tensor(resize_and_crop(
+                example[a.conditioning_image_column], a.resolution, crop_position, flip))
+        if self.text_cache is None:
+            item["input_ids"] = self.token_ids(caption)
+        else:
+            item["encoder_hidden_states"] = self.text_cache.load(self.caption_keys[caption])["hidden_states"]
+        return item
+
+
+def all_captions(cells):
+    """Every caption a row can be trained with: the caption, or each of a list (pick_caption's choices)."""
+    for cell in cells:
+        if cell is None or isinstance(cell, str):
+            yield cell or ""
+        else:
+            yield from (str(caption) for caption in cell) if len(cell) else [""]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Feature cache: latents and text embeddings computed once, then the VAE / text encoder leave memory
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
+    """Fill the latent cache for the target images of the rows this run trains on (split across ranks) and switch
+    the dataset to it. Not with --random_crop (checked by validate_args)."""
+    from datasets import Image as ImageFeature
+
+    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
+        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
+        "interpolation": "bilinear", "crop": "center", "flip": args.random_flip,
+    })
+    rows = train_dataset.rows()
+    # Decoded by the dataset's own image feature, as the uncached run decodes them.
+    decoder = train_dataset.dataset.features[args.image_column]
+    # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
+    cells = train_dataset.dataset.select_columns([args.image_column]).cast_column(
+        args.image_column, ImageFeature(decode=False))
+    image_keys = {}
+    for start in range(0, len(rows), 1000):
+        chunk = rows[start:start + 1000]
+        image_keys.update(zip(chunk, map(common.image_fingerprint, cells[chunk][args.image_column])))
+
+    def encode(batch_rows):
+        pixels = torch.stack([
+            preprocess_target(decoder.decode_example(cell), args.resolution, (0.5, 0.5), False)
+            for cell in cells[batch_rows][args.image_column]
+        ])
+        # A flip is exact on pixels: the flipped view is what resize_and_crop(..., flip=True) gives.
+        views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
+        parameters = vae.encode(views.to(accelerator.device, weight_dtype)).latent_dist.parameters
+        count = len(batch_rows)
+        if not args.random_flip:
+            return [{"latent_dist": parameters[i]} for i in range(count)]
+        return [{"latent_dist": parameters[i], "flipped": parameters[count + i]} for i in range(count)]
+
+    vae.to(accelerator.device, dtype=weight_dtype)
+    cache.fill(accelerator, {key: row for row, key in image_keys.items()}, encode, args.train_batch_size)
+    train_dataset.use_latent_cache(cache, image_keys)
+
+
+def cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight_dtype):
+    """Fill the text-embedding cache for every caption of the rows this run trains on, and the empty prompt when
+    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries are keyed by token ids, so a
+    different tokenizer is a miss too."""
+    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {
+        "text_encoder": common.model_fingerprint(text_encoder), "dtype": str(weight_dtype),
+    })
+    rows = train_dataset.rows()
+    captions = set(all_captions(train_dataset.dataset.select(rows)[args.caption_column]))
+    if args.proportion_empty_prompts > 0:
+        captions.add("")
+    token_ids = {caption: train_dataset.token_ids(caption) for caption in sorted(captions)}
+    caption_keys = {caption: common.fingerprint(ids.tolist()) for caption, ids in token_ids.items()}
+
+    def encode(batch_ids):
+        hidden_states = text_encoder(torch.stack(batch_ids).to(accelerator.device), return_dict=False)[0]
+        return [{"hidden_states": states} for states in hidden_states]
+
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    cache.fill(accelerator, {caption_keys[c]: ids for c, ids in token_ids.items()}, encode, args.train_batch_size)
+    train_dataset.use_text_cache(cache, caption_keys)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -409,26 +563,19 @@ def load_models(args):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    source = args.pretrained_model_name_or_path
-    common_kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
-
-    def load(part, loader, **kwargs):
-        try:
-            return loader(source, subfolder=part, **{**common_kwargs, **kwargs})
-        except Exception as error:
-            raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({common.first_line(error)})") from None
-
-    noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
+    noise_scheduler = load_part(args, "scheduler", DDPMScheduler.from_pretrained)
     if args.tokenizer_name is not None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, **common_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision,
+                                                      cache_dir=args.cache_dir)
         except Exception as error:
-            raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load ({common.first_line(error)})") from None
+            raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load "
+                             f"({common.first_line(error)})") from None
     else:
-        tokenizer = load("tokenizer", AutoTokenizer.from_pretrained)
-    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
-    vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
-    unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
+        tokenizer = load_part(args, "tokenizer", AutoTokenizer.from_pretrained)
+    text_encoder = load_part(args, "text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
+    vae = load_part(args, "vae", AutoencoderKL.from_pretrained, variant=args.variant)
+    unet = load_part(args, "unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
 
     if args.prediction_type is not None:
         # The scheduler config is what the loss target and the validation pipeline read.
@@ -437,6 +584,32 @@ def load_models(args):
         raise InputError(f"the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
                          "pass --prediction_type epsilon or v_prediction")
     return noise_scheduler, tokenizer, text_encoder, vae, unet
+
+
+def load_part(args, part, loader, **kwargs):
+    """One part (unet/, vae/, ...) of the pretrained pipeline; a load error is an InputError naming it."""
+    source = args.pretrained_model_name_or_path
+    try:
+        return loader(source, subfolder=part, revision=args.revision, cache_dir=args.cache_dir, **kwargs)
+    except Exception as error:
+        raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ "
+                         f"({common.first_line(error)})") from None
+
+
+def load_frozen_part(args, part, device, dtype):
+    """The VAE or text encoder again (validation after --cache_latents / --cache_text_embeddings dropped it), as
+    load_models loads it, on `device` in the frozen models' `dtype`."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    loader = {"vae": AutoencoderKL.from_pretrained, "text_encoder": CLIPTextModel.from_pretrained}[part]
+    model = load_part(args, part, loader, variant=args.variant)
+    return model.requires_grad_(False).to(device, dtype=dtype)
+
+
+def frozen_dtype(accelerator):
+    """The VAE, UNet and text encoder run in the mixed-precision dtype; the trained ControlNet stays fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def build_controlnet(args, unet):
@@ -477,15 +650,25 @@ def build_optimizer(args, params):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype):
-    """The diffusion loss of one batch: encode images and captions with the frozen models, noise the latents, let the
-    ControlNet read the conditioning image and feed its residuals into the frozen UNet, weight by Min-SNR.
+def training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype,
+                  scaling_factor):
+    """The diffusion loss of one batch: encode images and captions with the frozen models (or take them from the
+    cache), noise the latents, let the ControlNet read the conditioning image and feed its residuals into the frozen
+    UNet, weight by Min-SNR.
 
     Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(weight_dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
-        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        if "latent_dist" in batch:
+            latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
+        else:
+            latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+        latents = latent_dist.sample(generator=generator).float() * scaling_factor
+        if "encoder_hidden_states" in batch:
+            encoder_hidden_states = batch["encoder_hidden_states"]
+        else:
+            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
 
     noise = common.sample_noise(latents, generator, args.noise_offset)
     timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
@@ -531,6 +714,11 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoder,
     conditioning = [resize_and_crop(Image.open(path), args.resolution, (0.5, 0.5), False) for _, path in pairs]
     rendered = []
     if mine:
+        # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
+        if vae is None:
+            vae = load_frozen_part(args, "vae", accelerator.device, frozen_dtype(accelerator))
+        if text_encoder is None:
+            text_encoder = load_frozen_part(args, "text_encoder", accelerator.device, frozen_dtype(accelerator))
         pipeline = StableDiffusionControlNetPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
             scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config), safety_checker=None,
@@ -692,7 +880,7 @@ def main(argv=None):
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
     controlnet = build_controlnet(args, unet)
     # Frozen parts run in the mixed-precision dtype; the trained ControlNet stays fp32 (its optimizer states too).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = frozen_dtype(accelerator)
     for frozen in (vae, unet, text_encoder):
         frozen.requires_grad_(False)
     controlnet.train()
@@ -752,12 +940,24 @@ def main(argv=None):
     controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         controlnet, optimizer, train_dataloader, lr_scheduler
     )
-    for frozen in (vae, unet, text_encoder):
-        frozen.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            frozen.to(dtype=weight_dtype)
+    unet.to(accelerator.device, dtype=weight_dtype)
 
     global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+
+    # The frozen VAE and text encoder go to the device, or fill the cache (the rows trained on depend on the seed,
+    # known only now for a resumed run) and leave memory; validation loads them again when it needs them.
+    scaling_factor = vae.config.scaling_factor
+    if args.cache_latents:
+        cache_latents(accelerator, train_dataset, vae, args, weight_dtype)
+        vae = None
+    else:
+        vae.to(accelerator.device, dtype=weight_dtype)
+    if args.cache_text_embeddings:
+        cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight_dtype)
+        text_encoder = None
+    else:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    common.free_memory()
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -813,7 +1013,7 @@ def main(argv=None):
             )
             with accelerator.accumulate(controlnet):
                 loss = training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, generator, args,
-                                     weight_dtype)
+                                     weight_dtype, scaling_factor)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)

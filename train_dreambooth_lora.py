@@ -6,7 +6,9 @@ A drop-in replacement for diffusers' `examples/dreambooth/train_dreambooth_lora.
 same outputs (`pytorch_lora_weights.safetensors` with `unet.*` / `text_encoder.*` keys for
 `pipe.load_lora_weights(output_dir)`, a model card, `checkpoint-N/` folders), plus `--config`, `--logging_steps`,
 exact resume, atomic checkpoints, preemption handling, one-line errors, `name.txt` prompts beside instance or class
-images, and class-image generation split across all processes.
+images, class-image generation split across all processes, and `--cache_latents` / `--cache_text_embeddings` (the
+VAE latents and prompt embeddings computed once, kept on disk under `--feature_cache_dir` and reused by later and
+resumed runs; the VAE / text encoder then leave memory).
 
     accelerate launch train_dreambooth_lora.py --pretrained_model_name_or_path=$MODEL_NAME \\
       --instance_data_dir=$INSTANCE_DIR --output_dir=$OUTPUT_DIR --instance_prompt="a photo of sks dog" \\
@@ -19,7 +21,6 @@ model from `--class_prompt` when `--class_data_dir` holds fewer than `--num_clas
 loss plus `--prior_loss_weight` times the class loss.
 """
 
-import gc
 import hashlib
 import math
 import os
@@ -160,7 +161,22 @@ def parse_args(argv=None):
     add("--logging_steps", type=int, default=10,
         help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
     add("--validation_inference_steps", type=int, default=25, help="Denoising steps for validation images.")
-    return common.parse_args_with_config(parser, argv)
+    add("--cache_latents", action="store_true",
+        help="Encode every instance and class image with the VAE once, keep the latent distributions on disk under "
+             "--feature_cache_dir, reuse them in later runs, and train without the VAE in memory. Needs "
+             "--center_crop: a random crop cannot be cached.")
+    add("--cache_text_embeddings", action="store_true",
+        help="Encode every prompt (instance, class, name.txt and validation prompts) with the text encoder once, keep "
+             "the embeddings on disk under --feature_cache_dir, reuse them in later runs, and train without the text "
+             "encoder in memory: --pre_compute_text_embeddings, kept across runs. Not with --train_text_encoder.")
+    add("--feature_cache_dir", type=str, default=None,
+        help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
+             "or ~/.cache/diffusion-training). Entries are keyed by the images, prompts, model weights, resolution "
+             "and transforms, so one folder serves any number of runs; deleting it is always safe.")
+    args = common.parse_args_with_config(parser, argv)
+    if args.feature_cache_dir is None:
+        args.feature_cache_dir = common.default_feature_cache_dir()
+    return args
 
 
 def validate_args(args):
@@ -185,6 +201,13 @@ def validate_args(args):
         raise InputError(f"--class_labels_conditioning {args.class_labels_conditioning!r}: only 'timesteps' is known")
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise InputError("--train_text_encoder cannot be used with --pre_compute_text_embeddings")
+    if args.cache_latents and not args.center_crop:
+        raise InputError("--cache_latents needs --center_crop: a random crop changes every epoch and cannot be cached")
+    if args.train_text_encoder and args.cache_text_embeddings:
+        raise InputError("--cache_text_embeddings cannot be used with --train_text_encoder: the text encoder trains, "
+                         "so its embeddings change every step")
+    if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
+        raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
     for flag, prompt in (("--instance_prompt", args.instance_prompt), ("--validation_prompt", args.validation_prompt)):
         if prompt is not None and not prompt.strip():
             raise InputError(f"{flag} is empty")
@@ -205,6 +228,10 @@ def validate_args(args):
     # --tokenizer_name replaces the pipeline's tokenizer/.
     parts = REQUIRED_PARTS if args.tokenizer_name is None else REQUIRED_PARTS[1:]
     common.check_pipeline_folder(args.pretrained_model_name_or_path, parts)
+    model = args.pretrained_model_name_or_path
+    if args.cache_latents and os.path.isdir(model) and not os.path.isdir(os.path.join(model, "vae")):
+        raise InputError(f"--cache_latents: --pretrained_model_name_or_path {model!r} has no vae/ (it trains in pixel "
+                         "space): there are no latents to cache")
     if args.tokenizer_name is not None:
         common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
     if not os.path.isdir(args.instance_data_dir):
@@ -311,7 +338,8 @@ def preprocess_image(image, resolution, interpolation, center_crop, generator):
 
 class PromptInputs:
     """What the UNet is conditioned on for a prompt: token ids and attention mask, or, with
-    --pre_compute_text_embeddings, the text encoder's output computed once per distinct prompt."""
+    --pre_compute_text_embeddings / --cache_text_embeddings, the text encoder's output computed once per distinct
+    prompt (`embeddings`: a dict, or a CachedPromptEmbeddings reading the disk cache)."""
 
     def __init__(self, tokenizer, max_length, embeddings=None):
         self.tokenizer, self.max_length, self.embeddings = tokenizer, max_length, embeddings
@@ -326,19 +354,30 @@ class PromptInputs:
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Indexed by (epoch, index) from common.EpochSampler. Sample i is instance image i (mod their number) and, with
     prior preservation, class image i (mod theirs); an epoch covers the larger set. Random crops depend only on the
-    run seed, the epoch and the index, so they are the same on resume and with any number of workers."""
+    run seed, the epoch and the index, so they are the same on resume and with any number of workers.
+
+    Once `use_latent_cache` is called (--cache_latents), examples hold the cached latent distribution instead of
+    pixels and no image is read; a centre crop draws nothing, so the random draws and the training run stay the
+    same."""
 
     def __init__(self, instance_items, class_items, prompt_inputs, args, run_state):
         self.instance_items, self.class_items = instance_items, class_items
         self.prompt_inputs, self.run_state = prompt_inputs, run_state
         self.resolution, self.center_crop = args.resolution, args.center_crop
         self.interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
+        self.latent_cache = self.image_keys = None
+
+    def use_latent_cache(self, cache, image_keys):
+        self.latent_cache, self.image_keys = cache, image_keys
 
     def __len__(self):
         return max(len(self.instance_items), len(self.class_items))
 
     def _example(self, items, index, generator):
         path, prompt = items[index % len(items)]
+        if self.latent_cache is not None:
+            latent_dist = self.latent_cache.load(self.image_keys[path])["latent_dist"]
+            return {"latent_dist": latent_dist, **self.prompt_inputs(prompt)}
         pixels = preprocess_image(load_rgb(path), self.resolution, self.interpolation, self.center_crop, generator)
         return {"pixel_values": pixels, **self.prompt_inputs(prompt)}
 
@@ -381,6 +420,69 @@ def precompute_prompt_embeddings(text_encoder, tokenizer, prompts, args):
                                    tokens.attention_mask.to(text_encoder.device), args.text_encoder_use_attention_mask)
             embeddings[prompt] = hidden[0].cpu()
     return embeddings
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Feature cache: latents and prompt embeddings computed once, then the VAE / text encoder leave memory
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cache_latents(accelerator, vae, paths, args, weight_dtype):
+    """Fill the latent cache for the instance and class images `paths` (split across ranks); returns (the cache,
+    {path: entry key}) for DreamBoothDataset.use_latent_cache. Needs --center_crop (checked by validate_args)."""
+    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
+        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
+        "interpolation": args.image_interpolation_mode, "crop": "center", "flip": False, "exif_transpose": True,
+    })
+    image_keys = {path: common.image_fingerprint({"path": path}) for path in dict.fromkeys(paths)}
+    interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
+
+    def encode(batch_paths):
+        # Read and preprocessed exactly as the dataset does (EXIF orientation applied), so the latents are those of
+        # the uncached run.
+        pixels = torch.stack([preprocess_image(load_rgb(path), args.resolution, interpolation, True, None)
+                              for path in batch_paths])
+        parameters = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.parameters
+        return [{"latent_dist": entry} for entry in parameters]
+
+    cache.fill(accelerator, {key: path for path, key in image_keys.items()}, encode, args.train_batch_size)
+    return cache, image_keys
+
+
+class CachedPromptEmbeddings:
+    """{prompt: embeddings} like precompute_prompt_embeddings' dict, read from the feature cache when asked for (a
+    sample, a validation prompt) instead of held in memory."""
+
+    def __init__(self, cache, keys):
+        self.cache, self.keys = cache, keys
+
+    def __getitem__(self, prompt):
+        return self.cache.load(self.keys[prompt])["hidden_states"]
+
+
+def cache_text_embeddings(accelerator, text_encoder, tokenizer, prompts, args, weight_dtype):
+    """Fill the text-embedding cache for `prompts` (split across ranks) and return a CachedPromptEmbeddings over it:
+    --pre_compute_text_embeddings, computed once across runs. Entries are keyed by token ids and attention mask, so a
+    different tokenizer or --tokenizer_max_length is a miss too."""
+    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {
+        "text_encoder": common.model_fingerprint(text_encoder), "dtype": str(weight_dtype),
+        "max_length": args.tokenizer_max_length or tokenizer.model_max_length,
+        "attention_mask": args.text_encoder_use_attention_mask,
+    })
+    inputs = {}
+    for prompt in dict.fromkeys(prompts):
+        tokens = tokenize_prompt(tokenizer, [prompt], args.tokenizer_max_length)
+        inputs[prompt] = (tokens.input_ids[0], tokens.attention_mask[0])
+    keys = {prompt: common.fingerprint(ids.tolist(), mask.tolist()) for prompt, (ids, mask) in inputs.items()}
+
+    def encode(batch):
+        input_ids = torch.stack([ids for ids, _ in batch]).to(accelerator.device)
+        attention_mask = torch.stack([mask for _, mask in batch]).to(accelerator.device)
+        hidden_states = encode_prompt(text_encoder, input_ids, attention_mask, args.text_encoder_use_attention_mask)
+        return [{"hidden_states": states} for states in hidden_states]
+
+    cache.fill(accelerator, {keys[prompt]: value for prompt, value in inputs.items()}, encode, args.train_batch_size)
+    return CachedPromptEmbeddings(cache, keys)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -583,17 +685,22 @@ def build_optimizer(args, params):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype):
+def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype, scaling_factor):
     """The DreamBooth loss of one batch: the diffusion loss of the instance half plus, with prior preservation,
-    --prior_loss_weight times that of the class half. Every random draw (latent sampling, noise, timesteps) comes
-    from `generator`, so a resumed run repeats it."""
+    --prior_loss_weight times that of the class half. Latents come from the VAE, or from the cache (--cache_latents).
+    Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     unet_config = getattr(unet, "module", unet).config  # through a DDP wrapper
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(weight_dtype)
-        if vae is not None:
-            latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
+        if "latent_dist" in batch:
+            latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
+            latents = latent_dist.sample(generator=generator).float() * scaling_factor
+        elif vae is not None:
+            pixels = batch["pixel_values"].to(weight_dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * scaling_factor
         else:
-            latents = pixels.float()  # DeepFloyd IF: pixel space
+            latents = batch["pixel_values"].to(weight_dtype).float()  # DeepFloyd IF: pixel space
     if "prompt_embeds" in batch:
         encoder_hidden_states = batch["prompt_embeds"]
     else:
@@ -826,22 +933,37 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
+    # The items do not depend on the run seed, so the caches can be filled before a resumed run loads its state.
     prompt_embeddings = None
-    if args.pre_compute_text_embeddings:
-        # Every prompt a batch or a validation image can use, encoded once; then the text encoder is freed.
+    if args.pre_compute_text_embeddings or args.cache_text_embeddings:
+        # Every prompt a batch or a validation image can use, encoded once; then the text encoder is freed. With
+        # --cache_text_embeddings the embeddings are kept on disk and reused by later runs.
         prompts = [prompt for _, prompt in instance_items + class_items]
         if args.validation_prompt is not None:
             prompts += [args.validation_prompt, ""]  # "" is the negative prompt of classifier-free guidance
-        prompt_embeddings = precompute_prompt_embeddings(text_encoder, tokenizer, prompts, args)
+        if args.cache_text_embeddings:
+            prompt_embeddings = cache_text_embeddings(accelerator, text_encoder, tokenizer, prompts, args,
+                                                      weight_dtype)
+        else:
+            prompt_embeddings = precompute_prompt_embeddings(text_encoder, tokenizer, prompts, args)
         text_encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    scaling_factor = vae.config.scaling_factor if vae is not None else 1.0
+    latent_cache = None
+    if args.cache_latents:
+        if vae is None:  # a hub model without a VAE (a local folder is checked by validate_args)
+            raise InputError(f"--cache_latents: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} "
+                             "has no VAE (it trains in pixel space): there are no latents to cache")
+        latent_cache = cache_latents(accelerator, vae, [path for path, _ in instance_items + class_items], args,
+                                     weight_dtype)
+        vae = None  # validation loads it again
+    common.free_memory()
 
     train_dataset = DreamBoothDataset(
         instance_items, class_items, PromptInputs(tokenizer, args.tokenizer_max_length, prompt_embeddings), args,
         run_state,
     )
+    if latent_cache is not None:
+        train_dataset.use_latent_cache(*latent_cache)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -951,7 +1073,8 @@ def main(argv=None):
             torch.manual_seed(common.derive_seed(run_state.seed, DROPOUT_STREAM, epoch, batch_index,
                                                  accelerator.process_index))
             with accelerator.accumulate(*trained_models):
-                loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype)
+                loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype,
+                                     scaling_factor)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
@@ -987,7 +1110,8 @@ def main(argv=None):
         # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
         if args.validation_prompt and epoch % args.validation_epochs == 0 and args.num_validation_images:
             # The models being trained, in eval mode (no LoRA dropout); text_encoder is None once embeddings are
-            # precomputed. A pipeline without a VAE (DeepFloyd IF) has no vae component to pass.
+            # precomputed or cached. A pipeline without a VAE (DeepFloyd IF) has no vae component to pass; one
+            # dropped after --cache_latents is loaded again by the pipeline for the length of the validation.
             components = {"unet": accelerator.unwrap_model(unet), "tokenizer": tokenizer,
                           "text_encoder": accelerator.unwrap_model(text_encoder) if text_encoder else None}
             if vae is not None:
@@ -995,6 +1119,8 @@ def main(argv=None):
             for model in trained_models:
                 model.eval()
             pipeline = validation_pipeline(args, **components)
+            if args.cache_latents:
+                pipeline.vae.to(dtype=weight_dtype)
             images = generate_validation_images(accelerator, pipeline, args, run_state.seed, prompt_embeddings)
             del pipeline
             if accelerator.is_main_process:

@@ -248,6 +248,56 @@ def test_image_and_conditioning_image_get_the_same_crop_and_flip():
     assert halves == [pick(["a", "b"], 0.5, torch.Generator().manual_seed(s)) for s in range(200)]
 
 
+class _OneProcess:
+    """What FeatureCache.fill and the cache functions use of an Accelerator, for one CPU process."""
+
+    device, process_index, num_processes, is_main_process = torch.device("cpu"), 0, 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_cached_examples_equal_fresh_encodings(tiny_sd, fill_parquet, tmp_path):
+    """In-process, on a random subset with list captions, random flips and prompt dropout: every cached example holds
+    what the VAE and the text encoder make of the uncached example (the flipped latents exactly when the uncached
+    example is flipped, the empty prompt's embedding when it is dropped) and the same conditioning pixels; the
+    target image column is no longer read."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    import train_controlnet as script
+    from train_common import RunState
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    args = Namespace(dataset_name=fill_parquet, train_data_dir=None, dataset_config_name=None, cache_dir=None,
+                     image_column="image", conditioning_image_column="conditioning_image", caption_column="text",
+                     resolution=64, random_crop=False, random_flip=True, proportion_empty_prompts=0.4,
+                     max_train_samples=5, feature_cache_dir=str(tmp_path / "cache"), train_batch_size=2)
+    examples = script.load_controlnet_dataset(args)
+    fresh = script.ControlNetExamples(examples, tokenizer, args, RunState(3))
+    cached = script.ControlNetExamples(examples, tokenizer, args, RunState(3))
+    script.cache_latents(_OneProcess(), cached, vae, args, torch.float32)
+    script.cache_text_embeddings(_OneProcess(), cached, text_encoder, args, torch.float32)
+    assert "image" not in cached.dataset.column_names
+
+    flips, empty = set(), 0
+    with torch.no_grad():
+        for epoch in range(3):
+            for index in range(len(fresh)):
+                expected, example = fresh[(epoch, index)], cached[(epoch, index)]
+                assert torch.equal(example["conditioning_pixel_values"], expected["conditioning_pixel_values"])
+                latent_dist = vae.encode(expected["pixel_values"][None]).latent_dist.parameters[0]
+                torch.testing.assert_close(example["latent_dist"], latent_dist, rtol=1e-5, atol=1e-5)
+                hidden = text_encoder(expected["input_ids"][None], return_dict=False)[0][0]
+                torch.testing.assert_close(example["encoder_hidden_states"], hidden, rtol=1e-5, atol=1e-5)
+                entry = cached.latent_cache.load(cached.image_keys[cached._row(index)])
+                flips.add(torch.equal(example["latent_dist"], entry["flipped"]))
+                empty += tokenizer.decode(expected["input_ids"], skip_special_tokens=True) == ""
+    assert flips == {False, True} and 0 < empty < 15, (flips, empty)
+
+
 def test_checkpoint_rotation_and_rotation_after_resume(tiny_sd, fill_folder, tmp_path):
     out = str(tmp_path / "out")
     # 7 examples at batch 1: 7 steps per epoch.
@@ -347,6 +397,72 @@ def test_two_processes(tiny_sd, fill_parquet, validation_images, tmp_path):
     assert_same_weights(straight, resumed)
 
 
+def _cache_entries(cache_dir, kind):
+    """{entry path: mtime} of one kind of feature-cache entry."""
+    entries = {}
+    for root, _, files in os.walk(os.path.join(cache_dir, kind)):
+        for name in files:
+            if name.endswith(".safetensors"):
+                entries[os.path.join(root, name)] = os.stat(os.path.join(root, name)).st_mtime_ns
+    return entries
+
+
+def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_sees_edits(tiny_sd, fill_folder,
+                                                                                          validation_images, tmp_path):
+    """--cache_latents --cache_text_embeddings with --random_flip and --proportion_empty_prompts:
+    - training on the cache equals training on fresh encodings within fp32 rounding (the VAE and text encoder see
+      other batch shapes when filling the cache, nothing else differs); the empty prompt is cached with the
+      captions; the final validation loads the dropped VAE and text encoder again;
+    - a second run, in another output folder, computes nothing and rewrites no entry; it also stops and resumes
+      from the cache (with 2 data loader workers) bit for bit like the first;
+    - editing one target image recomputes that image's entry only."""
+    data = str(tmp_path / "data")
+    shutil.copytree(fill_folder, data)
+    with open(os.path.join(data, "metadata.jsonl")) as file:
+        rows = [json.loads(line) for line in file]
+    captions = {row["text"] for row in rows if row["file_name"] != "corrupt.png"} | {""}
+    cache = str(tmp_path / "cache")
+    # 7 examples at batch 2: 4 batches per epoch, checkpoint-2 mid-epoch.
+    settings = {"random_flip": True, "proportion_empty_prompts": 0.3, "max_train_steps": 4, "checkpointing_steps": 2,
+                "learning_rate": 1e-4}
+    cached = {"cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache}
+
+    fresh = str(tmp_path / "fresh")
+    launch(SCRIPT, base_args(tiny_sd, fresh, data=data, **settings))
+    first = str(tmp_path / "first")
+    result = launch(SCRIPT, base_args(tiny_sd, first, data=data, **settings, **cached, validation_steps=100,
+                                      validation_prompt=["red circle"], validation_image=validation_images[:1],
+                                      num_validation_images=1))
+    assert "latents: 0 of 7 cached" in result.stderr and "computing 7" in result.stderr
+    assert f"text_embeddings: 0 of {len(captions)} cached" in result.stderr
+    latents, texts = _cache_entries(cache, "latents"), _cache_entries(cache, "text_embeddings")
+    assert len(latents) == 7 and len(texts) == len(captions)
+    fresh_weights, cached_weights = load_weights(fresh), load_weights(first)
+    assert fresh_weights.keys() == cached_weights.keys()
+    for name, value in fresh_weights.items():
+        torch.testing.assert_close(cached_weights[name], value, rtol=0, atol=2e-6)
+    zero_convs = [key for key in fresh_weights if key.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
+    assert any(fresh_weights[key].abs().sum() > 0 for key in zero_convs)
+    assert os.path.isfile(os.path.join(first, "validation", "final", "pair_00.png"))
+
+    second = str(tmp_path / "second")
+    result = launch(SCRIPT, base_args(tiny_sd, second, data=data, **dict(settings, max_train_steps=2), **cached))
+    assert "latents: 7 of 7 cached" in result.stderr
+    assert f"text_embeddings: {len(captions)} of {len(captions)} cached" in result.stderr
+    launch(SCRIPT, base_args(tiny_sd, second, data=data, **settings, **cached, resume_from_checkpoint="latest",
+                             dataloader_num_workers=2))
+    assert _cache_entries(cache, "latents") == latents and _cache_entries(cache, "text_embeddings") == texts
+    for folder in ("checkpoint-4/controlnet", "."):
+        assert_same_weights(os.path.join(first, folder), os.path.join(second, folder))
+
+    Image.open(os.path.join(data, "1.png")).transpose(Image.FLIP_TOP_BOTTOM).save(os.path.join(data, "0.png"))
+    result = launch(SCRIPT, base_args(tiny_sd, str(tmp_path / "third"), data=data,
+                                      **dict(settings, max_train_steps=1), **cached))
+    assert "latents: 6 of 7 cached" in result.stderr and "computing 1" in result.stderr
+    after = _cache_entries(cache, "latents")
+    assert len(after) == 8 and all(after[path] == mtime for path, mtime in latents.items())
+
+
 def test_diffusers_docs_command_runs_unchanged(tiny_sd, tmp_path):
     """The diffusers docs' command line, verbatim apart from $MODEL_DIR and $OUTPUT_DIR. `fusing/fill50k` is a local
     fill-style dataset folder of that name in the working directory (datasets looks there before the hub). At 512 px
@@ -405,6 +521,10 @@ BAD_INPUTS = {
     "learning_rate 0": ({"learning_rate": 0}, ["--learning_rate"]),
     "checkpoints_total_limit 0": ({"checkpoints_total_limit": 0}, ["--checkpoints_total_limit"]),
     "missing checkpoint": ({"resume_from_checkpoint": "checkpoint-999"}, ["--resume_from_checkpoint"]),
+    "cache_latents with a random crop": ({"cache_latents": True, "random_crop": True},
+                                         ["--cache_latents cannot be used with --random_crop"]),
+    "feature_cache_dir is a file": ({"cache_text_embeddings": True, "feature_cache_dir": "{a_file}"},
+                                    ["--feature_cache_dir", "is a file"]),
 }
 
 
@@ -412,7 +532,9 @@ BAD_INPUTS = {
 def test_bad_input_gets_one_line_error(case, tiny_sd, fill_folder, fill_parquet, validation_images, tmp_path):
     overrides, expected = BAD_INPUTS[case]
     (tmp_path / "empty").mkdir()
-    values = {"empty_dir": str(tmp_path / "empty"), "parquet": fill_parquet, "val": validation_images[0]}
+    (tmp_path / "a_file").write_text("not a folder")
+    values = {"empty_dir": str(tmp_path / "empty"), "parquet": fill_parquet, "val": validation_images[0],
+              "a_file": str(tmp_path / "a_file")}
 
     def fill(value):
         if isinstance(value, list):

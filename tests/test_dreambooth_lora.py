@@ -265,6 +265,78 @@ def test_two_processes_with_accumulation_text_encoder_and_class_generation(tiny_
         assert_same_lora(os.path.join(straight, folder), os.path.join(resumed, folder))
 
 
+def _cache_entries(cache_dir, kind):
+    """{entry path: mtime} of one kind of feature-cache entry."""
+    entries = {}
+    for root, _, files in os.walk(os.path.join(cache_dir, kind)):
+        for name in files:
+            if name.endswith(".safetensors"):
+                entries[os.path.join(root, name)] = os.stat(os.path.join(root, name)).st_mtime_ns
+    return entries
+
+
+def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_sees_edits(tiny_sd, instance_folder,
+                                                                                          tmp_path):
+    """--cache_latents --cache_text_embeddings with prior preservation (2 class images in the folder, none generated)
+    and LoRA dropout (the global RNG, reseeded per batch):
+    - training on the cache equals training on fresh encodings within fp32 rounding (the VAE and text encoder see
+      other batch shapes when filling the cache, nothing else differs); instance and class images are cached, and
+      the instance, class, name.txt, validation and negative prompts; validation loads the dropped VAE again;
+    - a second run (with --pre_compute_text_embeddings too), in another output folder, computes nothing and rewrites
+      no entry; it also stops and resumes from the cache (with 2 data loader workers) bit for bit like the first;
+    - editing one image recomputes that image's entry only."""
+    data = str(tmp_path / "instance")
+    shutil.copytree(instance_folder, data)
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for index, image in enumerate(_images(2, seed=5)):
+        image.save(class_dir / f"dog_{index}.png")
+    cache = str(tmp_path / "cache")
+    settings = {"center_crop": True, "with_prior_preservation": True, "class_data_dir": str(class_dir),
+                "class_prompt": CLASS_PROMPT, "num_class_images": 2, "max_train_steps": 4, "checkpointing_steps": 2,
+                "learning_rate": 1e-4, "lora_dropout": 0.1}
+    cached = {"cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache}
+
+    fresh = str(tmp_path / "fresh")
+    launch(SCRIPT, base_args(tiny_sd, data, fresh, **settings))
+    first = str(tmp_path / "first")
+    result = launch(SCRIPT, base_args(tiny_sd, data, first, **settings, **cached, num_validation_images=1,
+                                      validation_prompt="a photo of sks dog in a bucket", validation_epochs=100))
+    # 3 instance + 2 class images; prompts: instance, dog_1.txt, class, validation and "" (negative) -> 5.
+    assert "(0 generated this run)" in result.stderr
+    assert "latents: 0 of 5 cached" in result.stderr and "computing 5" in result.stderr
+    assert "text_embeddings: 0 of 5 cached" in result.stderr
+    latents, texts = _cache_entries(cache, "latents"), _cache_entries(cache, "text_embeddings")
+    assert len(latents) == 5 and len(texts) == 5
+    fresh_weights, cached_weights = lora(fresh), lora(first)
+    assert fresh_weights.keys() == cached_weights.keys()
+    for name, value in fresh_weights.items():
+        torch.testing.assert_close(cached_weights[name], value, rtol=0, atol=2e-6)
+    # B (up) starts at zero: training moved it.
+    up = [value for name, value in fresh_weights.items() if ".lora.up." in name or ".lora_B." in name]
+    assert up and any(value.abs().sum() > 0 for value in up)
+    for name in ("epoch_0000", "final"):
+        assert os.listdir(os.path.join(first, "validation", name)) == ["00.png"]
+
+    second = str(tmp_path / "second")
+    again = dict(settings, **cached, pre_compute_text_embeddings=True)
+    result = launch(SCRIPT, base_args(tiny_sd, data, second, **dict(again, max_train_steps=2)))
+    assert "latents: 5 of 5 cached" in result.stderr and "text_embeddings: 3 of 3 cached" in result.stderr
+    launch(SCRIPT, base_args(tiny_sd, data, second, **again, resume_from_checkpoint="latest",
+                             dataloader_num_workers=2))
+    assert _cache_entries(cache, "latents") == latents and _cache_entries(cache, "text_embeddings") == texts
+    for folder in ("checkpoint-4", "."):
+        assert_same_lora(os.path.join(first, folder), os.path.join(second, folder))
+
+    edited = os.path.join(data, "dog_0.png")
+    Image.open(os.path.join(data, "dog_1.png")).transpose(Image.FLIP_TOP_BOTTOM).save(edited)
+    result = launch(SCRIPT, base_args(tiny_sd, data, str(tmp_path / "third"), **dict(settings, max_train_steps=1),
+                                      **cached))
+    assert "latents: 4 of 5 cached" in result.stderr and "computing 1" in result.stderr
+    after = _cache_entries(cache, "latents")
+    assert len(after) == 6 and all(after[path] == mtime for path, mtime in latents.items())
+
+
 def test_diffusers_docs_command_runs_unchanged(tiny_sd, instance_folder, tmp_path):
     """The diffusers docs' command line with the tiny model and --mixed_precision=no (CPU). Only --max_train_steps
     (500 -> 3) and --resolution (512 -> 64) are shrunk, so that the run, its 4 + 4 validation images included, ends
@@ -364,6 +436,72 @@ def test_precomputed_embeddings_follow_mask_and_max_length(tiny_sd, tokenizer):
     assert script.PromptInputs(tokenizer, 12)(CLASS_PROMPT)["input_ids"].shape == (12,)
 
 
+class _OneProcess:
+    """What FeatureCache.fill and the cache functions use of an Accelerator, for one CPU process."""
+
+    device, process_index, num_processes, is_main_process = torch.device("cpu"), 0, 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_cached_latents_and_prompts_equal_fresh_encodings(tiny_sd, instance_folder, tokenizer, tmp_path,
+                                                          monkeypatch):
+    """In-process: every example of the cached dataset (instance and class halves) holds what the VAE and the text
+    encoder make of the uncached example, with EXIF orientation applied, an attention mask and a short max length;
+    no image is read once the latents are cached; the cached embeddings equal --pre_compute_text_embeddings' ones."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from train_common import RunState
+
+    script = _script()
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    items, _ = script.read_image_folder(instance_folder, INSTANCE_PROMPT)
+    rotated = str(tmp_path / "rotated.jpg")  # 40x24, seen as 24x40 once its EXIF orientation is applied
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _images(1, seed=9)[0].resize((40, 24)).save(rotated, exif=exif)
+    class_items = [(rotated, CLASS_PROMPT), (items[0][0], CLASS_PROMPT)]
+    args = _namespace(center_crop=True, tokenizer_max_length=16, text_encoder_use_attention_mask=True,
+                      feature_cache_dir=str(tmp_path / "cache"), train_batch_size=2)
+    prompts = [prompt for _, prompt in items + class_items]
+
+    latent_cache = script.cache_latents(_OneProcess(), vae, [path for path, _ in items + class_items], args,
+                                        torch.float32)
+    embeddings = script.cache_text_embeddings(_OneProcess(), text_encoder, tokenizer, prompts, args, torch.float32)
+    fresh = script.DreamBoothDataset(items, class_items, script.PromptInputs(tokenizer, 16), args, RunState(0))
+    cached = script.DreamBoothDataset(items, class_items, script.PromptInputs(tokenizer, 16, embeddings), args,
+                                      RunState(0))
+    cached.use_latent_cache(*latent_cache)
+    precomputed = script.precompute_prompt_embeddings(text_encoder, tokenizer, prompts, args)
+    expected_examples = [fresh[(0, index)] for index in range(len(fresh))]
+
+    def unreadable(path):
+        raise AssertionError(f"{path} was read although its latents are cached")
+
+    monkeypatch.setattr(script, "load_rgb", unreadable)
+    with torch.no_grad():
+        for index, expected in enumerate(expected_examples):
+            example = cached[(0, index)]
+            for half in ("instance", "class"):
+                pixels = expected[half]["pixel_values"][None]
+                latent_dist = vae.encode(pixels).latent_dist.parameters[0]
+                torch.testing.assert_close(example[half]["latent_dist"], latent_dist, rtol=1e-5, atol=1e-5)
+                hidden = script.encode_prompt(text_encoder, expected[half]["input_ids"][None],
+                                              expected[half]["attention_mask"][None], True)[0]
+                torch.testing.assert_close(example[half]["prompt_embeds"], hidden, rtol=1e-5, atol=1e-5)
+    for prompt in prompts:
+        torch.testing.assert_close(embeddings[prompt], precomputed[prompt], rtol=1e-5, atol=1e-5)
+    # The EXIF orientation mattered: the stored (unrotated) pixels encode to other latents.
+    interpolation = script.INTERPOLATION_MODES["lanczos"]
+    stored = script.preprocess_image(Image.open(rotated).convert("RGB"), 64, interpolation, True, None)
+    with torch.no_grad():
+        unrotated = vae.encode(stored[None]).latent_dist.parameters[0]
+    assert not torch.allclose(cached[(0, 0)]["class"]["latent_dist"], unrotated, atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def loss_inputs(tiny_sd, tokenizer):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -387,7 +525,7 @@ def loss_inputs(tiny_sd, tokenizer):
 def _loss(inputs, **flags):
     return _script().training_loss(inputs["unet"], inputs["vae"], inputs["text_encoder"], inputs["scheduler"],
                                    inputs["batch"], torch.Generator().manual_seed(7), _namespace(**flags),
-                                   torch.float32).item()
+                                   torch.float32, inputs["vae"].config.scaling_factor).item()
 
 
 def test_prior_loss_is_added_with_its_weight(loss_inputs):
@@ -426,7 +564,8 @@ def test_upstream_defaults_and_config_file(yaml_file):
 # --------------------------------------------------------------------------------------------------------------------
 
 # Checked in-process through the script's own entry point (run_main -> exit status 2): all fail before any model is
-# loaded or an Accelerator is created. "{empty}" is an empty folder, "{corrupt}" one holding only a corrupt image.
+# loaded or an Accelerator is created. "{empty}" is an empty folder, "{corrupt}" one holding only a corrupt image,
+# "{a_file}" a file, "{pixel_model}" a model folder without vae/.
 BAD_ARGUMENTS = {
     "missing model": ({"pretrained_model_name_or_path": "/nonexistent/sd"}, "--pretrained_model_name_or_path"),
     "model folder without parts": ({"pretrained_model_name_or_path": "{empty}"}, "missing tokenizer/, text_encoder/"),
@@ -452,6 +591,14 @@ BAD_ARGUMENTS = {
     "unknown lr scheduler": ({"lr_scheduler": "sometimes"}, "--lr_scheduler"),
     "unknown prior precision": ({"prior_generation_precision": "fp8"}, "--prior_generation_precision"),
     "resolution not an int": ({"resolution": "big"}, "--resolution"),
+    "cache_latents with a random crop": ({"cache_latents": True}, "--cache_latents needs --center_crop"),
+    "cache_text_embeddings with text encoder training": ({"cache_text_embeddings": True, "train_text_encoder": True},
+                                                         "--cache_text_embeddings cannot be used with "
+                                                         "--train_text_encoder"),
+    "feature_cache_dir is a file": ({"cache_text_embeddings": True, "feature_cache_dir": "{a_file}"},
+                                    "--feature_cache_dir"),
+    "cache_latents with a pixel-space model": ({"cache_latents": True, "center_crop": True,
+                                                "pretrained_model_name_or_path": "{pixel_model}"}, "no vae/"),
 }
 
 
@@ -470,7 +617,11 @@ def test_bad_argument_gets_one_line_error(case, tiny_sd, instance_folder, tmp_pa
     (tmp_path / "empty").mkdir()
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "broken.png").write_bytes(b"not a png")
-    folders = {"empty": str(tmp_path / "empty"), "corrupt": str(tmp_path / "corrupt")}
+    (tmp_path / "a_file").write_text("not a folder")
+    for part in ("tokenizer", "text_encoder", "unet", "scheduler"):
+        (tmp_path / "pixel_model" / part).mkdir(parents=True)
+    folders = {"empty": str(tmp_path / "empty"), "corrupt": str(tmp_path / "corrupt"),
+               "a_file": str(tmp_path / "a_file"), "pixel_model": str(tmp_path / "pixel_model")}
     overrides = {k: v.format(**folders) if isinstance(v, str) else v for k, v in overrides.items()}
     out, before = _existing_output(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
