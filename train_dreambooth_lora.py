@@ -889,6 +889,10 @@ def main(argv=None):
         for library in (transformers, diffusers):
             library.utils.logging.set_verbosity_error()
     common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    if args.train_text_encoder and accelerator.state.deepspeed_plugin is not None:
+        # accelerate hands one model to a DeepSpeed engine; the UNet and text encoder LoRA would need two.
+        raise InputError("--train_text_encoder trains two models, which accelerate cannot give to one DeepSpeed "
+                         "engine: drop the flag or launch without DeepSpeed")
     preemption = common.PreemptionHandler(accelerator)
 
     run_state = common.RunState(common.resolve_seed(args.seed, accelerator))

@@ -190,24 +190,43 @@ def test_instruct_pix2pix_under_deepspeed_zero2_with_ema_trains_checkpoints_and_
     assert image.shape == (64, 64, 3)
 
 
-def test_zero3_is_refused_with_one_line_before_loading_models(tiny_sd, metadata_folder, tmp_path):
-    out = str(tmp_path / "out")
+def assert_refused_under_deepspeed(config, script, args, out, error):
+    """The launch fails with exactly `error` as the one error line, no traceback from the training processes, and
+    nothing written to `out`."""
     command = [
-        os.path.join(BIN, "accelerate"), "launch", "--config_file",
-        os.path.join(REPO, "configs", "launch", "deepspeed_zero3.yaml"), "--num_processes", "2", "--mixed_precision",
-        "no", "--main_process_port", str(free_port()), os.path.join(REPO, "train_text_to_image.py"),
-    ] + base_args(tiny_sd, metadata_folder, out, max_train_steps=2)
+        os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(REPO, "configs", "launch", config),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        os.path.join(REPO, script),
+    ] + args
     env = script_env()
     env.pop("ACCELERATE_USE_CPU")
     result = run(command, env=env, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: DeepSpeed ZeRO-3 is not supported yet; use configs/launch/deepspeed_zero2.yaml or "
-                      "configs/launch/deepspeed_zero2_offload.yaml (optimizer states in CPU memory)"]
+    assert errors == [error]
     # No traceback from the training processes (the launcher still reports the failed processes its own way).
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
-    assert 'train_text_to_image.py", line' not in result.stderr
+    assert f'{script}", line' not in result.stderr
     assert not os.path.exists(out)
+
+
+def test_zero3_is_refused_with_one_line_before_loading_models(tiny_sd, metadata_folder, tmp_path):
+    out = str(tmp_path / "out")
+    assert_refused_under_deepspeed(
+        "deepspeed_zero3.yaml", "train_text_to_image.py", base_args(tiny_sd, metadata_folder, out, max_train_steps=2),
+        out, "error: DeepSpeed ZeRO-3 is not supported yet; use configs/launch/deepspeed_zero2.yaml or "
+             "configs/launch/deepspeed_zero2_offload.yaml (optimizer states in CPU memory)")
+
+
+def test_dreambooth_training_the_text_encoder_is_refused_under_deepspeed(tiny_sd, instance_folder, tmp_path):
+    from test_dreambooth_lora import base_args as dreambooth_args
+
+    out = str(tmp_path / "out")
+    assert_refused_under_deepspeed(
+        "deepspeed_zero2.yaml", "train_dreambooth_lora.py",
+        dreambooth_args(tiny_sd, instance_folder, out, max_train_steps=2, train_text_encoder=True), out,
+        "error: --train_text_encoder trains two models, which accelerate cannot give to one DeepSpeed engine: drop the "
+        "flag or launch without DeepSpeed")
 
 
 # --------------------------------------------------------------------------------------------------------------------
