@@ -1,0 +1,645 @@
+"""Speed and memory benchmark of the Stable Diffusion training scripts, each against its own floor.
+
+For each script and variant (extra flags: caching, gradient checkpointing, 8-bit Adam, --set_grads_to_none) this
+trains a small but not tiny model (UNet channels 64/128/128, 128 px images = 16x16 latents, batch 2) for --steps
+optimizer steps and reports:
+
+- s/step: the steady-state time of one optimizer step. The run logs its loss every L steps to TensorBoard; an event's
+  wall time is when it was logged, so the median over the logging intervals of (time between two logged steps) /
+  (steps between them) is the time per step without start-up, warm-up of the first L steps, the final save, or a
+  stall of the machine in one interval.
+- whole-run peak memory: on CPU the training process's own peak resident set size, `ru_maxrss` from `os.wait4` on
+  its pid (the script runs as `python script.py`, without `accelerate launch`, so the measured process is the one
+  that trains). On CUDA `torch.cuda.max_memory_allocated()`, written at exit by bench/cuda_peak_hook/sitecustomize.py.
+- training peak memory (CPU): the same high-water mark (VmHWM, polled from /proc while the run goes) as it stood at
+  the last logged step, before the final save, which can reach a higher peak of its own and would hide what a
+  memory flag saves during training.
+- startup: the wall time from starting the process to the first logged step, less that many steps at the steady
+  rate: the fixed cost of a run (imports, model loading, dataset scan, cache filling, first-step warm-up). A cached
+  variant runs twice on an emptied cache: the first run fills it (its startup is reported separately), the second,
+  which reads it, is the one measured.
+- the floor: in a separate process (so its memory is its own) and with the same threads, the trained network's own
+  forward + MSE loss + backward + gradient clipping (every script clips at --max_grad_norm 1.0 by default) +
+  AdamW step + zero_grad(set_to_none=True), timed on one fixed random batch of the shapes the script trains on:
+  the median iteration after 3 warm-up iterations. Anything a script spends above it (VAE and text encoding, data
+  loading, logging, host-device syncs) is overhead (SPEC §8).
+
+    python bench/bench.py                                   # every script, its default variants, 40 steps
+    python bench/bench.py --scripts controlnet --variants base,set_grads_to_none --steps 10
+    git worktree add /tmp/base a736386 && python bench/bench.py --repo /tmp/base   # the scripts of another checkout
+
+The markdown table goes to stdout, progress to stderr; --json writes the rows. The bench model and datasets are
+built once under --work_dir and reused.
+"""
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+THIS_REPO = os.path.dirname(BENCH_DIR)
+CUDA_PEAK_HOOK_DIR = os.path.join(BENCH_DIR, "cuda_peak_hook")
+
+RESOLUTION = 128
+BATCH_SIZE = 2
+NUM_IMAGES = 24
+IMAGE_SIZE = (160, 128)  # width, height: not square, so the resize and centre crop do real work
+TEXT_LENGTH = 77
+INSTANCE_PROMPT = "a photo of sks toy"
+PLACEHOLDER_TOKEN = "<cat-toy>"
+# Exactly what train_dreambooth_lora.py adds to the UNet (LoraConfig target_modules; r = lora_alpha = --rank 4).
+DREAMBOOTH_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+DREAMBOOTH_LORA_RANK = 4
+FLOOR_WARMUP_STEPS = 3
+MAX_GRAD_NORM = 1.0
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+SHAPES = ("circle", "square")
+
+
+def log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The bench model and datasets, built once under --work_dir
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_bench_model(folder):
+    """A random SD 1.x-layout pipeline (as tests/tiny_sd.py builds, with its tokenizer) but big enough that the UNet's
+    own step is a real cost: UNet 64/128/128 with cross-attention, a 4-block VAE (128 px -> 16x16 latents) and a
+    256-wide, 4-layer CLIP text encoder."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
+    from tiny_sd import write_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = write_tokenizer(os.path.join(folder, "tokenizer"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+        num_hidden_layers=4, max_position_embeddings=TEXT_LENGTH, projection_dim=256,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=256, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+
+
+def draw_example(index):
+    """One synthetic example: a coloured shape on a light background (the training image), the same shape in
+    another colour (the edited image for pix2pix), the shape's outline on black (ControlNet's conditioning image),
+    and their captions."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(index)
+    colour, edited_colour = rng.sample(sorted(COLOURS), 2)
+    shape = rng.choice(SHAPES)
+    width, height = IMAGE_SIZE
+    radius = rng.randint(height // 6, height // 3)
+    x, y = rng.randint(radius, width - radius), rng.randint(radius, height - radius)
+    box = (x - radius, y - radius, x + radius, y + radius)
+    draw = ImageDraw.ImageDraw.ellipse if shape == "circle" else ImageDraw.ImageDraw.rectangle
+
+    def picture(fill):
+        image = Image.new("RGB", IMAGE_SIZE, (240, 240, 235))
+        draw(ImageDraw.Draw(image), box, fill=COLOURS[fill])
+        return image
+
+    outline = Image.new("RGB", IMAGE_SIZE, (0, 0, 0))
+    draw(ImageDraw.Draw(outline), box, outline=(255, 255, 255), width=2)
+    return {"image": picture(colour), "edited": picture(edited_colour), "outline": outline,
+            "caption": f"a photo of a {colour} {shape}", "edit_prompt": f"make it {edited_colour}"}
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def build_datasets(data_dir):
+    """One folder per layout the scripts read (see each script's tests for the same layouts at tiny size):
+    captioned/ images with name.txt captions (text_to_image); objects/ bare images (dreambooth_lora's instance
+    images, textual_inversion's); controlnet/ an imagefolder whose metadata.jsonl names the image, the conditioning
+    image and the caption; pix2pix/ an imagefolder whose metadata.jsonl names the original and edited images and the
+    edit prompt."""
+    folders = {name: os.path.join(data_dir, name) for name in ("captioned", "objects", "controlnet", "pix2pix")}
+    for folder in folders.values():
+        os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(folders["controlnet"], "conditioning"), exist_ok=True)
+    controlnet_rows, pix2pix_rows = [], []
+    for index in range(NUM_IMAGES):
+        example = draw_example(index)
+        name = f"{index:03d}.png"
+        example["image"].save(os.path.join(folders["captioned"], name))
+        with open(os.path.join(folders["captioned"], f"{index:03d}.txt"), "w") as file:
+            file.write(example["caption"] + "\n")
+        example["image"].save(os.path.join(folders["objects"], name))
+        example["image"].save(os.path.join(folders["controlnet"], name))
+        example["outline"].save(os.path.join(folders["controlnet"], "conditioning", name))
+        controlnet_rows.append({"file_name": name, "conditioning_image": f"conditioning/{name}",
+                                "text": example["caption"]})
+        example["image"].save(os.path.join(folders["pix2pix"], f"original_{name}"))
+        example["edited"].save(os.path.join(folders["pix2pix"], f"edited_{name}"))
+        pix2pix_rows.append({"input_image_file_name": f"original_{name}", "edited_image_file_name": f"edited_{name}",
+                             "edit_prompt": example["edit_prompt"]})
+    write_jsonl(os.path.join(folders["controlnet"], "metadata.jsonl"), controlnet_rows)
+    write_jsonl(os.path.join(folders["pix2pix"], "metadata.jsonl"), pix2pix_rows)
+
+
+def ensure_built(folder, build, what):
+    """Build `folder` unless a previous bench finished building it (a marker file is written last, so a build that
+    was interrupted is redone)."""
+    marker = os.path.join(folder, ".bench-complete")
+    if os.path.exists(marker):
+        return folder
+    log(f"building the {what} in {folder}")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    build(folder)
+    open(marker, "w").close()
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The scripts and variants
+# ----------------------------------------------------------------------------------------------------------------------
+
+# file, the scalar the script logs its loss as, its data flags, and which text models a cached run can cache
+# (textual_inversion trains through its text encoder, so only the latents can be cached).
+SCRIPTS = {
+    "text_to_image": {
+        "file": "train_text_to_image.py", "loss_tag": "train_loss", "cache_text": True,
+        "data_flags": lambda data: ["--train_data_dir", f"{data}/captioned", "--center_crop"],
+    },
+    "dreambooth_lora": {
+        "file": "train_dreambooth_lora.py", "loss_tag": "loss", "cache_text": True,
+        "data_flags": lambda data: ["--instance_data_dir", f"{data}/objects", "--instance_prompt", INSTANCE_PROMPT,
+                                    "--center_crop"],
+    },
+    "controlnet": {
+        # No --center_crop flag: train_controlnet.py crops at the centre unless given --random_crop.
+        "file": "train_controlnet.py", "loss_tag": "loss", "cache_text": True,
+        "data_flags": lambda data: ["--train_data_dir", f"{data}/controlnet"],
+    },
+    "instruct_pix2pix": {
+        "file": "train_instruct_pix2pix.py", "loss_tag": "train_loss", "cache_text": True,
+        "data_flags": lambda data: ["--train_data_dir", f"{data}/pix2pix", "--center_crop"],
+    },
+    "textual_inversion": {
+        "file": "textual_inversion.py", "loss_tag": "loss", "cache_text": False,
+        "data_flags": lambda data: ["--train_data_dir", f"{data}/objects", "--placeholder_token", PLACEHOLDER_TOKEN,
+                                    "--initializer_token", "toy", "--center_crop", "--save_steps", "1000000"],
+    },
+}
+
+# Variant name -> (extra flags, the scripts it runs for by default). "cached" flags are filled in per script.
+VARIANTS = {
+    "base": ([], list(SCRIPTS)),
+    "cached": (None, list(SCRIPTS)),
+    "gradient_checkpointing": (["--gradient_checkpointing"], ["text_to_image"]),
+    "8bit_adam": (["--use_8bit_adam"], ["text_to_image"]),
+    "set_grads_to_none": (["--set_grads_to_none"], ["controlnet"]),
+}
+# The other scripts always free their gradients: only train_controlnet.py has --set_grads_to_none (upstream's name).
+ONLY_FOR = {"set_grads_to_none": ["controlnet"]}
+
+
+def plan(scripts, variants):
+    """The (script, variant) pairs to run, in table order. Without --variants each variant runs for its default
+    scripts; a variant named in --variants runs for every chosen script that has its flag."""
+    def wanted(script, variant):
+        if variants is None:
+            return script in VARIANTS[variant][1]
+        return variant in variants and script in ONLY_FOR.get(variant, SCRIPTS)
+    return [(script, variant) for script in scripts for variant in VARIANTS if wanted(script, variant)]
+
+
+def variant_flags(script, variant, cache_dir):
+    flags = VARIANTS[variant][0]
+    if variant == "cached":
+        flags = ["--cache_latents", "--feature_cache_dir", cache_dir]
+        if SCRIPTS[script]["cache_text"]:
+            flags.append("--cache_text_embeddings")
+    return flags
+
+
+def logging_interval(steps):
+    """Log every L steps: often enough for several measured intervals, and the first L steps (warm-up) excluded."""
+    return max(1, steps // 8)
+
+
+def script_command(repo, script, model, data_dir, output_dir, steps, extra_flags):
+    return [
+        sys.executable, os.path.join(repo, SCRIPTS[script]["file"]),
+        "--pretrained_model_name_or_path", model, *SCRIPTS[script]["data_flags"](data_dir),
+        "--output_dir", output_dir, "--resolution", str(RESOLUTION), "--train_batch_size", str(BATCH_SIZE),
+        "--seed", "0", "--mixed_precision", "no", "--max_train_steps", str(steps),
+        "--logging_steps", str(logging_interval(steps)), "--checkpointing_steps", "1000000",
+        "--report_to", "tensorboard", "--lr_warmup_steps", "0", *extra_flags,
+    ]
+
+
+def child_env(threads, device, cuda_peak_file=None):
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "WANDB_MODE": "offline",
+                "PYTHONUNBUFFERED": "1"})
+    if device == "cpu":
+        env.update({"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""})
+    if cuda_peak_file:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [CUDA_PEAK_HOOK_DIR, env.get("PYTHONPATH")]))
+        env["BENCH_CUDA_PEAK_FILE"] = cuda_peak_file
+    return env
+
+
+def resident_high_water_mib(pid):
+    """The process's peak resident set size so far (VmHWM), in MiB; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def run_measured(command, env, log_path):
+    """Run `command` to completion with its output in `log_path`. Returns its exit status, start wall time, wall
+    seconds, peak RSS in MiB of that process itself (ru_maxrss from wait4's rusage: the whole run, final save
+    included), and (wall time, VmHWM MiB) samples taken while it ran, from which the peak up to the end of training
+    is read (VmHWM only grows, so the last sample before the last logged step covers every step before it)."""
+    high_water = []
+    with open(log_path, "w") as output:
+        started = time.time()
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            now, peak = time.time(), resident_high_water_mib(process.pid)
+            if peak is not None:
+                high_water.append((now, peak))
+            time.sleep(0.2)
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return {"status": process.returncode, "started": started, "wall_s": time.time() - started,
+            "peak_rss_mib": usage.ru_maxrss / 1024, "high_water": high_water}  # ru_maxrss is KiB on Linux
+
+
+def failure_reason(status, log_path):
+    """The script's one-line error (exit status 2: an unknown flag, or settings it refuses), or the last error line
+    of its output."""
+    with open(log_path, errors="replace") as file:
+        lines = [line.strip() for line in file if line.strip()]
+    error_lines = [line for line in lines if "error:" in line.lower()]
+    if status == 2 and error_lines:
+        unknown_flag = "unrecognized arguments" in error_lines[0]
+        return f"n/a ({'flag not supported' if unknown_flag else 'refused'}: {error_lines[0]})"
+    return f"failed (exit {status}: {(error_lines or lines or [''])[-1][:200]}; see {log_path})"
+
+
+def logged_step_times(logs_dir, tag):
+    """(step, wall time) of every `tag` scalar in the TensorBoard event files under `logs_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    for event_file in sorted(glob.glob(os.path.join(logs_dir, "**", "events.out.tfevents.*"), recursive=True)):
+        events = EventAccumulator(event_file, size_guidance={SCALARS: 0}).Reload()
+        if tag in events.Tags()["scalars"]:
+            return [(event.step, event.wall_time) for event in events.Scalars(tag)]
+    return []
+
+
+def run_script(args, script, variant, suffix=""):
+    """Train once; return a dict of measurements, or {"error": ...}."""
+    name = f"{script}-{variant}{suffix}"
+    output_dir = os.path.join(args.work_dir, "runs", name)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.makedirs(output_dir)
+    log_path = os.path.join(args.work_dir, "runs", f"{name}.log")
+    cuda_peak_file = os.path.join(output_dir, "cuda-peak.json") if args.device == "cuda" else None
+    flags = variant_flags(script, variant, os.path.join(args.work_dir, "feature-cache", script))
+    command = script_command(args.repo, script, args.model, args.data, output_dir, args.steps, flags)
+    log(f"{name}: {' '.join(command)}")
+    run = run_measured(command, child_env(args.threads, args.device, cuda_peak_file), log_path)
+    if run["status"] != 0:
+        return {"error": failure_reason(run["status"], log_path)}
+    times = logged_step_times(os.path.join(output_dir, "logs"), SCRIPTS[script]["loss_tag"])
+    if len(times) < 2:
+        return {"error": f"fewer than 2 logged `{SCRIPTS[script]['loss_tag']}` steps in {output_dir}/logs"}
+    # The median over the logging intervals: a 2-core machine's occasional stall moves one interval, not the figure.
+    seconds_per_step = statistics.median(
+        (later_time - time_) / (later_step - step) for (step, time_), (later_step, later_time) in zip(times, times[1:])
+    )
+    (first_step, first_time), last_time = times[0], times[-1][1]
+    during_training = [peak for sampled, peak in run["high_water"] if sampled <= last_time]
+    result = {"s_per_step": seconds_per_step, "startup_s": first_time - run["started"] - first_step * seconds_per_step,
+              "wall_s": run["wall_s"], "peak_rss_mib": run["peak_rss_mib"], "peak_mib": run["peak_rss_mib"],
+              "training_peak_mib": during_training[-1] if during_training else None}
+    if cuda_peak_file:
+        if not os.path.exists(cuda_peak_file):
+            return {"error": f"no CUDA peak written (did the run use CUDA?); see {log_path}"}
+        with open(cuda_peak_file) as file:
+            result.update(json.load(file))
+        # On CUDA the device's peak is what matters; the host's stay in the JSON only.
+        result["host_training_peak_mib"] = result.pop("training_peak_mib")
+        result["peak_mib"], result["training_peak_mib"] = result["cuda_peak_allocated_mib"], None
+    log(f"{name}: {seconds_per_step:.3f} s/step, training peak {cell(result['training_peak_mib'], '.0f')} MiB, "
+        f"whole-run peak {result['peak_mib']:.0f} MiB, startup {result['startup_s']:.1f} s")
+    return result
+
+
+def measure_variant(args, script, variant):
+    """A variant's row. A cached variant first fills an emptied cache (that run's startup is the cost of filling),
+    then trains again on the filled cache: that second run is the one measured."""
+    if variant != "cached":
+        return run_script(args, script, variant)
+    shutil.rmtree(os.path.join(args.work_dir, "feature-cache", script), ignore_errors=True)
+    filling = run_script(args, script, variant, suffix="-fill")
+    if "error" in filling:
+        return filling
+    measured = run_script(args, script, variant)
+    measured["fill_startup_s"] = filling["startup_s"]
+    return measured
+
+
+def run_floor(args, script):
+    command = [sys.executable, os.path.abspath(__file__), "--floor", script, "--model", args.model,
+               "--steps", str(args.steps), "--device", args.device]
+    log_path = os.path.join(args.work_dir, "runs", f"{script}-floor.log")
+    log(f"{script} floor")
+    run = run_measured(command, child_env(args.threads, args.device), log_path)
+    if run["status"] != 0:
+        return {"error": failure_reason(run["status"], log_path)}
+    with open(log_path) as file:
+        result = json.loads([line for line in file if line.startswith("{")][-1])
+    # The floor process only trains: its whole-run peak is its training peak.
+    result["peak_mib"] = result.get("cuda_peak_allocated_mib", run["peak_rss_mib"])
+    log(f"{script} floor: {result['s_per_step']:.3f} s/step, peak {result['peak_mib']:.0f} MiB")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The floor: the trained network's own step, one function per script building (trained parameters, loss function)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def fixed_batch(device, cross_attention_dim, latent_channels=4):
+    """One batch of the shapes the scripts train on, random (the values do not change the time)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    latent_size = RESOLUTION // 8
+    batch = {
+        "latents": torch.randn(BATCH_SIZE, latent_channels, latent_size, latent_size, generator=generator),
+        "target": torch.randn(BATCH_SIZE, 4, latent_size, latent_size, generator=generator),
+        "text_embeddings": torch.randn(BATCH_SIZE, TEXT_LENGTH, cross_attention_dim, generator=generator),
+        "timesteps": torch.randint(0, 1000, (BATCH_SIZE,), generator=generator),
+        "conditioning_image": torch.rand(BATCH_SIZE, 3, RESOLUTION, RESOLUTION, generator=generator),
+    }
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def load_unet(model, device):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
+
+
+def mse(prediction, batch):
+    import torch.nn.functional as F
+
+    return F.mse_loss(prediction.float(), batch["target"], reduction="mean")
+
+
+def floor_text_to_image(model, device):
+    """The whole UNet trains."""
+    unet = load_unet(model, device).train()
+    batch = fixed_batch(device, unet.config.cross_attention_dim)
+
+    def loss():
+        return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], return_dict=False)[0], batch)
+    return list(unet.parameters()), loss
+
+
+def floor_dreambooth_lora(model, device):
+    """Only LoRA adapters on the UNet's attention projections train; the base weights are frozen."""
+    from peft import LoraConfig
+
+    unet = load_unet(model, device).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=DREAMBOOTH_LORA_RANK, init_lora_weights="gaussian",
+                                target_modules=DREAMBOOTH_LORA_TARGETS))
+    unet.train()
+    batch = fixed_batch(device, unet.config.cross_attention_dim)
+
+    def loss():
+        return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], return_dict=False)[0], batch)
+    return [parameter for parameter in unet.parameters() if parameter.requires_grad], loss
+
+
+def floor_controlnet(model, device):
+    """A ControlNet made from the UNet trains; the frozen UNet adds its residuals, and the gradient flows back
+    through the UNet into them."""
+    from diffusers import ControlNetModel
+
+    unet = load_unet(model, device).requires_grad_(False)
+    controlnet = ControlNetModel.from_unet(unet).to(device).train()
+    batch = fixed_batch(device, unet.config.cross_attention_dim)
+
+    def loss():
+        down_residuals, mid_residual = controlnet(
+            batch["latents"], batch["timesteps"], encoder_hidden_states=batch["text_embeddings"],
+            controlnet_cond=batch["conditioning_image"], return_dict=False,
+        )
+        prediction = unet(batch["latents"], batch["timesteps"], encoder_hidden_states=batch["text_embeddings"],
+                          down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
+                          return_dict=False)[0]
+        return mse(prediction, batch)
+    return list(controlnet.parameters()), loss
+
+
+def floor_instruct_pix2pix(model, device):
+    """The whole UNet trains, its conv_in widened to 8 channels (noisy latents + the original image's latents)."""
+    import torch
+
+    unet = load_unet(model, device)
+    old = unet.conv_in
+    unet.conv_in = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding).to(device)
+    unet.train()
+    batch = fixed_batch(device, unet.config.cross_attention_dim, latent_channels=8)
+
+    def loss():
+        return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], return_dict=False)[0], batch)
+    return list(unet.parameters()), loss
+
+
+def floor_textual_inversion(model, device):
+    """Only the text encoder's token embeddings train: the text encoder runs forward from token ids, and the
+    gradient flows back through the frozen UNet and the frozen text encoder layers into the embedding matrix.
+    (The script trains only the new token's rows; with this vocabulary the whole matrix costs no more.)"""
+    import torch
+    from transformers import CLIPTextModel
+
+    unet = load_unet(model, device).requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(device).requires_grad_(False)
+    embeddings = text_encoder.get_input_embeddings().weight.requires_grad_(True)
+    text_encoder.train()
+    batch = fixed_batch(device, unet.config.cross_attention_dim)
+    token_ids = torch.randint(0, embeddings.shape[0], (BATCH_SIZE, TEXT_LENGTH),
+                              generator=torch.Generator().manual_seed(0)).to(device)
+
+    def loss():
+        text_embeddings = text_encoder(token_ids, return_dict=False)[0]
+        return mse(unet(batch["latents"], batch["timesteps"], text_embeddings, return_dict=False)[0], batch)
+    return [embeddings], loss
+
+
+FLOORS = {
+    "text_to_image": floor_text_to_image,
+    "dreambooth_lora": floor_dreambooth_lora,
+    "controlnet": floor_controlnet,
+    "instruct_pix2pix": floor_instruct_pix2pix,
+    "textual_inversion": floor_textual_inversion,
+}
+
+
+def measure_floor(script, model, steps, device):
+    """Time `steps` optimizer steps of the script's trained network after warm-up; print the result as JSON."""
+    import torch
+
+    parameters, loss = FLOORS[script](model, device)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    iteration_times = []
+    for iteration in range(FLOOR_WARMUP_STEPS + steps):
+        synchronize()
+        started = time.perf_counter()
+        loss().backward()
+        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        if iteration >= FLOOR_WARMUP_STEPS:
+            iteration_times.append(time.perf_counter() - started)
+    # The median, as for the scripts' logging intervals.
+    result = {"s_per_step": statistics.median(iteration_times),
+              "trained_parameters": sum(parameter.numel() for parameter in parameters)}
+    if device == "cuda":
+        result["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cell(value, format_spec):
+    return "" if value is None else format(value, format_spec)
+
+
+def table(rows):
+    header = ["script", "variant", "s/step", "floor s/step", "overhead vs floor", "training peak MiB",
+              "floor peak MiB", "whole-run peak MiB", "startup s", "cache-filling startup s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        floor = row["floor"]
+        floor_time, floor_peak = (None, None) if "error" in floor else (floor["s_per_step"], floor["peak_mib"])
+        if "error" in row:
+            cells = [row["error"], cell(floor_time, ".3f"), "", "", cell(floor_peak, ".0f"), "", "", ""]
+        else:
+            overhead = None if floor_time is None else 100 * (row["s_per_step"] / floor_time - 1)
+            cells = [cell(row["s_per_step"], ".3f"), cell(floor_time, ".3f"),
+                     "" if overhead is None else f"{overhead:+.0f}%", cell(row["training_peak_mib"], ".0f"),
+                     cell(floor_peak, ".0f"), cell(row["peak_mib"], ".0f"), cell(row["startup_s"], ".1f"),
+                     cell(row.get("fill_startup_s"), ".1f")]
+        lines.append("| " + " | ".join([row["script"], row["variant"]] + cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work_dir", default="/tmp/bench-work", help="Model, datasets, runs and caches (reused).")
+    parser.add_argument("--repo", default=THIS_REPO, help="The checkout whose scripts run (default: this one).")
+    parser.add_argument("--scripts", default=",".join(SCRIPTS), help="Comma-separated, from: " + ",".join(SCRIPTS))
+    parser.add_argument("--variants", default=None,
+                        help="Comma-separated, from: " + ",".join(VARIANTS) + " (default: base and cached for every "
+                             "script, gradient_checkpointing and 8bit_adam for text_to_image, set_grads_to_none for "
+                             "controlnet)")
+    parser.add_argument("--steps", type=int, default=40, help="Optimizer steps per run, and floor iterations.")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="OMP_NUM_THREADS.")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
+    # Internal: the floor measurement, run by the bench itself in a child process.
+    parser.add_argument("--floor", choices=list(FLOORS), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.scripts = args.scripts.split(",")
+    args.variants = args.variants.split(",") if args.variants else None
+    for name in args.scripts:
+        if name not in SCRIPTS:
+            parser.error(f"--scripts: unknown script {name!r}; choose from {', '.join(SCRIPTS)}")
+    for name in args.variants or []:
+        if name not in VARIANTS:
+            parser.error(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (two logged steps make one measured interval)")
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.floor:
+        return measure_floor(args.floor, args.model, args.steps, args.device)
+
+    args.work_dir, args.repo = os.path.abspath(args.work_dir), os.path.abspath(args.repo)
+    os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
+    args.model = ensure_built(os.path.join(args.work_dir, "model"), build_bench_model, "bench SD pipeline")
+    args.data = ensure_built(os.path.join(args.work_dir, "data"), build_datasets, "datasets")
+
+    rows, floors = [], {}
+    for script, variant in plan(args.scripts, args.variants):
+        if script not in floors:
+            floors[script] = run_floor(args, script)
+        rows.append({"script": script, "variant": variant, "floor": floors[script],
+                     **measure_variant(args, script, variant)})
+    print(f"{args.repo} ({args.device}, {args.threads} threads, {args.steps} steps, batch {BATCH_SIZE}, "
+          f"{RESOLUTION} px)\n")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"repo": args.repo, "device": args.device, "threads": args.threads, "steps": args.steps,
+                       "rows": rows}, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
