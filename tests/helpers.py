@@ -61,9 +61,43 @@ def launch(script, args, num_processes=1, check=True, env=None, cwd=None):
     return run(launch_command(script, args, num_processes), cwd=cwd, env=env, check=check)
 
 
+def train(script, args, check=True, env=None, cwd=None):
+    """`python script args`, the other way users start a single-process run: `launch` without the accelerate CLI in
+    front, which costs ~5 s of CPU per run (it imports torch and transformers). For the repeated runs inside a test;
+    each module's first runs, the 2-process and DeepSpeed runs go through `accelerate launch`."""
+    return run_python(script, args, check=check, env=env, cwd=cwd)
+
+
 def run_python(script, args, check=False, env=None, cwd=None):
     """`python script args`: the plain way, used where the script's own exit status matters."""
     return run([sys.executable, script_path(script)] + [str(a) for a in args], cwd=cwd, env=env, check=check)
+
+
+def fail_in_process(module, args, capsys):
+    """`module.main(args)` through the scripts' own entry point (`train_common.run_main`), inside the test process:
+    for the input errors a script finds before it creates an Accelerator (asserted), so before any model or dataset
+    loads. Returns (exit status, stderr); a launched run would cost ~15 s of imports per case."""
+    import importlib
+
+    import pytest
+    from accelerate.state import PartialState
+    from train_common import run_main
+
+    script = importlib.import_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: script.main([str(arg) for arg in args]))
+    assert not PartialState._shared_state, f"{module} created an Accelerator before failing: launch this case instead"
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(status, stderr, expected):
+    """SPEC §7: non-zero exit, no traceback, and the last line is the only error line, holding every `expected`."""
+    assert status != 0
+    assert "Traceback" not in stderr
+    error_lines = [line for line in stderr.splitlines()
+                   if "error" in line.lower() and all(text in line for text in expected)]
+    assert len(error_lines) == 1, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1] == error_lines[0]
 
 
 def start_python(script, args, env=None, cwd=None):

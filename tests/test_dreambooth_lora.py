@@ -14,6 +14,7 @@ from helpers import (
     send_signal_and_wait,
     snapshot,
     start_python,
+    train,
     wait_for_path,
 )
 from PIL import Image
@@ -282,8 +283,8 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     - training on the cache equals training on fresh encodings within fp32 rounding (the VAE and text encoder see
       other batch shapes when filling the cache, nothing else differs); instance and class images are cached, and
       the instance, class, name.txt, validation and negative prompts; validation loads the dropped VAE again;
-    - a second run (with --pre_compute_text_embeddings too), in another output folder, computes nothing and rewrites
-      no entry; it also stops and resumes from the cache (with 2 data loader workers) bit for bit like the first;
+    - a second run (with --pre_compute_text_embeddings too), resuming the first's checkpoint-2 in another output
+      folder with 2 data loader workers, computes nothing, rewrites no entry and ends bit for bit like the first;
     - editing one image recomputes that image's entry only."""
     data = str(tmp_path / "instance")
     shutil.copytree(instance_folder, data)
@@ -298,7 +299,7 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     cached = {"cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache}
 
     fresh = str(tmp_path / "fresh")
-    launch(SCRIPT, base_args(tiny_sd, data, fresh, **settings))
+    train(SCRIPT, base_args(tiny_sd, data, fresh, **settings))
     first = str(tmp_path / "first")
     result = launch(SCRIPT, base_args(tiny_sd, data, first, **settings, **cached, num_validation_images=1,
                                       validation_prompt="a photo of sks dog in a bucket", validation_epochs=100))
@@ -319,19 +320,18 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
         assert os.listdir(os.path.join(first, "validation", name)) == ["00.png"]
 
     second = str(tmp_path / "second")
-    again = dict(settings, **cached, pre_compute_text_embeddings=True)
-    result = launch(SCRIPT, base_args(tiny_sd, data, second, **dict(again, max_train_steps=2)))
+    shutil.copytree(os.path.join(first, "checkpoint-2"), os.path.join(second, "checkpoint-2"))
+    result = train(SCRIPT, base_args(tiny_sd, data, second, **settings, **cached, pre_compute_text_embeddings=True,
+                                     resume_from_checkpoint="latest", dataloader_num_workers=2))
     assert "latents: 5 of 5 cached" in result.stderr and "text_embeddings: 3 of 3 cached" in result.stderr
-    launch(SCRIPT, base_args(tiny_sd, data, second, **again, resume_from_checkpoint="latest",
-                             dataloader_num_workers=2))
     assert _cache_entries(cache, "latents") == latents and _cache_entries(cache, "text_embeddings") == texts
     for folder in ("checkpoint-4", "."):
         assert_same_lora(os.path.join(first, folder), os.path.join(second, folder))
 
     edited = os.path.join(data, "dog_0.png")
     Image.open(os.path.join(data, "dog_1.png")).transpose(Image.FLIP_TOP_BOTTOM).save(edited)
-    result = launch(SCRIPT, base_args(tiny_sd, data, str(tmp_path / "third"), **dict(settings, max_train_steps=1),
-                                      **cached))
+    result = train(SCRIPT, base_args(tiny_sd, data, str(tmp_path / "third"), **dict(settings, max_train_steps=1),
+                                     **cached))
     assert "latents: 4 of 5 cached" in result.stderr and "computing 1" in result.stderr
     after = _cache_entries(cache, "latents")
     assert len(after) == 6 and all(after[path] == mtime for path, mtime in latents.items())

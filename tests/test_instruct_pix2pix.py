@@ -22,6 +22,7 @@ from helpers import (
     send_signal_and_wait,
     snapshot,
     start_python,
+    train,
     wait_for_path,
 )
 
@@ -208,25 +209,25 @@ def test_exact_resume_without_seed_rotation_and_nothing_left_to_train(tiny_sd, p
                 "checkpointing_steps": 2, "checkpoints_total_limit": 2, "lr_scheduler": "constant_with_warmup",
                 "lr_warmup_steps": 3, "snr_gamma": 5.0}
     resumed = str(tmp_path / "resumed")
-    first = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=4,
-                                     resume_from_checkpoint="latest", **settings))
+    first = train(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=4,
+                                    resume_from_checkpoint="latest", **settings))
     assert "no checkpoint" in first.stderr and "starting a new run" in first.stderr
     assert checkpoints(resumed) == {"checkpoint-2", "checkpoint-4"}
     seed = run_seed(os.path.join(resumed, "checkpoint-4"))
-    second = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=8,
-                                      resume_from_checkpoint="latest", **settings))
+    second = train(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=8,
+                                     resume_from_checkpoint="latest", **settings))
     assert f"Resuming from {os.path.join(resumed, 'checkpoint-4')}" in second.stderr
     assert checkpoints(resumed) == {"checkpoint-6", "checkpoint-8"}
 
     straight = str(tmp_path / "straight")
-    launch(SCRIPT, base_args(tiny_sd, straight, parquet=pairs_parquet, seed=seed, max_train_steps=8, **settings))
+    train(SCRIPT, base_args(tiny_sd, straight, parquet=pairs_parquet, seed=seed, max_train_steps=8, **settings))
     for folder in ("checkpoint-8/unet", "checkpoint-8/unet_ema", "unet", "unet_raw"):
         assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
     assert_different_weights(os.path.join(straight, "checkpoint-6", "unet"), os.path.join(straight, "unet_raw"))
 
     shutil.rmtree(os.path.join(resumed, "unet"))
-    again = launch(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=8,
-                                     resume_from_checkpoint="latest", **settings))
+    again = train(SCRIPT, base_args(tiny_sd, resumed, parquet=pairs_parquet, seed=None, max_train_steps=8,
+                                    resume_from_checkpoint="latest", **settings))
     assert "nothing to train" in again.stderr
     assert checkpoints(resumed) == {"checkpoint-6", "checkpoint-8"}
     assert_same_weights(os.path.join(straight, "unet"), os.path.join(resumed, "unet"))
@@ -248,9 +249,9 @@ def test_sigterm_with_accumulation_saves_and_latest_resumes_exactly(tiny_sd, pai
     assert 4 <= stop_step < 16, "the signal arrived after the run had finished: the test needs more steps"
     assert not os.path.exists(os.path.join(interrupted, "model_index.json"))
 
-    launch(SCRIPT, base_args(tiny_sd, interrupted, data=pairs_folder, resume_from_checkpoint="latest", **settings))
+    train(SCRIPT, base_args(tiny_sd, interrupted, data=pairs_folder, resume_from_checkpoint="latest", **settings))
     straight = str(tmp_path / "straight")
-    launch(SCRIPT, base_args(tiny_sd, straight, data=pairs_folder, **settings))
+    train(SCRIPT, base_args(tiny_sd, straight, data=pairs_folder, **settings))
     for folder in ("unet", "unet_raw"):
         assert_same_weights(os.path.join(straight, folder), os.path.join(interrupted, folder))
 
@@ -298,8 +299,8 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     embedding comes from the cache too):
     - training on the cache equals training on fresh encodings within fp32 rounding (the VAE and text encoder see
       other batch shapes when filling the cache, nothing else differs); validation reloads the dropped models;
-    - a second run, in another output folder, computes nothing and rewrites no entry; it also stops and resumes
-      from the cache (with 2 data loader workers) bit for bit like the first;
+    - a second run, resuming the first's checkpoint-2 in another output folder with 2 data loader workers,
+      computes nothing, rewrites no entry and ends bit for bit like the first;
     - editing one image recomputes that image's entry only.
     Latent entries are per image: 7 examples x (original, edited) = 14."""
     data = str(tmp_path / "data")
@@ -313,7 +314,7 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     prompts = {row["edit_prompt"] for row in rows if row["input_image_file_name"] != "corrupt.png"} | {""}
 
     fresh = str(tmp_path / "fresh")
-    launch(SCRIPT, base_args(tiny_sd, fresh, data=data, **settings))
+    train(SCRIPT, base_args(tiny_sd, fresh, data=data, **settings))
     first = str(tmp_path / "first")
     result = launch(SCRIPT, base_args(tiny_sd, first, data=data, **settings, **cached, val_image_url=validation_image,
                                       validation_prompt="make it green", num_validation_images=1))
@@ -335,18 +336,18 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
         assert sorted(os.listdir(os.path.join(first, "validation", name))) == ["00.png", "original.png"], name
 
     second = str(tmp_path / "second")
-    result = launch(SCRIPT, base_args(tiny_sd, second, data=data, **{**settings, "max_train_steps": 2}, **cached))
+    shutil.copytree(os.path.join(first, "checkpoint-2"), os.path.join(second, "checkpoint-2"))
+    result = train(SCRIPT, base_args(tiny_sd, second, data=data, **settings, **cached, resume_from_checkpoint="latest",
+                                     dataloader_num_workers=2))
     assert "latents: 14 of 14 cached" in result.stderr
     assert f"text_embeddings: {len(prompts)} of {len(prompts)} cached" in result.stderr
-    launch(SCRIPT, base_args(tiny_sd, second, data=data, **settings, **cached, resume_from_checkpoint="latest",
-                             dataloader_num_workers=2))
     assert _cache_entries(cache, "latents") == latents and _cache_entries(cache, "text_embeddings") == texts
     for folder in ("checkpoint-4/unet", "unet"):
         assert_same_weights(os.path.join(first, folder), os.path.join(second, folder))
 
     edit_example(random.Random(99), 24)[1].save(os.path.join(data, "edited_3.png"))
-    result = launch(SCRIPT, base_args(tiny_sd, str(tmp_path / "third"), data=data,
-                                      **{**settings, "max_train_steps": 1}, **cached))
+    result = train(SCRIPT, base_args(tiny_sd, str(tmp_path / "third"), data=data,
+                                     **{**settings, "max_train_steps": 1}, **cached))
     assert "latents: 13 of 14 cached" in result.stderr and "computing 1" in result.stderr
     after = _cache_entries(cache, "latents")
     assert len(after) == 15 and all(after[path] == mtime for path, mtime in latents.items())

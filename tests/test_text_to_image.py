@@ -18,6 +18,7 @@ from helpers import (
     send_signal_and_wait,
     snapshot,
     start_python,
+    train,
     wait_for_path,
 )
 
@@ -167,16 +168,16 @@ def test_exact_resume_with_rotation_before_and_after(tiny_sd, metadata_folder, t
     settings = {"train_batch_size": 1, "use_ema": True, "random_flip": True, "checkpointing_steps": 3,
                     "checkpoints_total_limit": 2, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 4}
     straight = str(tmp_path / "straight")
-    launch(SCRIPT, base_args(tiny_sd, metadata_folder, straight, max_train_steps=12, **settings))
+    train(SCRIPT, base_args(tiny_sd, metadata_folder, straight, max_train_steps=12, **settings))
     assert checkpoints(straight) == {"checkpoint-9", "checkpoint-12"}
 
     resumed = str(tmp_path / "resumed")
-    first = launch(SCRIPT, base_args(tiny_sd, metadata_folder, resumed, max_train_steps=9,
-                                     resume_from_checkpoint="latest", **settings))
+    first = train(SCRIPT, base_args(tiny_sd, metadata_folder, resumed, max_train_steps=9,
+                                    resume_from_checkpoint="latest", **settings))
     assert "no checkpoint" in first.stderr and "starting a new run" in first.stderr
     assert checkpoints(resumed) == {"checkpoint-6", "checkpoint-9"}
-    second = launch(SCRIPT, base_args(tiny_sd, metadata_folder, resumed, max_train_steps=12,
-                                      resume_from_checkpoint="latest", **settings))
+    second = train(SCRIPT, base_args(tiny_sd, metadata_folder, resumed, max_train_steps=12,
+                                     resume_from_checkpoint="latest", **settings))
     assert f"Resuming from {os.path.join(resumed, 'checkpoint-9')}" in second.stderr
     assert checkpoints(resumed) == {"checkpoint-9", "checkpoint-12"}
 
@@ -199,9 +200,9 @@ def test_sigterm_with_accumulation_saves_and_latest_resumes_exactly(tiny_sd, met
     assert 2 <= stop_step < 40, "the signal arrived after the run had finished: the test needs more steps"
     assert not os.path.exists(os.path.join(interrupted, "model_index.json"))
 
-    launch(SCRIPT, base_args(tiny_sd, metadata_folder, interrupted, resume_from_checkpoint="latest", **settings))
+    train(SCRIPT, base_args(tiny_sd, metadata_folder, interrupted, resume_from_checkpoint="latest", **settings))
     straight = str(tmp_path / "straight")
-    launch(SCRIPT, base_args(tiny_sd, metadata_folder, straight, **settings))
+    train(SCRIPT, base_args(tiny_sd, metadata_folder, straight, **settings))
     for folder in ("unet", "unet_raw"):
         assert_same_weights(os.path.join(straight, folder), os.path.join(interrupted, folder))
 
@@ -243,8 +244,8 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     """--cache_latents --cache_text_embeddings with --random_flip:
     - training on the cache equals training on fresh encodings within fp32 rounding (the VAE and text encoder see
       other batch shapes when filling the cache, nothing else differs);
-    - a second run, in another output folder, computes nothing and rewrites no entry; it also stops and resumes
-      from the cache (with 2 data loader workers) bit for bit like the first;
+    - a second run, resuming the first's checkpoint-2 in another output folder with 2 data loader workers,
+      computes nothing, rewrites no entry and ends bit for bit like the first;
     - editing one image recomputes that image's entry only."""
     data = str(tmp_path / "data")
     shutil.copytree(txt_folder, data)
@@ -254,7 +255,7 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     cached = {"cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache}
 
     fresh = str(tmp_path / "fresh")
-    launch(SCRIPT, base_args(tiny_sd, data, fresh, **settings))
+    train(SCRIPT, base_args(tiny_sd, data, fresh, **settings))
     first = str(tmp_path / "first")
     result = launch(SCRIPT, base_args(tiny_sd, data, first, **settings, **cached))
     # 5 images; captions: 2 x cat, 2 x dog, 1 empty -> 3 distinct.
@@ -268,10 +269,10 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     assert_different_weights(os.path.join(first, "unet"), os.path.join(tiny_sd, "unet"))
 
     second = str(tmp_path / "second")
-    result = launch(SCRIPT, base_args(tiny_sd, data, second, **{**settings, "max_train_steps": 2}, **cached))
+    shutil.copytree(os.path.join(first, "checkpoint-2"), os.path.join(second, "checkpoint-2"))
+    result = train(SCRIPT, base_args(tiny_sd, data, second, **settings, **cached, resume_from_checkpoint="latest",
+                                     dataloader_num_workers=2))
     assert "latents: 5 of 5 cached" in result.stderr and "text_embeddings: 3 of 3 cached" in result.stderr
-    launch(SCRIPT, base_args(tiny_sd, data, second, **settings, **cached, resume_from_checkpoint="latest",
-                             dataloader_num_workers=2))
     assert _cache_entries(cache, "latents") == latents and _cache_entries(cache, "text_embeddings") == texts
     for folder in ("checkpoint-4/unet", "unet"):
         assert_same_weights(os.path.join(first, folder), os.path.join(second, folder))
@@ -280,8 +281,8 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     from PIL import Image
 
     Image.open(os.path.join(data, "shape_1.png")).transpose(Image.FLIP_TOP_BOTTOM).save(edited)
-    result = launch(SCRIPT, base_args(tiny_sd, data, str(tmp_path / "third"), **{**settings, "max_train_steps": 1},
-                                      **cached))
+    result = train(SCRIPT, base_args(tiny_sd, data, str(tmp_path / "third"), **{**settings, "max_train_steps": 1},
+                                     **cached))
     assert "latents: 4 of 5 cached" in result.stderr and "computing 1" in result.stderr
     after = _cache_entries(cache, "latents")
     assert len(after) == 6 and all(after[path] == mtime for path, mtime in latents.items())
@@ -435,7 +436,8 @@ def _loss(loss_inputs, prediction_type="epsilon", **flags):
     scheduler = DDPMScheduler.from_config(loss_inputs["scheduler_config"], prediction_type=prediction_type)
     generator = torch.Generator().manual_seed(7)
     return _script().training_loss(loss_inputs["unet"], loss_inputs["vae"], loss_inputs["text_encoder"], scheduler,
-                                   loss_inputs["batch"], generator, _namespace(**flags), torch.float32).item()
+                                   loss_inputs["batch"], generator, _namespace(**flags), torch.float32,
+                                   loss_inputs["vae"].config.scaling_factor).item()
 
 
 def test_each_loss_flag_changes_the_loss(loss_inputs):
