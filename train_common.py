@@ -10,7 +10,8 @@ These groups, nothing else (dataset code, argparse and save hooks stay in each s
   sees a partial checkpoint, and a preemption flag that all ranks agree on at an optimizer-step boundary.
 * Feature cache: latents and text embeddings computed once by the frozen models and kept on disk, keyed so that a
   change of data, model or transforms is a miss (`FeatureCache`, `--cache_latents`, `--cache_text_embeddings`).
-* Distributed engines: the DeepSpeed settings that come from the command line (`adopt_deepspeed_settings`).
+* Distributed engines: the DeepSpeed settings that come from the command line (`adopt_deepspeed_settings`), and the
+  trained weights gathered whole under ZeRO-3 (`whole_model`).
 """
 
 import argparse
@@ -675,7 +676,7 @@ def free_memory():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm):
+def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm, supports_zero3=False):
     """Under DeepSpeed, give its config what the command line says; a no-op otherwise. Call right after creating the
     Accelerator, before `prepare`.
 
@@ -684,15 +685,26 @@ def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm):
     `auto` batch sizes become `--train_batch_size` per process. Without an accelerator device (CPU runs, as in the
     tests) accelerate counts one process of rank 0 on every rank although DeepSpeed started a group of several; the
     real rank and world size are restored so that data sharding and main-process-only writes stay correct.
+    ZeRO-3 is refused unless the script `supports_zero3` (gathers its sharded weights with `whole_model` wherever it
+    saves or validates them).
     """
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
-    if plugin.zero_stage == 3:
-        # Tried on CPU: training runs, but saving the partitioned model from the main process alone (checkpoint
-        # hooks, final pipeline) is not done yet; refuse rather than write incomplete weights or hang.
+    if plugin.zero_stage == 3 and supports_zero3:
+        # diffusers' EMAModel.step gathers ZeRO-3 parameters through a module-level `deepspeed` that
+        # diffusers.training_utils imports only if ZeRO-3 was configured before it was first imported (it was not:
+        # NameError at the first EMA step).
+        import deepspeed
+        import diffusers.training_utils
+
+        diffusers.training_utils.deepspeed = deepspeed
+    if plugin.zero_stage == 3 and not supports_zero3:
+        # LoRA layers and new token embeddings are a few trained weights inside a frozen model that ZeRO-3 would
+        # shard with them, and their saving reads them on the main process alone: refuse rather than save shards.
         raise InputError(
-            "DeepSpeed ZeRO-3 is not supported yet; use configs/launch/deepspeed_zero2.yaml or "
+            "DeepSpeed ZeRO-3 is not supported by this script (it trains a few weights inside a frozen model, which "
+            "ZeRO-3 would shard with them); use configs/launch/deepspeed_zero2.yaml or "
             "configs/launch/deepspeed_zero2_offload.yaml (optimizer states in CPU memory)"
         )
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
@@ -712,6 +724,29 @@ def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm):
     if config.get("train_batch_size") == "auto":
         # DeepSpeed derives it from micro batch x accumulation x world size.
         del config["train_batch_size"]
+
+
+def whole_model(accelerator, model):
+    """The trained (prepared) `model` with all of its weights in one module, for saving and validation.
+
+    Under DeepSpeed ZeRO-3 each rank holds only a shard of every weight, so every rank must call this together: each
+    gets a full fp32 copy, assembled from the optimizer's fp32 shards (fp16/bf16 training still saves full precision)
+    and usable without collectives (ranks may then render different numbers of validation images). Otherwise the
+    unwrapped model itself, at no cost."""
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return unwrapped
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    parameters = dict(unwrapped.named_parameters())
+    state_dict = {
+        name: (safe_get_full_fp32_param(parameters[name]) if name in parameters else value).detach().cpu()
+        for name, value in unwrapped.state_dict().items()
+    }
+    copy = type(unwrapped).from_config(unwrapped.config)
+    copy.load_state_dict(state_dict)
+    return copy.to(accelerator.device).train(unwrapped.training)
 
 
 @contextlib.contextmanager

@@ -573,9 +573,10 @@ def load_models(args):
                              f"({common.first_line(error)})") from None
     else:
         tokenizer = load_part(args, "tokenizer", AutoTokenizer.from_pretrained)
-    text_encoder = load_part(args, "text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
-    vae = load_part(args, "vae", AutoencoderKL.from_pretrained, variant=args.variant)
-    unet = load_part(args, "unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
+    with common.frozen_models_outside_zero3():
+        text_encoder = load_part(args, "text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
+        vae = load_part(args, "vae", AutoencoderKL.from_pretrained, variant=args.variant)
+        unet = load_part(args, "unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
 
     if args.prediction_type is not None:
         # The scheduler config is what the loss target and the validation pipeline read.
@@ -603,7 +604,8 @@ def load_frozen_part(args, part, device, dtype):
     from transformers import CLIPTextModel
 
     loader = {"vae": AutoencoderKL.from_pretrained, "text_encoder": CLIPTextModel.from_pretrained}[part]
-    model = load_part(args, part, loader, variant=args.variant)
+    with common.frozen_models_outside_zero3():
+        model = load_part(args, part, loader, variant=args.variant)
     return model.requires_grad_(False).to(device, dtype=dtype)
 
 
@@ -866,7 +868,7 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
     run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
@@ -923,13 +925,16 @@ def main(argv=None):
     )
 
     def save_model_hook(models, weights, output_dir):
-        # A checkpoint is usable by itself: controlnet/ loads with ControlNetModel.from_pretrained.
-        if accelerator.is_main_process:
-            for saved in models:
-                accelerator.unwrap_model(saved).save_pretrained(os.path.join(output_dir, "controlnet"))
+        # A checkpoint is usable by itself: controlnet/ loads with ControlNetModel.from_pretrained. Every rank gathers
+        # (ZeRO-3), the main process writes.
+        for saved in models:
+            model = common.whole_model(accelerator, saved)
+            if accelerator.is_main_process:
+                model.save_pretrained(os.path.join(output_dir, "controlnet"))
         weights.clear()  # the controlnet/ folder replaces accelerate's own copy of the weights
 
     def load_model_hook(models, input_dir):
+        # Under DeepSpeed `models` is empty: the engine restores its own (sharded) weights.
         while models:
             target = accelerator.unwrap_model(models.pop())
             target.load_state_dict(ControlNetModel.from_pretrained(input_dir, subfolder="controlnet").state_dict())
@@ -1045,14 +1050,15 @@ def main(argv=None):
                 return stop_status
             # After the stop check: a preempted run saves and exits without waiting for validation images.
             if args.validation_pairs and global_step % args.validation_steps == 0:
-                validate(f"step_{global_step:06d}", accelerator.unwrap_model(controlnet))
+                validate(f"step_{global_step:06d}", common.whole_model(accelerator, controlnet))
             if global_step >= args.max_train_steps:
                 break
     progress_bar.close()
 
     # The final ControlNet: config.json + diffusion_pytorch_model.safetensors at the top of output_dir.
+    final_controlnet = common.whole_model(accelerator, controlnet)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(controlnet).save_pretrained(args.output_dir)
+        final_controlnet.save_pretrained(args.output_dir)
         logger.info(f"Saved the ControlNet to {args.output_dir}")
     accelerator.wait_for_everyone()
 

@@ -733,7 +733,7 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tok
     validation, in the dtype training would run it in."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    model = accelerator.unwrap_model(unet)
+    model = common.whole_model(accelerator, unet)  # every rank calls this function
     if ema_unet is not None:
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
@@ -741,11 +741,12 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tok
     model.eval()
     try:
         frozen = {name: part for name, part in (("vae", vae), ("text_encoder", text_encoder)) if part is not None}
-        pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, tokenizer=tokenizer, unet=model, **frozen,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
-            variant=args.variant, cache_dir=args.cache_dir,
-        )
+        with common.frozen_models_outside_zero3():
+            pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, tokenizer=tokenizer, unet=model, **frozen,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
+                variant=args.variant, cache_dir=args.cache_dir,
+            )
         for name in {"vae", "text_encoder"} - frozen.keys():
             getattr(pipeline, name).to(accelerator.device, dtype=frozen_dtype(accelerator))
         return generate_validation_images(accelerator, pipeline, image, args, seed)
@@ -778,21 +779,21 @@ def log_validation_images(accelerator, original, edited, name, epoch, global_ste
     return folder
 
 
-def save_pipeline(accelerator, unet, ema_unet, args):
-    """Write the StableDiffusionInstructPix2PixPipeline to --output_dir: the EMA weights in unet/ when --use_ema (the
-    raw trained weights in unet_raw/), the trained UNet otherwise. The VAE and text encoder are saved as loaded (not
-    downcast)."""
+def save_pipeline(model, ema_unet, args):
+    """Write the StableDiffusionInstructPix2PixPipeline with the trained UNet `model` (from `common.whole_model`) to
+    --output_dir: the EMA weights in unet/ when --use_ema (the raw trained weights in unet_raw/), the trained UNet
+    otherwise. The VAE and text encoder are saved as loaded (not downcast)."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    model = accelerator.unwrap_model(unet)
     if ema_unet is not None:
         model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=model, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-    )
+    with common.frozen_models_outside_zero3():
+        pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, unet=model, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        )
     pipeline.save_pretrained(args.output_dir)
     if ema_unet is not None:
         ema_unet.restore(model.parameters())
@@ -890,7 +891,7 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
     run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
@@ -943,15 +944,18 @@ def main(argv=None):
     )
 
     def save_model_hook(models, weights, output_dir):
-        # A checkpoint is usable by itself: unet/ holds the trained (8-channel) weights, unet_ema/ the EMA.
-        if accelerator.is_main_process:
-            if ema_unet is not None:
-                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for saved in models:
-                accelerator.unwrap_model(saved).save_pretrained(os.path.join(output_dir, "unet"))
+        # A checkpoint is usable by itself: unet/ holds the trained (8-channel) weights, unet_ema/ the EMA. Every rank
+        # gathers (ZeRO-3), the main process writes.
+        for saved in models:
+            model = common.whole_model(accelerator, saved)
+            if accelerator.is_main_process:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+        if accelerator.is_main_process and ema_unet is not None:
+            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
         weights.clear()  # the unet/ folder replaces accelerate's own copy of the weights
 
     def load_model_hook(models, input_dir):
+        # Under DeepSpeed `models` is empty: the engine restores its own (sharded) weights.
         if ema_unet is not None:
             loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel,
                                               foreach=args.foreach_ema)
@@ -1091,15 +1095,17 @@ def main(argv=None):
         accelerator.wait_for_everyone()
     progress_bar.close()
 
+    final_unet = common.whole_model(accelerator, unet)
     if accelerator.is_main_process:
-        save_pipeline(accelerator, unet, ema_unet, args)
+        save_pipeline(final_unet, ema_unet, args)
         logger.info(f"Saved the StableDiffusionInstructPix2PixPipeline to {args.output_dir}")
     accelerator.wait_for_everyone()
 
     # A last validation round from the pipeline as saved (what users will load), shown in the model card.
     final_images = None
     if validation_image is not None:
-        saved = StableDiffusionInstructPix2PixPipeline.from_pretrained(args.output_dir).to(accelerator.device)
+        with common.frozen_models_outside_zero3():
+            saved = StableDiffusionInstructPix2PixPipeline.from_pretrained(args.output_dir).to(accelerator.device)
         final_images = generate_validation_images(accelerator, saved, validation_image, args, run_state.seed)
         del saved
         log_validation("final", args.num_train_epochs, final_images)

@@ -617,11 +617,12 @@ def generate_validation_images(accelerator, unet, vae, text_encoder, tokenizer, 
     if mine:
         # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
         frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, tokenizer=tokenizer, unet=unet, **frozen,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
-            variant=args.variant, cache_dir=args.cache_dir,
-        )
+        with common.frozen_models_outside_zero3():
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, tokenizer=tokenizer, unet=unet, **frozen,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
+                variant=args.variant, cache_dir=args.cache_dir,
+            )
         for name in {"vae", "text_encoder"} - frozen.keys():
             getattr(pipeline, name).to(accelerator.device, dtype=frozen_dtype(accelerator))
         pipeline.set_progress_bar_config(disable=True)
@@ -646,8 +647,9 @@ def generate_validation_images(accelerator, unet, vae, text_encoder, tokenizer, 
 
 
 def validate_with_ema(accelerator, unet, ema_unet, vae, text_encoder, tokenizer, args, seed):
-    """Validation images from the EMA weights when --use_ema (swapped in, then the trained weights restored)."""
-    model = accelerator.unwrap_model(unet)
+    """Validation images from the EMA weights when --use_ema (swapped in, then the trained weights restored). Every
+    rank calls it."""
+    model = common.whole_model(accelerator, unet)
     if ema_unet is not None:
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
@@ -677,20 +679,21 @@ def log_validation_images(accelerator, images, name, epoch, global_step, args):
     return folder
 
 
-def save_pipeline(accelerator, unet, ema_unet, args):
-    """Write the StableDiffusionPipeline to --output_dir: the EMA weights in unet/ when --use_ema (the raw trained
-    weights in unet_raw/), the trained UNet otherwise. The VAE and text encoder are saved as loaded (not downcast)."""
+def save_pipeline(model, ema_unet, args):
+    """Write the StableDiffusionPipeline with the trained UNet `model` (from `common.whole_model`) to --output_dir:
+    the EMA weights in unet/ when --use_ema (the raw trained weights in unet_raw/), the trained UNet otherwise. The
+    VAE and text encoder are saved as loaded (not downcast)."""
     from diffusers import StableDiffusionPipeline
 
-    model = accelerator.unwrap_model(unet)
     if ema_unet is not None:
         model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=model, revision=args.revision, variant=args.variant,
-        cache_dir=args.cache_dir,
-    )
+    with common.frozen_models_outside_zero3():
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, unet=model, revision=args.revision, variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
     pipeline.save_pretrained(args.output_dir)
     if ema_unet is not None:
         ema_unet.restore(model.parameters())
@@ -788,7 +791,7 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
     run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
@@ -840,15 +843,18 @@ def main(argv=None):
     )
 
     def save_model_hook(models, weights, output_dir):
-        # A checkpoint is usable by itself: unet/ holds the trained weights, unet_ema/ the EMA.
-        if accelerator.is_main_process:
-            if ema_unet is not None:
-                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for saved in models:
-                accelerator.unwrap_model(saved).save_pretrained(os.path.join(output_dir, "unet"))
+        # A checkpoint is usable by itself: unet/ holds the trained weights, unet_ema/ the EMA. Every rank gathers
+        # (ZeRO-3), the main process writes.
+        for saved in models:
+            model = common.whole_model(accelerator, saved)
+            if accelerator.is_main_process:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+        if accelerator.is_main_process and ema_unet is not None:
+            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
         weights.clear()  # the unet/ folder replaces accelerate's own copy of the weights
 
     def load_model_hook(models, input_dir):
+        # Under DeepSpeed `models` is empty: the engine restores its own (sharded) weights.
         if ema_unet is not None:
             loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel,
                                               foreach=args.foreach_ema)
@@ -986,8 +992,9 @@ def main(argv=None):
         final_images = validate_with_ema(
             accelerator, unet, ema_unet, vae, text_encoder, tokenizer, args, run_state.seed
         )
+    final_unet = common.whole_model(accelerator, unet)
     if accelerator.is_main_process:
-        save_pipeline(accelerator, unet, ema_unet, args)
+        save_pipeline(final_unet, ema_unet, args)
         if final_images:
             log_validation_images(accelerator, final_images, "final", args.num_train_epochs, global_step, args)
         write_model_card(args, global_step, final_images)

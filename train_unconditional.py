@@ -419,7 +419,7 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
     run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
@@ -480,14 +480,17 @@ def main(argv=None):
     )
 
     def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            if ema_model is not None:
-                ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for saved in models:
-                accelerator.unwrap_model(saved).save_pretrained(os.path.join(output_dir, "unet"))
+        # Every rank gathers (ZeRO-3), the main process writes.
+        for saved in models:
+            unet = common.whole_model(accelerator, saved)
+            if accelerator.is_main_process:
+                unet.save_pretrained(os.path.join(output_dir, "unet"))
+        if accelerator.is_main_process and ema_model is not None:
+            ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
         weights.clear()  # the unet/ folder replaces accelerate's own copy of the weights
 
     def load_model_hook(models, input_dir):
+        # Under DeepSpeed `models` is empty: the engine restores its own (sharded) weights.
         if ema_model is not None:
             loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
             ema_model.load_state_dict(loaded.state_dict())
@@ -605,7 +608,7 @@ def main(argv=None):
         # Upstream cadence: samples and model every N epochs and after the last one.
         is_last_epoch = epoch == last_epoch or global_step >= args.max_train_steps
         if epoch % args.save_images_epochs == 0 or is_last_epoch:
-            unet = accelerator.unwrap_model(model)
+            unet = common.whole_model(accelerator, model)
             if ema_model is not None:
                 ema_model.store(unet.parameters())
                 ema_model.copy_to(unet.parameters())
@@ -615,13 +618,16 @@ def main(argv=None):
             if accelerator.is_main_process:
                 path = save_sample_grid(accelerator, sample_images, epoch, global_step, args)
                 logger.info(f"Saved samples to {path}")
-        if epoch % args.save_model_epochs == 0 and not is_last_epoch and accelerator.is_main_process:
-            save_pipeline(accelerator.unwrap_model(model), ema_model, noise_scheduler, args, global_step)
+        if epoch % args.save_model_epochs == 0 and not is_last_epoch:
+            unet = common.whole_model(accelerator, model)
+            if accelerator.is_main_process:
+                save_pipeline(unet, ema_model, noise_scheduler, args, global_step)
         accelerator.wait_for_everyone()
     progress_bar.close()
 
+    final_unet = common.whole_model(accelerator, model)
     if accelerator.is_main_process:
-        save_pipeline(accelerator.unwrap_model(model), ema_model, noise_scheduler, args, global_step)
+        save_pipeline(final_unet, ema_model, noise_scheduler, args, global_step)
         logger.info(f"Saved the DDPMPipeline to {args.output_dir}")
         if args.push_to_hub:
             from huggingface_hub import upload_folder

@@ -26,7 +26,11 @@ optimizer steps and reports:
 
     python bench/bench.py                                   # every script, its default variants, 40 steps
     python bench/bench.py --scripts controlnet --variants base,set_grads_to_none --steps 10
-    git worktree add /tmp/base a736386 && python bench/bench.py --repo /tmp/base   # the scripts of another checkout
+    git worktree add /tmp/before a736386 && python bench/bench.py --rounds 3 --baseline_repo /tmp/before
+
+On a shared machine the speed of the same computation drifts by 20% or more from one minute to the next; --rounds N
+runs everything N times, round after round, and reports the fastest round of each (times) and medians (memory,
+startup). --baseline_repo also runs another checkout's scripts (base variant) in the same rounds.
 
 The markdown table goes to stdout, progress to stderr; --json writes the rows. The bench model and datasets are
 built once under --work_dir and reused.
@@ -226,22 +230,32 @@ VARIANTS = {
     "8bit_adam": (["--use_8bit_adam"], ["text_to_image"]),
     "set_grads_to_none": (["--set_grads_to_none"], ["controlnet"]),
 }
+# "before": the base flags, run with --baseline_repo's copy of the script, in the same rounds as this checkout's base.
+BEFORE = "before"
 # The other scripts always free their gradients: only train_controlnet.py has --set_grads_to_none (upstream's name).
 ONLY_FOR = {"set_grads_to_none": ["controlnet"]}
 
 
-def plan(scripts, variants):
+def plan(scripts, variants, with_baseline=False):
     """The (script, variant) pairs to run, in table order. Without --variants each variant runs for its default
-    scripts; a variant named in --variants runs for every chosen script that has its flag."""
+    scripts; a variant named in --variants runs for every chosen script that has its flag. With a baseline
+    checkout, its base run follows this checkout's."""
     def wanted(script, variant):
         if variants is None:
             return script in VARIANTS[variant][1]
         return variant in variants and script in ONLY_FOR.get(variant, SCRIPTS)
-    return [(script, variant) for script in scripts for variant in VARIANTS if wanted(script, variant)]
+    pairs = []
+    for script in scripts:
+        for variant in VARIANTS:
+            if wanted(script, variant):
+                pairs.append((script, variant))
+                if variant == "base" and with_baseline:
+                    pairs.append((script, BEFORE))
+    return pairs
 
 
 def variant_flags(script, variant, cache_dir):
-    flags = VARIANTS[variant][0]
+    flags = VARIANTS["base" if variant == BEFORE else variant][0]
     if variant == "cached":
         flags = ["--cache_latents", "--feature_cache_dir", cache_dir]
         if SCRIPTS[script]["cache_text"]:
@@ -344,7 +358,8 @@ def run_script(args, script, variant, suffix=""):
     log_path = os.path.join(args.work_dir, "runs", f"{name}.log")
     cuda_peak_file = os.path.join(output_dir, "cuda-peak.json") if args.device == "cuda" else None
     flags = variant_flags(script, variant, os.path.join(args.work_dir, "feature-cache", script))
-    command = script_command(args.repo, script, args.model, args.data, output_dir, args.steps, flags)
+    repo = args.baseline_repo if variant == BEFORE else args.repo
+    command = script_command(repo, script, args.model, args.data, output_dir, args.steps, flags)
     log(f"{name}: {' '.join(command)}")
     run = run_measured(command, child_env(args.threads, args.device, cuda_peak_file), log_path)
     if run["status"] != 0:
@@ -374,10 +389,11 @@ def run_script(args, script, variant, suffix=""):
     return result
 
 
-def measure_variant(args, script, variant):
-    """A variant's row. A cached variant first fills an emptied cache (that run's startup is the cost of filling),
-    then trains again on the filled cache: that second run is the one measured."""
-    if variant != "cached":
+def measure_variant(args, script, variant, first_round):
+    """One round of a variant. A cached variant's first round first fills an emptied cache (that run's startup is the
+    cost of filling), then trains again on the filled cache: that second run is the one measured; later rounds only
+    train on the filled cache."""
+    if variant != "cached" or not first_round:
         return run_script(args, script, variant)
     shutil.rmtree(os.path.join(args.work_dir, "feature-cache", script), ignore_errors=True)
     filling = run_script(args, script, variant, suffix="-fill")
@@ -563,23 +579,50 @@ def measure_floor(script, model, steps, device):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def combine_rounds(rounds, floors):
+    """One row from a variant's rounds. Times: the fastest round (a shared machine's interference only ever adds
+    time, so the minimum is the best estimate of the work's own cost, as `timeit` reports it), and every round's
+    s/step; the overhead is the fastest round over the fastest floor. Memory and startup: the median. A failed round
+    fails the row."""
+    failed = [result for result in rounds if "error" in result]
+    if failed:
+        return {"error": failed[0]["error"], "floor": floors[0]}
+    row = {"s_per_step_rounds": [result["s_per_step"] for result in rounds],
+           "s_per_step": min(result["s_per_step"] for result in rounds)}
+    for key in ("startup_s", "wall_s", "peak_rss_mib", "peak_mib", "training_peak_mib", "cuda_peak_allocated_mib",
+                "host_training_peak_mib", "fill_startup_s"):
+        values = [result[key] for result in rounds if result.get(key) is not None]
+        if values:
+            row[key] = statistics.median(values)
+    good_floors = [floor for floor in floors if "error" not in floor]
+    if not good_floors:
+        row["floor"], row["overhead"] = floors[0], None
+        return row
+    row["floor"] = {"s_per_step": min(floor["s_per_step"] for floor in good_floors),
+                    "peak_mib": statistics.median(floor["peak_mib"] for floor in good_floors),
+                    "s_per_step_rounds": [floor["s_per_step"] for floor in good_floors]}
+    row["overhead"] = 100 * (row["s_per_step"] / row["floor"]["s_per_step"] - 1)
+    return row
+
+
 def cell(value, format_spec):
     return "" if value is None else format(value, format_spec)
 
 
 def table(rows):
-    header = ["script", "variant", "s/step", "floor s/step", "overhead vs floor", "training peak MiB",
-              "floor peak MiB", "whole-run peak MiB", "startup s", "cache-filling startup s"]
+    header = ["script", "variant", "s/step", "s/step per round", "floor s/step", "overhead vs floor",
+              "training peak MiB", "floor peak MiB", "whole-run peak MiB", "startup s", "cache-filling startup s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         floor = row["floor"]
         floor_time, floor_peak = (None, None) if "error" in floor else (floor["s_per_step"], floor["peak_mib"])
         if "error" in row:
-            cells = [row["error"], cell(floor_time, ".3f"), "", "", cell(floor_peak, ".0f"), "", "", ""]
+            cells = [row["error"], "", cell(floor_time, ".3f"), "", "", cell(floor_peak, ".0f"), "", "", ""]
         else:
-            overhead = None if floor_time is None else 100 * (row["s_per_step"] / floor_time - 1)
-            cells = [cell(row["s_per_step"], ".3f"), cell(floor_time, ".3f"),
-                     "" if overhead is None else f"{overhead:+.0f}%", cell(row["training_peak_mib"], ".0f"),
+            overhead = row["overhead"]
+            cells = [cell(row["s_per_step"], ".3f"), " ".join(f"{value:.3f}" for value in row["s_per_step_rounds"]),
+                     cell(floor_time, ".3f"), "" if overhead is None else f"{overhead:+.0f}%",
+                     cell(row["training_peak_mib"], ".0f"),
                      cell(floor_peak, ".0f"), cell(row["peak_mib"], ".0f"), cell(row["startup_s"], ".1f"),
                      cell(row.get("fill_startup_s"), ".1f")]
         lines.append("| " + " | ".join([row["script"], row["variant"]] + cells) + " |")
@@ -596,6 +639,12 @@ def parse_args(argv=None):
                              "script, gradient_checkpointing and 8bit_adam for text_to_image, set_grads_to_none for "
                              "controlnet)")
     parser.add_argument("--steps", type=int, default=40, help="Optimizer steps per run, and floor iterations.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Run every floor and variant this many times, round after round, and report the fastest "
+                             "round: a shared machine's speed drifts by 20%% or more from one minute to the next.")
+    parser.add_argument("--baseline_repo", default=None,
+                        help="Another checkout (e.g. `git worktree add /tmp/before COMMIT`) whose scripts also run the "
+                             "base variant, in the same rounds, as variant `before`.")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="OMP_NUM_THREADS.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
@@ -611,6 +660,10 @@ def parse_args(argv=None):
     for name in args.variants or []:
         if name not in VARIANTS:
             parser.error(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.baseline_repo and not os.path.isdir(args.baseline_repo):
+        parser.error(f"--baseline_repo: {args.baseline_repo} is not a folder")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (two logged steps make one measured interval)")
     return args
@@ -626,19 +679,29 @@ def main():
     args.model = ensure_built(os.path.join(args.work_dir, "model"), build_bench_model, "bench SD pipeline")
     args.data = ensure_built(os.path.join(args.work_dir, "data"), build_datasets, "datasets")
 
-    rows, floors = [], {}
-    for script, variant in plan(args.scripts, args.variants):
-        if script not in floors:
-            floors[script] = run_floor(args, script)
-        rows.append({"script": script, "variant": variant, "floor": floors[script],
-                     **measure_variant(args, script, variant)})
-    print(f"{args.repo} ({args.device}, {args.threads} threads, {args.steps} steps, batch {BATCH_SIZE}, "
-          f"{RESOLUTION} px)\n")
+    if args.baseline_repo:
+        args.baseline_repo = os.path.abspath(args.baseline_repo)
+
+    pairs = plan(args.scripts, args.variants, with_baseline=args.baseline_repo is not None)
+    floors = {script: [] for script, _ in pairs}
+    rounds = {pair: [] for pair in pairs}
+    for round_index in range(args.rounds):
+        log(f"round {round_index + 1} of {args.rounds}")
+        for script, variant in pairs:
+            if len(floors[script]) == round_index:
+                floors[script].append(run_floor(args, script))
+            rounds[script, variant].append(measure_variant(args, script, variant, first_round=round_index == 0))
+    rows = [{"script": script, "variant": variant, **combine_rounds(rounds[script, variant], floors[script])}
+            for script, variant in pairs]
+    before = f", before = {args.baseline_repo}" if args.baseline_repo else ""
+    print(f"{args.repo}{before} ({args.device}, {args.threads} threads, {args.steps} steps, batch {BATCH_SIZE}, "
+          f"{RESOLUTION} px, fastest of {args.rounds} rounds)\n")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"repo": args.repo, "device": args.device, "threads": args.threads, "steps": args.steps,
-                       "rows": rows}, file, indent=1)
+            json.dump({"repo": args.repo, "baseline_repo": args.baseline_repo, "device": args.device,
+                       "threads": args.threads, "steps": args.steps, "rounds": args.rounds, "rows": rows}, file,
+                      indent=1)
 
 
 if __name__ == "__main__":

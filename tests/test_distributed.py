@@ -11,11 +11,13 @@ import signal
 import stat
 import subprocess
 
+import numpy as np
 import torch
 import yaml
 from helpers import (
     BIN,
     REPO,
+    assert_different_weights,
     assert_same_weights,
     checkpoints,
     free_port,
@@ -24,9 +26,9 @@ from helpers import (
     script_env,
     wait_for_path,
 )
-from test_controlnet import fill_parquet  # noqa: F401 (module fixture)
+from test_controlnet import fill_parquet, validation_images  # noqa: F401 (module fixtures)
 from test_dreambooth_lora import instance_folder  # noqa: F401 (module fixture)
-from test_instruct_pix2pix import pairs_parquet  # noqa: F401 (module fixture)
+from test_instruct_pix2pix import pairs_parquet, validation_image  # noqa: F401 (module fixtures)
 from test_text_to_image import base_args, metadata_folder, tiny_sd  # noqa: F401 (module fixtures)
 
 LAUNCH_CONFIGS = {
@@ -103,6 +105,29 @@ def test_text_to_image_under_deepspeed_zero2_trains_checkpoints_and_resumes_exac
         "a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
     ).images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_text_to_image_under_deepspeed_zero3_with_ema_and_validation_trains_checkpoints_and_resumes_exactly(
+        tiny_sd, metadata_folder, tmp_path):
+    """ZeRO-3 shards the UNet's weights too. Checkpoints, validation (one prompt: rank 0 renders it, rank 1 has none)
+    and the final pipeline gather them into full copies; the frozen VAE and text encoder stay whole; the EMA copy
+    lives outside DeepSpeed."""
+    straight = assert_deepspeed_run_resumes_exactly(
+        "train_text_to_image.py",
+        lambda out, **flags: base_args(tiny_sd, metadata_folder, out, use_ema=True, validation_prompts=["a red circle"],
+                                       **flags),
+        "unet_raw", "unet", tmp_path,
+        "7 examples, 2 epochs of 2 steps, 4 steps in all, batch 1 per device, total batch 4",
+        config="deepspeed_zero3.yaml")
+    assert_same_weights(os.path.join(straight, "checkpoint-4", "unet_ema"), os.path.join(straight, "unet"))
+    assert sorted(os.listdir(os.path.join(straight, "validation"))) == ["epoch_0000", "final"]
+
+    from diffusers import StableDiffusionPipeline
+
+    image = StableDiffusionPipeline.from_pretrained(straight)(
+        "a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
 def test_controlnet_under_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sd, fill_parquet, tmp_path):
@@ -191,6 +216,72 @@ def test_instruct_pix2pix_under_deepspeed_zero2_with_ema_trains_checkpoints_and_
     assert image.shape == (64, 64, 3)
 
 
+def assert_zero3_run_saves_whole_weights(script, args, out, weights, checkpoint_weights):
+    """One ZeRO-3 launch on 2 processes, 4 steps with gradient accumulation 2 and checkpoints at 2 and 4: the model
+    really is sharded (a model-states file per rank), each checkpoint holds the gathered weights, which training
+    changed, and the last checkpoint's equal the final `weights`."""
+    deepspeed_launch(script, args + ["--max_train_steps", "4", "--gradient_accumulation_steps", "2",
+                                     "--checkpointing_steps", "2", "--train_batch_size", "1"],
+                     config="deepspeed_zero3.yaml")
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
+    shards = os.listdir(os.path.join(out, "checkpoint-4", "pytorch_model"))
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(shards)
+    assert_different_weights(os.path.join(out, "checkpoint-2", checkpoint_weights),
+                             os.path.join(out, "checkpoint-4", checkpoint_weights))
+    assert_same_weights(os.path.join(out, "checkpoint-4", checkpoint_weights), os.path.join(out, weights))
+
+
+def test_controlnet_under_deepspeed_zero3_saves_and_validates_whole_weights(tiny_sd, fill_parquet,
+                                                                            validation_images, tmp_path):
+    """The trained ControlNet is sharded; the frozen UNet, VAE and text encoder load whole. Three validation images
+    (2 on rank 0, 1 on rank 1) are rendered from a gathered copy."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+    from test_controlnet import base_args as controlnet_args
+
+    out = str(tmp_path / "out")
+    assert_zero3_run_saves_whole_weights("train_controlnet.py", controlnet_args(
+        tiny_sd, out, parquet=fill_parquet, validation_steps=4, validation_prompt=["red circle"],
+        validation_image=validation_images[:1], num_validation_images=3), out, ".", "controlnet")
+    assert os.path.isdir(os.path.join(out, "validation", "step_000004"))
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_sd, controlnet=ControlNetModel.from_pretrained(out), safety_checker=None, requires_safety_checker=False)
+    image = pipeline("red circle", Image.new("RGB", (64, 64), "white"), num_inference_steps=2, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_instruct_pix2pix_under_deepspeed_zero3_saves_and_validates_whole_weights(tiny_sd, pairs_parquet,
+                                                                                  validation_image, tmp_path):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+    from test_instruct_pix2pix import base_args as pix2pix_args
+
+    out = str(tmp_path / "out")
+    assert_zero3_run_saves_whole_weights("train_instruct_pix2pix.py", pix2pix_args(
+        tiny_sd, out, parquet=pairs_parquet, val_image_url=validation_image, validation_prompt="make it green",
+        num_validation_images=1), out, "unet", "unet")
+    assert os.path.exists(os.path.join(out, "validation", "final", "00.png"))
+    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(out)
+    image = pipeline("make it green", image=Image.new("RGB", (64, 64), "red"), num_inference_steps=2,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_unconditional_under_deepspeed_zero3_saves_and_samples_whole_weights(image_folder, tiny_unet_config,
+                                                                            tmp_path):
+    """Sample grids (3 images: 2 on rank 0, 1 on rank 1) and the DDPMPipeline come from gathered weights."""
+    from diffusers import DDPMPipeline
+    from test_unconditional import base_args as unconditional_args
+
+    out = str(tmp_path / "out")
+    assert_zero3_run_saves_whole_weights("train_unconditional.py", unconditional_args(
+        image_folder, tiny_unet_config, out, num_epochs=10, eval_batch_size=3), out, "unet", "unet")
+    assert os.listdir(os.path.join(out, "samples"))
+    images = DDPMPipeline.from_pretrained(out)(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
 def assert_refused_under_deepspeed(config, script, args, out, error):
     """The launch fails with exactly `error` as the one error line, no traceback from the training processes, and
     nothing written to `out`."""
@@ -211,11 +302,14 @@ def assert_refused_under_deepspeed(config, script, args, out, error):
     assert not os.path.exists(out)
 
 
-def test_zero3_is_refused_with_one_line_before_loading_models(tiny_sd, metadata_folder, tmp_path):
+def test_zero3_is_refused_with_one_line_before_loading_models_where_unsupported(tiny_sd, image_folder, tmp_path):
+    from test_textual_inversion import base_args as inversion_args
+
     out = str(tmp_path / "out")
     assert_refused_under_deepspeed(
-        "deepspeed_zero3.yaml", "train_text_to_image.py", base_args(tiny_sd, metadata_folder, out, max_train_steps=2),
-        out, "error: DeepSpeed ZeRO-3 is not supported yet; use configs/launch/deepspeed_zero2.yaml or "
+        "deepspeed_zero3.yaml", "textual_inversion.py", inversion_args(tiny_sd, image_folder, out, max_train_steps=2),
+        out, "error: DeepSpeed ZeRO-3 is not supported by this script (it trains a few weights inside a frozen model, "
+             "which ZeRO-3 would shard with them); use configs/launch/deepspeed_zero2.yaml or "
              "configs/launch/deepspeed_zero2_offload.yaml (optimizer states in CPU memory)")
 
 
@@ -235,12 +329,18 @@ def test_dreambooth_training_the_text_encoder_is_refused_under_deepspeed(tiny_sd
 # --------------------------------------------------------------------------------------------------------------------
 
 STUBS = {
-    # srun: run the step's command (options dropped) and remember its process.
+    # srun: run the step's command once per node (options dropped; --ntasks-per-node=1), each with its own
+    # SLURM_NODEID, and remember their processes.
     "srun": """#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done
-"$@" &
-echo $! > "$STUB_DIR/step.pid"
-wait $!
+: > "$STUB_DIR/step.pid"
+for ((node = 0; node < SLURM_NNODES; node++)); do
+    SLURM_NODEID=$node "$@" &
+    echo $! >> "$STUB_DIR/step.pid"
+done
+status=0
+for pid in $(cat "$STUB_DIR/step.pid"); do wait "$pid" || status=$?; done
+exit $status
 """,
     # scancel --signal=SIG JOB: signal every process of the job step, as Slurm does through the step's cgroup (the
     # training processes run in sessions of their own, so a process-group signal would miss them), never the batch
@@ -248,7 +348,7 @@ wait $!
     "scancel": """#!/bin/bash
 sig=${1#--signal=}
 tree() { echo "$1"; for child in $(pgrep -P "$1"); do tree "$child"; done; }
-kill -"$sig" $(tree "$(cat "$STUB_DIR/step.pid")")
+kill -"$sig" $(for pid in $(cat "$STUB_DIR/step.pid"); do tree "$pid"; done)
 """,
     "scontrol": """#!/bin/bash
 if [ "$1" = requeue ]; then echo "$2" >> "$STUB_DIR/requeued"; fi
@@ -258,21 +358,23 @@ if [ "$1" = show ]; then echo 127.0.0.1; fi
 
 
 def test_slurm_job_checkpoints_before_the_time_limit_and_requeues(tiny_sd, metadata_folder, tmp_path):
-    """Slurm's early-warning SIGUSR1 to the batch shell reaches the training processes (not the launcher), which save
-    a checkpoint and stop; the job requeues itself, and the requeued run continues from that checkpoint."""
+    """A two-node job: Slurm's early-warning SIGUSR1 to the batch shell reaches the training processes on both nodes
+    (not the launchers), which save one checkpoint and stop; the job requeues itself, and the requeued run continues
+    from that checkpoint."""
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     for name, text in STUBS.items():
         (stubs / name).write_text(text)
         (stubs / name).chmod(stat.S_IRWXU)
-    # One simulated node with 2 CPU processes; mixed precision off on the CPU.
+    # Two simulated nodes on this machine (SPEC §9), one CPU process each, rendezvous over loopback; mixed precision
+    # off on the CPU. The output folder is shared, as on a cluster's shared filesystem.
     launch_config = yaml.safe_load(open(os.path.join(REPO, "configs", "launch", "multi_node.yaml")))
     launch_config["mixed_precision"] = "no"
     launch_config_path = tmp_path / "multi_node_cpu.yaml"
     launch_config_path.write_text(yaml.safe_dump(launch_config))
     env = script_env(
-        PATH=f"{stubs}:{BIN}:{os.environ['PATH']}", STUB_DIR=str(stubs), SLURM_JOB_ID="4242", SLURM_NNODES="1",
-        SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE="2",
+        PATH=f"{stubs}:{BIN}:{os.environ['PATH']}", STUB_DIR=str(stubs), SLURM_JOB_ID="4242", SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE="1",
         MASTER_PORT=str(free_port()), LAUNCH_CONFIG=str(launch_config_path),
     )
     out = str(tmp_path / "out")
@@ -289,6 +391,10 @@ def test_slurm_job_checkpoints_before_the_time_limit_and_requeues(tiny_sd, metad
     assert "Received SIGUSR1" in output and "Continue with --resume_from_checkpoint latest" in output
     stop_step = max(int(name.split("-")[1]) for name in checkpoints(out))
     assert 2 <= stop_step < 40
+    # Both nodes' ranks saved their state into the one checkpoint.
+    stop_checkpoint = os.path.join(out, f"checkpoint-{stop_step}")
+    assert sorted(name for name in os.listdir(stop_checkpoint) if name.startswith("random_states")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
     assert not os.path.exists(os.path.join(out, "model_index.json"))
 
     # The requeued job: the same command, which resumes from the newest checkpoint and finishes.
