@@ -676,7 +676,7 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, diffusers, transformers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
     preemption = common.PreemptionHandler(accelerator)
 
     run_state = common.RunState(common.resolve_seed(args.seed, accelerator))

@@ -10,8 +10,8 @@ These groups, nothing else (dataset code, argparse and save hooks stay in each s
   sees a partial checkpoint, and a preemption flag that all ranks agree on at an optimizer-step boundary.
 * Feature cache: latents and text embeddings computed once by the frozen models and kept on disk, keyed so that a
   change of data, model or transforms is a miss (`FeatureCache`, `--cache_latents`, `--cache_text_embeddings`).
-* Distributed engines: the DeepSpeed settings that come from the command line (`adopt_deepspeed_settings`), and the
-  trained weights gathered whole under ZeRO-3 (`whole_model`).
+* Distributed engines: the DeepSpeed settings that come from the command line and the engines a script refuses
+  (`adopt_engine_settings`), and the trained weights gathered whole under ZeRO-3 (`whole_model`).
 """
 
 import argparse
@@ -676,9 +676,9 @@ def free_memory():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm, supports_zero3=False):
-    """Under DeepSpeed, give its config what the command line says; a no-op otherwise. Call right after creating the
-    Accelerator, before `prepare`.
+def adopt_engine_settings(accelerator, train_batch_size, max_grad_norm, supports_zero3=False):
+    """Under DeepSpeed, give its config what the command line says; refuse FSDP; a no-op otherwise. Call right after
+    creating the Accelerator, before `prepare`.
 
     DeepSpeed owns gradient accumulation (accelerate fills it from `--gradient_accumulation_steps`) and clipping
     (`accelerator.clip_grad_norm_` does nothing under it), so its `auto` clipping becomes `--max_grad_norm` and its
@@ -688,6 +688,13 @@ def adopt_deepspeed_settings(accelerator, train_batch_size, max_grad_norm, suppo
     ZeRO-3 is refused unless the script `supports_zero3` (gathers its sharded weights with `whole_model` wherever it
     saves or validates them).
     """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # accelerate runs FSDP only on GPUs, which this project has not had to build and test it on, and the scripts
+        # read whole weights (saving, validation, EMA) that FSDP keeps sharded between steps.
+        zero3 = ", or configs/launch/deepspeed_zero3.yaml to shard the weights too" if supports_zero3 else ""
+        raise InputError(f"PyTorch FSDP is not supported yet; use configs/launch/deepspeed_zero2.yaml{zero3}")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return

@@ -888,7 +888,7 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_deepspeed_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
     if args.train_text_encoder and accelerator.state.deepspeed_plugin is not None:
         # accelerate hands one model to a DeepSpeed engine; the UNet and text encoder LoRA would need two.
         raise InputError("--train_text_encoder trains two models, which accelerate cannot give to one DeepSpeed "

@@ -6,9 +6,9 @@ import types
 
 import pytest
 import torch
+from helpers import REPO
 
 import train_common as common
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Randomness, noise, loss
@@ -321,3 +321,24 @@ def test_fingerprints_follow_content(tmp_path):
         model.bias[0] += 1e-6
     assert common.model_fingerprint(model) != fingerprint
     assert common.model_fingerprint(model.to(torch.bfloat16)) != common.model_fingerprint(model.float())
+
+
+def test_fsdp_is_refused_in_one_line_naming_the_deepspeed_configs_to_use():
+    """accelerate runs FSDP only on GPUs, so no launch on a CPU reaches this check; it is called here with what it
+    reads of the Accelerator."""
+    from accelerate.utils import DistributedType
+
+    fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(common.InputError) as refused:
+        common.adopt_engine_settings(fsdp, 2, 1.0, supports_zero3=True)
+    assert str(refused.value) == ("PyTorch FSDP is not supported yet; use configs/launch/deepspeed_zero2.yaml, or "
+                                  "configs/launch/deepspeed_zero3.yaml to shard the weights too")
+    with pytest.raises(common.InputError) as refused:
+        common.adopt_engine_settings(fsdp, 2, 1.0)
+    assert str(refused.value) == "PyTorch FSDP is not supported yet; use configs/launch/deepspeed_zero2.yaml"
+    for path in ("configs/launch/deepspeed_zero2.yaml", "configs/launch/deepspeed_zero3.yaml"):
+        assert os.path.exists(os.path.join(REPO, path))
+
+    plain = types.SimpleNamespace(distributed_type=DistributedType.NO,
+                                  state=types.SimpleNamespace(deepspeed_plugin=None))
+    assert common.adopt_engine_settings(plain, 2, 1.0) is None
