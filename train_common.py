@@ -698,7 +698,15 @@ def adopt_engine_settings(accelerator, train_batch_size, max_grad_norm, supports
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
-    if plugin.zero_stage == 3 and supports_zero3:
+    if plugin.zero_stage == 3:
+        if not supports_zero3:
+            # LoRA layers and new token embeddings are a few trained weights inside a frozen model that ZeRO-3 would
+            # shard with them, and their saving reads them on the main process alone: refuse rather than save shards.
+            raise InputError(
+                "DeepSpeed ZeRO-3 is not supported by this script (it trains a few weights inside a frozen model, "
+                "which ZeRO-3 would shard with them); use configs/launch/deepspeed_zero2.yaml or "
+                "configs/launch/deepspeed_zero2_offload.yaml (optimizer states in CPU memory)"
+            )
         # diffusers' EMAModel.step gathers ZeRO-3 parameters through a module-level `deepspeed` that
         # diffusers.training_utils imports only if ZeRO-3 was configured before it was first imported (it was not:
         # NameError at the first EMA step).
@@ -706,14 +714,6 @@ def adopt_engine_settings(accelerator, train_batch_size, max_grad_norm, supports
         import diffusers.training_utils
 
         diffusers.training_utils.deepspeed = deepspeed
-    if plugin.zero_stage == 3 and not supports_zero3:
-        # LoRA layers and new token embeddings are a few trained weights inside a frozen model that ZeRO-3 would
-        # shard with them, and their saving reads them on the main process alone: refuse rather than save shards.
-        raise InputError(
-            "DeepSpeed ZeRO-3 is not supported by this script (it trains a few weights inside a frozen model, which "
-            "ZeRO-3 would shard with them); use configs/launch/deepspeed_zero2.yaml or "
-            "configs/launch/deepspeed_zero2_offload.yaml (optimizer states in CPU memory)"
-        )
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
         from accelerate import PartialState
 

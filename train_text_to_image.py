@@ -646,10 +646,9 @@ def generate_validation_images(accelerator, unet, vae, text_encoder, tokenizer, 
     return [(prompts[index], Image.fromarray(image)) for index, image in sorted(gathered, key=lambda pair: pair[0])]
 
 
-def validate_with_ema(accelerator, unet, ema_unet, vae, text_encoder, tokenizer, args, seed):
-    """Validation images from the EMA weights when --use_ema (swapped in, then the trained weights restored). Every
-    rank calls it."""
-    model = common.whole_model(accelerator, unet)
+def validate_with_ema(accelerator, model, ema_unet, vae, text_encoder, tokenizer, args, seed):
+    """Validation images from the trained UNet `model` (from `common.whole_model`), or from the EMA weights when
+    --use_ema (swapped in, then the trained weights restored). Every rank calls it."""
     if ema_unet is not None:
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
@@ -979,7 +978,8 @@ def main(argv=None):
 
         # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
         if args.validation_prompts and epoch % args.validation_epochs == 0:
-            images = validate_with_ema(accelerator, unet, ema_unet, vae, text_encoder, tokenizer, args, run_state.seed)
+            images = validate_with_ema(accelerator, common.whole_model(accelerator, unet), ema_unet, vae,
+                                       text_encoder, tokenizer, args, run_state.seed)
             if accelerator.is_main_process:
                 folder = log_validation_images(accelerator, images, f"epoch_{epoch:04d}", epoch, global_step, args)
                 logger.info(f"Saved validation images to {folder}")
@@ -987,12 +987,12 @@ def main(argv=None):
     progress_bar.close()
 
     # A last round of validation images from the final (EMA) weights, shown in the model card.
+    final_unet = common.whole_model(accelerator, unet)
     final_images = None
     if args.validation_prompts:
         final_images = validate_with_ema(
-            accelerator, unet, ema_unet, vae, text_encoder, tokenizer, args, run_state.seed
+            accelerator, final_unet, ema_unet, vae, text_encoder, tokenizer, args, run_state.seed
         )
-    final_unet = common.whole_model(accelerator, unet)
     if accelerator.is_main_process:
         save_pipeline(final_unet, ema_unet, args)
         if final_images:
