@@ -97,7 +97,7 @@ def parse_args(argv=None):
     # Data (upstream)
     add("--train_data_dir", type=str, required=True, help="A folder of images of the concept (any depth).")
     add("--repeats", type=int, default=100, help="How many times each image appears per epoch.")
-    add("--resolution", type=int, default=512, help="Images are resized to this square size.")
+    add("--resolution", type=int, default=512, help="Images are resized to this square size; a multiple of 8.")
     add("--center_crop", action="store_true",
         help="Crop the central square before resizing (otherwise the whole image is resized to a square).")
     add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
@@ -174,6 +174,7 @@ def validate_args(args):
         "checkpoints_total_limit", "num_validation_images", "validation_steps", "validation_epochs",
         "validation_inference_steps", "logging_steps", "max_grad_norm",
     )
+    common.require_multiple_of_8("--resolution", args.resolution)
     if args.lr_warmup_steps < 0:
         raise InputError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
     if args.dataloader_num_workers < 0:

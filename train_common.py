@@ -155,6 +155,12 @@ def require_positive(args, *names):
             raise InputError(f"--{name} must be > 0, got {value}")
 
 
+def require_multiple_of_8(flag, value, why="the VAE downsamples by 8"):
+    """Image sides must be whole latent pixels: the same rule, and message, in every latent-space script."""
+    if value is not None and value % 8:
+        raise InputError(f"{flag} must be a multiple of 8 ({why}), got {value}")
+
+
 def first_line(error):
     """The first line of an exception's message (library errors can be pages long), or its type name."""
     text = str(error).strip()

@@ -160,11 +160,9 @@ def validate_args(args):
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_steps",
         "num_validation_images", "validation_inference_steps", "logging_steps", "lr_num_cycles",
     )
-    if args.resolution % 8:
-        raise InputError(
-            f"--resolution must be a multiple of 8 (the VAE and the ControlNet's conditioning encoder downsample by 8),"
-            f" got {args.resolution}"
-        )
+    common.require_multiple_of_8(
+        "--resolution", args.resolution, why="the VAE and the ControlNet's conditioning encoder downsample by 8"
+    )
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}")
     for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm"):

@@ -170,8 +170,7 @@ def validate_args(args):
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
         "num_validation_images", "logging_steps", "validation_inference_steps",
     )
-    if args.resolution % 8:
-        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    common.require_multiple_of_8("--resolution", args.resolution)
     for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")

@@ -160,8 +160,7 @@ def validate_args(args):
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
         "logging_steps", "validation_inference_steps", "dream_detail_preservation",
     )
-    if args.resolution % 8:
-        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    common.require_multiple_of_8("--resolution", args.resolution)
     for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "input_perturbation", "max_grad_norm"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")

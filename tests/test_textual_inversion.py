@@ -316,6 +316,7 @@ BAD_INPUTS = {
     "num_vectors 0": ({"num_vectors": 0}, "--num_vectors must be >= 1"),
     "max_train_steps 0": ({"max_train_steps": 0}, "--max_train_steps"),
     "learning_rate 0": ({"learning_rate": 0}, "--learning_rate"),
+    "resolution not a multiple of 8": ({"resolution": 60}, "--resolution must be a multiple of 8"),
     "save_steps -1": ({"save_steps": -1}, "--save_steps"),
     "checkpoints_total_limit 0": ({"checkpoints_total_limit": 0}, "--checkpoints_total_limit"),
     "missing checkpoint": ({"resume_from_checkpoint": "checkpoint-999"}, "--resume_from_checkpoint"),
