@@ -194,6 +194,36 @@ def require_package(module, flag, install):
         raise InputError(f"{flag} needs the {module} package: {install}")
 
 
+# Installed version pairs known to break a feature: (package, its versions, the other package, its versions, the
+# feature they break, the fix). A run that needs the feature stops at start-up in one line instead of failing with a
+# library traceback once the models are loaded. requirements.txt excludes these pairs; this catches other installs.
+KNOWN_INCOMPATIBLE = (
+    # transformers 5.24 demands peft >= 0.22 (unreleased on 2026-12-01) for every PEFT adapter on its models.
+    ("transformers", ">=5.24", "peft", "<0.22", "text-encoder LoRA", 'pip install "transformers<5.24"'),
+)
+
+
+def check_compatible_versions(feature):
+    """Raise InputError if the installed packages are a KNOWN_INCOMPATIBLE pair for `feature`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.specifiers import SpecifierSet
+
+    for first, first_range, second, second_range, broken, fix in KNOWN_INCOMPATIBLE:
+        if broken != feature:
+            continue
+        try:
+            first_version, second_version = version(first), version(second)
+        except PackageNotFoundError:
+            continue
+        if SpecifierSet(first_range).contains(first_version, prereleases=True) and \
+                SpecifierSet(second_range).contains(second_version, prereleases=True):
+            raise InputError(
+                f"{first} {first_version} with {second} {second_version} cannot train or load a {feature} "
+                f"({first} {first_range} needs {second} outside {second_range}); fix: {fix}"
+            )
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

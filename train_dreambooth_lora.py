@@ -187,8 +187,7 @@ def validate_args(args):
         "checkpoints_total_limit", "validation_epochs", "rank", "tokenizer_max_length", "logging_steps",
         "validation_inference_steps",
     )
-    if args.resolution % 8:
-        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    common.require_multiple_of_8("--resolution", args.resolution)
     for name in ("lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "prior_loss_weight",
                  "num_validation_images"):
         if getattr(args, name) < 0:
@@ -199,6 +198,8 @@ def validate_args(args):
         raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if args.class_labels_conditioning not in (None, "timesteps"):
         raise InputError(f"--class_labels_conditioning {args.class_labels_conditioning!r}: only 'timesteps' is known")
+    if args.train_text_encoder:
+        common.check_compatible_versions("text-encoder LoRA")
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise InputError("--train_text_encoder cannot be used with --pre_compute_text_embeddings")
     if args.cache_latents and not args.center_crop:

@@ -20,7 +20,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_main_job_command_uses_files_that_exist():
     main_job = readme_commands()[0]
-    for path in re.findall(r"(\S+\.(?:py|yaml|txt))", main_job):
+    for path in re.findall(r"(\S+\.(?:py|yaml|txt|lock))", main_job):
         assert os.path.isfile(os.path.join(REPO, path)), path
 
 
