@@ -376,8 +376,56 @@ def sample_noise(latents, generator, noise_offset=0.0):
     return noise
 
 
-def sample_timesteps(batch_size, num_train_timesteps, generator, device):
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
+def sample_timesteps(batch_size, num_train_timesteps, generator, device, weights=None):
+    """Training timesteps: uniform, or drawn with probabilities `weights` (from `timestep_bias_weights`, on
+    `device`). Either way from `generator`, so a resumed run draws the same timesteps."""
+    if weights is None:
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
+    return torch.multinomial(weights, batch_size, replacement=True, generator=generator).long()
+
+
+TIMESTEP_BIAS_STRATEGIES = ("earlier", "later", "range", "none")
+
+
+def check_timestep_bias(strategy, multiplier, begin, end, portion):
+    """The --timestep_bias_* checks that need no model (the scheduler's timestep count is checked by
+    `timestep_bias_weights`). Raises InputError."""
+    if not 0 < portion <= 1:
+        raise InputError(f"--timestep_bias_portion must be in (0, 1], got {portion}")
+    if strategy == "none":
+        return
+    if multiplier <= 0:
+        # Upstream's reason: a multiplier of 0 would stop training those timesteps altogether.
+        raise InputError(f"--timestep_bias_multiplier must be > 0, got {multiplier} "
+                         "(to train without a bias, use --timestep_bias_strategy none)")
+    if strategy == "range":
+        if begin < 0:
+            raise InputError(f"--timestep_bias_begin must be >= 0, got {begin}")
+        if begin >= end:
+            raise InputError(f"--timestep_bias_strategy range needs --timestep_bias_begin < --timestep_bias_end, "
+                             f"got {begin} and {end}")
+
+
+def timestep_bias_weights(strategy, num_timesteps, multiplier=1.0, begin=0, end=1000, portion=0.25):
+    """Sampling probabilities over the training timesteps for --timestep_bias_strategy (upstream SDXL's
+    `generate_timestep_weights`): `multiplier` times the weight on the first (`earlier`) or last (`later`)
+    `portion` of the timesteps, or on [begin, end) (`range`). None for `none`: plain uniform sampling."""
+    if strategy == "none":
+        return None
+    if strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise InputError(f"--timestep_bias_strategy {strategy!r} is not one of {', '.join(TIMESTEP_BIAS_STRATEGIES)}")
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    count = int(portion * num_timesteps)
+    if strategy == "earlier":
+        biased = slice(0, count)
+    elif strategy == "later":
+        biased = slice(num_timesteps - count, num_timesteps)  # not slice(-count, None): count may be 0
+    else:
+        if end > num_timesteps:
+            raise InputError(f"--timestep_bias_end {end} is past the scheduler's {num_timesteps} training timesteps")
+        biased = slice(begin, end)
+    weights[biased] *= multiplier
+    return (weights / weights.sum()).float()
 
 
 def perturb_noise(noise, input_perturbation, generator):
@@ -420,6 +468,115 @@ def diffusion_loss(prediction, target, weights=None):
         return squared_error.mean()
     per_sample = squared_error.mean(dim=list(range(1, squared_error.ndim)))
     return (per_sample * weights.float()).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SDXL: model detection, two-encoder prompts, micro-conditioning, VAE precision
+# --------------------------------------------------------------------------------------------------------------------
+
+# What an SDXL base pipeline folder holds, next to SD's tokenizer/, text_encoder/, vae/, unet/, scheduler/.
+SDXL_PIPELINE_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet", "scheduler")
+
+
+def read_model_index(pretrained_model_name_or_path, revision=None, cache_dir=None):
+    """The pipeline's model_index.json as a dict: read from a local folder, fetched for a hub id ({} where there is
+    none, or where the path does not exist: the caller's folder check reports that). A hub id that cannot be
+    reached is an InputError."""
+    import json
+
+    path = pretrained_model_name_or_path
+    if os.path.isdir(path):
+        index_file = os.path.join(path, "model_index.json")
+        if not os.path.isfile(index_file):
+            return {}
+    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return {}
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            index_file = hf_hub_download(path, "model_index.json", revision=revision, cache_dir=cache_dir)
+        except EntryNotFoundError:
+            return {}
+        except Exception as error:
+            raise InputError(f"--pretrained_model_name_or_path {path!r}: cannot read model_index.json "
+                             f"({first_line(error)})") from None
+    try:
+        with open(index_file) as file:
+            index = json.load(file)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--pretrained_model_name_or_path {path!r}: cannot read model_index.json "
+                         f"({first_line(error)})") from None
+    return index if isinstance(index, dict) else {}
+
+
+def is_sdxl_model(pretrained_model_name_or_path, revision=None, cache_dir=None):
+    """Whether the base model is SDXL: a StableDiffusionXL* pipeline or a text_encoder_2 in model_index.json, or, in
+    a local folder, a text_encoder_2/ or a UNet conditioned on `text_time` (SDXL's pooled text + size embedding)."""
+    import json
+
+    index = read_model_index(pretrained_model_name_or_path, revision, cache_dir)
+    if str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index:
+        return True
+    path = pretrained_model_name_or_path
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, "text_encoder_2")):
+        return True
+    try:
+        with open(os.path.join(path, "unet", "config.json")) as file:
+            return json.load(file).get("addition_embed_type") == "text_time"
+    except (OSError, ValueError, AttributeError):
+        return False  # the folder check or the model loading reports a missing or broken unet/
+
+
+def tokenize_prompts(tokenizers, prompts):
+    """Token ids of `prompts` (a string or a list) for each tokenizer, padded to its maximum length, as SD and SDXL
+    pipelines tokenize them: a list of (batch, max_length) tensors, one per tokenizer."""
+    return [
+        tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        for tokenizer in tokenizers
+    ]
+
+
+def encode_prompt_sdxl(text_encoders, input_ids):
+    """SDXL's prompt conditioning, as `StableDiffusionXLPipeline.encode_prompt` computes it with clip_skip=None:
+    the penultimate hidden states of both CLIP encoders concatenated on the last dimension, and the pooled
+    (projected) embedding of the second. `input_ids`: one tensor per encoder (`tokenize_prompts`). Returns
+    (prompt_embeds (batch, tokens, hidden 1 + hidden 2), pooled_prompt_embeds (batch, projection)). Gradients flow
+    where the encoders train (text-encoder LoRA); wrap in torch.no_grad() otherwise."""
+    hidden_states = []
+    for text_encoder, ids in zip(text_encoders, input_ids):
+        output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    # text_encoder_2 is a CLIPTextModelWithProjection: `text_embeds` is its pooled, projected embedding.
+    return torch.cat(hidden_states, dim=-1), output.text_embeds
+
+
+def sdxl_time_ids(original_sizes, crops_top_left, target_size, device=None, dtype=torch.float32):
+    """SDXL's micro-conditioning, one row of 6 numbers per sample: original (height, width) of the image before any
+    resize, the (top, left) of the crop in the resized image, and the target (height, width) trained at, as
+    `StableDiffusionXLPipeline._get_add_time_ids` orders them. `original_sizes`, `crops_top_left`: (batch, 2)
+    tensors or lists of pairs; `target_size`: one pair, or (batch, 2) for per-sample targets (buckets)."""
+    original = torch.as_tensor(original_sizes, dtype=torch.float64).reshape(-1, 2)
+    crops = torch.as_tensor(crops_top_left, dtype=torch.float64).reshape(-1, 2)
+    target = torch.as_tensor(target_size, dtype=torch.float64).reshape(-1, 2).expand(original.shape[0], 2)
+    return torch.cat([original, crops, target], dim=1).to(device=device, dtype=dtype)
+
+
+def sdxl_added_conditions(pooled_prompt_embeds, time_ids):
+    """The UNet's `added_cond_kwargs` for SDXL (`addition_embed_type` text_time)."""
+    return {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids.to(pooled_prompt_embeds.device)}
+
+
+def sdxl_vae_dtype(weight_dtype, pretrained_vae_model_name_or_path=None):
+    """The dtype the SDXL VAE runs in. SDXL's own VAE overflows in fp16 (NaN latents), so upstream keeps it in fp32
+    unless --pretrained_vae_model_name_or_path names another VAE (such as an fp16-safe one), which then runs in the
+    mixed-precision dtype like the other frozen models."""
+    return weight_dtype if pretrained_vae_model_name_or_path else torch.float32
+
 
 
 # --------------------------------------------------------------------------------------------------------------------

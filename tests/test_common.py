@@ -86,6 +86,123 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     assert {epoch for epoch, _ in second} == {1}
 
 
+def test_timestep_bias_shifts_the_sampled_distribution_and_none_keeps_uniform_sampling():
+    def fraction(weights, low, high, count=20000):
+        drawn = common.sample_timesteps(count, 1000, common.make_generator("cpu", 5), "cpu", weights)
+        return ((drawn >= low) & (drawn < high)).float().mean().item()
+
+    # `none`: no weights, and the very draws of plain uniform sampling (SD runs are unchanged by the feature).
+    assert common.timestep_bias_weights("none", 1000) is None
+    assert torch.equal(common.sample_timesteps(8, 1000, common.make_generator("cpu", 5), "cpu", None),
+                       torch.randint(0, 1000, (8,), generator=common.make_generator("cpu", 5)))
+    assert fraction(None, 750, 1000) == pytest.approx(0.25, abs=0.02)
+    # x3 on the last quarter: 0.75 / (0.75 + 0.75) = half of the draws land there.
+    later = common.timestep_bias_weights("later", 1000, multiplier=3.0, portion=0.25)
+    assert later.sum().item() == pytest.approx(1.0) and later[999] == pytest.approx(3 * later[0])
+    assert fraction(later, 750, 1000) == pytest.approx(0.5, abs=0.02)
+    earlier = common.timestep_bias_weights("earlier", 1000, multiplier=3.0, portion=0.5)
+    assert fraction(earlier, 0, 500) == pytest.approx(0.75, abs=0.02)
+    # A multiplier below 1 biases away: [200, 500) at x0.1.
+    ranged = common.timestep_bias_weights("range", 1000, multiplier=0.1, begin=200, end=500)
+    assert fraction(ranged, 200, 500) == pytest.approx(0.03 / 0.73, abs=0.01)
+    # Restorable: the same generator state draws the same biased timesteps.
+    assert torch.equal(common.sample_timesteps(16, 1000, common.make_generator("cpu", 9), "cpu", later),
+                       common.sample_timesteps(16, 1000, common.make_generator("cpu", 9), "cpu", later))
+    with pytest.raises(common.InputError, match="--timestep_bias_end 2000 is past the scheduler's 1000"):
+        common.timestep_bias_weights("range", 1000, begin=0, end=2000)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"strategy": "range", "begin": 500, "end": 500}, "--timestep_bias_begin < --timestep_bias_end, got 500 and 500"),
+    ({"strategy": "range", "begin": -1}, "--timestep_bias_begin must be >= 0"),
+    ({"portion": 0.0}, "--timestep_bias_portion must be in (0, 1], got 0.0"),
+    ({"portion": 1.5, "strategy": "none"}, "--timestep_bias_portion must be in (0, 1], got 1.5"),
+    ({"multiplier": 0.0}, "--timestep_bias_multiplier must be > 0"),
+])
+def test_timestep_bias_checks_name_the_flag(values, message):
+    settings = {"strategy": "later", "multiplier": 2.0, "begin": 0, "end": 1000, "portion": 0.25, **values}
+    with pytest.raises(common.InputError) as error:
+        common.check_timestep_bias(**settings)
+    assert message in str(error.value)
+    common.check_timestep_bias("range", 2.0, 100, 200, 1.0)  # valid
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SDXL
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from tiny_sd import build_tiny_sdxl
+
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
+def test_sdxl_is_detected_from_the_pipeline_class_text_encoder_2_or_the_unet(tiny_sdxl, tmp_path):
+    from helpers import write_json
+
+    assert common.is_sdxl_model(tiny_sdxl)
+    sd = tmp_path / "sd"
+    (sd / "unet").mkdir(parents=True)
+    write_json(str(sd / "model_index.json"), {"_class_name": "StableDiffusionPipeline", "text_encoder": []})
+    write_json(str(sd / "unet" / "config.json"), {"_class_name": "UNet2DConditionModel"})
+    assert not common.is_sdxl_model(str(sd))
+    # No model_index.json: a text_encoder_2/ or a text_time UNet is enough.
+    (sd / "model_index.json").unlink()
+    assert not common.is_sdxl_model(str(sd))
+    write_json(str(sd / "unet" / "config.json"), {"addition_embed_type": "text_time"})
+    assert common.is_sdxl_model(str(sd))
+    write_json(str(sd / "unet" / "config.json"), {})
+    (sd / "text_encoder_2").mkdir()
+    assert common.is_sdxl_model(str(sd))
+    # A path that does not exist is no SDXL model (the folder check names it); broken JSON is one line.
+    assert not common.is_sdxl_model(str(tmp_path / "missing"))
+    (sd / "model_index.json").write_text("{ not json")
+    with pytest.raises(common.InputError, match="cannot read model_index.json"):
+        common.is_sdxl_model(str(sd))
+    assert set(common.SDXL_PIPELINE_PARTS) == {name for name in os.listdir(tiny_sdxl) if name != "model_index.json"}
+
+
+def test_sdxl_prompt_encoding_is_the_pipelines(tiny_sdxl):
+    """Penultimate hidden states of both encoders side by side, pooled projection of the second: what
+    StableDiffusionXLPipeline.encode_prompt returns for the same prompts, bit for bit."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    prompts = ["a photo of a cat", ""]
+    input_ids = common.tokenize_prompts([pipeline.tokenizer, pipeline.tokenizer_2], prompts)
+    assert [ids.shape for ids in input_ids] == [(2, 77), (2, 77)]
+    with torch.no_grad():
+        prompt_embeds, pooled = common.encode_prompt_sdxl([pipeline.text_encoder, pipeline.text_encoder_2], input_ids)
+        expected, _, expected_pooled, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False)
+    assert prompt_embeds.shape == (2, 77, 32 + 24) and pooled.shape == (2, 16)
+    assert torch.equal(prompt_embeds, expected) and torch.equal(pooled, expected_pooled)
+
+
+def test_sdxl_time_ids_follow_each_samples_size_and_crop(tiny_sdxl):
+    """One row per sample from that sample's own original size and crop (not constants), in the pipeline's order."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    time_ids = common.sdxl_time_ids([(20, 24), (30, 17)], torch.tensor([[0, 3], [5, 0]]), (64, 64))
+    assert time_ids.tolist() == [[20, 24, 0, 3, 64, 64], [30, 17, 5, 0, 64, 64]]
+    assert time_ids.dtype == torch.float32
+    expected = pipeline._get_add_time_ids((30, 17), (5, 0), (64, 64), torch.float32,
+                                          text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim)
+    assert torch.equal(time_ids[1:], expected)
+    # Per-sample targets (aspect-ratio buckets).
+    assert common.sdxl_time_ids([(20, 24)], [(1, 2)], [(48, 64)]).tolist() == [[20, 24, 1, 2, 48, 64]]
+    added = common.sdxl_added_conditions(torch.zeros(2, 16), time_ids)
+    assert set(added) == {"text_embeds", "time_ids"}
+
+
+def test_sdxl_vae_runs_in_fp32_unless_another_vae_is_given():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert common.sdxl_vae_dtype(dtype) == torch.float32
+        assert common.sdxl_vae_dtype(dtype, "madebyollin/sdxl-vae-fp16-fix") == dtype
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------------

@@ -89,7 +89,56 @@ def build_tiny_sd(folder, seed=0):
     return folder
 
 
+def build_tiny_sdxl(folder, seed=0):
+    """A tiny random SDXL base pipeline in `folder` (returned): the layout of stable-diffusion-xl-base-1.0
+    (tokenizer/, tokenizer_2/, text_encoder/ a CLIPTextModel, text_encoder_2/ a CLIPTextModelWithProjection, vae/,
+    unet/ conditioned on `text_time`, scheduler/ EulerDiscreteScheduler), as small as the SD one."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer_2 = write_tokenizer(os.path.join(folder, "tokenizer_2"))
+
+    def text_config(hidden_size):
+        return CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), hidden_size=hidden_size,
+            intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+            projection_dim=16,
+        )
+
+    # Different sizes for the two encoders, so that a mix-up of hidden states and pooled embeddings cannot fit.
+    text_encoder = CLIPTextModel(text_config(32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(24))
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32 + 24, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        # The pooled embedding of text_encoder_2 next to the 6 time ids, each embedded in time_embed_dim numbers.
+        projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
     import sys
 
-    print(build_tiny_sd(sys.argv[1] if len(sys.argv) > 1 else "tiny-sd"))
+    build = build_tiny_sdxl if "--sdxl" in sys.argv else build_tiny_sd
+    folders = [arg for arg in sys.argv[1:] if arg != "--sdxl"]
+    print(build(folders[0] if folders else "tiny-sd"))
