@@ -363,7 +363,8 @@ def _script():
 def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos",
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False,
-                "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None}
+                "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
+                "random_flip": False, "snr_gamma": None}
     defaults.update(values)
     return argparse.Namespace(**defaults)
 
