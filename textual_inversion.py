@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Textual inversion: learn new token embeddings in a Stable Diffusion text encoder from a few images of a concept.
+"""Textual inversion: learn new token embeddings in a Stable Diffusion (or SDXL) text encoder from a few images.
 
 A drop-in replacement for diffusers' `examples/textual_inversion/textual_inversion.py`: the same flags and defaults,
 the same outputs (`learned_embeds.safetensors` for `pipe.load_textual_inversion(output_dir)`,
@@ -18,6 +18,14 @@ How only the new rows train: the text encoder's token embedding is replaced, for
 which holds the original matrix frozen and the new rows as the only trainable parameter. Every other row therefore
 stays bit-identical by construction, the optimizer state is a few vectors (not the whole vocabulary), and a checkpoint
 only needs the new rows.
+
+SDXL (`textual_inversion_sdxl.py`'s command line, unchanged): an SDXL base model (train_common.is_sdxl_model) adds
+the tokens to both tokenizers and both text encoders, each initialised from the initializer token in that encoder,
+and trains the new rows of both; the UNet is conditioned as SDXL is (both encoders' penultimate hidden states, the
+pooled embedding and each image's time ids from its real original size and crop). Outputs: learned_embeds.safetensors
+(text_encoder) and learned_embeds_2.safetensors (text_encoder_2, for `load_textual_inversion(...,
+text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)`), their -steps-N copies, and a
+StableDiffusionXLPipeline with --save_as_full_pipeline.
 """
 
 import functools
@@ -45,8 +53,10 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all")
-EMBEDS_NAME, EMBEDS_NAME_BIN = "learned_embeds.safetensors", "learned_embeds.bin"
+# One embeddings file per text encoder: SD has one, SDXL two (upstream textual_inversion_sdxl.py's names).
+EMBEDS_STEMS = ("learned_embeds", "learned_embeds_2")
 MODEL_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+TOKENIZER_NAMES, TEXT_ENCODER_NAMES = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2")
 
 # The prompts of the textual inversion paper: the concept is always seen inside a short caption.
 OBJECT_TEMPLATES = [
@@ -88,10 +98,14 @@ def parse_args(argv=None):
         help="Caption templates: 'a photo of a <tok>' (object) or 'a painting in the style of <tok>' (style).")
     # Model (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
-        help="A Stable Diffusion pipeline folder or hub id.")
+        help="A Stable Diffusion or SDXL pipeline folder or hub id.")
     add("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
     add("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
-    add("--tokenizer_name", type=str, default=None, help="A tokenizer folder or hub id, if not the model's own.")
+    add("--tokenizer_name", type=str, default=None,
+        help="A tokenizer folder or hub id, if not the model's own (SD only: SDXL has two).")
+    add("--pretrained_vae_model_name_or_path", type=str, default=None,
+        help="A VAE to use instead of the model's own, e.g. an fp16-safe one for SDXL (without it the SDXL VAE runs "
+             "in fp32).")
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention in the UNet.")
     add("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
     # Data (upstream)
@@ -193,9 +207,16 @@ def validate_args(args):
     if not any(common.image_files(args.train_data_dir)):
         extensions = ", ".join(common.IMAGE_EXTENSIONS)
         raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
-    _check_model_path(args.pretrained_model_name_or_path)
+    args.sdxl = _check_model_path(args)
     if args.tokenizer_name is not None:
+        if args.sdxl:
+            raise InputError(
+                f"--tokenizer_name cannot apply to the SDXL model {args.pretrained_model_name_or_path!r}: it has two "
+                "tokenizers (tokenizer/ and tokenizer_2/) and the tokens are added to both"
+            )
         common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
+    if args.pretrained_vae_model_name_or_path is not None:
+        common.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
 
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
@@ -222,52 +243,68 @@ def validate_args(args):
                 "(pip install -r requirements-xformers.txt)"
             )
 
-    tokenizer = load_tokenizer(args)
-    check_tokens(args, tokenizer)
-    return tokenizer
+    tokenizers = load_tokenizers(args)
+    check_tokens(args, tokenizers)
+    return tokenizers
 
 
-def _check_model_path(path):
+def _check_model_path(args):
+    """Whether the base model is SDXL, once its folder is known to hold the parts it needs."""
+    path = args.pretrained_model_name_or_path
     common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
+    sdxl = common.is_sdxl_model(path, args.revision)
     if os.path.isdir(path):
-        missing = [name for name in MODEL_SUBFOLDERS if not os.path.isdir(os.path.join(path, name))]
+        parts = common.SDXL_PIPELINE_PARTS if sdxl else MODEL_SUBFOLDERS
+        missing = [name for name in parts if not os.path.isdir(os.path.join(path, name))]
         if missing:
             missing = ", ".join(f"{name}/" for name in missing)
-            raise InputError(
-                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion folder (missing {missing})"
-            )
+            kind = "an SDXL" if sdxl else "a Stable Diffusion"
+            raise InputError(f"--pretrained_model_name_or_path {path!r} is not {kind} folder (missing {missing})")
+    return sdxl
 
 
 def _check_checkpoint_matches(args):
     """A checkpoint holds the rows of one placeholder; resuming it under other token flags cannot be exact."""
     from safetensors import safe_open
 
-    path = os.path.join(args.resume_path, EMBEDS_NAME)
-    if not os.path.isfile(path):
-        raise InputError(f"--resume_from_checkpoint {args.resume_path!r} holds no {EMBEDS_NAME}")
-    with safe_open(path, framework="pt") as file:
-        keys = list(file.keys())
-        rows = file.get_slice(keys[0]).get_shape()[0] if keys else 0
-    if keys != [args.placeholder_token] or rows != args.num_vectors:
-        raise InputError(
-            f"--resume_from_checkpoint {args.resume_path!r} learned {keys[0] if keys else '?'!r} with {rows} vector(s);"
-            " "
-            f"this run asks for --placeholder_token {args.placeholder_token!r} with --num_vectors {args.num_vectors}"
-        )
+    for name in checkpoint_embeds_names(args):
+        path = os.path.join(args.resume_path, name)
+        if not os.path.isfile(path):
+            raise InputError(f"--resume_from_checkpoint {args.resume_path!r} holds no {name}")
+        with safe_open(path, framework="pt") as file:
+            keys = list(file.keys())
+            rows = file.get_slice(keys[0]).get_shape()[0] if keys else 0
+        if keys != [args.placeholder_token] or rows != args.num_vectors:
+            raise InputError(
+                f"--resume_from_checkpoint {args.resume_path!r} learned {keys[0] if keys else '?'!r} with {rows} "
+                f"vector(s); this run asks for --placeholder_token {args.placeholder_token!r} with --num_vectors "
+                f"{args.num_vectors}"
+            )
 
 
-def load_tokenizer(args):
+def checkpoint_embeds_names(args):
+    """The embeddings files of a checkpoint: one per text encoder."""
+    return [f"{stem}.safetensors" for stem in EMBEDS_STEMS[: 2 if args.sdxl else 1]]
+
+
+def load_tokenizers(args):
+    """[tokenizer] for SD, [tokenizer, tokenizer_2] for SDXL."""
     from transformers import CLIPTokenizer
 
     if args.tokenizer_name is not None:
-        flag, source, subfolder = "--tokenizer_name", args.tokenizer_name, None
+        sources = [("--tokenizer_name", args.tokenizer_name, None)]
     else:
-        flag, source, subfolder = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "tokenizer"
-    try:
-        kwargs = {"subfolder": subfolder} if subfolder else {}
-        return CLIPTokenizer.from_pretrained(source, revision=args.revision, **kwargs)
-    except Exception as error:
-        raise InputError(f"{flag} {source!r}: cannot load the tokenizer ({common.first_line(error)})") from None
+        subfolders = TOKENIZER_NAMES[: 2 if args.sdxl else 1]
+        sources = [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, name) for name in subfolders]
+    tokenizers = []
+    for flag, source, subfolder in sources:
+        try:
+            kwargs = {"subfolder": subfolder} if subfolder else {}
+            tokenizers.append(CLIPTokenizer.from_pretrained(source, revision=args.revision, **kwargs))
+        except Exception as error:
+            what = subfolder or "tokenizer"
+            raise InputError(f"{flag} {source!r}: cannot load the {what} ({common.first_line(error)})") from None
+    return tokenizers
 
 
 def placeholder_tokens(args):
@@ -276,20 +313,22 @@ def placeholder_tokens(args):
     return [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
 
 
-def check_tokens(args, tokenizer):
-    vocabulary = tokenizer.get_vocab()  # includes tokens added earlier (e.g. a tokenizer saved by a previous run)
-    for token in placeholder_tokens(args):
-        if token in vocabulary:
+def check_tokens(args, tokenizers):
+    """The placeholder tokens must be new and the initializer one token, in every tokenizer (SDXL: both)."""
+    for name, tokenizer in zip(TOKENIZER_NAMES, tokenizers):
+        vocabulary = tokenizer.get_vocab()  # includes tokens added earlier (e.g. a tokenizer saved by a previous run)
+        for token in placeholder_tokens(args):
+            if token in vocabulary:
+                raise InputError(
+                    f"--placeholder_token: the {name} already has the token {token!r}; choose a new placeholder"
+                )
+        ids = tokenizer.encode(args.initializer_token, add_special_tokens=False)
+        if len(ids) != 1:
+            pieces = " ".join(tokenizer.convert_ids_to_tokens(ids)) if ids else "nothing"
             raise InputError(
-                f"--placeholder_token: the tokenizer already has the token {token!r}; choose a new placeholder"
+                f"--initializer_token {args.initializer_token!r} must be exactly one token; the {name} splits it "
+                f"into {len(ids)} ({pieces})"
             )
-    ids = tokenizer.encode(args.initializer_token, add_special_tokens=False)
-    if len(ids) != 1:
-        pieces = " ".join(tokenizer.convert_ids_to_tokens(ids)) if ids else "nothing"
-        raise InputError(
-            f"--initializer_token {args.initializer_token!r} must be exactly one token; the tokenizer splits it "
-            f"into {len(ids)} ({pieces})"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -335,6 +374,27 @@ def preprocess_image(image, resolution, center_crop, generator, random_flip=True
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def oriented_size(path):
+    """(width, height) of an image as displayed (EXIF orientation applied, as _load_rgb does), read from its header
+    alone."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            width, height = height, width
+    return width, height
+
+
+def crop_geometry(width, height, resolution, center_crop):
+    """What preprocess_image does to an image of this size, as SDXL's time ids state it: the original (height,
+    width) and the crop's (top, left) in the image resized to `resolution` on its shorter side. A centre crop of the
+    central square; without it the whole image is resized to the square, no crop: (0, 0)."""
+    if not center_crop:
+        return (height, width), (0, 0)
+    side = min(width, height)
+    scale = resolution / side
+    return (height, width), (round((height - side) // 2 * scale), round((width - side) // 2 * scale))
+
+
 class TextualInversionDataset(torch.utils.data.Dataset):
     """Each image `--repeats` times, each sample with a caption template holding the placeholder tokens.
 
@@ -343,12 +403,17 @@ class TextualInversionDataset(torch.utils.data.Dataset):
 
     Once `use_latent_cache` is called, samples hold the cached latent distribution of their image (in the drawn
     orientation) instead of pixels, and no image is read; the random draws stay the same, so the training run does
-    not change."""
+    not change.
 
-    def __init__(self, paths, tokenizer, placeholder_text, args, run_state):
-        self.paths, self.tokenizer, self.placeholder_text = paths, tokenizer, placeholder_text
+    `tokenizers`: one (SD) or a list (SDXL: the caption's ids for each, as `input_ids` and `input_ids_2`). Each
+    sample also holds its image's `original_size` and `crop_top_left` (crop_geometry) for SDXL's time ids."""
+
+    def __init__(self, paths, tokenizers, placeholder_text, args, run_state):
+        self.paths, self.placeholder_text = paths, placeholder_text
+        self.tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.resolution, self.center_crop, self.repeats = args.resolution, args.center_crop, args.repeats
+        self.geometry = [crop_geometry(*oriented_size(path), args.resolution, args.center_crop) for path in paths]
         self.run_state = run_state
         self.latent_cache = self.image_keys = None
 
@@ -363,21 +428,19 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         epoch, index = key
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         template = self.templates[int(torch.randint(len(self.templates), (1,), generator=generator))]
-        input_ids = self.tokenizer(
-            template.format(self.placeholder_text),
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids[0]
+        ids = common.tokenize_prompts(self.tokenizers, template.format(self.placeholder_text))
+        original_size, crop_top_left = self.geometry[index % len(self.paths)]
+        sample = {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor(crop_top_left)}
+        for name, input_ids in zip(("input_ids", "input_ids_2"), ids):
+            sample[name] = input_ids[0]
         if self.latent_cache is not None:
             # The same draw preprocess_image makes for the flip (its crop and resize draw nothing).
             flip = torch.rand(1, generator=generator).item() < 0.5
             entry = self.latent_cache.load(self.image_keys[index % len(self.paths)])
-            return {"latent_dist": entry["flipped" if flip else "latent_dist"], "input_ids": input_ids}
+            return {"latent_dist": entry["flipped" if flip else "latent_dist"], **sample}
         image = _load_rgb(self.paths[index % len(self.paths)])
         pixels = preprocess_image(image, self.resolution, self.center_crop, generator)
-        return {"pixel_values": pixels, "input_ids": input_ids}
+        return {"pixel_values": pixels, **sample}
 
 
 def _to_device(device, weight_dtype, model):
@@ -490,9 +553,21 @@ def save_embeddings(embedding, placeholder_token, path, safe=True):
         torch.save(state, path)
 
 
-def embeds_file_name(args, step=None):
-    stem = "learned_embeds" if step is None else f"learned_embeds-steps-{step}"
+def embeds_file_name(args, step=None, encoder=0):
+    """learned_embeds[_2][-steps-N].safetensors (or .bin) for text encoder 0 or 1."""
+    stem = EMBEDS_STEMS[encoder] + ("" if step is None else f"-steps-{step}")
     return stem + (".bin" if args.no_safe_serialization else ".safetensors")
+
+
+def save_all_embeddings(embeddings, args, folder, step=None, checkpoint=False):
+    """Every text encoder's new rows into `folder` (SDXL: learned_embeds and learned_embeds_2), as outputs or, with
+    `checkpoint`, as a checkpoint holds them (always safetensors). Returns the paths."""
+    names = checkpoint_embeds_names(args) if checkpoint else [
+        embeds_file_name(args, step, encoder) for encoder in range(len(embeddings))]
+    for name, embedding in zip(names, embeddings):
+        save_embeddings(embedding, args.placeholder_token, os.path.join(folder, name),
+                        safe=checkpoint or not args.no_safe_serialization)
+    return [os.path.join(folder, name) for name in names]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -500,30 +575,39 @@ def embeds_file_name(args, step=None):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def generate_validation_images(accelerator, text_encoder, tokenizer, unet, vae, noise_scheduler, args, seed):
+def validation_pipeline(text_encoders, tokenizers, unet, vae, noise_scheduler, args):
+    """A StableDiffusionPipeline (SD) or StableDiffusionXLPipeline (SDXL) around the models being trained."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
+    if args.sdxl:
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+        )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def generate_validation_images(accelerator, text_encoders, tokenizers, unet, vae, noise_scheduler, args, seed,
+                               vae_dtype):
     """Render `--num_validation_images` images of `--validation_prompt`, split across ranks (no rank idles past a
     collective timeout). Image i always comes from the same seed, whatever the number of processes. The main process
-    gets the PIL images, other ranks None."""
+    gets the PIL images, other ranks None. `text_encoders`: unwrapped."""
     from accelerate.utils import gather_object
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     mine = list(range(accelerator.process_index, args.num_validation_images, accelerator.num_processes))
     images = []
     if mine:
         if vae is None:
-            # Dropped by --cache_latents: loaded again for the length of the validation, in the UNet's dtype.
-            from diffusers import AutoencoderKL
-
-            vae = AutoencoderKL.from_pretrained(
-                args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant,
-            ).to(accelerator.device, dtype=unet.dtype)
-        pipeline = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+            # Dropped by --cache_latents: loaded again for the length of the validation.
+            vae = load_vae(args).to(accelerator.device, dtype=vae_dtype)
+        pipeline = validation_pipeline(text_encoders, tokenizers, unet, vae, noise_scheduler, args)
         pipeline.set_progress_bar_config(disable=True)
-        text_encoder.eval()
+        for text_encoder in text_encoders:
+            text_encoder.eval()
         for index in mine:
             generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
             with torch.no_grad(), accelerator.autocast():
@@ -531,7 +615,8 @@ def generate_validation_images(accelerator, text_encoder, tokenizer, unet, vae, 
                     args.validation_prompt, num_inference_steps=args.validation_inference_steps, generator=generator
                 ).images[0]
             images.append((index, np.asarray(image)))
-        text_encoder.train()
+        for text_encoder in text_encoders:
+            text_encoder.train()
         del pipeline
     gathered = gather_object(images) if accelerator.num_processes > 1 else images
     if not accelerator.is_main_process:
@@ -560,25 +645,36 @@ def save_validation_images(accelerator, images, global_step, args):
     return paths
 
 
-def save_full_pipeline(accelerator, text_encoder, embedding, tokenizer, args):
-    """A StableDiffusionPipeline folder whose text encoder and tokenizer know the new tokens; the UNet, VAE and
-    scheduler are reloaded from the base model in their stored precision."""
-    from diffusers import StableDiffusionPipeline
+def save_full_pipeline(accelerator, text_encoders, embeddings, tokenizers, args):
+    """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder whose text encoders and tokenizers know the
+    new tokens; the UNet, VAE (--pretrained_vae_model_name_or_path's, if given) and scheduler are reloaded in their
+    stored precision."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    text_encoder = accelerator.unwrap_model(text_encoder)
-    text_encoder.set_input_embeddings(embedding.as_embedding())
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=tokenizer,
-        revision=args.revision, variant=args.variant,
+    models = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
+    for model, embedding in zip(models, embeddings):
+        model.set_input_embeddings(embedding.as_embedding())
+    parts = {**dict(zip(TEXT_ENCODER_NAMES, models)), **dict(zip(TOKENIZER_NAMES, tokenizers))}
+    if args.pretrained_vae_model_name_or_path:
+        parts["vae"] = load_vae(args)
+    pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
+    pipeline = pipeline_class.from_pretrained(
+        args.pretrained_model_name_or_path, **parts, revision=args.revision, variant=args.variant,
     )
     pipeline.save_pretrained(args.output_dir)
-    text_encoder.set_input_embeddings(embedding)
+    for model, embedding in zip(models, embeddings):
+        model.set_input_embeddings(embedding)
 
 
 def write_model_card(args, global_step, validation_paths):
     from huggingface_hub import ModelCard, ModelCardData
 
     tokens = " ".join(placeholder_tokens(args))
+    pipeline_class = "StableDiffusionXLPipeline" if args.sdxl else "StableDiffusionPipeline"
+    location = args.hub_model_id or args.output_dir
+    second = (f'pipeline.load_textual_inversion("{location}", weight_name="learned_embeds_2.safetensors",\n'
+              '                                text_encoder=pipeline.text_encoder_2, tokenizer=pipeline.tokenizer_2)\n'
+              if args.sdxl else "")
     images = "\n".join(f"![validation {i}](./{path})" for i, path in enumerate(validation_paths))
     gallery = f"Validation images for `{args.validation_prompt}` at step {global_step}:\n\n{images}\n" if images else ""
     description = f"""
@@ -589,11 +685,11 @@ images in `{args.train_data_dir}` ({args.learnable_property}, {args.num_vectors}
 {global_step} optimizer steps, starting from the embedding of `{args.initializer_token}`.
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline_class}
 
-pipeline = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
-pipeline.load_textual_inversion("{args.hub_model_id or args.output_dir}")
-image = pipeline("a photo of {args.placeholder_token}").images[0]
+pipeline = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}")
+pipeline.load_textual_inversion("{location}")
+{second}image = pipeline("a photo of {args.placeholder_token}").images[0]
 ```
 
 {gallery}
@@ -607,9 +703,10 @@ image = pipeline("a photo of {args.placeholder_token}").images[0]
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 """
+    family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
     card_data = ModelCardData(
         library_name="diffusers", license="creativeml-openrail-m", base_model=args.pretrained_model_name_or_path,
-        tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "textual_inversion"],
+        tags=[family, f"{family}-diffusers", "text-to-image", "diffusers", "textual_inversion"],
     )
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
                                    model_description=description)
@@ -621,32 +718,63 @@ image = pipeline("a photo of {args.placeholder_token}").images[0]
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def load_vae(args):
+    """The base model's VAE, or --pretrained_vae_model_name_or_path's."""
+    from diffusers import AutoencoderKL
+
+    if args.pretrained_vae_model_name_or_path:
+        flag, source, kwargs = "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, {}
+    else:
+        flag, source, kwargs = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, {
+            "subfolder": "vae"}
+    try:
+        return AutoencoderKL.from_pretrained(source, revision=args.revision, variant=args.variant, **kwargs)
+    except Exception as error:
+        raise InputError(f"{flag} {source!r}: cannot load the VAE ({common.first_line(error)})") from None
+
+
 def load_models(args):
-    """The frozen parts (noise scheduler, VAE, UNet) and the text encoder, from the base model."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    """The frozen parts (noise scheduler, VAE, UNet) and the text encoders (SD: [CLIPTextModel]; SDXL: with a
+    CLIPTextModelWithProjection), from the base model."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     source = args.pretrained_model_name_or_path
+    classes = (CLIPTextModel, CLIPTextModelWithProjection)[: 2 if args.sdxl else 1]
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=args.revision)
         common_kwargs = dict(revision=args.revision, variant=args.variant)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common_kwargs)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **common_kwargs)
+        text_encoders = [model_class.from_pretrained(source, subfolder=name, **common_kwargs)
+                         for model_class, name in zip(classes, TEXT_ENCODER_NAMES)]
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common_kwargs)
     except Exception as error:
         reason = common.first_line(error)
         raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load the model ({reason})") from None
+    vae = load_vae(args)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(
             f"--pretrained_model_name_or_path {source!r}: unsupported prediction type "
             f"{noise_scheduler.config.prediction_type!r} (epsilon or v_prediction)"
         )
-    return noise_scheduler, text_encoder, vae, unet
+    return noise_scheduler, text_encoders, vae, unet
+
+
+def encode_batch(text_encoders, batch, args, weight_dtype):
+    """The UNet's conditioning of a batch, with gradients into the new rows: (encoder_hidden_states, its
+    added_cond_kwargs). SD: the text encoder's last hidden state, no added conditions. SDXL: both encoders
+    (train_common.encode_prompt_sdxl), the pooled embedding and each sample's time ids from its image's real original
+    size and crop."""
+    if not args.sdxl:
+        return text_encoders[0](batch["input_ids"])[0].to(dtype=weight_dtype), None
+    prompt_embeds, pooled = common.encode_prompt_sdxl(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
+    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (args.resolution, args.resolution),
+                                    device=prompt_embeds.device, dtype=weight_dtype)
+    return prompt_embeds.to(weight_dtype), common.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    tokenizer = validate_args(args)
+    tokenizers = validate_args(args)
     # Data first: a folder of unreadable images is reported before anything is loaded or written.
     paths, skipped = readable_images(args.train_data_dir)
 
@@ -678,6 +806,11 @@ def main(argv=None):
         for library in (datasets, diffusers, transformers):
             library.utils.logging.set_verbosity_error()
     common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    if args.sdxl and accelerator.state.deepspeed_plugin is not None:
+        raise InputError(
+            f"DeepSpeed cannot train the SDXL model {args.pretrained_model_name_or_path!r}: its two text encoders "
+            "both train, and accelerate gives one model to a DeepSpeed engine; launch without DeepSpeed"
+        )
     preemption = common.PreemptionHandler(accelerator)
 
     run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
@@ -687,17 +820,20 @@ def main(argv=None):
     for warning in skipped:
         logger.warning(warning)
 
-    noise_scheduler, text_encoder, vae, unet = load_models(args)
-    embedding = add_placeholder_tokens(args, tokenizer, text_encoder)
-    # Only the new rows train: the rest of the text encoder, the VAE and the UNet are frozen.
+    noise_scheduler, text_encoders, vae, unet = load_models(args)
+    embeddings = [add_placeholder_tokens(args, tokenizer, text_encoder)
+                  for tokenizer, text_encoder in zip(tokenizers, text_encoders)]
+    # Only the new rows train: the rest of the text encoder(s), the VAE and the UNet are frozen.
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    embedding.new_rows.requires_grad_(True)
+    for text_encoder, embedding in zip(text_encoders, embeddings):
+        text_encoder.requires_grad_(False)
+        embedding.new_rows.requires_grad_(True)
     if args.gradient_checkpointing:
         # Checkpointing needs train mode in the UNet; its dropout is 0, so the outputs are unchanged.
         unet.train()
-        text_encoder.gradient_checkpointing_enable()
+        for text_encoder in text_encoders:
+            text_encoder.gradient_checkpointing_enable()
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -705,7 +841,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # Captions spell out every vector's token; at inference the pipeline expands `<tok>` to the same string.
-    train_dataset = TextualInversionDataset(paths, tokenizer, " ".join(placeholder_tokens(args)), args, run_state)
+    train_dataset = TextualInversionDataset(paths, tokenizers, " ".join(placeholder_tokens(args)), args, run_state)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -723,7 +859,7 @@ def main(argv=None):
     else:
         optimizer_class = torch.optim.AdamW
     optimizer = optimizer_class(
-        [embedding.new_rows],
+        [embedding.new_rows for embedding in embeddings],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -755,25 +891,29 @@ def main(argv=None):
         # A checkpoint holds what is trained: the new rows, in the format load_textual_inversion reads (so the
         # checkpoint is usable by itself); the frozen text encoder is not copied.
         if accelerator.is_main_process:
-            save_embeddings(embedding, args.placeholder_token, os.path.join(output_dir, EMBEDS_NAME))
+            save_all_embeddings(embeddings, args, output_dir, checkpoint=True)
         weights.clear()
 
     def load_model_hook(models, input_dir):
         from safetensors.torch import load_file
 
         models.clear()  # the frozen weights come from the base model; only the new rows are restored
-        rows = load_file(os.path.join(input_dir, EMBEDS_NAME))[args.placeholder_token]
-        with torch.no_grad():
-            embedding.new_rows.copy_(rows)
+        for name, embedding in zip(checkpoint_embeds_names(args), embeddings):
+            rows = load_file(os.path.join(input_dir, name))[args.placeholder_token]
+            with torch.no_grad():
+                embedding.new_rows.copy_(rows)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        text_encoder, optimizer, train_dataloader, lr_scheduler
+    *text_encoders, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        *text_encoders, optimizer, train_dataloader, lr_scheduler
     )
-    # The frozen models only run forward: keep them in the mixed precision dtype.
+    # The frozen models only run forward: keep them in the mixed precision dtype (the SDXL VAE: sdxl_vae_dtype).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae_dtype = weight_dtype
+    if args.sdxl:
+        vae_dtype = common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path)
     _to_device(accelerator.device, weight_dtype, unet)
 
     global_step = common.resume_from_checkpoint(accelerator, args, run_state)
@@ -781,11 +921,11 @@ def main(argv=None):
     # The VAE goes to the device, or fills the latent cache and leaves memory (validation loads it again).
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, weight_dtype)
+        cache_latents(accelerator, train_dataset, vae, args, vae_dtype)
         vae = None
         common.free_memory()
     else:
-        _to_device(accelerator.device, weight_dtype, vae)
+        _to_device(accelerator.device, vae_dtype, vae)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -819,7 +959,8 @@ def main(argv=None):
         accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
     )
     validation_paths = []
-    text_encoder.train()
+    for text_encoder in text_encoders:
+        text_encoder.train()
 
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:
@@ -832,27 +973,28 @@ def main(argv=None):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
-            with accelerator.accumulate(text_encoder):
+            with accelerator.accumulate(*text_encoders):
                 with torch.no_grad():
                     if "latent_dist" in batch:
                         latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
                     else:
-                        latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
-                    latents = latent_dist.sample(generator=generator) * scaling_factor
+                        latent_dist = vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist
+                    latents = (latent_dist.sample(generator=generator) * scaling_factor).to(weight_dtype)
                 noise = common.sample_noise(latents, generator)
                 timesteps = common.sample_timesteps(
                     latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, latents.device
                 )
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                encoder_hidden_states = text_encoder(batch["input_ids"])[0].to(dtype=weight_dtype)
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                encoder_hidden_states, added_cond_kwargs = encode_batch(text_encoders, batch, args, weight_dtype)
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states,
+                                  added_cond_kwargs=added_cond_kwargs).sample
                 target = common.loss_target(
                     noise_scheduler, noise_scheduler.config.prediction_type, latents, noise, timesteps
                 )
                 loss = common.diffusion_loss(model_pred, target)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_([embedding.new_rows], args.max_grad_norm)
+                    accelerator.clip_grad_norm_([embedding.new_rows for embedding in embeddings], args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -873,16 +1015,15 @@ def main(argv=None):
                 running_batches = 0
 
             if global_step % args.save_steps == 0 and accelerator.is_main_process:
-                path = os.path.join(args.output_dir, embeds_file_name(args, global_step))
-                save_embeddings(embedding, args.placeholder_token, path, safe=not args.no_safe_serialization)
-                logger.info(f"Saved {path}")
+                saved = save_all_embeddings(embeddings, args, args.output_dir, step=global_step)
+                logger.info(f"Saved {', '.join(saved)}")
 
             checkpointer.save_if_due(global_step)
 
             if args.validation_prompt is not None and global_step % args.validation_steps == 0:
                 images = generate_validation_images(
-                    accelerator, accelerator.unwrap_model(text_encoder), tokenizer, unet, vae, noise_scheduler, args,
-                    run_state.seed,
+                    accelerator, [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders],
+                    tokenizers, unet, vae, noise_scheduler, args, run_state.seed, vae_dtype,
                 )
                 if accelerator.is_main_process:
                     validation_paths = save_validation_images(accelerator, images, global_step, args)
@@ -904,11 +1045,10 @@ def main(argv=None):
             logger.warning("--push_to_hub: saving the full pipeline as well (as upstream does)")
             save_full = True
         if save_full:
-            save_full_pipeline(accelerator, text_encoder, embedding, tokenizer, args)
-        path = os.path.join(args.output_dir, embeds_file_name(args))
-        save_embeddings(embedding, args.placeholder_token, path, safe=not args.no_safe_serialization)
+            save_full_pipeline(accelerator, text_encoders, embeddings, tokenizers, args)
+        saved = save_all_embeddings(embeddings, args, args.output_dir)
         write_model_card(args, global_step, validation_paths)
-        logger.info(f"Saved {path}")
+        logger.info(f"Saved {', '.join(saved)}")
         if args.push_to_hub:
             from huggingface_hub import upload_folder
 
