@@ -861,17 +861,28 @@ def save_kohya_weights(folder, unet, text_encoder):
     from safetensors.torch import save_file
 
     state = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is not None:
-            layers = get_peft_model_state_dict(model, save_embedding_layers=False)
-            state.update({f"{prefix}.{key}": value for key, value in layers.items()})
+    if unet is not None:
+        layers = get_peft_model_state_dict(unet, save_embedding_layers=False)
+        state.update({f"unet.{key}": value for key, value in layers.items()})
+    if text_encoder is not None:
+        # kohya, A1111 and ComfyUI name CLIP layers `text_model.encoder.layers.N`; transformers 5 dropped the
+        # `text_model` wrapper from CLIPTextModel, so it is put back (ComfyUI would skip the layers otherwise).
+        layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
+        state.update({f"text_encoder.{'' if key.startswith('text_model.') else 'text_model.'}{key}": value
+                      for key, value in layers.items()})
     magnitudes = {key: state.pop(key) for key in list(state) if key.endswith(".lora_magnitude_vector")}
-    kohya = convert_state_dict_to_kohya(state)
+
+    def kohya_names(state_dict):
+        # diffusers names the text encoder `lora_te1_` (SDXL's first encoder); SD 1.x/2.x files use `lora_te_`.
+        return {key.replace("lora_te1_", "lora_te_", 1) if key.startswith("lora_te1_") else key: value
+                for key, value in convert_state_dict_to_kohya(state_dict).items()}
+
+    kohya = kohya_names(state)
     # convert_state_dict_to_kohya leaves DoRA's magnitude vectors misnamed; kohya/LyCORIS keep them beside the layer's
     # lora_down as `dora_scale`, shaped (out_features, 1).
     for key, magnitude in magnitudes.items():
         layer_key = key[: -len(".lora_magnitude_vector")] + ".lora_A.weight"
-        down = next(name for name in convert_state_dict_to_kohya({layer_key: magnitude}) if ".lora_down." in name)
+        down = next(name for name in kohya_names({layer_key: magnitude}) if ".lora_down." in name)
         kohya[f"{down.split('.')[0]}.dora_scale"] = magnitude[:, None]
     path = os.path.join(folder, KOHYA_WEIGHTS_NAME)
     save_file({key: value.detach().contiguous() for key, value in kohya.items()}, path + ".partial")
@@ -1405,6 +1416,9 @@ def main(argv=None):
         save_lora_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoder())
         logger.info(f"Saved {os.path.join(args.output_dir, LORA_WEIGHTS_NAME)}")
         if args.output_kohya_format:
+            if args.use_dora:
+                logger.warning(f"{KOHYA_WEIGHTS_NAME}: diffusers' load_lora_weights skips the DoRA magnitudes "
+                               "(dora_scale) of kohya files; use the diffusers file there")
             save_kohya_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoder())
             logger.info(f"Saved {os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)}")
     accelerator.wait_for_everyone()

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Fine-tune a Stable Diffusion UNet for instruction-based image editing (InstructPix2Pix, full fine-tuning).
+"""Fine-tune a Stable Diffusion or SDXL UNet for instruction-based image editing (InstructPix2Pix, full fine-tuning).
 
-A drop-in replacement for diffusers' `examples/instruct_pix2pix/train_instruct_pix2pix.py`: the same flags and
-defaults, the same output layout (a `StableDiffusionInstructPix2PixPipeline` folder in `--output_dir`,
+A drop-in replacement for diffusers' `examples/instruct_pix2pix/train_instruct_pix2pix.py` and, given an SDXL base
+model, for `train_instruct_pix2pix_sdxl.py`: the same flags and defaults, the same output layout (a
+`StableDiffusionInstructPix2PixPipeline` or `StableDiffusionXLInstructPix2PixPipeline` folder in `--output_dir`,
 `checkpoint-N/` folders), plus `--config`, `--logging_steps`, `--validation_inference_steps`, `--snr_gamma`,
 `--noise_offset`, `--offload_ema`/`--foreach_ema`, `--cache_latents`/`--cache_text_embeddings` (VAE latents and
 prompt embeddings computed once, kept on disk under `--feature_cache_dir` and reused; the frozen models then leave
@@ -11,7 +12,9 @@ memory), exact resume, atomic checkpoints, preemption handling, and the raw (non
 
 The UNet's first convolution is widened from 4 to 8 input channels: the noisy latent of the edited image and the
 (unscaled) VAE latent of the original image are concatenated, and the 4 new input channels start at zero, so the
-untrained model behaves exactly like the base model.
+untrained model behaves exactly like the base model. On SDXL the UNet is also conditioned on the pooled embedding of
+text_encoder_2 and on each sample's time ids (its real original size, crop and --resolution; explicit
+--crops_coords_top_left_h/w win), and a dropped prompt drops both the hidden states and the pooled embedding.
 
     accelerate launch train_instruct_pix2pix.py --pretrained_model_name_or_path ./sd-folder \\
         --dataset_name fusing/instructpix2pix-1000-samples --resolution 256 --random_flip \\
@@ -32,6 +35,14 @@ from train_common import InputError
 # Independent random streams, derived from the run seed (see train_common.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, DROPOUT_STREAM = 1, 2, 3, 4, 5, 6
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+# SD has the first text encoder only; SDXL both (batches and caches carry the second's token ids under INPUT_IDS[1]).
+TOKENIZERS, TEXT_ENCODERS, INPUT_IDS = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), \
+    ("input_ids", "input_ids_2")
+# Flags whose upstream default differs between train_instruct_pix2pix.py and its _sdxl twin: (SD, SDXL).
+MODEL_DEFAULTS = {"validation_epochs": (1, None), "validation_steps": (None, 100)}
+VAE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The SDXL-only flags: refused on an SD model.
+SDXL_FLAGS = ("vae_precision", "crops_coords_top_left_h", "crops_coords_top_left_w")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -46,7 +57,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LATENT_CHANNELS, EDIT_IN_CHANNELS = 4, 8
 # Upstream's validation guidance: how strongly to follow the original image and the instruction.
 VALIDATION_IMAGE_GUIDANCE, VALIDATION_TEXT_GUIDANCE = 1.5, 7.0
-TRACKER_PROJECT = "instruct-pix2pix"
+TRACKER_PROJECTS = ("instruct-pix2pix", "instruct-pix2pix-xl")  # (SD, SDXL), as upstream
 URL_PREFIXES = ("http://", "https://")
 
 
@@ -60,8 +71,15 @@ def parse_args(argv=None):
     add = parser.add_argument
     # Model (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
-        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/). "
-             "An InstructPix2Pix pipeline (8-channel UNet) continues training as it is.")
+        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/); an "
+             "SDXL pipeline (with tokenizer_2/ and text_encoder_2/) trains SDXL. An InstructPix2Pix pipeline "
+             "(8-channel UNet) continues training as it is.")
+    add("--pretrained_vae_model_name_or_path", type=str, default=None,
+        help="A VAE folder or hub id to use instead of the pipeline's, e.g. an fp16-safe SDXL VAE; it runs in the "
+             "mixed-precision dtype. The saved pipeline holds this VAE.")
+    add("--vae_precision", type=str, default=None, choices=sorted(VAE_PRECISIONS),
+        help="SDXL: the dtype the pipeline's own VAE runs in (default fp32: SDXL's VAE overflows in fp16), as "
+             "upstream; not used with --pretrained_vae_model_name_or_path.")
     add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
     add("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
     add("--non_ema_revision", type=str, default=None,
@@ -85,6 +103,11 @@ def parse_args(argv=None):
     add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
     add("--resolution", type=int, default=256,
         help="Both images are resized (short side) and cropped to this square size; a multiple of 8.")
+    add("--crops_coords_top_left_h", type=int, default=None,
+        help="SDXL: the crop top (in the resized image) put into every sample's time ids; default: each sample's real "
+             "crop.")
+    add("--crops_coords_top_left_w", type=int, default=None,
+        help="SDXL: the crop left put into every sample's time ids; default: each sample's real crop.")
     add("--center_crop", action="store_true",
         help="Crop the centre instead of a random square (the same square from the original and the edited image).")
     add("--random_flip", action="store_true", help="Flip the original and the edited image together at random.")
@@ -128,7 +151,10 @@ def parse_args(argv=None):
     add("--validation_prompt", type=str, default=None,
         help="The edit instruction applied to --val_image_url every --validation_epochs epochs and after training.")
     add("--num_validation_images", type=int, default=4, help="Edited images generated at each validation.")
-    add("--validation_epochs", type=int, default=1, help="Run validation every N epochs.")
+    add("--val_image_url_or_path", type=str, default=None, help="Upstream SDXL's name for --val_image_url.")
+    add("--validation_epochs", type=int, default=None, help="Run validation every N epochs (default 1; SDXL: off).")
+    add("--validation_steps", type=int, default=None,
+        help="Run validation every N optimizer steps and after the first (default: off; SDXL 100, as upstream).")
     add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml or all.")
     add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     add("--push_to_hub", action="store_true", help="Upload the final pipeline to the hub.")
@@ -160,6 +186,11 @@ def parse_args(argv=None):
         args.non_ema_revision = args.revision
     if args.feature_cache_dir is None:
         args.feature_cache_dir = common.default_feature_cache_dir()
+    # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
+    args.sdxl = common.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    for name, defaults in MODEL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.sdxl])
     return args
 
 
@@ -168,11 +199,12 @@ def validate_args(args):
     common.require_positive(
         args, "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
-        "num_validation_images", "logging_steps", "validation_inference_steps",
+        "validation_steps", "num_validation_images", "logging_steps", "validation_inference_steps",
     )
     common.require_multiple_of_8("--resolution", args.resolution)
-    for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm"):
-        if getattr(args, name) < 0:
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm",
+                 "crops_coords_top_left_h", "crops_coords_top_left_w"):
+        if (getattr(args, name) or 0) < 0:
             raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.conditioning_dropout_prob is not None and not 0 <= args.conditioning_dropout_prob <= 1:
         raise InputError(f"--conditioning_dropout_prob must be between 0 and 1 (the paper uses 0.05), "
@@ -187,7 +219,14 @@ def validate_args(args):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
     check_validation_args(args)
 
-    common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
+    common.check_pipeline_folder(args.pretrained_model_name_or_path,
+                                 common.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS)
+    for name in SDXL_FLAGS if not args.sdxl else ():
+        if getattr(args, name) is not None:
+            raise InputError(f"--{name} applies to SDXL only; {args.pretrained_model_name_or_path!r} is a Stable "
+                             "Diffusion model")
+    if args.pretrained_vae_model_name_or_path is not None:
+        common.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
     if args.dataset_name is None and args.train_data_dir is None:
         raise InputError(
             "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (an imagefolder)"
@@ -228,7 +267,11 @@ def validate_args(args):
 
 def check_validation_args(args):
     """Validation needs both the image and the instruction. A local image must exist and be readable now; a URL is
-    fetched when the run starts (load_validation_image)."""
+    fetched when the run starts (load_validation_image). --val_image_url_or_path is the same flag."""
+    if args.val_image_url_or_path is not None:
+        if args.val_image_url not in (None, args.val_image_url_or_path):
+            raise InputError("--val_image_url and --val_image_url_or_path name different images; give one of them")
+        args.val_image_url = args.val_image_url_or_path
     if args.val_image_url is not None and args.validation_prompt is None:
         raise InputError("--val_image_url needs --validation_prompt (the edit instruction to validate with)")
     if args.validation_prompt is not None and args.val_image_url is None:
@@ -237,9 +280,14 @@ def check_validation_args(args):
     if source is None or source.startswith(URL_PREFIXES):
         return
     if not os.path.isfile(source):
-        raise InputError(f"--val_image_url {source!r} does not exist (give a local image file or an http(s) URL)")
+        raise InputError(f"{image_flag(args)} {source!r} does not exist (give a local image file or an http(s) URL)")
     if not common.is_readable_image({"path": source}):
-        raise InputError(f"--val_image_url {source!r} is not a readable image")
+        raise InputError(f"{image_flag(args)} {source!r} is not a readable image")
+
+
+def image_flag(args):
+    """The flag the validation image was given with."""
+    return "--val_image_url_or_path" if getattr(args, "val_image_url_or_path", None) else "--val_image_url"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -317,22 +365,28 @@ def _check_prompt_feature(feature, column, source):
         raise InputError(f"--edit_prompt_column {column!r} of {source!r} holds {feature}; expected text")
 
 
+def resized_size(width, height, resolution):
+    """(width, height) of an image resized so that its short side is `resolution`."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
 def resize_short_side(image, resolution):
     """RGB copy of `image` whose short side is `resolution` (bicubic, PIL's default that upstream uses)."""
     image = image.convert("RGB")
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    return image.resize(size, resample=Image.BICUBIC)
+    return image.resize(resized_size(*image.size, resolution), resample=Image.BICUBIC)
+
+
+def crop_origin(size, resolution, crop_position):
+    """(left, top) of the crop at `crop_position` in an image of `size` = (width, height)."""
+    return round(crop_position[0] * (size[0] - resolution)), round(crop_position[1] * (size[1] - resolution))
 
 
 def crop_and_flip(image, resolution, crop_position, flip):
     """A resolution x resolution crop at `crop_position` = (x, y) in [0, 1] of the room left over (0.5, 0.5 = the
     centre), flipped left-right if `flip`. The position is relative, so images of the same aspect ratio but different
     sizes get the same crop."""
-    width, height = image.size
-    left = round(crop_position[0] * (width - resolution))
-    top = round(crop_position[1] * (height - resolution))
+    left, top = crop_origin(image.size, resolution, crop_position)
     image = image.crop((left, top, left + resolution, top + resolution))
     return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
 
@@ -343,12 +397,25 @@ def to_model_range(image):
     return (pixels * 2.0 - 1.0).contiguous()
 
 
-def preprocess_pair(original, edited, resolution, center_crop, random_flip, generator):
-    """The original and the edited image as tensors in [-1, 1], resized, cropped and flipped identically so that the
-    edit stays aligned with its source. The crop and flip are drawn once per sample from `generator` (upstream draws
-    one for the whole batch)."""
+def draw_augmentation(center_crop, random_flip, generator):
+    """(crop position, flip) of one sample, drawn from `generator` (upstream draws one for the whole batch); a centre
+    crop draws nothing."""
     crop_position = (0.5, 0.5) if center_crop else tuple(torch.rand(2, generator=generator).tolist())
-    flip = bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
+    return crop_position, bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
+
+
+def micro_conditioning(width, height, resolution, crop_position, flip):
+    """SDXL's per-sample time-id inputs for an image of (width, height) before resizing: its original (height, width)
+    and the crop's (top, left) in the resized image, seen in the flipped image when flipped."""
+    resized = resized_size(width, height, resolution)
+    left, top = crop_origin(resized, resolution, crop_position)
+    left = resized[0] - left - resolution if flip else left
+    return {"original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor([top, left])}
+
+
+def preprocess_pair(original, edited, resolution, crop_position, flip):
+    """The original and the edited image as tensors in [-1, 1], resized, cropped and flipped identically so that the
+    edit stays aligned with its source."""
     return tuple(to_model_range(crop_and_flip(resize_short_side(image, resolution), resolution, crop_position, flip))
                  for image in (original, edited))
 
@@ -363,10 +430,10 @@ class EditExamples(torch.utils.data.Dataset):
 
     Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distributions of both
     images / the prompt's embedding instead of pixels / token ids; the random draws stay the same, so the training
-    run does not change."""
+    run does not change. On SDXL an example also holds the edited image's original size and crop (its time ids)."""
 
-    def __init__(self, dataset, tokenizer, args, run_state):
-        self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
+    def __init__(self, dataset, tokenizers, args, run_state):
+        self.dataset, self.tokenizers, self.args, self.run_state = dataset, tokenizers, args, run_state
         self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
         self._subset = (None, None)  # (seed, indices)
         self.latent_cache = self.image_keys = None
@@ -410,28 +477,31 @@ class EditExamples(torch.utils.data.Dataset):
         row = self._row(index)
         example = self.dataset[row]
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        crop_position, flip = draw_augmentation(a.center_crop, a.random_flip, generator)
         item = {}
         if self.latent_cache is None:
+            edited = example[a.edited_image_column]
             item["original_pixel_values"], item["edited_pixel_values"] = preprocess_pair(
-                example[a.original_image_column], example[a.edited_image_column], a.resolution, a.center_crop,
-                a.random_flip, generator)
+                example[a.original_image_column], edited, a.resolution, crop_position, flip)
+            width, height = edited.size
         else:
-            # The same draw preprocess_pair makes for the flip (a centre crop draws nothing).
-            flip = bool(a.random_flip and torch.rand(1, generator=generator).item() < 0.5)
             for name, image_key in zip(("original_latent_dist", "edited_latent_dist"), self.image_keys[row]):
-                item[name] = self.latent_cache.load(image_key)["flipped" if flip else "latent_dist"]
+                entry = self.latent_cache.load(image_key)
+                item[name] = entry["flipped" if flip else "latent_dist"]
+            height, width = entry["original_size"].tolist() if a.sdxl else (0, 0)  # the edited image's
+        if a.sdxl:
+            item.update(micro_conditioning(width, height, a.resolution, crop_position, flip))
         prompt = example[a.edit_prompt_column] or ""
         if self.text_cache is None:
-            item["input_ids"] = tokenize(self.tokenizer, prompt)[0]
+            for name, ids in zip(INPUT_IDS, common.tokenize_prompts(self.tokenizers, prompt)):
+                item[name] = ids[0]
         else:
-            item["encoder_hidden_states"] = self.text_cache.load(self.prompt_keys[prompt])["hidden_states"]
+            entry = self.text_cache.load(self.prompt_keys[prompt])
+            item["encoder_hidden_states"] = entry["hidden_states"]
+            if "pooled" in entry:
+                item["pooled_prompt_embeds"] = entry["pooled"]
         item["dropout_draw"] = self.dropout_draw(epoch, index)
         return item
-
-
-def tokenize(tokenizer, prompts):
-    return tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                     return_tensors="pt").input_ids
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -439,17 +509,20 @@ def tokenize(tokenizer, prompts):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
+def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
     """Fill the latent cache for the original and edited images of the rows this run trains on (one entry per
     distinct image, split across ranks) and switch the dataset to it. An entry holds the latent distribution's
-    parameters, so training takes the original image's mode and samples the edited image's as it does uncached."""
+    parameters, so training takes the original image's mode and samples the edited image's as it does uncached; on
+    SDXL also the image's original (height, width), for the time ids."""
     from datasets import Image as ImageFeature
 
-    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
-        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
+    settings = {
+        "vae": common.model_fingerprint(vae), "dtype": str(vae_dtype), "resolution": args.resolution,
         "interpolation": "bicubic", "crop": "center", "flip": args.random_flip,
         "preprocess": "instruct_pix2pix: RGB, short side resized, relative crop (0.5, 0.5), [-1, 1]",
-    })
+    }
+    cache = common.FeatureCache(args.feature_cache_dir, "latents",
+                                {**settings, "original_size": True} if args.sdxl else settings)
     rows = train_dataset.rows()
     columns = image_columns(args)
     # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
@@ -469,44 +542,58 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
 
     def encode(batch_inputs):
         # Decoded exactly as the dataset decodes them, so the latents are those of the uncached run.
+        images = [decoder.decode_example(cells[row][column]) for row, column in batch_inputs]
         pixels = torch.stack([
-            to_model_range(crop_and_flip(resize_short_side(decoder.decode_example(cells[row][column]),
-                                                           args.resolution), args.resolution, (0.5, 0.5), False))
-            for row, column in batch_inputs
+            to_model_range(crop_and_flip(resize_short_side(image, args.resolution), args.resolution, (0.5, 0.5), False))
+            for image in images
         ])
         views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
-        parameters = vae.encode(views.to(accelerator.device, weight_dtype)).latent_dist.parameters
-        count = len(batch_inputs)
-        if not args.random_flip:
-            return [{"latent_dist": parameters[i]} for i in range(count)]
-        return [{"latent_dist": parameters[i], "flipped": parameters[count + i]} for i in range(count)]
+        parameters = vae.encode(views.to(accelerator.device, vae_dtype)).latent_dist.parameters
+        entries = []
+        for i, image in enumerate(images):
+            entry = {"latent_dist": parameters[i]}
+            if args.random_flip:
+                entry["flipped"] = parameters[len(images) + i]
+            if args.sdxl:
+                entry["original_size"] = torch.tensor([image.height, image.width])
+            entries.append(entry)
+        return entries
 
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype)
     cache.fill(accelerator, inputs, encode, args.train_batch_size)
     train_dataset.use_latent_cache(cache, image_keys)
 
 
-def cache_text_embeddings(accelerator, train_dataset, text_encoder, tokenizer, args, weight_dtype):
+def cache_text_embeddings(accelerator, train_dataset, text_encoders, tokenizers, args, weight_dtype):
     """Fill the text-embedding cache for the edit prompts of the rows this run trains on and for the empty prompt
     (what conditioning dropout puts in place of a prompt), and switch the dataset to it. Entries are keyed by token
-    ids, so a different tokenizer is a miss too. Returns the empty prompt's embedding, (1, tokens, dim) on the
-    device."""
-    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {
-        "text_encoder": common.model_fingerprint(text_encoder), "dtype": str(weight_dtype),
-    })
+    ids, so a different tokenizer is a miss too; on SDXL they hold both encoders' hidden states and the pooled
+    embedding. Returns the empty prompt's (hidden states (1, tokens, dim), pooled embedding or None) on the device."""
+    settings = {"text_encoder": common.model_fingerprint(text_encoders[0]), "dtype": str(weight_dtype)}
+    if len(text_encoders) > 1:
+        settings["text_encoder_2"] = common.model_fingerprint(text_encoders[1])
+    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", settings)
     rows = train_dataset.rows()
     prompts = {prompt or "" for prompt in train_dataset.dataset.select(rows)[args.edit_prompt_column]} | {""}
-    token_ids = {prompt: tokenize(tokenizer, prompt)[0] for prompt in sorted(prompts)}
-    prompt_keys = {prompt: common.fingerprint(ids.tolist()) for prompt, ids in token_ids.items()}
+    token_ids = {prompt: [ids[0] for ids in common.tokenize_prompts(tokenizers, prompt)] for prompt in sorted(prompts)}
+    # SD's keys are those of the token ids alone, as before SDXL.
+    prompt_keys = {prompt: common.fingerprint(ids[0].tolist() if len(ids) == 1 else [i.tolist() for i in ids])
+                   for prompt, ids in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states = text_encoder(torch.stack(batch_ids).to(accelerator.device), return_dict=False)[0]
-        return [{"hidden_states": states} for states in hidden_states]
+        hidden_states, pooled = encode_text(text_encoders, [torch.stack(ids).to(accelerator.device)
+                                                            for ids in zip(*batch_ids)])
+        if pooled is None:
+            return [{"hidden_states": states} for states in hidden_states]
+        return [{"hidden_states": states, "pooled": embeds} for states, embeds in zip(hidden_states, pooled)]
 
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
     cache.fill(accelerator, {prompt_keys[p]: ids for p, ids in token_ids.items()}, encode, args.train_batch_size)
     train_dataset.use_text_cache(cache, prompt_keys)
-    return cache.load(prompt_keys[""])["hidden_states"][None].to(accelerator.device)
+    empty = cache.load(prompt_keys[""])
+    pooled = empty["pooled"][None].to(accelerator.device) if "pooled" in empty else None
+    return empty["hidden_states"][None].to(accelerator.device), pooled
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -515,31 +602,60 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoder, tokenizer, a
 
 
 def load_models(args):
-    """(noise_scheduler, tokenizer, text_encoder, vae, unet) from the pretrained pipeline, the UNet widened to 8 input
-    channels; load errors are InputErrors naming the part that failed."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """(noise_scheduler, tokenizers, text_encoders, vae, unet) from the pretrained pipeline (one tokenizer and text
+    encoder for SD, two for SDXL; the VAE from --pretrained_vae_model_name_or_path if given), the UNet widened to 8
+    input channels; load errors are InputErrors naming the part that failed."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = args.pretrained_model_name_or_path
-    common_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    count = 2 if args.sdxl else 1
 
     def load(part, loader, **kwargs):
         try:
-            return loader(source, subfolder=part, **{**common_kwargs, **kwargs})
+            return loader(source, subfolder=part, **{"revision": args.revision, "cache_dir": args.cache_dir, **kwargs})
         except Exception as error:
             reason = common.first_line(error)
             raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({reason})") from None
 
+    # Trained with DDPM noising whatever the pipeline samples with (SDXL ships EulerDiscreteScheduler), as upstream.
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
-    tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
+    tokenizers = [load(name, CLIPTokenizer.from_pretrained) for name in TOKENIZERS[:count]]
+    encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
     with common.frozen_models_outside_zero3():
-        text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
-        vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
+        text_encoders = [load(name, cls.from_pretrained, variant=args.variant)
+                         for name, cls in zip(TEXT_ENCODERS[:count], encoder_classes)]
+        vae = load_vae(args)
     unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"--pretrained_model_name_or_path {source!r}: the scheduler predicts "
                          f"{noise_scheduler.config.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
-    return noise_scheduler, tokenizer, text_encoder, vae, widen_conv_in(unet)
+    return noise_scheduler, tokenizers, text_encoders, vae, widen_conv_in(unet)
+
+
+def load_vae(args):
+    """The pipeline's VAE, or the one --pretrained_vae_model_name_or_path names (a VAE folder or hub id)."""
+    from diffusers import AutoencoderKL
+
+    flag, source, subfolder = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "vae"
+    if args.pretrained_vae_model_name_or_path is not None:
+        flag, source, subfolder = "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, None
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, revision=args.revision, variant=args.variant,
+                                             cache_dir=args.cache_dir)
+    except Exception as error:
+        part = "vae/" if subfolder else "the VAE"
+        raise InputError(f"{flag} {source!r}: cannot load {part} ({common.first_line(error)})") from None
+
+
+def vae_dtype(args, weight_dtype):
+    """The dtype the VAE runs in: SD's in the frozen models' dtype; SDXL's own in --vae_precision (default fp32, where
+    train_common.sdxl_vae_dtype's upcast rule puts it), another VAE in the frozen models' dtype, as upstream."""
+    if not args.sdxl:
+        return weight_dtype
+    if args.vae_precision is None or args.pretrained_vae_model_name_or_path is not None:
+        return common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path)
+    return VAE_PRECISIONS[args.vae_precision]
 
 
 def widen_conv_in(unet):
@@ -606,20 +722,48 @@ def conditioning_dropout_masks(draws, probability):
     return drop_prompt, drop_image
 
 
-def apply_conditioning_dropout(encoder_hidden_states, original_latents, draws, probability, empty_prompt_states):
-    """Replace dropped prompts by the encoding of the empty prompt and zero dropped original-image latents."""
+def apply_conditioning_dropout(encoder_hidden_states, original_latents, draws, probability, empty_prompt,
+                               pooled_prompt_embeds=None):
+    """Replace dropped prompts by the encoding of the empty prompt (`empty_prompt` = (hidden states, pooled embedding
+    or None); on SDXL both the hidden states and the pooled embedding) and zero dropped original-image latents.
+    Returns (hidden states, original latents, pooled embedding)."""
     drop_prompt, drop_image = conditioning_dropout_masks(draws.to(original_latents.device), probability)
-    empty = empty_prompt_states.to(encoder_hidden_states.dtype).expand_as(encoder_hidden_states)
+    empty_states, empty_pooled = empty_prompt
+    empty = empty_states.to(encoder_hidden_states.dtype).expand_as(encoder_hidden_states)
     encoder_hidden_states = torch.where(drop_prompt[:, None, None], empty, encoder_hidden_states)
+    if pooled_prompt_embeds is not None:
+        empty = empty_pooled.to(pooled_prompt_embeds.dtype).expand_as(pooled_prompt_embeds)
+        pooled_prompt_embeds = torch.where(drop_prompt[:, None], empty, pooled_prompt_embeds)
     original_latents = original_latents * (~drop_image).to(original_latents.dtype)[:, None, None, None]
-    return encoder_hidden_states, original_latents
+    return encoder_hidden_states, original_latents, pooled_prompt_embeds
 
 
-def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype, empty_prompt_states,
+def encode_text(text_encoders, input_ids):
+    """(hidden states, pooled embedding) of token ids (one tensor per encoder): SD's last hidden state and None, or
+    SDXL's two-encoder conditioning (train_common.encode_prompt_sdxl)."""
+    if len(text_encoders) > 1:
+        return common.encode_prompt_sdxl(text_encoders, input_ids)
+    return text_encoders[0](input_ids[0], return_dict=False)[0], None
+
+
+def added_conditions(batch, pooled_prompt_embeds, args):
+    """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled embedding and each sample's time ids from its
+    real original size and crop (an explicit --crops_coords_top_left_h/w wins, as upstream) and --resolution."""
+    if pooled_prompt_embeds is None:
+        return None
+    crops = batch["crop_top_left"].clone()
+    for column, value in enumerate((args.crops_coords_top_left_h, args.crops_coords_top_left_w)):
+        if value is not None:
+            crops[:, column] = value
+    time_ids = common.sdxl_time_ids(batch["original_size"], crops, (args.resolution, args.resolution))
+    return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+
+
+def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, vae_dtype, empty_prompt,
                   scaling_factor):
     """The diffusion loss of one batch: encode both images and the prompt with the frozen models (or take them from
     the cache), noise the edited image's latent, concatenate the original image's latent (after conditioning
-    dropout), predict with the 8-channel UNet, weight by Min-SNR.
+    dropout), predict with the 8-channel UNet (on SDXL with the pooled embedding and time ids), weight by Min-SNR.
 
     Every random draw (latent sampling, noise, timesteps) comes from `generator` and the dropout draws come with the
     batch, so a resumed run repeats them."""
@@ -628,20 +772,21 @@ def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, ar
     def latent_dist(name):
         if f"{name}_latent_dist" in batch:
             return DiagonalGaussianDistribution(batch[f"{name}_latent_dist"])
-        return vae.encode(batch[f"{name}_pixel_values"].to(weight_dtype)).latent_dist
+        return vae.encode(batch[f"{name}_pixel_values"].to(vae_dtype)).latent_dist
 
     with torch.no_grad():
         latents = latent_dist("edited").sample(generator=generator).float() * scaling_factor
         if "encoder_hidden_states" in batch:
-            encoder_hidden_states = batch["encoder_hidden_states"]
+            encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
-            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-        # Unscaled and deterministic (the mode), as the InstructPix2Pix pipeline encodes the image it edits.
+            encoder_hidden_states, pooled = encode_text(text_encoders, [batch[name] for name in INPUT_IDS
+                                                                        if name in batch])
+        # Unscaled and deterministic (the mode), as the InstructPix2Pix pipelines encode the image they edit.
         original_latents = latent_dist("original").mode().float()
     if args.conditioning_dropout_prob:
-        encoder_hidden_states, original_latents = apply_conditioning_dropout(
+        encoder_hidden_states, original_latents, pooled = apply_conditioning_dropout(
             encoder_hidden_states, original_latents, batch["dropout_draw"], args.conditioning_dropout_prob,
-            empty_prompt_states,
+            empty_prompt, pooled,
         )
 
     noise = common.sample_noise(latents, generator, args.noise_offset)
@@ -649,7 +794,8 @@ def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, ar
                                         latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     model_input = torch.cat([noisy_latents, original_latents], dim=1)
-    model_pred = unet(model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(model_input, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions(
+        batch, pooled, args), return_dict=False)[0]
 
     prediction_type = noise_scheduler.config.prediction_type
     target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
@@ -683,7 +829,8 @@ def load_validation_image(accelerator, args):
         try:
             loaded[0] = fit_for_validation(load_image(args.val_image_url), args.resolution)
         except Exception as error:  # requests and PIL raise many types
-            loaded[1] = f"--val_image_url {args.val_image_url!r}: cannot load the image ({common.first_line(error)})"
+            loaded[1] = (f"{image_flag(args)} {args.val_image_url!r}: cannot load the image "
+                         f"({common.first_line(error)})")
     if accelerator.num_processes > 1:
         broadcast_object_list(loaded, from_process=0)
     if loaded[1] is not None:
@@ -726,12 +873,10 @@ def generate_validation_images(accelerator, pipeline, image, args, seed):
     return [Image.fromarray(edited) for _, edited in sorted(gathered, key=lambda pair: pair[0])]
 
 
-def validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tokenizer, image, args, seed):
+def validate_during_training(accelerator, unet, ema_unet, vae, text_encoders, tokenizers, image, args, seed):
     """Validation images from the current weights (the EMA weights when --use_ema: swapped in, then the trained
     weights restored). A frozen model the cache made unnecessary (None) is loaded again for the length of the
     validation, in the dtype training would run it in."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-
     model = common.whole_model(accelerator, unet)  # every rank calls this function
     if ema_unet is not None:
         ema_unet.store(model.parameters())
@@ -739,20 +884,35 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tok
     was_training = model.training
     model.eval()
     try:
-        frozen = {name: part for name, part in (("vae", vae), ("text_encoder", text_encoder)) if part is not None}
-        with common.frozen_models_outside_zero3():
-            pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, tokenizer=tokenizer, unet=model, **frozen,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
-                variant=args.variant, cache_dir=args.cache_dir,
-            )
-        for name in {"vae", "text_encoder"} - frozen.keys():
-            getattr(pipeline, name).to(accelerator.device, dtype=frozen_dtype(accelerator))
+        frozen = dict(zip(TOKENIZERS, tokenizers))
+        if vae is not None or args.pretrained_vae_model_name_or_path is not None:
+            frozen["vae"] = vae if vae is not None else load_vae(args).to(accelerator.device)
+        frozen.update(zip(TEXT_ENCODERS, text_encoders or ()))
+        pipeline = load_pipeline(args, unet=model, **frozen)
+        weight_dtype = frozen_dtype(accelerator)
+        if vae is None:
+            pipeline.vae.to(accelerator.device, dtype=vae_dtype(args, weight_dtype))
+        for name in TEXT_ENCODERS[:len(tokenizers)] if text_encoders is None else ():
+            getattr(pipeline, name).to(accelerator.device, dtype=weight_dtype)
         return generate_validation_images(accelerator, pipeline, image, args, seed)
     finally:
         model.train(was_training)
         if ema_unet is not None:
             ema_unet.restore(model.parameters())
+
+
+def pipeline_class(args):
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline
+
+    return StableDiffusionXLInstructPix2PixPipeline if args.sdxl else StableDiffusionInstructPix2PixPipeline
+
+
+def load_pipeline(args, **components):
+    """The base model's InstructPix2Pix pipeline (SD or SDXL) with `components` in place of its own."""
+    extra = {} if args.sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    with common.frozen_models_outside_zero3():
+        return pipeline_class(args).from_pretrained(args.pretrained_model_name_or_path, **components, **extra,
+                                              revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
 
 
 def log_validation_images(accelerator, original, edited, name, epoch, global_step, args):
@@ -779,21 +939,16 @@ def log_validation_images(accelerator, original, edited, name, epoch, global_ste
 
 
 def save_pipeline(model, ema_unet, args):
-    """Write the StableDiffusionInstructPix2PixPipeline with the trained UNet `model` (from `common.whole_model`) to
+    """Write the InstructPix2Pix pipeline (SD or SDXL) with the trained UNet `model` (from `common.whole_model`) to
     --output_dir: the EMA weights in unet/ when --use_ema (the raw trained weights in unet_raw/), the trained UNet
-    otherwise. The VAE and text encoder are saved as loaded (not downcast)."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-
+    otherwise. The VAE (--pretrained_vae_model_name_or_path's if given) and text encoders are saved as loaded (not
+    downcast)."""
     if ema_unet is not None:
         model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    with common.frozen_models_outside_zero3():
-        pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, unet=model, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        )
-    pipeline.save_pretrained(args.output_dir)
+    vae = {} if args.pretrained_vae_model_name_or_path is None else {"vae": load_vae(args)}
+    load_pipeline(args, unet=model, **vae).save_pretrained(args.output_dir)
     if ema_unet is not None:
         ema_unet.restore(model.parameters())
 
@@ -805,6 +960,7 @@ def write_model_card(args, global_step, original, edited):
     data = args.dataset_name or args.train_data_dir
     gallery = ""
     example_prompt = args.validation_prompt or "make it snowy"
+    pipeline_name = f"StableDiffusion{'XL' if args.sdxl else ''}InstructPix2PixPipeline"
     if edited:
         make_image_grid([original] + edited, 1, len(edited) + 1).save(os.path.join(args.output_dir,
                                                                                    "val_imgs_grid.png"))
@@ -821,10 +977,10 @@ editing on **{data}** with `train_instruct_pix2pix.py` for {global_step} optimiz
 ## Usage
 
 ```python
-from diffusers import StableDiffusionInstructPix2PixPipeline
+from diffusers import {pipeline_name}
 from diffusers.utils import load_image
 
-pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
+pipeline = {pipeline_name}.from_pretrained("{args.hub_model_id or args.output_dir}")
 image = load_image("image_to_edit.png")
 edited = pipeline({example_prompt!r}, image=image, image_guidance_scale=1.5, guidance_scale=7).images[0]
 ```
@@ -842,11 +998,11 @@ edited = pipeline({example_prompt!r}, image=image, image_guidance_scale=1.5, gui
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 """
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "image-to-image", "instruct-pix2pix", "diffusers",
-            "diffusers-training"]
+    tags = ["stable-diffusion-xl" if args.sdxl else "stable-diffusion", "stable-diffusion-diffusers", "image-to-image",
+            "instruct-pix2pix", "diffusers", "diffusers-training"]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
     card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
-                              license="creativeml-openrail-m", inference=True)
+                              license="openrail++" if args.sdxl else "creativeml-openrail-m", inference=True)
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
                                    model_description=description)
     card.save(os.path.join(args.output_dir, "README.md"))
@@ -869,7 +1025,7 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -902,11 +1058,13 @@ def main(argv=None):
         examples = load_edit_dataset(args)
     validation_image = load_validation_image(accelerator, args)
 
-    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
-    # Frozen parts run in the mixed-precision dtype; the trained UNet stays fp32 (its optimizer states too).
+    noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args)
+    # Frozen parts run in the mixed-precision dtype (SDXL's own VAE: --vae_precision, fp32 by default); the trained
+    # UNet stays fp32 (its optimizer states too).
     weight_dtype = frozen_dtype(accelerator)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    vae_weight_dtype = vae_dtype(args, weight_dtype)
+    for frozen in [vae, *text_encoders]:
+        frozen.requires_grad_(False)
     unet.to(torch.float32).train()
     ema_unet = build_ema(args, unet) if args.use_ema else None
     if args.enable_xformers_memory_efficient_attention:
@@ -916,7 +1074,7 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    train_dataset = EditExamples(examples, tokenizer, args, run_state)
+    train_dataset = EditExamples(examples, tokenizers, args, run_state)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -982,19 +1140,21 @@ def main(argv=None):
     # for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, weight_dtype)
+        cache_latents(accelerator, train_dataset, vae, args, vae_weight_dtype)
         vae = None
     else:
-        vae.to(accelerator.device, dtype=weight_dtype)
-    # What a dropped prompt becomes: the encoding of "", computed once (the text encoder is frozen) or cached.
+        vae.to(accelerator.device, dtype=vae_weight_dtype)
+    # What a dropped prompt becomes: the encoding of "" (hidden states, pooled embedding or None), computed once (the
+    # text encoders are frozen) or cached.
     if args.cache_text_embeddings:
-        empty_prompt_states = cache_text_embeddings(accelerator, train_dataset, text_encoder, tokenizer, args,
-                                                    weight_dtype)
-        text_encoder = None
+        empty_prompt = cache_text_embeddings(accelerator, train_dataset, text_encoders, tokenizers, args, weight_dtype)
+        text_encoders = None
     else:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        for text_encoder in text_encoders:
+            text_encoder.to(accelerator.device, dtype=weight_dtype)
         with torch.no_grad():
-            empty_prompt_states = text_encoder(tokenize(tokenizer, [""]).to(accelerator.device), return_dict=False)[0]
+            empty_prompt = encode_text(text_encoders, [ids.to(accelerator.device)
+                                                       for ids in common.tokenize_prompts(tokenizers, [""])])
     common.free_memory()
 
     if accelerator.is_main_process:
@@ -1007,7 +1167,7 @@ def main(argv=None):
                 token=args.hub_token,
             ).repo_id
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracked)
+        accelerator.init_trackers(TRACKER_PROJECTS[args.sdxl], config=tracked)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
@@ -1019,6 +1179,11 @@ def main(argv=None):
         if accelerator.is_main_process:
             folder = log_validation_images(accelerator, validation_image, edited, name, epoch, global_step, args)
             logger.info(f"Saved validation images to {folder}")
+
+    def validate(name, epoch):
+        edited = validate_during_training(accelerator, unet, ema_unet, vae, text_encoders, tokenizers,
+                                          validation_image, args, run_state.seed)
+        log_validation(name, epoch, edited)
 
     first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)
@@ -1046,8 +1211,8 @@ def main(argv=None):
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             with accelerator.accumulate(unet):
-                loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype,
-                                     empty_prompt_states, scaling_factor)
+                loss = training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args,
+                                     vae_weight_dtype, empty_prompt, scaling_factor)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -1077,6 +1242,10 @@ def main(argv=None):
                 running_batches = 0
 
             checkpointer.save_if_due(global_step)
+            # Upstream SDXL's cadence: every --validation_steps optimizer steps, and after the first.
+            if validation_image is not None and args.validation_steps and (
+                    global_step % args.validation_steps == 0 or global_step == 1):
+                validate(f"step_{global_step:06d}", epoch)
 
             stop_status = checkpointer.stop_if_requested(global_step)
             if stop_status:
@@ -1087,24 +1256,22 @@ def main(argv=None):
                 break
 
         # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
-        if validation_image is not None and epoch % args.validation_epochs == 0:
-            edited = validate_during_training(accelerator, unet, ema_unet, vae, text_encoder, tokenizer,
-                                              validation_image, args, run_state.seed)
-            log_validation(f"epoch_{epoch:04d}", epoch, edited)
+        if validation_image is not None and args.validation_epochs and epoch % args.validation_epochs == 0:
+            validate(f"epoch_{epoch:04d}", epoch)
         accelerator.wait_for_everyone()
     progress_bar.close()
 
     final_unet = common.whole_model(accelerator, unet)
     if accelerator.is_main_process:
         save_pipeline(final_unet, ema_unet, args)
-        logger.info(f"Saved the StableDiffusionInstructPix2PixPipeline to {args.output_dir}")
+        logger.info(f"Saved the InstructPix2Pix pipeline to {args.output_dir}")
     accelerator.wait_for_everyone()
 
     # A last validation round from the pipeline as saved (what users will load), shown in the model card.
     final_images = None
     if validation_image is not None:
         with common.frozen_models_outside_zero3():
-            saved = StableDiffusionInstructPix2PixPipeline.from_pretrained(args.output_dir).to(accelerator.device)
+            saved = pipeline_class(args).from_pretrained(args.output_dir).to(accelerator.device)
         final_images = generate_validation_images(accelerator, saved, validation_image, args, run_state.seed)
         del saved
         log_validation("final", args.num_train_epochs, final_images)

@@ -153,10 +153,26 @@ def test_captioned_dataset_dora_text_encoder_groups_and_kohya_file(tiny_sd, flag
     kohya = load_file(os.path.join(out, KOHYA))
     downs = [key for key in kohya if key.endswith(".lora_down.weight")]
     assert len(downs) == len([key for key in weights if key.endswith(".down.weight")])
-    assert all(key.startswith(("lora_unet_", "lora_te1_")) for key in kohya)
+    # The key names ComfyUI's model_lora_keys_unet / model_lora_keys_clip map for SD 1.x (checked against its source).
+    assert all(key.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for key in kohya)
     assert {key.split(".")[0] + ".alpha" for key in downs} <= kohya.keys()
     scales = [key for key in kohya if key.endswith(".dora_scale")]
     assert len(scales) == len(magnitude_keys) and all(kohya[key].shape[1] == 1 for key in scales)
+    comfyui = _comfyui_lora_names(StableDiffusionPipeline.from_pretrained(tiny_sd))
+    unmapped = sorted({key.split(".")[0] for key in kohya} - comfyui)
+    assert not unmapped, f"{len(unmapped)} kohya layers ComfyUI would skip: {unmapped[:3]}"
+
+
+def _comfyui_lora_names(pipeline):
+    """The kohya layer names ComfyUI's comfy/lora.py maps for an SD 1.x model, restated from its source (ComfyUI is not
+    installable here): model_lora_keys_unet maps `lora_unet_` + each diffusers UNet weight's path with `_` for `.`;
+    model_lora_keys_clip maps `lora_te_text_model_encoder_layers_{layer}_{part}` for the CLIP attention and MLP
+    projections."""
+    names = {"lora_unet_" + name[: -len(".weight")].replace(".", "_")
+             for name, _ in pipeline.unet.named_parameters() if name.endswith(".weight")}
+    parts = ("mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj")
+    layers = pipeline.text_encoder.config.num_hidden_layers
+    return names | {f"lora_te_text_model_encoder_layers_{layer}_{part}" for layer in range(layers) for part in parts}
 
 
 def test_exact_resume_from_the_dataset_with_flips_dora_and_accumulation(tiny_sd, caption_folder, flags_run, tmp_path):
@@ -256,7 +272,7 @@ def test_kohya_file_renders_like_the_diffusers_file_unet_and_text_encoder(tiny_s
                     parameter.add_(torch.randn_like(parameter) * 0.3)
     script.save_lora_weights(str(tmp_path), unet, text_encoder)
     script.save_kohya_weights(str(tmp_path), unet, text_encoder)
-    assert any(key.startswith("lora_te1_") for key in load_file(str(tmp_path / KOHYA)))
+    assert any(key.startswith("lora_te_text_model_encoder_layers_") for key in load_file(str(tmp_path / KOHYA)))
     _assert_kohya_renders_like_diffusers(tiny_sd, str(tmp_path))
 
 
@@ -279,6 +295,10 @@ def test_dataset_items_captions_repeats_and_flips(caption_folder, caption_parque
         assert (np.asarray(script.load_rgb(a)) == np.asarray(script.load_rgb(b))).all()
     plain, _ = script.read_instance_items(_namespace(dataset_name=caption_folder))
     assert [prompt for _, prompt in plain] == [INSTANCE_PROMPT] * 3
+    # --repeats applies to --instance_data_dir too (upstream), after the unreadable file is skipped.
+    folder, skipped = script.read_instance_items(_namespace(instance_data_dir=caption_folder, repeats=3))
+    assert [os.path.basename(path) for path, _ in folder] == [f"img_{i}.png" for i in range(3) for _ in range(3)]
+    assert len(skipped) == 1 and "corrupt.png" in skipped[0]
 
     square = tmp_path / "square.png"  # a square image: a centre crop leaves nothing but the flip to vary
     _images(1, seed=4)[0].resize((32, 32)).save(square)

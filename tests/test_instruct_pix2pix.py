@@ -421,7 +421,7 @@ def _pairs_namespace(**values):
     defaults = {"original_image_column": "input_image", "edited_image_column": "edited_image",
                 "edit_prompt_column": "edit_prompt", "resolution": 16, "center_crop": False, "random_flip": True,
                 "max_train_samples": None, "dataset_name": None, "dataset_config_name": None, "cache_dir": None,
-                "train_data_dir": None}
+                "train_data_dir": None, "sdxl": False}
     defaults.update(values)
     return Namespace(**defaults)
 
@@ -437,14 +437,16 @@ def test_original_and_edited_images_get_the_same_crop_and_flip(tiny_sd):
     script = _script()
     image = Image.effect_noise((48, 32), 60).convert("RGB")
     for seed in range(8):
-        original, edited = script.preprocess_pair(image, image.copy(), 16, False, True,
-                                                  torch.Generator().manual_seed(seed))
+        original, edited = script.preprocess_pair(image, image.copy(), 16,
+                                                  *script.draw_augmentation(False, True,
+                                                                            torch.Generator().manual_seed(seed)))
         assert original.shape == (3, 16, 16) and original.min() >= -1 and original.max() <= 1
         assert torch.equal(original, edited)
     # An edited image twice the size (same aspect ratio) gets the same relative crop and the same flip.
     big = image.resize((96, 64), Image.BICUBIC)
     for seed in range(4):
-        original, edited = script.preprocess_pair(image, big, 16, False, True, torch.Generator().manual_seed(seed))
+        original, edited = script.preprocess_pair(
+            image, big, 16, *script.draw_augmentation(False, True, torch.Generator().manual_seed(seed)))
         assert (original - edited).abs().mean() < 0.1
 
     # Through the dataset, as training reads it: identical pairs, crops that change with the sample, repeatable.
@@ -453,7 +455,7 @@ def test_original_and_edited_images_get_the_same_crop_and_flip(tiny_sd):
         features=datasets.Features({"input_image": datasets.Image(), "edited_image": datasets.Image(),
                                     "edit_prompt": datasets.Value("string")}))
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
-    examples = script.EditExamples(dataset, tokenizer, _pairs_namespace(), RunState(seed=5))
+    examples = script.EditExamples(dataset, [tokenizer], _pairs_namespace(), RunState(seed=5))
     crops = set()
     for epoch in range(4):
         for index in range(3):
@@ -464,7 +466,7 @@ def test_original_and_edited_images_get_the_same_crop_and_flip(tiny_sd):
     assert torch.equal(examples[(2, 1)]["original_pixel_values"], examples[(2, 1)]["original_pixel_values"])
     assert tokenizer.decode(examples[(0, 0)]["input_ids"], skip_special_tokens=True) == "make it red"
     # Centre crop without flip: the same for every sample.
-    centred = script.EditExamples(dataset, tokenizer, _pairs_namespace(center_crop=True, random_flip=False),
+    centred = script.EditExamples(dataset, [tokenizer], _pairs_namespace(center_crop=True, random_flip=False),
                                   RunState(seed=5))
     assert len({centred[(epoch, 0)]["edited_pixel_values"].sum().item() for epoch in range(4)}) == 1
 
@@ -489,11 +491,18 @@ def test_conditioning_dropout_rates_and_masks():
     states, latents, empty = (torch.randn(4, 77, 32, generator=generator), torch.randn(4, 4, 8, 8, generator=generator),
                               torch.randn(1, 77, 32, generator=generator))
     u = torch.tensor([0.05, 0.15, 0.25, 0.9])  # p = 0.1: prompt only, both, image only, none
-    new_states, new_latents = script.apply_conditioning_dropout(states, latents, u, 0.1, empty)
+    new_states, new_latents, pooled = script.apply_conditioning_dropout(states, latents, u, 0.1, (empty, None))
+    assert pooled is None
     for row, (prompt_dropped, image_dropped) in enumerate([(True, False), (True, True), (False, True),
                                                            (False, False)]):
         assert torch.equal(new_states[row], empty[0] if prompt_dropped else states[row]), row
         assert torch.equal(new_latents[row], torch.zeros_like(latents[row]) if image_dropped else latents[row]), row
+
+
+def tokenize(tokenizer, prompts):
+    from train_common import tokenize_prompts
+
+    return tokenize_prompts([tokenizer], prompts)[0]
 
 
 @pytest.fixture(scope="module")
@@ -511,9 +520,9 @@ def loss_inputs(tiny_sd):
     return {
         "unet": unet, "vae": AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae"), "text_encoder": text_encoder,
         "scheduler": DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler"), "tokenizer": tokenizer,
-        "empty": text_encoder(script.tokenize(tokenizer, [""]))[0].detach(),
+        "empty": (text_encoder(tokenize(tokenizer, [""]))[0].detach(), None),
         "batch": {"edited_pixel_values": pixels, "original_pixel_values": pixels.flip(-1),
-                  "input_ids": script.tokenize(tokenizer, ["make it green", "make it blue"]),
+                  "input_ids": tokenize(tokenizer, ["make it green", "make it blue"]),
                   "dropout_draw": torch.tensor([0.5, 0.9])},
     }
 
@@ -522,7 +531,7 @@ def _loss(inputs, batch_changes=None, **flags):
     args = Namespace(**{"conditioning_dropout_prob": None, "noise_offset": 0.0, "snr_gamma": None, **flags})
     batch = {**inputs["batch"], **(batch_changes or {})}
     with torch.no_grad():
-        return _script().training_loss(inputs["unet"], inputs["vae"], inputs["text_encoder"], inputs["scheduler"],
+        return _script().training_loss(inputs["unet"], inputs["vae"], [inputs["text_encoder"]], inputs["scheduler"],
                                        batch, torch.Generator().manual_seed(7), args, torch.float32,
                                        inputs["empty"], inputs["vae"].config.scaling_factor).item()
 
@@ -533,7 +542,7 @@ def test_loss_uses_both_conditions_and_each_flag(loss_inputs):
     baseline = _loss(loss_inputs)
     assert baseline == _loss(loss_inputs)
     other_original = {"original_pixel_values": -loss_inputs["batch"]["original_pixel_values"]}
-    other_prompt = {"input_ids": _script().tokenize(loss_inputs["tokenizer"], ["make it red", "make it red"])}
+    other_prompt = {"input_ids": tokenize(loss_inputs["tokenizer"], ["make it red", "make it red"])}
     assert _loss(loss_inputs, other_original) != pytest.approx(baseline)
     assert _loss(loss_inputs, other_prompt) != pytest.approx(baseline)
     # Draws in [p, 2p) drop both conditions, so neither changes the loss any more.
