@@ -819,9 +819,11 @@ class FeatureCache:
     def fill(self, accelerator, inputs, encode, batch_size):
         """Make sure every key of `inputs` ({key: input}) has an entry. The missing ones are split across all ranks;
         `encode(list of inputs)` returns one {name: tensor} per input. Call on every rank."""
-        # Every rank must see the same missing list before any of them writes, or the split would differ.
+        # Every rank must see the same missing list before any of them writes, or the split would differ: one
+        # barrier so that earlier writes are done, one so that no rank writes while another is still listing.
         accelerator.wait_for_everyone()
         missing = self.missing(inputs)
+        accelerator.wait_for_everyone()
         _main_log(accelerator, f"{self.kind}: {len(inputs) - len(missing)} of {len(inputs)} cached in {self.folder}; "
                                f"computing {len(missing)}")
         if accelerator.is_main_process:
