@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Fine-tune the UNet of a Stable Diffusion pipeline on images with captions (full fine-tuning, optional EMA).
+"""Fine-tune the UNet of a Stable Diffusion or SDXL pipeline on images with captions (full fine-tuning, optional
+EMA).
 
-A drop-in replacement for diffusers' `examples/text_to_image/train_text_to_image.py`: the same flags and defaults,
-the same output layout (a `StableDiffusionPipeline` folder in `--output_dir`, `checkpoint-N/` folders), plus
-`--config`, `--logging_steps`, exact resume, atomic checkpoints, preemption handling, a plain folder of images with
-`name.txt` captions as data, and the raw (non-EMA) weights kept in `unet_raw/` when `--use_ema` is on.
+A drop-in replacement for diffusers' `examples/text_to_image/train_text_to_image.py` and, given an SDXL base model,
+for `train_text_to_image_sdxl.py`: the same flags and defaults, the same output layout (a `StableDiffusionPipeline`
+or `StableDiffusionXLPipeline` folder in `--output_dir`, `checkpoint-N/` folders), plus `--config`,
+`--logging_steps`, exact resume, atomic checkpoints, preemption handling, a plain folder of images with `name.txt`
+captions as data, and the raw (non-EMA) weights kept in `unet_raw/` when `--use_ema` is on.
 
     accelerate launch train_text_to_image.py --pretrained_model_name_or_path ./sd-folder \\
         --train_data_dir ./captioned-images --resolution 512 --use_ema --output_dir sd-finetuned
@@ -22,9 +24,20 @@ import train_common as common
 from train_common import InputError
 
 # Independent random streams, derived from the run seed (see train_common.derive_seed).
-SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM = 1, 2, 3, 4, 5
+SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, EMPTY_PROMPT_STREAM = 1, 2, 3, 4, 5, 6
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+# SD has the first text encoder only; SDXL both (its batches and caches carry the second's token ids and pooled
+# embedding under these names).
+TOKENIZERS, TEXT_ENCODERS, INPUT_IDS = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), \
+    ("input_ids", "input_ids_2")
+# Flags whose upstream default differs between train_text_to_image.py and train_text_to_image_sdxl.py: (SD, SDXL).
+MODEL_DEFAULTS = {
+    "resolution": (512, 1024),
+    "output_dir": ("sd-model-finetuned", "sdxl-model-finetuned"),
+    "validation_epochs": (5, 1),
+    "tracker_project_name": ("text2image-fine-tune", "text2image-fine-tune-sdxl"),
+}
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -57,7 +70,11 @@ def parse_args(argv=None):
     add = parser.add_argument
     # Model (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
-        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/).")
+        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/). An "
+             "SDXL pipeline (with tokenizer_2/ and text_encoder_2/) trains SDXL.")
+    add("--pretrained_vae_model_name_or_path", type=str, default=None,
+        help="A VAE folder or hub id to use instead of the pipeline's, e.g. an fp16-safe SDXL VAE (without one the "
+             "SDXL VAE runs in fp32, as upstream). The saved pipeline holds this VAE.")
     add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
     add("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
     add("--non_ema_revision", type=str, default=None,
@@ -77,14 +94,16 @@ def parse_args(argv=None):
         help="The dataset column that holds a caption or a list of captions (one is picked at random).")
     add("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples.")
     add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
-    add("--resolution", type=int, default=512, help="Images are resized and cropped to this square size.")
+    add("--resolution", type=int, default=None,
+        help="Images are resized and cropped to this square size (default 512; SDXL 1024).")
     add("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     add("--random_flip", action="store_true", help="Flip images horizontally at random.")
     add("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION_MODES),
         help="The filter used to resize images.")
     add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
     # Training (upstream)
-    add("--output_dir", type=str, default="sd-model-finetuned", help="Where the pipeline and checkpoints go.")
+    add("--output_dir", type=str, default=None,
+        help="Where the pipeline and checkpoints go (default sd-model-finetuned; SDXL sdxl-model-finetuned).")
     add("--seed", type=int, default=None, help="Seed for data order, augmentation, noise and validation images.")
     add("--train_batch_size", type=int, default=16, help="Batch size per device.")
     add("--num_train_epochs", type=int, default=100)
@@ -97,6 +116,18 @@ def parse_args(argv=None):
     add("--lr_scheduler", type=str, default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
     add("--lr_warmup_steps", type=int, default=500)
     add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (recommended 5.0).")
+    add("--proportion_empty_prompts", type=float, default=0,
+        help="Train this fraction of the examples with an empty caption (drawn per example and epoch).")
+    add("--timestep_bias_strategy", type=str, default="none", choices=common.TIMESTEP_BIAS_STRATEGIES,
+        help="Sample timesteps more (or less) often: the earlier or later --timestep_bias_portion of them, or "
+             "[--timestep_bias_begin, --timestep_bias_end) for range.")
+    add("--timestep_bias_multiplier", type=float, default=1.0,
+        help="The weight of the biased timesteps (2.0 doubles how often they are drawn, 0.5 halves it).")
+    add("--timestep_bias_begin", type=int, default=0, help="First biased timestep with --timestep_bias_strategy range.")
+    add("--timestep_bias_end", type=int, default=1000,
+        help="End (exclusive) of the biased timesteps with --timestep_bias_strategy range.")
+    add("--timestep_bias_portion", type=float, default=0.25,
+        help="The fraction of the timesteps biased by --timestep_bias_strategy earlier or later, in (0, 1].")
     add("--dream_training", action="store_true",
         help="DREAM training (https://arxiv.org/abs/2312.00210): one extra forward pass per step, epsilon only.")
     add("--dream_detail_preservation", type=float, default=1.0, help="DREAM's detail preservation factor p (> 0).")
@@ -122,9 +153,15 @@ def parse_args(argv=None):
     # Validation, logging and hub (upstream)
     add("--validation_prompts", type=str, default=None, nargs="+",
         help="Prompts rendered every --validation_epochs epochs and after training, logged to --report_to.")
-    add("--validation_epochs", type=int, default=5, help="Render the validation prompts every N epochs.")
+    add("--validation_prompt", type=str, default=None,
+        help="A prompt rendered --num_validation_images times at each validation (upstream SDXL's flag; with "
+             "--validation_prompts, both are rendered).")
+    add("--num_validation_images", type=int, default=4, help="How many images of --validation_prompt to render.")
+    add("--validation_epochs", type=int, default=None,
+        help="Render the validation prompts every N epochs (default 5; SDXL 1).")
     add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml or all.")
-    add("--tracker_project_name", type=str, default="text2image-fine-tune")
+    add("--tracker_project_name", type=str, default=None,
+        help="Default text2image-fine-tune; SDXL text2image-fine-tune-sdxl.")
     add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     add("--push_to_hub", action="store_true")
     add("--hub_token", type=str, default=None)
@@ -150,6 +187,11 @@ def parse_args(argv=None):
         args.non_ema_revision = args.revision
     if args.feature_cache_dir is None:
         args.feature_cache_dir = common.default_feature_cache_dir()
+    # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
+    args.sdxl = common.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    for name, defaults in MODEL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.sdxl])
     return args
 
 
@@ -160,10 +202,15 @@ def validate_args(args):
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
         "logging_steps", "validation_inference_steps", "dream_detail_preservation",
     )
-    common.require_multiple_of_8("--resolution", args.resolution)
-    for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "input_perturbation", "max_grad_norm"):
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "input_perturbation", "max_grad_norm",
+                 "num_validation_images"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    common.require_multiple_of_8("--resolution", args.resolution)
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise InputError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    common.check_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_begin,
+                               args.timestep_bias_end, args.timestep_bias_portion)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.lr_scheduler not in LR_SCHEDULERS:
@@ -174,12 +221,20 @@ def validate_args(args):
         raise InputError("--dream_training supports only --prediction_type epsilon")
     if args.validation_prompts is not None and not all(prompt.strip() for prompt in args.validation_prompts):
         raise InputError("--validation_prompts: a prompt is empty")
+    if args.validation_prompt is not None and not args.validation_prompt.strip():
+        raise InputError("--validation_prompt is empty")
     if args.cache_latents and not args.center_crop:
         raise InputError("--cache_latents needs --center_crop: a random crop changes every epoch and cannot be cached")
     if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
 
-    common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
+    common.check_pipeline_folder(args.pretrained_model_name_or_path,
+                                 common.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS)
+    vae_path = args.pretrained_vae_model_name_or_path
+    if vae_path is not None:
+        common.check_local_or_hub_id("--pretrained_vae_model_name_or_path", vae_path)
+        if os.path.isdir(vae_path) and not os.path.isfile(os.path.join(vae_path, "config.json")):
+            raise InputError(f"--pretrained_vae_model_name_or_path {vae_path!r} is not a VAE folder (no config.json)")
     if args.dataset_name is None and args.train_data_dir is None:
         raise InputError(
             "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (a folder of images)"
@@ -305,14 +360,20 @@ def _check_caption_feature(feature, column, source):
         )
 
 
-def preprocess_image(image, resolution, interpolation, center_crop, random_flip, generator):
-    """PIL image -> (3, resolution, resolution) float tensor in [-1, 1]: resize the short side, crop, maybe flip.
-    Random choices come from `generator` so that they are reproducible per sample and epoch."""
-    image = image.convert("RGB")
-    width, height = image.size
+def resized_size(width, height, resolution):
+    """(width, height) of an image resized so that its short side is `resolution`."""
     short = min(width, height)
-    size = (max(resolution, round(width * resolution / short)), max(resolution, round(height * resolution / short)))
-    image = image.resize(size, resample=interpolation)
+    return max(resolution, round(width * resolution / short)), max(resolution, round(height * resolution / short))
+
+
+def preprocess_image(image, resolution, interpolation, center_crop, random_flip, generator):
+    """PIL image -> ((3, resolution, resolution) float tensor in [-1, 1], original (height, width), crop (top, left)):
+    resize the short side, crop, maybe flip. The size and crop are SDXL's micro-conditioning (the crop's top-left in
+    the resized image, seen in the flipped image when flipped). Random choices come from `generator` so that they are
+    reproducible per sample and epoch."""
+    image = image.convert("RGB")
+    original_size = (image.height, image.width)
+    image = image.resize(resized_size(image.width, image.height, resolution), resample=interpolation)
     width, height = image.size
     if center_crop:
         left, top = round((width - resolution) / 2), round((height - resolution) / 2)
@@ -322,8 +383,9 @@ def preprocess_image(image, resolution, interpolation, center_crop, random_flip,
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and torch.rand(1, generator=generator).item() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        left = width - left - resolution
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels * 2.0 - 1.0).contiguous()
+    return (pixels * 2.0 - 1.0).contiguous(), original_size, (top, left)
 
 
 def pick_caption(caption, generator):
@@ -346,10 +408,11 @@ class CaptionedImages(torch.utils.data.Dataset):
     the checkpoint only after the dataset is built.
 
     Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distribution / text
-    embedding instead of pixels / token ids; the random draws stay the same, so the training run does not change."""
+    embedding instead of pixels / token ids; the random draws stay the same, so the training run does not change.
+    Every example also holds its image's original size and crop (SDXL's time ids; SD ignores them)."""
 
-    def __init__(self, dataset, tokenizer, args, run_state):
-        self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
+    def __init__(self, dataset, tokenizers, args, run_state):
+        self.dataset, self.tokenizers, self.args, self.run_state = dataset, tokenizers, args, run_state
         self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
         self._subset = (None, None)  # (seed, indices)
         self.latent_cache = self.image_keys = None
@@ -368,10 +431,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.text_cache, self.caption_keys = cache, caption_keys
 
     def token_ids(self, caption):
-        return self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
+        """One (max_length,) tensor of token ids per tokenizer."""
+        return [ids[0] for ids in common.tokenize_prompts(self.tokenizers, caption)]
 
     def __len__(self):
         return self.size
@@ -394,20 +455,30 @@ class CaptionedImages(torch.utils.data.Dataset):
         row = self._row(index)
         example = self.dataset[row]
         caption = pick_caption(example[a.caption_column], generator)
+        if a.proportion_empty_prompts:
+            # A stream of its own: the crops and flips stay those of a run without caption dropout.
+            drop = common.make_generator("cpu", self.run_state.seed, EMPTY_PROMPT_STREAM, epoch, index)
+            if torch.rand(1, generator=drop).item() < a.proportion_empty_prompts:
+                caption = ""
         item = {}
         if self.latent_cache is None:
             interpolation = INTERPOLATION_MODES[a.image_interpolation_mode]
-            item["pixel_values"] = preprocess_image(example[a.image_column], a.resolution, interpolation,
-                                                    a.center_crop, a.random_flip, generator)
+            item["pixel_values"], original_size, crop = preprocess_image(
+                example[a.image_column], a.resolution, interpolation, a.center_crop, a.random_flip, generator)
         else:
             # The same draw preprocess_image makes for the flip (a centre crop draws nothing).
             flip = a.random_flip and torch.rand(1, generator=generator).item() < 0.5
             entry = self.latent_cache.load(self.image_keys[row])
             item["latent_dist"] = entry["flipped" if flip else "latent_dist"]
+            original_size, crop = entry["original_size"], entry["flipped_crop_top_left" if flip else "crop_top_left"]
+        item["original_size"], item["crop_top_left"] = torch.as_tensor(original_size), torch.as_tensor(crop)
         if self.text_cache is None:
-            item["input_ids"] = self.token_ids(caption)
+            item.update(zip(INPUT_IDS, self.token_ids(caption)))
         else:
-            item["encoder_hidden_states"] = self.text_cache.load(self.caption_keys[caption])["hidden_states"]
+            entry = self.text_cache.load(self.caption_keys[caption])
+            item["encoder_hidden_states"] = entry["hidden_states"]
+            if "pooled_prompt_embeds" in entry:
+                item["pooled_prompt_embeds"] = entry["pooled_prompt_embeds"]
         return item
 
 
@@ -432,6 +503,8 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     cache = common.FeatureCache(args.feature_cache_dir, "latents", {
         "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
         "interpolation": args.image_interpolation_mode, "crop": "center", "flip": args.random_flip,
+        # Entries also hold the image's size and crop (SDXL's time ids); earlier entries did not.
+        "entries": "latent_dist+size+crop",
     })
     rows = train_dataset.rows()
     # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
@@ -445,38 +518,53 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
 
     def encode(batch_rows):
         # Decoded exactly as the dataset decodes them, so the latents are those of the uncached run.
-        pixels = torch.stack([
-            preprocess_image(decoder.decode_example(cell), args.resolution, interpolation, True, False, None)
-            for cell in cells[batch_rows][args.image_column]
-        ])
+        images = [decoder.decode_example(cell) for cell in cells[batch_rows][args.image_column]]
+        processed = [preprocess_image(image, args.resolution, interpolation, True, False, None) for image in images]
+        pixels = torch.stack([pixels for pixels, _, _ in processed])
         views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
         parameters = vae.encode(views.to(accelerator.device, weight_dtype)).latent_dist.parameters
         count = len(batch_rows)
-        if not args.random_flip:
-            return [{"latent_dist": parameters[i]} for i in range(count)]
-        return [{"latent_dist": parameters[i], "flipped": parameters[count + i]} for i in range(count)]
+        entries = [
+            {"latent_dist": parameters[i], "original_size": torch.tensor(size), "crop_top_left": torch.tensor(crop)}
+            for i, (_, size, crop) in enumerate(processed)
+        ]
+        if args.random_flip:
+            for i, (image, (top, left)) in enumerate(zip(images, (crop for _, _, crop in processed))):
+                # The crop as preprocess_image reports it for a flipped image: its left edge seen in the mirror.
+                width = resized_size(image.width, image.height, args.resolution)[0]
+                entries[i].update(flipped=parameters[count + i],
+                                  flipped_crop_top_left=torch.tensor((top, width - left - args.resolution)))
+        return entries
 
     vae.to(accelerator.device, dtype=weight_dtype)
     cache.fill(accelerator, {key: row for row, key in image_keys.items()}, encode, args.train_batch_size)
     train_dataset.use_latent_cache(cache, image_keys)
 
 
-def cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight_dtype):
-    """Fill the text-embedding cache for every caption of the rows this run trains on and switch the dataset to it.
-    Entries are keyed by token ids, so a different tokenizer is a miss too."""
-    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {
-        "text_encoder": common.model_fingerprint(text_encoder), "dtype": str(weight_dtype),
-    })
+def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
+    """Fill the text-embedding cache for every caption of the rows this run trains on (and the empty caption with
+    --proportion_empty_prompts) and switch the dataset to it. Entries hold what `encode_text` returns (for SDXL both
+    encoders' hidden states and the pooled embedding) and are keyed by token ids, so a different tokenizer is a miss
+    too."""
+    settings = {name: common.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
+    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {**settings, "dtype": str(weight_dtype)})
     rows = train_dataset.rows()
     captions = set(all_captions(train_dataset.dataset.select(rows)[args.caption_column]))
+    if args.proportion_empty_prompts:
+        captions.add("")
     token_ids = {caption: train_dataset.token_ids(caption) for caption in sorted(captions)}
-    caption_keys = {caption: common.fingerprint(ids.tolist()) for caption, ids in token_ids.items()}
+    caption_keys = {caption: common.fingerprint(*(ids.tolist() for ids in per_tokenizer))
+                    for caption, per_tokenizer in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states = text_encoder(torch.stack(batch_ids).to(accelerator.device), return_dict=False)[0]
-        return [{"hidden_states": states} for states in hidden_states]
+        hidden_states, pooled = encode_text(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
+        if pooled is None:
+            return [{"hidden_states": states} for states in hidden_states]
+        return [{"hidden_states": states, "pooled_prompt_embeds": vector}
+                for states, vector in zip(hidden_states, pooled)]
 
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
     cache.fill(accelerator, {caption_keys[c]: ids for c, ids in token_ids.items()}, encode, args.train_batch_size)
     train_dataset.use_text_cache(cache, caption_keys)
 
@@ -487,10 +575,11 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight
 
 
 def load_models(args):
-    """(noise_scheduler, tokenizer, text_encoder, vae, unet) from the pretrained pipeline; load errors are InputErrors
-    naming the part that failed."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """(noise_scheduler, tokenizers, text_encoders, vae, unet) from the pretrained pipeline: one tokenizer and text
+    encoder for SD, two for SDXL (a CLIPTextModel and a CLIPTextModelWithProjection, as in SDXL base); the VAE from
+    --pretrained_vae_model_name_or_path if given. Load errors are InputErrors naming the part that failed."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = args.pretrained_model_name_or_path
     common_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
@@ -502,11 +591,15 @@ def load_models(args):
             reason = common.first_line(error)
             raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({reason})") from None
 
+    # Trained with DDPM noising whatever the pipeline samples with (SDXL ships EulerDiscreteScheduler), as upstream.
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
-    tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
+    count = 2 if args.sdxl else 1
+    tokenizers = [load(part, CLIPTokenizer.from_pretrained) for part in TOKENIZERS[:count]]
     with common.frozen_models_outside_zero3():
-        text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
-        vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
+        classes = (CLIPTextModel, CLIPTextModelWithProjection)
+        text_encoders = [load(part, model_class.from_pretrained, variant=args.variant)
+                         for part, model_class in zip(TEXT_ENCODERS[:count], classes)]
+        vae = load_vae(args)
     unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
 
     if args.prediction_type is not None:
@@ -517,7 +610,33 @@ def load_models(args):
         raise InputError(f"the scheduler predicts {prediction_type!r}; pass --prediction_type epsilon or v_prediction")
     if args.dream_training and prediction_type != "epsilon":
         raise InputError(f"--dream_training supports only epsilon prediction; the model uses {prediction_type!r}")
-    return noise_scheduler, tokenizer, text_encoder, vae, unet
+    return noise_scheduler, tokenizers, text_encoders, vae, unet
+
+
+def load_vae(args):
+    """The pipeline's VAE, or the one --pretrained_vae_model_name_or_path names (a VAE folder or hub id)."""
+    from diffusers import AutoencoderKL
+
+    custom = args.pretrained_vae_model_name_or_path
+    flag, source = ("--pretrained_vae_model_name_or_path", custom) if custom else \
+        ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=None if custom else "vae", revision=args.revision,
+                                             variant=args.variant, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise InputError(f"{flag} {source!r}: cannot load {'the VAE' if custom else 'vae/'} "
+                         f"({common.first_line(error)})") from None
+
+
+def vae_dtype(args, weight_dtype):
+    """SDXL's own VAE runs in fp32 (it overflows in fp16); every other VAE in the frozen models' dtype."""
+    return common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path) if args.sdxl else weight_dtype
+
+
+def pipeline_class(args):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
 
 
 def build_ema(args, unet):
@@ -554,11 +673,32 @@ def build_optimizer(args, params):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype, scaling_factor):
+def encode_text(text_encoders, input_ids):
+    """(encoder_hidden_states, pooled embedding or None) of a batch of token ids (one tensor per encoder): SD's last
+    hidden state, or SDXL's two-encoder conditioning (train_common.encode_prompt_sdxl)."""
+    if len(text_encoders) == 2:
+        return common.encode_prompt_sdxl(text_encoders, input_ids)
+    return text_encoders[0](input_ids[0].to(text_encoders[0].device), return_dict=False)[0], None
+
+
+def added_conditions(batch, pooled_prompt_embeds, args):
+    """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled embedding and each sample's time ids from
+    its own original size and crop."""
+    if pooled_prompt_embeds is None:
+        return None
+    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (args.resolution, args.resolution))
+    return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+
+
+def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, vae_dtype, scaling_factor,
+                  timestep_weights=None):
     """The diffusion loss of one batch: encode images and captions with the frozen models (or take them from the
-    cache), noise the latents (offset noise, input perturbation), optionally apply DREAM, and weight by Min-SNR.
+    cache), noise the latents (offset noise, input perturbation), draw timesteps (uniform, or biased by
+    `timestep_weights`), optionally apply DREAM, and weight by Min-SNR.
 
     Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
+    import functools
+
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import compute_dream_and_update_latents
 
@@ -566,27 +706,31 @@ def training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, ar
         if "latent_dist" in batch:
             latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
         else:
-            latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+            latent_dist = vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist
         latents = latent_dist.sample(generator=generator).float() * scaling_factor
         if "encoder_hidden_states" in batch:
-            encoder_hidden_states = batch["encoder_hidden_states"]
+            encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
-            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+            input_ids = [batch[key] for key in INPUT_IDS if key in batch]
+            encoder_hidden_states, pooled = encode_text(text_encoders, input_ids)
+    added_cond_kwargs = added_conditions(batch, pooled, args)
 
     noise = common.sample_noise(latents, generator, args.noise_offset)
     timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
-                                        latents.device)
+                                        latents.device, timestep_weights)
     noisy_latents = noise_scheduler.add_noise(latents, common.perturb_noise(noise, args.input_perturbation, generator),
                                               timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
     if args.dream_training:
+        # DREAM's extra forward pass calls the UNet with three arguments; SDXL's also needs its added conditions.
         noisy_latents, target = compute_dream_and_update_latents(
-            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
-            args.dream_detail_preservation,
+            functools.partial(unet, added_cond_kwargs=added_cond_kwargs), noise_scheduler, timesteps, noise,
+            noisy_latents, target, encoder_hidden_states, args.dream_detail_preservation,
         )
 
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                      return_dict=False)[0]
     weights = None
     if args.snr_gamma is not None:
         weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
@@ -603,27 +747,44 @@ def frozen_dtype(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def generate_validation_images(accelerator, unet, vae, text_encoder, tokenizer, args, seed):
-    """Render the validation prompts, split across all ranks (no rank idles past a collective timeout). Prompt i
-    always uses a generator seeded from (run seed, i), so images do not depend on the number of processes. The main
-    process gets [(prompt, PIL image)] in prompt order, other ranks None."""
-    from accelerate.utils import gather_object
-    from diffusers import StableDiffusionPipeline
+def validation_prompts(args):
+    """--validation_prompts (one image each), then --validation_prompt --num_validation_images times."""
+    repeated = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
+    return (args.validation_prompts or []) + repeated
 
-    prompts = args.validation_prompts
+
+def validation_pipeline(args, **components):
+    """The pretrained pipeline (SD or SDXL) with `components` (the trained UNet, the frozen models in memory)."""
+    extra = {} if args.sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    with common.frozen_models_outside_zero3():
+        return pipeline_class(args).from_pretrained(
+            args.pretrained_model_name_or_path, **components, **extra, revision=args.revision, variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+
+
+def generate_validation_images(accelerator, unet, vae, text_encoders, tokenizers, args, seed):
+    """Render the validation prompts, split across all ranks (no rank idles past a collective timeout). Prompt i
+    always uses a generator seeded from (run seed, i), so images do not depend on the number of processes (and the
+    repeats of --validation_prompt differ). The main process gets [(prompt, PIL image)] in prompt order, other ranks
+    None."""
+    from accelerate.utils import gather_object
+
+    prompts = validation_prompts(args)
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     images = []
     if mine:
         # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
-        frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
-        with common.frozen_models_outside_zero3():
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, tokenizer=tokenizer, unet=unet, **frozen,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
-                variant=args.variant, cache_dir=args.cache_dir,
-            )
-        for name in {"vae", "text_encoder"} - frozen.keys():
-            getattr(pipeline, name).to(accelerator.device, dtype=frozen_dtype(accelerator))
+        frozen = dict(zip(TEXT_ENCODERS, text_encoders or []))
+        if vae is not None or args.pretrained_vae_model_name_or_path:
+            frozen["vae"] = vae if vae is not None else load_vae(args)
+        pipeline = validation_pipeline(args, unet=unet, **dict(zip(TOKENIZERS, tokenizers)), **frozen)
+        weight_dtype = frozen_dtype(accelerator)
+        for name in TEXT_ENCODERS[:len(tokenizers)]:
+            if name not in frozen:
+                getattr(pipeline, name).to(accelerator.device, dtype=weight_dtype)
+        if vae is None:
+            pipeline.vae.to(accelerator.device, dtype=vae_dtype(args, weight_dtype))
         pipeline.set_progress_bar_config(disable=True)
         if args.enable_xformers_memory_efficient_attention:
             pipeline.enable_xformers_memory_efficient_attention()
@@ -645,14 +806,14 @@ def generate_validation_images(accelerator, unet, vae, text_encoder, tokenizer, 
     return [(prompts[index], Image.fromarray(image)) for index, image in sorted(gathered, key=lambda pair: pair[0])]
 
 
-def validate_with_ema(accelerator, model, ema_unet, vae, text_encoder, tokenizer, args, seed):
+def validate_with_ema(accelerator, model, ema_unet, vae, text_encoders, tokenizers, args, seed):
     """Validation images from the trained UNet `model` (from `common.whole_model`), or from the EMA weights when
     --use_ema (swapped in, then the trained weights restored). Every rank calls it."""
     if ema_unet is not None:
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
     try:
-        return generate_validation_images(accelerator, model, vae, text_encoder, tokenizer, args, seed)
+        return generate_validation_images(accelerator, model, vae, text_encoders, tokenizers, args, seed)
     finally:
         if ema_unet is not None:
             ema_unet.restore(model.parameters())
@@ -678,18 +839,18 @@ def log_validation_images(accelerator, images, name, epoch, global_step, args):
 
 
 def save_pipeline(model, ema_unet, args):
-    """Write the StableDiffusionPipeline with the trained UNet `model` (from `common.whole_model`) to --output_dir:
-    the EMA weights in unet/ when --use_ema (the raw trained weights in unet_raw/), the trained UNet otherwise. The
-    VAE and text encoder are saved as loaded (not downcast)."""
-    from diffusers import StableDiffusionPipeline
-
+    """Write the StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) with the trained UNet `model` (from
+    `common.whole_model`) to --output_dir: the EMA weights in unet/ when --use_ema (the raw trained weights in
+    unet_raw/), the trained UNet otherwise. The VAE (--pretrained_vae_model_name_or_path's if given) and text
+    encoders are saved as loaded (not downcast)."""
     if ema_unet is not None:
         model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
     with common.frozen_models_outside_zero3():
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, unet=model, revision=args.revision, variant=args.variant,
+        custom_vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
+        pipeline = pipeline_class(args).from_pretrained(
+            args.pretrained_model_name_or_path, unet=model, **custom_vae, revision=args.revision, variant=args.variant,
             cache_dir=args.cache_dir,
         )
     pipeline.save_pretrained(args.output_dir)
@@ -711,6 +872,8 @@ def write_model_card(args, global_step, images):
         gallery = (f"Images generated by the fine-tuned pipeline for these prompts:\n\n{prompts}\n\n"
                    "![val_imgs_grid](./val_imgs_grid.png)\n")
         example_prompt = images[0][0]
+    pipeline_name = pipeline_class(args).__name__
+    vae_line = f"| VAE | {args.pretrained_vae_model_name_or_path} |\n" if args.pretrained_vae_model_name_or_path else ""
     description = f"""
 # Text-to-image fine-tuning of {args.pretrained_model_name_or_path}
 
@@ -721,9 +884,9 @@ The UNet of **{args.pretrained_model_name_or_path}** fine-tuned on **{data}** wi
 ## Usage
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline_name}
 
-pipeline = StableDiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
+pipeline = {pipeline_name}.from_pretrained("{args.hub_model_id or args.output_dir}")
 image = pipeline({example_prompt!r}).images[0]
 ```
 
@@ -739,10 +902,13 @@ image = pipeline({example_prompt!r}).images[0]
 | Min-SNR gamma | {args.snr_gamma} |
 | noise offset, input perturbation | {args.noise_offset}, {args.input_perturbation} |
 | DREAM | {args.dream_training} |
+| timestep bias | {args.timestep_bias_strategy} |
+| empty prompts | {args.proportion_empty_prompts} |
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
-"""
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
+{vae_line}"""
+    family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
+    tags = [family, f"{family}-diffusers", "text-to-image", "diffusers", "diffusers-training"]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
     card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
                               license="creativeml-openrail-m", inference=True)
@@ -800,11 +966,13 @@ def main(argv=None):
     with accelerator.main_process_first():
         examples = load_captioned_dataset(args)
 
-    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
-    # Frozen parts run in the mixed-precision dtype; the trained UNet stays fp32 (its optimizer states too).
+    noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args)
+    # Frozen parts run in the mixed-precision dtype (SDXL's own VAE in fp32); the trained UNet stays fp32 (its
+    # optimizer states too).
     weight_dtype = frozen_dtype(accelerator)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
     unet.to(torch.float32).train()
     ema_unet = build_ema(args, unet) if args.use_ema else None
     if args.enable_xformers_memory_efficient_attention:
@@ -814,7 +982,7 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    train_dataset = CaptionedImages(examples, tokenizer, args, run_state)
+    train_dataset = CaptionedImages(examples, tokenizers, args, run_state)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -880,16 +1048,23 @@ def main(argv=None):
     # for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, weight_dtype)
+        cache_latents(accelerator, train_dataset, vae, args, vae_dtype(args, weight_dtype))
         vae = None
     else:
-        vae.to(accelerator.device, dtype=weight_dtype)
+        vae.to(accelerator.device, dtype=vae_dtype(args, weight_dtype))
     if args.cache_text_embeddings:
-        cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight_dtype)
-        text_encoder = None
+        cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype)
+        text_encoders = None
     else:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        for text_encoder in text_encoders:
+            text_encoder.to(accelerator.device, dtype=weight_dtype)
     common.free_memory()
+    timestep_weights = common.timestep_bias_weights(
+        args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps, args.timestep_bias_multiplier,
+        args.timestep_bias_begin, args.timestep_bias_end, args.timestep_bias_portion,
+    )
+    if timestep_weights is not None:
+        timestep_weights = timestep_weights.to(accelerator.device)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -935,8 +1110,8 @@ def main(argv=None):
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             with accelerator.accumulate(unet):
-                loss = training_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype,
-                                     scaling_factor)
+                loss = training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args,
+                                     vae_dtype(args, weight_dtype), scaling_factor, timestep_weights)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -976,9 +1151,9 @@ def main(argv=None):
                 break
 
         # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
-        if args.validation_prompts and epoch % args.validation_epochs == 0:
+        if validation_prompts(args) and epoch % args.validation_epochs == 0:
             images = validate_with_ema(accelerator, common.whole_model(accelerator, unet), ema_unet, vae,
-                                       text_encoder, tokenizer, args, run_state.seed)
+                                       text_encoders, tokenizers, args, run_state.seed)
             if accelerator.is_main_process:
                 folder = log_validation_images(accelerator, images, f"epoch_{epoch:04d}", epoch, global_step, args)
                 logger.info(f"Saved validation images to {folder}")
@@ -988,16 +1163,16 @@ def main(argv=None):
     # A last round of validation images from the final (EMA) weights, shown in the model card.
     final_unet = common.whole_model(accelerator, unet)
     final_images = None
-    if args.validation_prompts:
+    if validation_prompts(args):
         final_images = validate_with_ema(
-            accelerator, final_unet, ema_unet, vae, text_encoder, tokenizer, args, run_state.seed
+            accelerator, final_unet, ema_unet, vae, text_encoders, tokenizers, args, run_state.seed
         )
     if accelerator.is_main_process:
         save_pipeline(final_unet, ema_unet, args)
         if final_images:
             log_validation_images(accelerator, final_images, "final", args.num_train_epochs, global_step, args)
         write_model_card(args, global_step, final_images)
-        logger.info(f"Saved the StableDiffusionPipeline to {args.output_dir}")
+        logger.info(f"Saved the {pipeline_class(args).__name__} to {args.output_dir}")
         if args.push_to_hub:
             from huggingface_hub import upload_folder
 

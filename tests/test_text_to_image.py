@@ -331,6 +331,7 @@ def _namespace(**values):
         "image_column": "image", "caption_column": "text", "max_train_samples": None, "resolution": 64,
         "center_crop": False, "random_flip": True, "image_interpolation_mode": "lanczos", "noise_offset": 0.0,
         "input_perturbation": 0.0, "dream_training": False, "dream_detail_preservation": 1.0, "snr_gamma": None,
+        "proportion_empty_prompts": 0.0,
     }
     defaults.update(values)
     return argparse.Namespace(**defaults)
@@ -355,7 +356,7 @@ def test_data_sources_captions_and_augmentation_are_restorable(tiny_sd, metadata
     assert len(dataset) == 7
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     run_state = RunState(seed=3)
-    train = script.CaptionedImages(dataset, tokenizer, _namespace(), run_state)
+    train = script.CaptionedImages(dataset, [tokenizer], _namespace(), run_state)
     first, again = train[(0, 1)], train[(0, 1)]
     assert torch.equal(first["pixel_values"], again["pixel_values"])
     assert torch.equal(first["input_ids"], again["input_ids"])
@@ -366,10 +367,10 @@ def test_data_sources_captions_and_augmentation_are_restorable(tiny_sd, metadata
     assert len(pixels) > 1, "random crops/flips never changed"
 
     # --max_train_samples: a subset drawn from the run seed (a resumed run gets its seed from the checkpoint later).
-    subset = script.CaptionedImages(dataset, tokenizer, _namespace(max_train_samples=3), run_state)
+    subset = script.CaptionedImages(dataset, [tokenizer], _namespace(max_train_samples=3), run_state)
     rows = [subset._row(i) for i in range(len(subset))]
     assert len(subset) == 3 and len(set(rows)) == 3 and set(rows) <= set(range(7))
-    assert rows == [script.CaptionedImages(dataset, tokenizer, _namespace(max_train_samples=3), RunState(3))._row(i)
+    assert rows == [script.CaptionedImages(dataset, [tokenizer], _namespace(max_train_samples=3), RunState(3))._row(i)
                     for i in range(3)]
     subsets = set()
     for seed in range(5):  # the subset follows the run seed, even when it changes after construction (resume)
@@ -380,7 +381,7 @@ def test_data_sources_captions_and_augmentation_are_restorable(tiny_sd, metadata
     # --image_interpolation_mode changes the resize filter.
     image = _images(1)[0]
     resized = {mode: script.preprocess_image(image, 64, script.INTERPOLATION_MODES[mode], True, False,
-                                             torch.Generator().manual_seed(0))
+                                             torch.Generator().manual_seed(0))[0]
                for mode in ("lanczos", "nearest")}
     assert not torch.equal(resized["lanczos"], resized["nearest"])
 
@@ -435,7 +436,7 @@ def _loss(loss_inputs, prediction_type="epsilon", **flags):
 
     scheduler = DDPMScheduler.from_config(loss_inputs["scheduler_config"], prediction_type=prediction_type)
     generator = torch.Generator().manual_seed(7)
-    return _script().training_loss(loss_inputs["unet"], loss_inputs["vae"], loss_inputs["text_encoder"], scheduler,
+    return _script().training_loss(loss_inputs["unet"], loss_inputs["vae"], [loss_inputs["text_encoder"]], scheduler,
                                    loss_inputs["batch"], generator, _namespace(**flags), torch.float32,
                                    loss_inputs["vae"].config.scaling_factor).item()
 
