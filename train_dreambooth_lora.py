@@ -293,6 +293,11 @@ def validate_args(args):
     parts = REQUIRED_PARTS if args.tokenizer_name is None else REQUIRED_PARTS[1:]
     common.check_pipeline_folder(args.pretrained_model_name_or_path, parts)
     model = args.pretrained_model_name_or_path
+    if common.is_sdxl_model(model, args.revision):
+        # Said before anything loads: an SDXL UNet needs the pooled text embedding and time ids this script does
+        # not compute yet, and would fail at its first step.
+        raise InputError(f"--pretrained_model_name_or_path {model!r} is an SDXL model: train_dreambooth_lora.py "
+                         "trains Stable Diffusion 1.x/2.x LoRA only so far")
     if args.cache_latents and os.path.isdir(model) and not os.path.isdir(os.path.join(model, "vae")):
         raise InputError(f"--cache_latents: --pretrained_model_name_or_path {model!r} has no vae/ (it trains in pixel "
                          "space): there are no latents to cache")

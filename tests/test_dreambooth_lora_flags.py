@@ -480,13 +480,23 @@ BAD_ARGUMENTS = {
     "edm on an SD model": ({"do_edm_style_training": True}, ["--do_edm_style_training", "SDXL"]),
     "prodigy flag not a boolean": ({"prodigy_decouple": "maybe"}, ["--prodigy_decouple"]),
     "resume DoRA without --use_dora": ({"resume_from_checkpoint": "latest"}, ["add --use_dora"]),
+    "an SDXL base model": ({"pretrained_model_name_or_path": "{sdxl}"}, ["is an SDXL model", "1.x/2.x"]),
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from tiny_sd import build_tiny_sdxl
+
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
-def test_bad_argument_gets_one_line_error(case, tiny_sd, caption_folder, tmp_path, capsys):
+def test_bad_argument_gets_one_line_error(case, tiny_sd, caption_folder, tmp_path, capsys, request):
     overrides, expected = BAD_ARGUMENTS[case]
-    overrides = {k: v.format(captions=caption_folder) if isinstance(v, str) else v for k, v in overrides.items()}
+    sdxl = request.getfixturevalue("tiny_sdxl") if "{sdxl}" in str(overrides) else None
+    overrides = {k: v.format(captions=caption_folder, sdxl=sdxl) if isinstance(v, str) else v
+                 for k, v in overrides.items()}
     folder = tmp_path / "instance"
     folder.mkdir()
     _images(1)[0].save(folder / "dog.png")
