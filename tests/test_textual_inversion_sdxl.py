@@ -4,7 +4,7 @@ Launched runs (each costs ~15 s of imports; folded so that the file stays near 1
 - `main_run`: the upstream SDXL command line scaled down (64 px, 8 steps, accumulation 2) with checkpoints,
   --save_steps, validation and --save_as_full_pipeline; its outputs are loaded, checked and resumed from;
 - a resume of its mid-epoch checkpoint-6 (exact, rotation before and after the resume);
-- a resume of its checkpoint-6 on --cache_latents (cached == fresh within fp32 rounding);
+- a resume of its checkpoint-4 on --cache_latents (cached == fresh within fp32 rounding);
 - a 2-process run with accumulation 1, and a 2-process resume of it (exact).
 SIGTERM is not launched again here: the preemption path does not depend on the model (test_textual_inversion covers it).
 """
@@ -47,7 +47,7 @@ def upstream_args(model, data, output_dir, **extra):
     return args
 
 
-MAIN = dict(num_vectors=2, save_steps=4, checkpointing_steps=2, checkpoints_total_limit=2,
+MAIN = dict(num_vectors=2, save_steps=4, checkpointing_steps=2, checkpoints_total_limit=3,
             validation_prompt=f"a photo of {TOKEN}", validation_steps=4, num_validation_images=1)
 
 
@@ -101,8 +101,8 @@ def test_upstream_sdxl_command_trains_both_encoders_and_the_outputs_load(main_ru
         assert torch.equal(full[: base.shape[0]], base), f"{encoder}: rows other than the placeholder's changed"
         assert torch.equal(full[base.shape[0]:], rows)
 
-    # --save_steps copies of both files, equal to what the checkpoints hold; rotation kept the last two checkpoints.
-    assert checkpoints(out) == {"checkpoint-6", "checkpoint-8"}
+    # --save_steps copies of both files, equal to what the checkpoints hold; rotation kept the last three checkpoints.
+    assert checkpoints(out) == {"checkpoint-4", "checkpoint-6", "checkpoint-8"}
     for step in (4, 8):
         for stem in ("learned_embeds", "learned_embeds_2"):
             assert os.path.isfile(os.path.join(out, f"{stem}-steps-{step}.safetensors"))
@@ -136,26 +136,28 @@ def test_upstream_sdxl_command_trains_both_encoders_and_the_outputs_load(main_ru
 
 def test_resume_is_exact_with_accumulation_and_rotates(main_run, tiny_sdxl, image_folder, tmp_path):
     """Accumulation 2, 4 steps an epoch (the last from one batch): checkpoint-6 is mid-epoch. The resumed run ends bit
-    for bit like the straight one in both files; an older checkpoint beside it goes once checkpoint-8 is written."""
+    for bit like the straight one in both files; of the older checkpoints beside it, the oldest goes once checkpoint-8
+    is written (--checkpoints_total_limit 3)."""
     straight, _ = main_run
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
-    shutil.copytree(os.path.join(straight, "checkpoint-6"), os.path.join(resumed, "checkpoint-6"))
-    shutil.copytree(os.path.join(straight, "checkpoint-6"), os.path.join(resumed, "checkpoint-2"))
+    for name in ("checkpoint-6", "checkpoint-4", "checkpoint-2"):
+        shutil.copytree(os.path.join(straight, "checkpoint-6"), os.path.join(resumed, name))
     result = train(SCRIPT, upstream_args(tiny_sdxl, image_folder, resumed, resume_from_checkpoint="latest", **MAIN))
     assert f"Resuming from {os.path.join(resumed, 'checkpoint-6')}" in result.stderr
-    assert checkpoints(resumed) == {"checkpoint-6", "checkpoint-8"}
+    assert checkpoints(resumed) == {"checkpoint-4", "checkpoint-6", "checkpoint-8"}
     assert_same_outputs(straight, resumed)
     assert_same_outputs(os.path.join(straight, "checkpoint-8"), os.path.join(resumed, "checkpoint-8"))
 
 
 def test_cached_latents_match_fresh_encodings(main_run, tiny_sdxl, image_folder, tmp_path):
-    """From the same checkpoint-6, steps 7-8 on --cache_latents (both flip orientations cached; validation loads the
-    dropped VAE again) end like the straight run's fresh encodings within fp32 rounding."""
+    """From the same checkpoint-4, steps 5-8 on --cache_latents (both flip orientations are cached, and with seed 0
+    these steps draw both; validation loads the dropped VAE again) end like the straight run's fresh encodings within
+    fp32 rounding."""
     straight, _ = main_run
     out = str(tmp_path / "cached")
     os.makedirs(out)
-    shutil.copytree(os.path.join(straight, "checkpoint-6"), os.path.join(out, "checkpoint-6"))
+    shutil.copytree(os.path.join(straight, "checkpoint-4"), os.path.join(out, "checkpoint-4"))
     cache = str(tmp_path / "cache")
     result = train(SCRIPT, upstream_args(tiny_sdxl, image_folder, out, resume_from_checkpoint="latest",
                                          cache_latents=True, feature_cache_dir=cache, **MAIN))
@@ -166,9 +168,11 @@ def test_cached_latents_match_fresh_encodings(main_run, tiny_sdxl, image_folder,
 
 
 def test_two_processes_resume_exactly(tiny_sdxl, image_folder, tmp_path):
-    """CPU DDP over gloo with both text encoders prepared; accumulation 1; validation split across ranks."""
+    """CPU DDP over gloo with both text encoders prepared; accumulation 1; validation split across ranks; the VAE
+    from --pretrained_vae_model_name_or_path (a VAE folder of its own)."""
     settings = dict(gradient_accumulation_steps=1, max_train_steps=4, checkpointing_steps=2,
-                    validation_prompt=f"a {TOKEN}", validation_steps=4, num_validation_images=2)
+                    validation_prompt=f"a {TOKEN}", validation_steps=4, num_validation_images=2,
+                    pretrained_vae_model_name_or_path=os.path.join(tiny_sdxl, "vae"))
     straight = str(tmp_path / "straight")
     result = launch(SCRIPT, upstream_args(tiny_sdxl, image_folder, straight, **settings), num_processes=2)
     assert "terminate called" not in result.stderr
@@ -206,7 +210,13 @@ def test_time_ids_come_from_each_image_s_real_size_and_crop(tiny_sdxl, tmp_path)
                      placeholder_token=TOKEN, initializer_token="toy", num_vectors=1)
     encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
                 CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")]
+    bases = [encoder.get_input_embeddings().weight.detach().clone() for encoder in encoders]
     embeddings = [script.add_placeholder_tokens(args, t, e) for t, e in zip(tokenizers, encoders)]
+    # The new row of each encoder starts as that encoder's own embedding of the initializer.
+    for tokenizer, base, embedding in zip(tokenizers, bases, embeddings):
+        toy = tokenizer.encode("toy", add_special_tokens=False)[0]
+        assert len(tokenizer) == base.shape[0] + 1 and tokenizer.convert_tokens_to_ids(TOKEN) == base.shape[0]
+        assert torch.equal(embedding.new_rows.detach(), base[toy:toy + 1])
     for encoder, embedding in zip(encoders, embeddings):  # as main does: only the new rows train
         encoder.requires_grad_(False)
         embedding.new_rows.requires_grad_(True)
