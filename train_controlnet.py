@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Train a ControlNet for a Stable Diffusion pipeline on (image, conditioning image, caption) examples.
+"""Train a ControlNet for a Stable Diffusion or SDXL pipeline on (image, conditioning image, caption) examples.
 
-A drop-in replacement for diffusers' `examples/controlnet/train_controlnet.py`: the same flags and defaults, the same
-output layout (the ControlNet's `config.json` + `diffusion_pytorch_model.safetensors` at the top of `--output_dir`,
-`checkpoint-N/controlnet/` folders), plus `--config`, `--logging_steps`, `--snr_gamma` (Min-SNR), `--noise_offset`,
-`--prediction_type`, `--random_crop`/`--random_flip` (applied identically to both images),
+A drop-in replacement for diffusers' `examples/controlnet/train_controlnet.py` and, given an SDXL base model, for
+`train_controlnet_sdxl.py`: the same flags and defaults, the same output layout (the ControlNet's `config.json` +
+`diffusion_pytorch_model.safetensors` at the top of `--output_dir`, `checkpoint-N/controlnet/` folders), plus
+`--config`, `--logging_steps`, `--snr_gamma` (Min-SNR), `--noise_offset`, `--prediction_type`,
+`--random_crop`/`--random_flip` (applied identically to both images),
 `--validation_inference_steps`, `--cache_latents` / `--cache_text_embeddings` (the target images' VAE latents and the
 captions' embeddings computed once, kept on disk under `--feature_cache_dir` and reused by later and resumed runs;
 the VAE / text encoder then leave memory), exact resume, atomic checkpoints and preemption handling. Validation images
@@ -29,6 +30,25 @@ from train_common import InputError
 # Independent random streams, derived from the run seed (see train_common.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM = 1, 2, 3, 4, 5
 PIPELINE_PARTS = ("text_encoder", "vae", "unet", "scheduler")
+# SD has the first tokenizer and text encoder only; SDXL both (its batches and caches carry the second's token ids and
+# pooled embedding under these names).
+TOKENIZERS, TEXT_ENCODERS, INPUT_IDS = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), \
+    ("input_ids", "input_ids_2")
+# Flags whose upstream default differs between train_controlnet.py and train_controlnet_sdxl.py: (SD, SDXL).
+MODEL_DEFAULTS = {"tracker_project_name": ("train_controlnet", "sd_xl_train_controlnet")}
+# The ControlNet examples resize with bilinear filtering; --image_interpolation_mode picks another filter.
+INTERPOLATION_MODES = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+    "lanczos": Image.LANCZOS,
+    "nearest": Image.NEAREST,
+    "nearest_exact": Image.NEAREST,
+}
+# ControlNet config entries that must equal the base UNet's: the residuals it adds and the conditions it reads.
+MATCHING_CONFIG = ("in_channels", "block_out_channels", "cross_attention_dim", "addition_embed_type",
+                   "addition_time_embed_dim", "projection_class_embeddings_input_dim")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -47,17 +67,24 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description="Train a ControlNet for a Stable Diffusion pipeline.")
+    parser = common.ArgumentParser(description="Train a ControlNet for a Stable Diffusion or SDXL pipeline.")
     add = parser.add_argument
     # Models (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
-        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/).")
+        help="A Stable Diffusion pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, scheduler/). An "
+             "SDXL pipeline (with tokenizer_2/ and text_encoder_2/) trains an SDXL ControlNet.")
+    add("--pretrained_vae_model_name_or_path", type=str, default=None,
+        help="A VAE folder or hub id to use instead of the pipeline's, e.g. an fp16-safe SDXL VAE (without one the "
+             "SDXL VAE runs in fp32, as upstream).")
     add("--controlnet_model_name_or_path", type=str, default=None,
         help="A ControlNet to continue training (folder or hub id). Default: a new one initialised from the UNet.")
     add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
     add("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
-    add("--tokenizer_name", type=str, default=None, help="A tokenizer to use instead of the pipeline's tokenizer/.")
+    add("--tokenizer_name", type=str, default=None,
+        help="A tokenizer to use instead of the pipeline's tokenizer/ (SDXL: its first tokenizer).")
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention.")
+    add("--enable_npu_flash_attention", action="store_true",
+        help="Flash attention on Ascend NPUs (needs torch_npu).")
     # Data (upstream)
     add("--dataset_name", type=str, default=None,
         help="A dataset on the hub, or a local dataset folder (parquet/arrow/imagefolder/save_to_disk).")
@@ -76,6 +103,13 @@ def parse_args(argv=None):
     add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
     add("--resolution", type=int, default=512,
         help="Images are resized (short side) and cropped to this square size; a multiple of 8.")
+    add("--image_interpolation_mode", type=str, default=None, choices=sorted(INTERPOLATION_MODES),
+        help="The filter that resizes the image and its conditioning image (default: bilinear, as upstream).")
+    add("--crops_coords_top_left_h", type=int, default=None,
+        help="SDXL: the crop top (in the resized image) put into every time id instead of each image's real crop "
+             "(upstream's flag; upstream always uses it, default 0).")
+    add("--crops_coords_top_left_w", type=int, default=None,
+        help="SDXL: the crop left put into every time id instead of each image's real crop (upstream default 0).")
     add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
     # Training (upstream)
     add("--output_dir", type=str, default="controlnet-model", help="Where the ControlNet and checkpoints go.")
@@ -117,7 +151,8 @@ def parse_args(argv=None):
     add("--num_validation_images", type=int, default=4, help="Images generated for each (prompt, image) pair.")
     add("--validation_steps", type=int, default=100, help="Run validation every N optimizer steps.")
     add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml or all.")
-    add("--tracker_project_name", type=str, default="train_controlnet")
+    add("--tracker_project_name", type=str, default=None,
+        help="Default train_controlnet; SDXL sd_xl_train_controlnet.")
     add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     add("--push_to_hub", action="store_true")
     add("--hub_token", type=str, default=None)
@@ -150,6 +185,11 @@ def parse_args(argv=None):
     args = common.parse_args_with_config(parser, argv)
     if args.feature_cache_dir is None:
         args.feature_cache_dir = common.default_feature_cache_dir()
+    # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
+    args.sdxl = common.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    for name, defaults in MODEL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.sdxl])
     return args
 
 
@@ -179,14 +219,35 @@ def validate_args(args):
                          "cannot be cached")
     if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
+    for name in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+        if getattr(args, name) is not None and not args.sdxl:
+            raise InputError(f"--{name} applies to SDXL models only (SDXL's time ids); "
+                             f"{args.pretrained_model_name_or_path!r} is a Stable Diffusion model")
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.enable_npu_flash_attention:
+        import importlib.util
+
+        if importlib.util.find_spec("torch_npu") is None:
+            raise InputError("--enable_npu_flash_attention needs an Ascend NPU and the torch_npu package")
     args.validation_pairs = validation_pairs(args)
 
-    common.check_pipeline_folder(args.pretrained_model_name_or_path, PIPELINE_PARTS)
-    if args.controlnet_model_name_or_path is not None:
-        path = args.controlnet_model_name_or_path
-        common.check_local_or_hub_id("--controlnet_model_name_or_path", path)
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise InputError(f"--controlnet_model_name_or_path {path!r} is a folder without a config.json")
+    parts = common.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS
+    skipped = {"tokenizer": args.tokenizer_name, "vae": args.pretrained_vae_model_name_or_path}
+    common.check_pipeline_folder(args.pretrained_model_name_or_path, [p for p in parts if not skipped.get(p)])
+    for flag, path in (("--controlnet_model_name_or_path", args.controlnet_model_name_or_path),
+                       ("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)):
+        if path is not None:
+            common.check_local_or_hub_id(flag, path)
+            if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+                raise InputError(f"{flag} {path!r} is a folder without a config.json")
+    unet_config = os.path.join(args.pretrained_model_name_or_path, "unet", "config.json")
+    if args.controlnet_model_name_or_path is not None and os.path.isdir(args.controlnet_model_name_or_path) \
+            and os.path.isfile(unet_config):
+        # Before any model loads: an SD ControlNet on an SDXL model (or the reverse) fails here, by its config.
+        check_controlnet_fits(args, read_json_config(os.path.join(args.controlnet_model_name_or_path, "config.json"),
+                                                     "--controlnet_model_name_or_path"),
+                              read_json_config(unet_config, "--pretrained_model_name_or_path"))
     if args.tokenizer_name is not None:
         common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
 
@@ -228,6 +289,38 @@ def validate_args(args):
                 "--enable_xformers_memory_efficient_attention: xformers is not installed "
                 "(pip install -r requirements-xformers.txt)"
             )
+
+
+def read_json_config(path, flag):
+    import json
+
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{flag}: cannot read {path!r} ({common.first_line(error)})") from None
+
+
+def check_controlnet_fits(args, controlnet_config, unet_config):
+    """A ControlNet adds residuals to the base UNet's blocks and reads its conditions (SDXL: pooled text + time ids):
+    the configs must agree on MATCHING_CONFIG. Checked on the config files before loading, and on the loaded models
+    (hub ids)."""
+    differences = [
+        f"{key} {controlnet_config[key]!r} vs {unet_config[key]!r}" for key in MATCHING_CONFIG
+        if key in controlnet_config and key in unet_config
+        and _plain(controlnet_config[key]) != _plain(unet_config[key])
+    ]
+    if differences:
+        family = "an SDXL" if args.sdxl else "a Stable Diffusion"
+        raise InputError(
+            f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path!r} does not fit "
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} ({family} model): "
+            f"{', '.join(differences)} (ControlNet vs UNet)"
+        )
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def validation_pairs(args):
@@ -338,21 +431,32 @@ def _check_caption_feature(feature, column, source):
         raise InputError(f"--caption_column {column!r} of {source!r} holds {feature}; expected text or lists of text")
 
 
-def resize_and_crop(image, resolution, crop_position, flip):
-    """PIL image -> RGB PIL image of resolution x resolution: resize the short side (bilinear, as upstream), then crop
-    at `crop_position` = (x, y) in [0, 1] of the room left over (0.5, 0.5 = centre crop), then maybe flip.
+def crop_geometry(width, height, resolution, crop_position):
+    """((width, height) after resizing the short side to `resolution`, crop left, crop top) for `crop_position` =
+    (x, y) in [0, 1] of the room left over (0.5, 0.5 = centre crop)."""
+    short = min(width, height)
+    size = (max(resolution, round(width * resolution / short)), max(resolution, round(height * resolution / short)))
+    return size, round(crop_position[0] * (size[0] - resolution)), round(crop_position[1] * (size[1] - resolution))
+
+
+def resize_and_crop(image, resolution, crop_position, flip, interpolation=Image.BILINEAR):
+    """PIL image -> RGB PIL image of resolution x resolution: resize the short side (bilinear, as upstream, unless
+    --image_interpolation_mode), then crop at `crop_position` (crop_geometry), then maybe flip.
 
     The position is relative, so an image and a conditioning image of the same aspect ratio get the same crop even at
     different sizes."""
     image = image.convert("RGB")
-    width, height = image.size
-    short = min(width, height)
-    size = (max(resolution, round(width * resolution / short)), max(resolution, round(height * resolution / short)))
-    image = image.resize(size, resample=Image.BILINEAR)
-    left = round(crop_position[0] * (size[0] - resolution))
-    top = round(crop_position[1] * (size[1] - resolution))
+    size, left, top = crop_geometry(*image.size, resolution, crop_position)
+    image = image.resize(size, resample=interpolation)
     image = image.crop((left, top, left + resolution, top + resolution))
     return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
+
+
+def size_and_crop(image, resolution, crop_position, flip):
+    """SDXL's time-id inputs for a target image: its original (height, width) and the crop's (top, left) in the
+    resized image (seen in the mirror when flipped)."""
+    size, left, top = crop_geometry(image.width, image.height, resolution, crop_position)
+    return (image.height, image.width), (top, size[0] - resolution - left if flip else left)
 
 
 def to_tensor(image):
@@ -369,17 +473,18 @@ def draw_augmentation(random_crop, random_flip, generator):
     return crop_position, flip
 
 
-def preprocess_target(image, resolution, crop_position, flip):
+def preprocess_target(image, resolution, crop_position, flip, interpolation=Image.BILINEAR):
     """The target image in [-1, 1]: what the VAE encodes."""
-    return to_tensor(resize_and_crop(image, resolution, crop_position, flip)) * 2.0 - 1.0
+    return to_tensor(resize_and_crop(image, resolution, crop_position, flip, interpolation)) * 2.0 - 1.0
 
 
-def preprocess_pair(image, conditioning_image, resolution, random_crop, random_flip, generator):
+def preprocess_pair(image, conditioning_image, resolution, random_crop, random_flip, generator,
+                    interpolation=Image.BILINEAR):
     """The target image in [-1, 1] (what the VAE encodes) and the conditioning image in [0, 1] (what the ControlNet
     reads), resized, cropped and flipped identically so that they stay aligned."""
     crop_position, flip = draw_augmentation(random_crop, random_flip, generator)
-    target = preprocess_target(image, resolution, crop_position, flip)
-    conditioning = to_tensor(resize_and_crop(conditioning_image, resolution, crop_position, flip))
+    target = preprocess_target(image, resolution, crop_position, flip, interpolation)
+    conditioning = to_tensor(resize_and_crop(conditioning_image, resolution, crop_position, flip, interpolation))
     return target, conditioning
 
 
@@ -406,10 +511,13 @@ class ControlNetExamples(torch.utils.data.Dataset):
 
     Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distribution of the target
     image / the caption's text embedding instead of pixels / token ids (the conditioning image is still read); the
-    random draws stay the same, so the training run does not change."""
+    random draws stay the same, so the training run does not change. Every example also holds its target image's
+    original size and crop (SDXL's time ids; SD ignores them). `tokenizers`: one (SD) or two (SDXL)."""
 
-    def __init__(self, dataset, tokenizer, args, run_state):
-        self.dataset, self.tokenizer, self.args, self.run_state = dataset, tokenizer, args, run_state
+    def __init__(self, dataset, tokenizers, args, run_state):
+        self.tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
+        self.dataset, self.args, self.run_state = dataset, args, run_state
+        self.interpolation = INTERPOLATION_MODES[args.image_interpolation_mode or "bilinear"]
         self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
         self._subset = (None, None)  # (seed, indices)
         self.latent_cache = self.image_keys = None
@@ -430,10 +538,8 @@ class ControlNetExamples(torch.utils.data.Dataset):
         self.text_cache, self.caption_keys = cache, caption_keys
 
     def token_ids(self, caption):
-        return self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
+        """One (max_length,) tensor of token ids per tokenizer."""
+        return [ids[0] for ids in common.tokenize_prompts(self.tokenizers, caption)]
 
     def __len__(self):
         return self.size
@@ -457,21 +563,26 @@ class ControlNetExamples(torch.utils.data.Dataset):
         example = self.dataset[row]
         caption = pick_caption(example[a.caption_column], a.proportion_empty_prompts, generator)
         item = {}
+        # The draws preprocess_pair makes (a centre crop draws nothing, then the flip), cached or not.
+        crop_position, flip = draw_augmentation(a.random_crop, a.random_flip, generator)
         if self.latent_cache is None:
-            item["pixel_values"], item["conditioning_pixel_values"] = preprocess_pair(
-                example[a.image_column], example[a.conditioning_image_column], a.resolution, a.random_crop,
-                a.random_flip, generator)
+            image = example[a.image_column]
+            item["pixel_values"] = preprocess_target(image, a.resolution, crop_position, flip, self.interpolation)
+            original_size, crop = size_and_crop(image, a.resolution, crop_position, flip)
         else:
-            # The same draws preprocess_pair makes (a centre crop draws nothing, then the flip).
-            crop_position, flip = draw_augmentation(a.random_crop, a.random_flip, generator)
             entry = self.latent_cache.load(self.image_keys[row])
             item["latent_dist"] = entry["flipped" if flip else "latent_dist"]
-            item["conditioning_pixel_values"] = to_tensor(resize_and_crop(
-                example[a.conditioning_image_column], a.resolution, crop_position, flip))
+            original_size, crop = entry["original_size"], entry["flipped_crop_top_left" if flip else "crop_top_left"]
+        item["conditioning_pixel_values"] = to_tensor(resize_and_crop(
+            example[a.conditioning_image_column], a.resolution, crop_position, flip, self.interpolation))
+        item["original_size"], item["crop_top_left"] = torch.as_tensor(original_size), torch.as_tensor(crop)
         if self.text_cache is None:
-            item["input_ids"] = self.token_ids(caption)
+            item.update(zip(INPUT_IDS, self.token_ids(caption)))
         else:
-            item["encoder_hidden_states"] = self.text_cache.load(self.caption_keys[caption])["hidden_states"]
+            entry = self.text_cache.load(self.caption_keys[caption])
+            item["encoder_hidden_states"] = entry["hidden_states"]
+            if "pooled_prompt_embeds" in entry:
+                item["pooled_prompt_embeds"] = entry["pooled_prompt_embeds"]
         return item
 
 
@@ -494,9 +605,12 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     the dataset to it. Not with --random_crop (checked by validate_args)."""
     from datasets import Image as ImageFeature
 
+    interpolation = args.image_interpolation_mode or "bilinear"
     cache = common.FeatureCache(args.feature_cache_dir, "latents", {
         "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
-        "interpolation": "bilinear", "crop": "center", "flip": args.random_flip,
+        "interpolation": interpolation, "crop": "center", "flip": args.random_flip,
+        # Entries also hold the image's size and crop (SDXL's time ids); earlier entries did not.
+        "entries": "latent_dist+size+crop",
     })
     rows = train_dataset.rows()
     # Decoded by the dataset's own image feature, as the uncached run decodes them.
@@ -510,42 +624,53 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
         image_keys.update(zip(chunk, map(common.image_fingerprint, cells[chunk][args.image_column])))
 
     def encode(batch_rows):
-        pixels = torch.stack([
-            preprocess_target(decoder.decode_example(cell), args.resolution, (0.5, 0.5), False)
-            for cell in cells[batch_rows][args.image_column]
-        ])
+        images = [decoder.decode_example(cell) for cell in cells[batch_rows][args.image_column]]
+        pixels = torch.stack([preprocess_target(image, args.resolution, (0.5, 0.5), False,
+                                                INTERPOLATION_MODES[interpolation]) for image in images])
         # A flip is exact on pixels: the flipped view is what resize_and_crop(..., flip=True) gives.
         views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
         parameters = vae.encode(views.to(accelerator.device, weight_dtype)).latent_dist.parameters
-        count = len(batch_rows)
-        if not args.random_flip:
-            return [{"latent_dist": parameters[i]} for i in range(count)]
-        return [{"latent_dist": parameters[i], "flipped": parameters[count + i]} for i in range(count)]
+        entries = []
+        for i, image in enumerate(images):
+            size, crop = size_and_crop(image, args.resolution, (0.5, 0.5), False)
+            entries.append({"latent_dist": parameters[i], "original_size": torch.tensor(size),
+                            "crop_top_left": torch.tensor(crop)})
+            if args.random_flip:
+                flipped_crop = size_and_crop(image, args.resolution, (0.5, 0.5), True)[1]
+                entries[i].update(flipped=parameters[len(images) + i], flipped_crop_top_left=torch.tensor(flipped_crop))
+        return entries
 
     vae.to(accelerator.device, dtype=weight_dtype)
     cache.fill(accelerator, {key: row for row, key in image_keys.items()}, encode, args.train_batch_size)
     train_dataset.use_latent_cache(cache, image_keys)
 
 
-def cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight_dtype):
+def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
     """Fill the text-embedding cache for every caption of the rows this run trains on, and the empty prompt when
-    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries are keyed by token ids, so a
-    different tokenizer is a miss too."""
-    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {
-        "text_encoder": common.model_fingerprint(text_encoder), "dtype": str(weight_dtype),
-    })
+    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries hold what `encode_text` returns
+    (SDXL: both encoders' hidden states and the pooled embedding) and are keyed by token ids, so a different
+    tokenizer is a miss too."""
+    if not isinstance(text_encoders, (list, tuple)):
+        text_encoders = [text_encoders]
+    settings = {name: common.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
+    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {**settings, "dtype": str(weight_dtype)})
     rows = train_dataset.rows()
     captions = set(all_captions(train_dataset.dataset.select(rows)[args.caption_column]))
     if args.proportion_empty_prompts > 0:
         captions.add("")
     token_ids = {caption: train_dataset.token_ids(caption) for caption in sorted(captions)}
-    caption_keys = {caption: common.fingerprint(ids.tolist()) for caption, ids in token_ids.items()}
+    caption_keys = {caption: common.fingerprint(*(ids.tolist() for ids in per_tokenizer))
+                    for caption, per_tokenizer in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states = text_encoder(torch.stack(batch_ids).to(accelerator.device), return_dict=False)[0]
-        return [{"hidden_states": states} for states in hidden_states]
+        hidden_states, pooled = encode_text(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
+        if pooled is None:
+            return [{"hidden_states": states} for states in hidden_states]
+        return [{"hidden_states": states, "pooled_prompt_embeds": vector}
+                for states, vector in zip(hidden_states, pooled)]
 
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
     cache.fill(accelerator, {caption_keys[c]: ids for c, ids in token_ids.items()}, encode, args.train_batch_size)
     train_dataset.use_text_cache(cache, caption_keys)
 
@@ -556,11 +681,13 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight
 
 
 def load_models(args):
-    """(noise_scheduler, tokenizer, text_encoder, vae, unet) from the pretrained pipeline; load errors are InputErrors
-    naming the part that failed."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    """(noise_scheduler, tokenizers, text_encoders, vae, unet) from the pretrained pipeline: one tokenizer and text
+    encoder for SD, two for SDXL (a CLIPTextModel and a CLIPTextModelWithProjection); the VAE from
+    --pretrained_vae_model_name_or_path if given. Load errors are InputErrors naming the part that failed."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer
 
+    # Trained with DDPM noising whatever the pipeline samples with (SDXL ships EulerDiscreteScheduler), as upstream.
     noise_scheduler = load_part(args, "scheduler", DDPMScheduler.from_pretrained)
     if args.tokenizer_name is not None:
         try:
@@ -571,9 +698,13 @@ def load_models(args):
                              f"({common.first_line(error)})") from None
     else:
         tokenizer = load_part(args, "tokenizer", AutoTokenizer.from_pretrained)
+    tokenizers = [tokenizer]
+    if args.sdxl:
+        tokenizers.append(load_part(args, "tokenizer_2", AutoTokenizer.from_pretrained))
+    # Each frozen part loads outside ZeRO-3's partitioning (frozen_models_outside_zero3 does not nest).
+    text_encoders = [load_frozen_part(args, part) for part in TEXT_ENCODERS[:len(tokenizers)]]
+    vae = load_frozen_part(args, "vae")
     with common.frozen_models_outside_zero3():
-        text_encoder = load_part(args, "text_encoder", CLIPTextModel.from_pretrained, variant=args.variant)
-        vae = load_part(args, "vae", AutoencoderKL.from_pretrained, variant=args.variant)
         unet = load_part(args, "unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
 
     if args.prediction_type is not None:
@@ -582,7 +713,7 @@ def load_models(args):
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
                          "pass --prediction_type epsilon or v_prediction")
-    return noise_scheduler, tokenizer, text_encoder, vae, unet
+    return noise_scheduler, tokenizers, text_encoders, vae, unet
 
 
 def load_part(args, part, loader, **kwargs):
@@ -595,21 +726,37 @@ def load_part(args, part, loader, **kwargs):
                          f"({common.first_line(error)})") from None
 
 
-def load_frozen_part(args, part, device, dtype):
-    """The VAE or text encoder again (validation after --cache_latents / --cache_text_embeddings dropped it), as
-    load_models loads it, on `device` in the frozen models' `dtype`."""
+def load_frozen_part(args, part, device=None, dtype=None):
+    """The VAE (--pretrained_vae_model_name_or_path's if given) or a text encoder: for load_models, and again for
+    validation after --cache_latents / --cache_text_embeddings dropped it (then on `device` in `dtype`)."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    loader = {"vae": AutoencoderKL.from_pretrained, "text_encoder": CLIPTextModel.from_pretrained}[part]
+    custom_vae = args.pretrained_vae_model_name_or_path
     with common.frozen_models_outside_zero3():
-        model = load_part(args, part, loader, variant=args.variant)
-    return model.requires_grad_(False).to(device, dtype=dtype)
+        if part == "vae" and custom_vae:
+            try:
+                model = AutoencoderKL.from_pretrained(custom_vae, revision=args.revision, variant=args.variant,
+                                                      cache_dir=args.cache_dir)
+            except Exception as error:
+                raise InputError(f"--pretrained_vae_model_name_or_path {custom_vae!r}: cannot load the VAE "
+                                 f"({common.first_line(error)})") from None
+        else:
+            loader = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                      "text_encoder_2": CLIPTextModelWithProjection}[part].from_pretrained
+            model = load_part(args, part, loader, variant=args.variant)
+    model.requires_grad_(False)
+    return model if device is None else model.to(device, dtype=dtype)
 
 
 def frozen_dtype(accelerator):
     """The VAE, UNet and text encoder run in the mixed-precision dtype; the trained ControlNet stays fp32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def vae_dtype(args, weight_dtype):
+    """SDXL's own VAE runs in fp32 (it overflows in fp16); every other VAE in the frozen models' dtype."""
+    return common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path) if args.sdxl else weight_dtype
 
 
 def build_controlnet(args, unet):
@@ -628,6 +775,7 @@ def build_controlnet(args, unet):
                 f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path!r}: cannot load "
                 f"({common.first_line(error)})"
             ) from None
+        check_controlnet_fits(args, dict(controlnet.config), dict(unet.config))
     # Upstream refuses a half-precision ControlNet; the trained weights (and their optimizer states) must be fp32.
     return controlnet if controlnet.dtype == torch.float32 else controlnet.to(torch.float32)
 
@@ -650,11 +798,34 @@ def build_optimizer(args, params):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, generator, args, weight_dtype,
+def encode_text(text_encoders, input_ids):
+    """(encoder_hidden_states, pooled embedding or None) of a batch of token ids (one tensor per encoder): SD's last
+    hidden state, or SDXL's two-encoder conditioning (train_common.encode_prompt_sdxl)."""
+    if len(text_encoders) == 2:
+        return common.encode_prompt_sdxl(text_encoders, input_ids)
+    return text_encoders[0](input_ids[0].to(text_encoders[0].device), return_dict=False)[0], None
+
+
+def added_conditions(batch, pooled_prompt_embeds, args):
+    """The `added_cond_kwargs` the ControlNet and the UNet both read: None for SD; for SDXL the pooled embedding and
+    each sample's time ids from its original size and real crop, unless --crops_coords_top_left_h/_w are given
+    (then they are the crop, as upstream)."""
+    if pooled_prompt_embeds is None:
+        return None
+    crops = batch["crop_top_left"].clone()
+    for column, value in enumerate((args.crops_coords_top_left_h, args.crops_coords_top_left_w)):
+        if value is not None:
+            crops[:, column] = value
+    time_ids = common.sdxl_time_ids(batch["original_size"], crops, (args.resolution, args.resolution),
+                                    device=pooled_prompt_embeds.device)
+    return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+
+
+def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype,
                   scaling_factor):
     """The diffusion loss of one batch: encode images and captions with the frozen models (or take them from the
-    cache), noise the latents, let the ControlNet read the conditioning image and feed its residuals into the frozen
-    UNet, weight by Min-SNR.
+    cache), noise the latents, let the ControlNet read the conditioning image (and, SDXL, the same added conditions
+    as the UNet) and feed its residuals into the frozen UNet, weight by Min-SNR.
 
     Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -663,12 +834,16 @@ def training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, g
         if "latent_dist" in batch:
             latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
         else:
-            latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+            latent_dist = vae.encode(batch["pixel_values"].to(vae_dtype(args, weight_dtype))).latent_dist
         latents = latent_dist.sample(generator=generator).float() * scaling_factor
         if "encoder_hidden_states" in batch:
-            encoder_hidden_states = batch["encoder_hidden_states"]
+            encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
-            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+            input_ids = [batch[key] for key in INPUT_IDS if key in batch]
+            encoder_hidden_states, pooled = encode_text(text_encoders, input_ids)
+    added_cond_kwargs = added_conditions(batch, pooled, args)
+    unet_added_cond_kwargs = added_cond_kwargs and {key: value.to(weight_dtype)
+                                                    for key, value in added_cond_kwargs.items()}
 
     noise = common.sample_noise(latents, generator, args.noise_offset)
     timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
@@ -677,10 +852,11 @@ def training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, g
 
     down_residuals, mid_residual = controlnet(
         noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-        controlnet_cond=batch["conditioning_pixel_values"], return_dict=False,
+        controlnet_cond=batch["conditioning_pixel_values"], added_cond_kwargs=added_cond_kwargs, return_dict=False,
     )
     model_pred = unet(
         noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(weight_dtype),
+        added_cond_kwargs=unet_added_cond_kwargs,
         down_block_additional_residuals=[residual.to(weight_dtype) for residual in down_residuals],
         mid_block_additional_residual=mid_residual.to(weight_dtype), return_dict=False,
     )[0]
@@ -698,7 +874,22 @@ def training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, g
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def generate_validation_images(accelerator, controlnet, unet, vae, text_encoder, tokenizer, noise_scheduler, args,
+def validation_pipeline(args, scheduler, **components):
+    """StableDiffusionControlNetPipeline (SDXL: StableDiffusionXLControlNetPipeline) from the models in memory."""
+    from diffusers import (
+        StableDiffusionControlNetPipeline,
+        StableDiffusionXLControlNetPipeline,
+        UniPCMultistepScheduler,
+    )
+
+    scheduler = UniPCMultistepScheduler.from_config(scheduler.config)
+    if args.sdxl:
+        return StableDiffusionXLControlNetPipeline(**components, scheduler=scheduler, add_watermarker=False)
+    return StableDiffusionControlNetPipeline(**components, scheduler=scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+
+
+def generate_validation_images(accelerator, controlnet, unet, vae, text_encoders, tokenizers, noise_scheduler, args,
                                seed):
     """Render --num_validation_images images for every (prompt, conditioning image) pair, the work split across all
     ranks (no rank idles past a collective timeout). Image k of pair i always comes from a generator seeded from
@@ -706,24 +897,23 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoder,
 
     The main process gets [{"prompt", "conditioning", "images"}] in pair order, other ranks None."""
     from accelerate.utils import gather_object
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     pairs = args.validation_pairs
     jobs = [(pair, k) for pair in range(len(pairs)) for k in range(args.num_validation_images)]
     mine = jobs[accelerator.process_index::accelerator.num_processes]
-    conditioning = [resize_and_crop(Image.open(path), args.resolution, (0.5, 0.5), False) for _, path in pairs]
+    interpolation = INTERPOLATION_MODES[args.image_interpolation_mode or "bilinear"]
+    conditioning = [resize_and_crop(Image.open(path), args.resolution, (0.5, 0.5), False, interpolation)
+                    for _, path in pairs]
     rendered = []
     if mine:
         # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
+        weight_dtype = frozen_dtype(accelerator)
         if vae is None:
-            vae = load_frozen_part(args, "vae", accelerator.device, frozen_dtype(accelerator))
-        if text_encoder is None:
-            text_encoder = load_frozen_part(args, "text_encoder", accelerator.device, frozen_dtype(accelerator))
-        pipeline = StableDiffusionControlNetPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
-            scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+            vae = load_frozen_part(args, "vae", accelerator.device, vae_dtype(args, weight_dtype))
+        text_encoders = text_encoders or [load_frozen_part(args, part, accelerator.device, weight_dtype)
+                                          for part in TEXT_ENCODERS[:len(tokenizers)]]
+        pipeline = validation_pipeline(args, noise_scheduler, vae=vae, unet=unet, controlnet=controlnet,
+                                       **dict(zip(TEXT_ENCODERS, text_encoders)), **dict(zip(TOKENIZERS, tokenizers)))
         pipeline.set_progress_bar_config(disable=True)
         if args.enable_xformers_memory_efficient_attention:
             pipeline.enable_xformers_memory_efficient_attention()
@@ -733,7 +923,7 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoder,
             generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, pair, k)
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(
-                    pairs[pair][0], conditioning[pair], num_inference_steps=args.validation_inference_steps,
+                    pairs[pair][0], image=conditioning[pair], num_inference_steps=args.validation_inference_steps,
                     generator=generator, height=args.resolution, width=args.resolution, output_type="np",
                 ).images[0]
             rendered.append((pair, k, (image * 255).round().astype("uint8")))
@@ -789,6 +979,7 @@ def write_model_card(args, global_step, logs):
             make_image_grid(tiles, 1, len(tiles)).save(os.path.join(args.output_dir, f"images_{index}.png"))
             gallery += f"prompt: {log['prompt']}\n![images_{index}](./images_{index}.png)\n\n"
     example_prompt = logs[0]["prompt"] if logs else "red circle with blue background"
+    pipeline_name = "StableDiffusionXLControlNetPipeline" if args.sdxl else "StableDiffusionControlNetPipeline"
     description = f"""
 # ControlNet trained on {args.pretrained_model_name_or_path}
 
@@ -799,12 +990,12 @@ for {global_step} optimizer steps at {args.resolution}x{args.resolution}.
 ## Usage
 
 ```python
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers import ControlNetModel, {pipeline_name}
 from diffusers.utils import load_image
 
 controlnet = ControlNetModel.from_pretrained("{args.hub_model_id or args.output_dir}")
-pipeline = StableDiffusionControlNetPipeline.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)
-image = pipeline({example_prompt!r}, load_image("conditioning.png")).images[0]
+pipeline = {pipeline_name}.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)
+image = pipeline({example_prompt!r}, image=load_image("conditioning.png")).images[0]
 ```
 
 ## Training
@@ -820,11 +1011,13 @@ image = pipeline({example_prompt!r}, load_image("conditioning.png")).images[0]
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 """
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
-            "diffusers-training"]
+    if args.pretrained_vae_model_name_or_path:
+        description += f"| VAE | {args.pretrained_vae_model_name_or_path} |\n"
+    family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
+    tags = [family, f"{family}-diffusers", "text-to-image", "diffusers", "controlnet", "diffusers-training"]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
     card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
-                              license="creativeml-openrail-m", inference=True)
+                              license="openrail++" if args.sdxl else "creativeml-openrail-m", inference=True)
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
                                    model_description=description)
     card.save(os.path.join(args.output_dir, "README.md"))
@@ -877,16 +1070,19 @@ def main(argv=None):
     with accelerator.main_process_first():
         examples = load_controlnet_dataset(args)
 
-    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args)
     controlnet = build_controlnet(args, unet)
-    # Frozen parts run in the mixed-precision dtype; the trained ControlNet stays fp32 (its optimizer states too).
+    # Frozen parts run in the mixed-precision dtype (SDXL's own VAE in fp32); the trained ControlNet stays fp32 (its
+    # optimizer states too).
     weight_dtype = frozen_dtype(accelerator)
-    for frozen in (vae, unet, text_encoder):
-        frozen.requires_grad_(False)
+    unet.requires_grad_(False)
     controlnet.train()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
+    if args.enable_npu_flash_attention:
+        unet.enable_npu_flash_attention()
+        controlnet.enable_npu_flash_attention()
     if args.gradient_checkpointing:
         # The loss backpropagates through the frozen UNet into the ControlNet's residuals: both hold activations.
         controlnet.enable_gradient_checkpointing()
@@ -894,7 +1090,7 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    train_dataset = ControlNetExamples(examples, tokenizer, args, run_state)
+    train_dataset = ControlNetExamples(examples, tokenizers, args, run_state)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -951,15 +1147,16 @@ def main(argv=None):
     # known only now for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, weight_dtype)
+        cache_latents(accelerator, train_dataset, vae, args, vae_dtype(args, weight_dtype))
         vae = None
     else:
-        vae.to(accelerator.device, dtype=weight_dtype)
+        vae.to(accelerator.device, dtype=vae_dtype(args, weight_dtype))
     if args.cache_text_embeddings:
-        cache_text_embeddings(accelerator, train_dataset, text_encoder, args, weight_dtype)
-        text_encoder = None
+        cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype)
+        text_encoders = None
     else:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        for text_encoder in text_encoders:
+            text_encoder.to(accelerator.device, dtype=weight_dtype)
     common.free_memory()
 
     if accelerator.is_main_process:
@@ -982,7 +1179,7 @@ def main(argv=None):
     )
 
     def validate(name, model):
-        logs = generate_validation_images(accelerator, model, unet, vae, text_encoder, tokenizer, noise_scheduler,
+        logs = generate_validation_images(accelerator, model, unet, vae, text_encoders, tokenizers, noise_scheduler,
                                           args, run_state.seed)
         if accelerator.is_main_process:
             folder = log_validation_images(accelerator, logs, name, global_step, args)
@@ -1015,7 +1212,7 @@ def main(argv=None):
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             with accelerator.accumulate(controlnet):
-                loss = training_loss(controlnet, unet, vae, text_encoder, noise_scheduler, batch, generator, args,
+                loss = training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, generator, args,
                                      weight_dtype, scaling_factor)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

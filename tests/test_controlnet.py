@@ -278,6 +278,7 @@ def test_cached_examples_equal_fresh_encodings(tiny_sd, fill_parquet, tmp_path):
     args = Namespace(dataset_name=fill_parquet, train_data_dir=None, dataset_config_name=None, cache_dir=None,
                      image_column="image", conditioning_image_column="conditioning_image", caption_column="text",
                      resolution=64, random_crop=False, random_flip=True, proportion_empty_prompts=0.4,
+                     image_interpolation_mode=None,
                      max_train_samples=5, feature_cache_dir=str(tmp_path / "cache"), train_batch_size=2)
     examples = script.load_controlnet_dataset(args)
     fresh = script.ControlNetExamples(examples, tokenizer, args, RunState(3))
