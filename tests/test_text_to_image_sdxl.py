@@ -160,7 +160,7 @@ def test_exact_resume_with_ema_rotation_and_feature_cache(tiny_sdxl, txt_folder,
     for folder in ("unet", "unet_raw"):
         expected, got = load_weights(os.path.join(straight, folder)), load_weights(os.path.join(cached, folder))
         differences = torch.cat([(got[name] - value).abs().flatten() for name, value in expected.items()])
-        assert (differences > 2e-6).sum() <= 1e-5 * differences.numel() and differences.max() < 2.5e-5, folder
+        assert (differences > 2e-6).sum() <= 1e-4 * differences.numel() and differences.max() < 2.5e-5, folder
     assert_different_weights(os.path.join(cached, "unet_raw"), os.path.join(tiny_sdxl, "unet"))
 
 
