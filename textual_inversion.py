@@ -759,6 +759,12 @@ def load_models(args):
     return noise_scheduler, text_encoders, vae, unet
 
 
+def vae_dtype_for(args, weight_dtype):
+    """SD: the mixed-precision dtype of the other frozen models; SDXL: train_common.sdxl_vae_dtype (fp32 for its own
+    VAE, which overflows in fp16)."""
+    return common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path) if args.sdxl else weight_dtype
+
+
 def encode_batch(text_encoders, batch, args, weight_dtype):
     """The UNet's conditioning of a batch, with gradients into the new rows: (encoder_hidden_states, its
     added_cond_kwargs). SD: the text encoder's last hidden state, no added conditions. SDXL: both encoders
@@ -911,9 +917,7 @@ def main(argv=None):
     )
     # The frozen models only run forward: keep them in the mixed precision dtype (the SDXL VAE: sdxl_vae_dtype).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae_dtype = weight_dtype
-    if args.sdxl:
-        vae_dtype = common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path)
+    vae_dtype = vae_dtype_for(args, weight_dtype)
     _to_device(accelerator.device, weight_dtype, unet)
 
     global_step = common.resume_from_checkpoint(accelerator, args, run_state)
