@@ -2,7 +2,8 @@
 
 For each script and variant (extra flags: caching, gradient checkpointing, 8-bit Adam, --set_grads_to_none) this
 trains a small but not tiny model (UNet channels 64/128/128, 128 px images = 16x16 latents, batch 2) for --steps
-optimizer steps and reports:
+optimizer steps and reports (text_to_image_sdxl: the same script on an SDXL-shaped pipeline, the same UNet with SDXL's
+text_time conditioning and two small text encoders):
 
 - s/step: the steady-state time of one optimizer step. The run logs its loss every L steps to TensorBoard; an event's
   wall time is when it was logged, so the median over the logging intervals of (time between two logged steps) /
@@ -115,6 +116,51 @@ def build_bench_model(folder):
     ).save_pretrained(folder)
 
 
+def build_bench_sdxl_model(folder):
+    """The SDXL counterpart of build_bench_model: the same UNet with SDXL's `text_time` conditioning (pooled text
+    embedding + 6 time ids), a CLIPTextModel and a CLIPTextModelWithProjection (128 and 256 wide, 4 layers) whose
+    penultimate hidden states side by side are the UNet's cross-attention input, and the same VAE."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
+    from tiny_sd import write_tokenizer
+
+    torch.manual_seed(0)
+    tokenizers = [write_tokenizer(os.path.join(folder, name)) for name in ("tokenizer", "tokenizer_2")]
+
+    def text_config(hidden_size):
+        return CLIPTextConfig(
+            bos_token_id=tokenizers[0].bos_token_id, eos_token_id=tokenizers[0].eos_token_id,
+            pad_token_id=tokenizers[0].pad_token_id, vocab_size=len(tokenizers[0]), hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size, num_attention_heads=4, num_hidden_layers=4,
+            max_position_embeddings=TEXT_LENGTH, projection_dim=hidden_size,
+        )
+
+    text_encoder, text_encoder_2 = CLIPTextModel(text_config(128)), CLIPTextModelWithProjection(text_config(256))
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128 + 256, attention_head_dim=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=32,
+        projection_class_embeddings_input_dim=6 * 32 + 256,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+    ).save_pretrained(folder)
+
+
 def draw_example(index):
     """One synthetic example: a coloured shape on a light background (the training image), the same shape in
     another colour (the edited image for pix2pix), the shape's outline on black (ControlNet's conditioning image),
@@ -194,11 +240,16 @@ def ensure_built(folder, build, what):
 # The scripts and variants
 # ----------------------------------------------------------------------------------------------------------------------
 
-# file, the scalar the script logs its loss as, its data flags, and which text models a cached run can cache
-# (textual_inversion trains through its text encoder, so only the latents can be cached).
+# file, the scalar the script logs its loss as, its data flags, which text models a cached run can cache
+# (textual_inversion trains through its text encoder, so only the latents can be cached), and the bench model it
+# trains (default: the SD one).
 SCRIPTS = {
     "text_to_image": {
         "file": "train_text_to_image.py", "loss_tag": "train_loss", "cache_text": True,
+        "data_flags": lambda data: ["--train_data_dir", f"{data}/captioned", "--center_crop"],
+    },
+    "text_to_image_sdxl": {
+        "file": "train_text_to_image.py", "loss_tag": "train_loss", "cache_text": True, "model": "sdxl",
         "data_flags": lambda data: ["--train_data_dir", f"{data}/captioned", "--center_crop"],
     },
     "dreambooth_lora": {
@@ -359,7 +410,7 @@ def run_script(args, script, variant, suffix=""):
     cuda_peak_file = os.path.join(output_dir, "cuda-peak.json") if args.device == "cuda" else None
     flags = variant_flags(script, variant, os.path.join(args.work_dir, "feature-cache", script))
     repo = args.baseline_repo if variant == BEFORE else args.repo
-    command = script_command(repo, script, args.model, args.data, output_dir, args.steps, flags)
+    command = script_command(repo, script, model_for(args, script), args.data, output_dir, args.steps, flags)
     log(f"{name}: {' '.join(command)}")
     run = run_measured(command, child_env(args.threads, args.device, cuda_peak_file), log_path)
     if run["status"] != 0:
@@ -404,8 +455,12 @@ def measure_variant(args, script, variant, first_round):
     return measured
 
 
+def model_for(args, script):
+    return args.models[SCRIPTS[script].get("model", "sd")]
+
+
 def run_floor(args, script):
-    command = [sys.executable, os.path.abspath(__file__), "--floor", script, "--model", args.model,
+    command = [sys.executable, os.path.abspath(__file__), "--floor", script, "--model", model_for(args, script),
                "--steps", str(args.steps), "--device", args.device]
     log_path = os.path.join(args.work_dir, "runs", f"{script}-floor.log")
     log(f"{script} floor")
@@ -460,6 +515,23 @@ def floor_text_to_image(model, device):
 
     def loss():
         return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], return_dict=False)[0], batch)
+    return list(unet.parameters()), loss
+
+
+def floor_text_to_image_sdxl(model, device):
+    """The whole UNet trains, conditioned as SDXL: both encoders' hidden states, the pooled embedding and time ids."""
+    import torch
+
+    unet = load_unet(model, device).train()
+    batch = fixed_batch(device, unet.config.cross_attention_dim)
+    pooled_size = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(BATCH_SIZE, pooled_size, generator=torch.Generator().manual_seed(0)),
+             "time_ids": torch.tensor([[128.0, 160.0, 0.0, 16.0, RESOLUTION, RESOLUTION]] * BATCH_SIZE)}
+    added = {key: value.to(device) for key, value in added.items()}
+
+    def loss():
+        return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], added_cond_kwargs=added,
+                        return_dict=False)[0], batch)
     return list(unet.parameters()), loss
 
 
@@ -537,6 +609,7 @@ def floor_textual_inversion(model, device):
 
 FLOORS = {
     "text_to_image": floor_text_to_image,
+    "text_to_image_sdxl": floor_text_to_image_sdxl,
     "dreambooth_lora": floor_dreambooth_lora,
     "controlnet": floor_controlnet,
     "instruct_pix2pix": floor_instruct_pix2pix,
@@ -676,7 +749,10 @@ def main():
 
     args.work_dir, args.repo = os.path.abspath(args.work_dir), os.path.abspath(args.repo)
     os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
-    args.model = ensure_built(os.path.join(args.work_dir, "model"), build_bench_model, "bench SD pipeline")
+    args.models = {"sd": ensure_built(os.path.join(args.work_dir, "model"), build_bench_model, "bench SD pipeline")}
+    if any(SCRIPTS[script].get("model") == "sdxl" for script in args.scripts):
+        args.models["sdxl"] = ensure_built(os.path.join(args.work_dir, "model-sdxl"), build_bench_sdxl_model,
+                                           "bench SDXL pipeline")
     args.data = ensure_built(os.path.join(args.work_dir, "data"), build_datasets, "datasets")
 
     if args.baseline_repo:
