@@ -1,13 +1,14 @@
 """train_controlnet.py on an SDXL base model (upstream's train_controlnet_sdxl.py command line): what differs from SD.
 
 Launched runs are few (each costs ~15 s of imports): the upstream command line scaled down (its output loaded into
-StableDiffusionXLControlNetPipeline, then resumed in place), one straight run it must equal bit for bit, and one
-2-process run on the feature cache. Time ids, cache equivalence and bad inputs are checked in-process."""
+StableDiffusionXLControlNetPipeline), the same command stopped by SIGTERM and resumed, which must equal it bit for bit,
+and one 2-process run on the feature cache. Time ids, cache equivalence and bad inputs are checked in-process."""
 
 import glob
 import os
 import random
 import shutil
+import signal
 from argparse import Namespace
 
 import pytest
@@ -21,8 +22,11 @@ from helpers import (
     fail_in_process,
     launch,
     load_weights,
+    send_signal_and_wait,
     snapshot,
+    start_python,
     train,
+    wait_for_path,
 )
 from test_controlnet import fill_example, write_parquet_dataset
 
@@ -82,8 +86,8 @@ def upstream_command(model, output_dir, data, images, max_train_steps, checkpoin
 def test_upstream_command_output_loads_into_sdxl_pipeline_and_resumes_exactly(tiny_sdxl, fill_sdxl,
                                                                              conditioning_images, tmp_path):
     """The upstream SDXL command (wandb offline) trains 5 steps with validation on both pairs, rotates checkpoints,
-    writes a ControlNet that StableDiffusionXLControlNetPipeline loads and generates with; its checkpoint-3 (mid
-    epoch, accumulation 2) resumed in another folder rotates on and ends bit for bit like the straight run."""
+    writes a ControlNet that StableDiffusionXLControlNetPipeline loads and generates with; stopped by SIGTERM and
+    resumed (accumulation 2), it rotates on and ends bit for bit like the straight run."""
     out = str(tmp_path / "out")
     result = launch(SCRIPT, upstream_command(tiny_sdxl, out, fill_sdxl, conditioning_images, 5, 3),
                     cwd=str(tmp_path))
@@ -122,13 +126,20 @@ def test_upstream_command_output_loads_into_sdxl_pipeline_and_resumes_exactly(ti
                     generator=torch.Generator().manual_seed(0)).images
     assert not (images == without).all()
 
-    # Resumed from checkpoint-3 (without validation, keeping 1 checkpoint): rotation goes on after the resume
-    # (checkpoint-3, then -4 removed), and the weights are the straight run's (which rendered validation images).
+    # The same command (without validation, keeping 1 checkpoint) stopped by SIGTERM once checkpoint-1 exists: it
+    # checkpoints the step it is in and exits 143; resumed with `latest` it rotates on (each new checkpoint replaces
+    # the last) and ends bit for bit like the straight run (which rendered validation images in between).
     resumed = str(tmp_path / "resumed")
-    shutil.copytree(os.path.join(out, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    result = train(SCRIPT, upstream_command(tiny_sdxl, resumed, fill_sdxl, conditioning_images, 5, 1,
-                                            validation=False) + ["--resume_from_checkpoint=latest"], cwd=str(tmp_path))
-    assert f"Resuming from {os.path.join(resumed, 'checkpoint-3')}" in result.stderr
+    command = upstream_command(tiny_sdxl, resumed, fill_sdxl, conditioning_images, 5, 1, validation=False)
+    process = start_python(SCRIPT, command, cwd=str(tmp_path))
+    wait_for_path(os.path.join(resumed, "checkpoint-1"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert "Continue with --resume_from_checkpoint latest" in stdout
+    (stopped,) = checkpoints(resumed)
+    assert stopped != "checkpoint-5", "the signal arrived after the run had finished"
+    result = train(SCRIPT, command + ["--resume_from_checkpoint=latest"], cwd=str(tmp_path))
+    assert f"Resuming from {os.path.join(resumed, stopped)}" in result.stderr
     assert checkpoints(resumed) == {"checkpoint-5"}
     assert_same_weights(os.path.join(out, "checkpoint-5", "controlnet"),
                         os.path.join(resumed, "checkpoint-5", "controlnet"))
