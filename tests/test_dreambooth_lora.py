@@ -364,7 +364,7 @@ def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos",
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False,
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
-                "random_flip": False, "snr_gamma": None}
+                "random_flip": False, "snr_gamma": None, "sdxl": False}
     defaults.update(values)
     return argparse.Namespace(**defaults)
 
@@ -388,7 +388,7 @@ def test_folder_prompts_crops_exif_and_collate(instance_folder, tokenizer, tmp_p
 
     # Crops depend only on (seed, epoch, index): the same every time, different across epochs.
     class_items = [(path, CLASS_PROMPT) for path, _ in items[:2]]
-    dataset = script.DreamBoothDataset(items, class_items, script.PromptInputs(tokenizer, None), _namespace(),
+    dataset = script.DreamBoothDataset(items, class_items, script.PromptInputs([tokenizer], None), _namespace(),
                                        RunState(seed=3))
     assert len(dataset) == 3
     first, again = dataset[(0, 1)], dataset[(0, 1)]
@@ -416,17 +416,18 @@ def test_precomputed_embeddings_follow_mask_and_max_length(tiny_sd, tokenizer):
     script = _script()
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
     prompts = [INSTANCE_PROMPT, INSTANCE_PROMPT, CLASS_PROMPT]
-    plain = script.precompute_prompt_embeddings(text_encoder, tokenizer, prompts, _namespace())
-    masked = script.precompute_prompt_embeddings(text_encoder, tokenizer, prompts,
+    plain = script.precompute_prompt_embeddings([text_encoder], [tokenizer], prompts, _namespace())
+    masked = script.precompute_prompt_embeddings([text_encoder], [tokenizer], prompts,
                                                  _namespace(text_encoder_use_attention_mask=True))
-    short = script.precompute_prompt_embeddings(text_encoder, tokenizer, prompts, _namespace(tokenizer_max_length=12))
+    short = script.precompute_prompt_embeddings([text_encoder], [tokenizer], prompts,
+                                                _namespace(tokenizer_max_length=12))
     assert set(plain) == {INSTANCE_PROMPT, CLASS_PROMPT}
     assert plain[INSTANCE_PROMPT].shape == (77, 32) and short[INSTANCE_PROMPT].shape == (12, 32)
     assert not torch.equal(plain[INSTANCE_PROMPT], masked[INSTANCE_PROMPT])
     # The dataset hands the precomputed embeddings instead of token ids.
-    inputs = script.PromptInputs(tokenizer, None, plain)(CLASS_PROMPT)
+    inputs = script.PromptInputs([tokenizer], None, plain)(CLASS_PROMPT)
     assert list(inputs) == ["prompt_embeds"] and torch.equal(inputs["prompt_embeds"], plain[CLASS_PROMPT])
-    assert script.PromptInputs(tokenizer, 12)(CLASS_PROMPT)["input_ids"].shape == (12,)
+    assert script.PromptInputs([tokenizer], 12)(CLASS_PROMPT)["input_ids"].shape == (12,)
 
 
 class _OneProcess:
@@ -463,12 +464,12 @@ def test_cached_latents_and_prompts_equal_fresh_encodings(tiny_sd, instance_fold
 
     latent_cache = script.cache_latents(_OneProcess(), vae, [path for path, _ in items + class_items], args,
                                         torch.float32)
-    embeddings = script.cache_text_embeddings(_OneProcess(), text_encoder, tokenizer, prompts, args, torch.float32)
-    fresh = script.DreamBoothDataset(items, class_items, script.PromptInputs(tokenizer, 16), args, RunState(0))
-    cached = script.DreamBoothDataset(items, class_items, script.PromptInputs(tokenizer, 16, embeddings), args,
+    embeddings = script.cache_text_embeddings(_OneProcess(), [text_encoder], [tokenizer], prompts, args, torch.float32)
+    fresh = script.DreamBoothDataset(items, class_items, script.PromptInputs([tokenizer], 16), args, RunState(0))
+    cached = script.DreamBoothDataset(items, class_items, script.PromptInputs([tokenizer], 16, embeddings), args,
                                       RunState(0))
     cached.use_latent_cache(*latent_cache)
-    precomputed = script.precompute_prompt_embeddings(text_encoder, tokenizer, prompts, args)
+    precomputed = script.precompute_prompt_embeddings([text_encoder], [tokenizer], prompts, args)
     expected_examples = [fresh[(0, index)] for index in range(len(fresh))]
 
     def unreadable(path):
@@ -516,7 +517,7 @@ def loss_inputs(tiny_sd, tokenizer):
 
 
 def _loss(inputs, **flags):
-    return _script().training_loss(inputs["unet"], inputs["vae"], inputs["text_encoder"], inputs["scheduler"],
+    return _script().training_loss(inputs["unet"], inputs["vae"], [inputs["text_encoder"]], inputs["scheduler"],
                                    inputs["batch"], torch.Generator().manual_seed(7), _namespace(**flags),
                                    torch.float32, inputs["vae"].config.scaling_factor).item()
 
@@ -539,7 +540,8 @@ def test_upstream_defaults_and_config_file(yaml_file):
     script = _script()
     args = script.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                               "--instance_prompt", "p"])
-    defaults = {"output_dir": "lora-dreambooth-model", "resolution": 512, "train_batch_size": 4, "learning_rate": 5e-4,
+    # --resolution and --adam_weight_decay follow the base model (SD 512 and 1e-2; see the flags tests).
+    defaults = {"output_dir": "lora-dreambooth-model", "resolution": None, "train_batch_size": 4, "learning_rate": 5e-4,
                 "num_train_epochs": 1, "checkpointing_steps": 500, "validation_epochs": 50, "num_validation_images": 4,
                 "lr_scheduler": "constant", "lr_warmup_steps": 500, "mixed_precision": None, "rank": 4,
                 "lora_dropout": 0.0, "prior_loss_weight": 1.0, "num_class_images": 100, "sample_batch_size": 4,

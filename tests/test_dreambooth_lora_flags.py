@@ -80,7 +80,7 @@ def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos", "random_flip": False,
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False, "snr_gamma": None,
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
-                "instance_prompt": INSTANCE_PROMPT, "dataset_name": None, "instance_data_dir": None,
+                "sdxl": False, "instance_prompt": INSTANCE_PROMPT, "dataset_name": None, "instance_data_dir": None,
                 "dataset_config_name": None, "cache_dir": None, "image_column": "image", "caption_column": None,
                 "repeats": 1}
     defaults.update(values)
@@ -264,14 +264,14 @@ def test_kohya_file_renders_like_the_diffusers_file_unet_and_text_encoder(tiny_s
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
     torch.manual_seed(0)
     script.add_lora_adapters(_namespace(rank=4, lora_dropout=0.0, use_dora=False, train_text_encoder=True), unet,
-                             text_encoder)
+                             [text_encoder])
     with torch.no_grad():
         for model in (unet, text_encoder):
             for name, parameter in model.named_parameters():
                 if "lora_" in name:
                     parameter.add_(torch.randn_like(parameter) * 0.3)
-    script.save_lora_weights(str(tmp_path), unet, text_encoder)
-    script.save_kohya_weights(str(tmp_path), unet, text_encoder)
+    script.save_lora_weights(str(tmp_path), unet, [text_encoder])
+    script.save_kohya_weights(str(tmp_path), unet, [text_encoder])
     assert any(key.startswith("lora_te_text_model_encoder_layers_") for key in load_file(str(tmp_path / KOHYA)))
     _assert_kohya_renders_like_diffusers(tiny_sd, str(tmp_path))
 
@@ -384,7 +384,7 @@ def test_snr_gamma_weights_the_instance_loss_only(tiny_sd, monkeypatch):
         calls.clear()
         drawn.clear()
         with torch.no_grad():
-            return script.training_loss(unet, vae, text_encoder, scheduler, batch, torch.Generator().manual_seed(7),
+            return script.training_loss(unet, vae, [text_encoder], scheduler, batch, torch.Generator().manual_seed(7),
                                         _namespace(**flags), torch.float32, vae.config.scaling_factor).item()
 
     plain = loss()
@@ -443,8 +443,15 @@ def test_upstream_sdxl_flag_defaults_and_warnings(recwarn):
                 "prodigy_beta3": None, "prodigy_decouple": True, "prodigy_use_bias_correction": True,
                 "prodigy_safeguard_warmup": True, "use_dora": False, "snr_gamma": None, "output_kohya_format": False,
                 "do_edm_style_training": False, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
-                "text_encoder_lr": None, "adam_weight_decay_text_encoder": None, "adam_weight_decay": 1e-2}
+                "text_encoder_lr": None, "adam_weight_decay_text_encoder": None, "adam_weight_decay": None,
+                "resolution": None, "pretrained_vae_model_name_or_path": None}
     assert {key: getattr(args, key) for key in defaults} == defaults
+    # Flags left out take the default of the upstream script matching the base model (SD / SDXL).
+    assert script.MODEL_DEFAULTS == {
+        False: {"resolution": 512, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
+                "adam_weight_decay_text_encoder": None},
+        True: {"resolution": 1024, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+               "adam_weight_decay_text_encoder": 1e-3}}
     for text, value in (("False", False), ("0", False), ("true", True), ("1", True)):
         assert script.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                                   "--instance_prompt", "p", "--prodigy_decouple", text]).prodigy_decouple is value
@@ -480,7 +487,10 @@ BAD_ARGUMENTS = {
     "edm on an SD model": ({"do_edm_style_training": True}, ["--do_edm_style_training", "SDXL"]),
     "prodigy flag not a boolean": ({"prodigy_decouple": "maybe"}, ["--prodigy_decouple"]),
     "resume DoRA without --use_dora": ({"resume_from_checkpoint": "latest"}, ["add --use_dora"]),
-    "an SDXL base model": ({"pretrained_model_name_or_path": "{sdxl}"}, ["is an SDXL model", "1.x/2.x"]),
+    "max length on SDXL": ({"pretrained_model_name_or_path": "{sdxl}", "tokenizer_max_length": 16},
+                           ["--tokenizer_max_length cannot apply to the SDXL model"]),
+    "edm on SDXL": ({"pretrained_model_name_or_path": "{sdxl}", "do_edm_style_training": True},
+                    ["--do_edm_style_training cannot apply to the SDXL model", "not built"]),
 }
 
 
