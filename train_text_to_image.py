@@ -754,9 +754,12 @@ def validation_prompts(args):
 
 
 def validation_pipeline(args, **components):
-    """The pretrained pipeline (SD or SDXL) with `components` (the trained UNet, the frozen models in memory)."""
+    """The pretrained pipeline (SD or SDXL) with `components` (the trained UNet, the frozen models in memory) and
+    the --pretrained_vae_model_name_or_path VAE if it is not among them."""
     extra = {} if args.sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     with common.frozen_models_outside_zero3():
+        if "vae" not in components and args.pretrained_vae_model_name_or_path:
+            components["vae"] = load_vae(args)
         return pipeline_class(args).from_pretrained(
             args.pretrained_model_name_or_path, **components, **extra, revision=args.revision, variant=args.variant,
             cache_dir=args.cache_dir,
@@ -775,9 +778,7 @@ def generate_validation_images(accelerator, unet, vae, text_encoders, tokenizers
     images = []
     if mine:
         # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
-        frozen = dict(zip(TEXT_ENCODERS, text_encoders or []))
-        if vae is not None or args.pretrained_vae_model_name_or_path:
-            frozen["vae"] = vae if vae is not None else load_vae(args)
+        frozen = dict(zip(TEXT_ENCODERS, text_encoders or []), **({"vae": vae} if vae is not None else {}))
         pipeline = validation_pipeline(args, unet=unet, **dict(zip(TOKENIZERS, tokenizers)), **frozen)
         weight_dtype = frozen_dtype(accelerator)
         for name in TEXT_ENCODERS[:len(tokenizers)]:

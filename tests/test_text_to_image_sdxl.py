@@ -185,14 +185,16 @@ def test_sigterm_with_accumulation_saves_and_latest_resumes_exactly(tiny_sdxl, m
         assert_same_weights(os.path.join(straight, folder), os.path.join(interrupted, folder))
 
 
-def test_two_processes_fill_the_cache_together_and_resume_exactly_from_it(tiny_sdxl, txt_folder, tmp_path):
-    """CPU DDP over gloo: the two ranks split the cache filling; validation images of --validation_prompt split
-    across the ranks; a run resuming checkpoint-2 in another folder reuses every entry, rewrites none, and ends bit
-    for bit like the first."""
+def test_two_processes_fill_the_cache_together_and_resume_exactly_from_it(tiny_sdxl, other_vae, txt_folder,
+                                                                           tmp_path):
+    """CPU DDP over gloo: the two ranks split the cache filling (latents of --pretrained_vae_model_name_or_path's
+    VAE, which validation then loads again); validation images of --validation_prompt split across the ranks; a run
+    resuming checkpoint-2 in another folder reuses every entry, rewrites none, and ends bit for bit like the first."""
     cache = str(tmp_path / "cache")
     settings = {"center_crop": True, "max_train_steps": 4, "checkpointing_steps": 2, "use_ema": True,
                 "cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache,
-                "validation_prompt": "a red circle", "num_validation_images": 3}
+                "validation_prompt": "a red circle", "num_validation_images": 3,
+                "pretrained_vae_model_name_or_path": other_vae}
     straight = str(tmp_path / "straight")
     result = launch(SCRIPT, sdxl_args(tiny_sdxl, txt_folder, straight, **settings), num_processes=2)
     assert "terminate called" not in result.stderr
@@ -212,6 +214,7 @@ def test_two_processes_fill_the_cache_together_and_resume_exactly_from_it(tiny_s
     assert {path: os.stat(path).st_mtime_ns for path in entries} == entries
     for folder in ("checkpoint-4/unet", "checkpoint-4/unet_ema", "unet", "unet_raw"):
         assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+    assert_same_weights(other_vae, os.path.join(straight, "vae"))
 
 
 def test_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sdxl, metadata_folder, tmp_path):
