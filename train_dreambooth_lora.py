@@ -1321,6 +1321,15 @@ image = pipeline({args.instance_prompt!r}).images[0]
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def ddp_settings(args):
+    """SDXL conditions on text_encoder's penultimate layer, so the LoRA weights of its last layer get no gradient:
+    DDP must be told to expect unused parameters when the text encoders train (upstream does the same)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.sdxl and args.train_text_encoder \
+        else []
+
+
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
@@ -1346,7 +1355,7 @@ def main(argv=None):
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
         # Class images, validation and saving run between steps; give them far more than the default timeout.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))] + ddp_settings(args),
     )
     args.mixed_precision = accelerator.mixed_precision  # what accelerate chose (flag, launch option or config)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)

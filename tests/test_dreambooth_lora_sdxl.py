@@ -224,3 +224,15 @@ def test_sdxl_precomputed_embeddings_hold_both_encoders_and_the_pooled_embedding
     torch.testing.assert_close(embeddings[CLASS_PROMPT]["pooled_prompt_embeds"], pooled[0])
     inputs = script.PromptInputs(None, None, embeddings)(CLASS_PROMPT)
     assert set(inputs) == {"prompt_embeds", "pooled_prompt_embeds"}
+
+
+def test_sdxl_text_encoders_train_on_two_processes(tiny_sdxl, instance_folder, tmp_path):
+    """CPU DDP over gloo with both text encoders trained: the LoRA weights of text_encoder's last layer get no
+    gradient (SDXL reads its penultimate layer), which DDP is told to expect; the run ends cleanly."""
+    out = str(tmp_path / "out")
+    result = launch(SCRIPT, base_args(tiny_sdxl, instance_folder, out, train_text_encoder=True,
+                                      gradient_accumulation_steps=2, max_train_steps=2, checkpointing_steps=2),
+                    num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert {key.split(".")[0] for key in lora(out)} == {"unet", "text_encoder", "text_encoder_2"}
+    assert checkpoints(out) == {"checkpoint-2"}
