@@ -82,6 +82,7 @@ def parse_args(argv=None):
     add("--prediction_type", type=str, default=None,
         help="epsilon or v_prediction; default: the pretrained scheduler's prediction type.")
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention.")
+    add("--enable_npu_flash_attention", action="store_true", help="Flash attention on Ascend NPUs (needs torch_npu).")
     # Data (upstream)
     add("--dataset_name", type=str, default=None,
         help="A dataset on the hub, or a local dataset folder (parquet/arrow/imagefolder/save_to_disk).")
@@ -262,6 +263,11 @@ def validate_args(args):
             common.require_package("wandb", "--report_to wandb", "pip install wandb")
     if args.use_8bit_adam:
         common.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
+    if args.enable_npu_flash_attention:
+        import importlib.util
+
+        if importlib.util.find_spec("torch_npu") is None:
+            raise InputError("--enable_npu_flash_attention needs an Ascend NPU and the torch_npu package")
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
 
@@ -978,6 +984,8 @@ def main(argv=None):
     ema_unet = build_ema(args, unet) if args.use_ema else None
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
+    if args.enable_npu_flash_attention:
+        unet.enable_npu_flash_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.allow_tf32:

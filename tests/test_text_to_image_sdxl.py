@@ -368,6 +368,8 @@ BAD_ARGUMENTS = {
     "VAE folder without config": ({"pretrained_vae_model_name_or_path": "{empty_dir}"},
                                   ["--pretrained_vae_model_name_or_path", "not a VAE folder"]),
     "empty validation prompt": ({"validation_prompt": " "}, ["--validation_prompt is empty"]),
+    "NPU flash attention without torch_npu": ({"enable_npu_flash_attention": True},
+                                              ["--enable_npu_flash_attention", "torch_npu"]),
     "negative num_validation_images": ({"num_validation_images": -1}, ["--num_validation_images must be >= 0"]),
     "SDXL folder without text_encoder_2": ({"pretrained_model_name_or_path": "{broken_sdxl}"},
                                            ["--pretrained_model_name_or_path", "missing text_encoder_2/"]),
