@@ -603,7 +603,7 @@ def generate_validation_images(accelerator, text_encoders, tokenizers, unet, vae
     if mine:
         if vae is None:
             # Dropped by --cache_latents: loaded again for the length of the validation.
-            vae = load_vae(args).to(accelerator.device, dtype=vae_dtype)
+            vae = common.load_vae(args).to(accelerator.device, dtype=vae_dtype)
         pipeline = validation_pipeline(text_encoders, tokenizers, unet, vae, noise_scheduler, args)
         pipeline.set_progress_bar_config(disable=True)
         for text_encoder in text_encoders:
@@ -656,7 +656,7 @@ def save_full_pipeline(accelerator, text_encoders, embeddings, tokenizers, args)
         model.set_input_embeddings(embedding.as_embedding())
     parts = {**dict(zip(TEXT_ENCODER_NAMES, models)), **dict(zip(TOKENIZER_NAMES, tokenizers))}
     if args.pretrained_vae_model_name_or_path:
-        parts["vae"] = load_vae(args)
+        parts["vae"] = common.load_vae(args)
     pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
     pipeline = pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path, **parts, revision=args.revision, variant=args.variant,
@@ -718,21 +718,6 @@ pipeline.load_textual_inversion("{location}")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_vae(args):
-    """The base model's VAE, or --pretrained_vae_model_name_or_path's."""
-    from diffusers import AutoencoderKL
-
-    if args.pretrained_vae_model_name_or_path:
-        flag, source, kwargs = "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, {}
-    else:
-        flag, source, kwargs = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, {
-            "subfolder": "vae"}
-    try:
-        return AutoencoderKL.from_pretrained(source, revision=args.revision, variant=args.variant, **kwargs)
-    except Exception as error:
-        raise InputError(f"{flag} {source!r}: cannot load the VAE ({common.first_line(error)})") from None
-
-
 def load_models(args):
     """The frozen parts (noise scheduler, VAE, UNet) and the text encoders (SD: [CLIPTextModel]; SDXL: with a
     CLIPTextModelWithProjection), from the base model."""
@@ -750,19 +735,13 @@ def load_models(args):
     except Exception as error:
         reason = common.first_line(error)
         raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load the model ({reason})") from None
-    vae = load_vae(args)
+    vae = common.load_vae(args)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(
             f"--pretrained_model_name_or_path {source!r}: unsupported prediction type "
             f"{noise_scheduler.config.prediction_type!r} (epsilon or v_prediction)"
         )
     return noise_scheduler, text_encoders, vae, unet
-
-
-def vae_dtype_for(args, weight_dtype):
-    """SD: the mixed-precision dtype of the other frozen models; SDXL: train_common.sdxl_vae_dtype (fp32 for its own
-    VAE, which overflows in fp16)."""
-    return common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path) if args.sdxl else weight_dtype
 
 
 def encode_batch(text_encoders, batch, args, weight_dtype):
@@ -917,7 +896,7 @@ def main(argv=None):
     )
     # The frozen models only run forward: keep them in the mixed precision dtype (the SDXL VAE: sdxl_vae_dtype).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae_dtype = vae_dtype_for(args, weight_dtype)
+    vae_dtype = common.vae_dtype(args, weight_dtype)
     _to_device(accelerator.device, weight_dtype, unet)
 
     global_step = common.resume_from_checkpoint(accelerator, args, run_state)

@@ -578,6 +578,37 @@ def sdxl_vae_dtype(weight_dtype, pretrained_vae_model_name_or_path=None):
     return weight_dtype if pretrained_vae_model_name_or_path else torch.float32
 
 
+def vae_dtype(args, weight_dtype):
+    """The dtype a script's VAE runs in: SD's in the frozen models' dtype, SDXL's by `sdxl_vae_dtype`."""
+    return sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path) if args.sdxl else weight_dtype
+
+
+def load_vae(args):
+    """The base pipeline's vae/, or the VAE folder or hub id --pretrained_vae_model_name_or_path names (its own
+    repository: the base model's --revision and --variant do not apply to it). A load error is an InputError."""
+    from diffusers import AutoencoderKL
+
+    custom = args.pretrained_vae_model_name_or_path
+    cache_dir = getattr(args, "cache_dir", None)
+    if custom:
+        flag, source, part, kwargs = "--pretrained_vae_model_name_or_path", custom, "the VAE", {}
+    else:
+        flag, source, part = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "vae/"
+        kwargs = {"subfolder": "vae", "revision": args.revision, "variant": args.variant}
+    try:
+        return AutoencoderKL.from_pretrained(source, cache_dir=cache_dir, **kwargs)
+    except Exception as error:
+        raise InputError(f"{flag} {source!r}: cannot load {part} ({first_line(error)})") from None
+
+
+def encode_prompt(text_encoders, input_ids):
+    """(encoder_hidden_states, pooled embedding or None) of token ids, one tensor per encoder: SD's last hidden state
+    of its one encoder, or SDXL's two-encoder conditioning (`encode_prompt_sdxl`)."""
+    if len(text_encoders) == 2:
+        return encode_prompt_sdxl(text_encoders, input_ids)
+    text_encoder = text_encoders[0]
+    return text_encoder(input_ids[0].to(text_encoder.device), return_dict=False)[0], None
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoints

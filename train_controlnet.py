@@ -647,7 +647,7 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
     """Fill the text-embedding cache for every caption of the rows this run trains on, and the empty prompt when
-    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries hold what `encode_text` returns
+    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries hold what `common.encode_prompt` returns
     (SDXL: both encoders' hidden states and the pooled embedding) and are keyed by token ids, so a different
     tokenizer is a miss too."""
     if not isinstance(text_encoders, (list, tuple)):
@@ -663,7 +663,7 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weigh
                     for caption, per_tokenizer in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = encode_text(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
+        hidden_states, pooled = common.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
         return [{"hidden_states": states, "pooled_prompt_embeds": vector}
@@ -729,21 +729,13 @@ def load_part(args, part, loader, **kwargs):
 def load_frozen_part(args, part, device=None, dtype=None):
     """The VAE (--pretrained_vae_model_name_or_path's if given) or a text encoder: for load_models, and again for
     validation after --cache_latents / --cache_text_embeddings dropped it (then on `device` in `dtype`)."""
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    custom_vae = args.pretrained_vae_model_name_or_path
     with common.frozen_models_outside_zero3():
-        if part == "vae" and custom_vae:
-            try:
-                model = AutoencoderKL.from_pretrained(custom_vae, revision=args.revision, variant=args.variant,
-                                                      cache_dir=args.cache_dir)
-            except Exception as error:
-                raise InputError(f"--pretrained_vae_model_name_or_path {custom_vae!r}: cannot load the VAE "
-                                 f"({common.first_line(error)})") from None
+        if part == "vae":
+            model = common.load_vae(args)
         else:
-            loader = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-                      "text_encoder_2": CLIPTextModelWithProjection}[part].from_pretrained
+            loader = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[part].from_pretrained
             model = load_part(args, part, loader, variant=args.variant)
     model.requires_grad_(False)
     return model if device is None else model.to(device, dtype=dtype)
@@ -752,11 +744,6 @@ def load_frozen_part(args, part, device=None, dtype=None):
 def frozen_dtype(accelerator):
     """The VAE, UNet and text encoder run in the mixed-precision dtype; the trained ControlNet stays fp32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def vae_dtype(args, weight_dtype):
-    """SDXL's own VAE runs in fp32 (it overflows in fp16); every other VAE in the frozen models' dtype."""
-    return common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path) if args.sdxl else weight_dtype
 
 
 def build_controlnet(args, unet):
@@ -798,14 +785,6 @@ def build_optimizer(args, params):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def encode_text(text_encoders, input_ids):
-    """(encoder_hidden_states, pooled embedding or None) of a batch of token ids (one tensor per encoder): SD's last
-    hidden state, or SDXL's two-encoder conditioning (train_common.encode_prompt_sdxl)."""
-    if len(text_encoders) == 2:
-        return common.encode_prompt_sdxl(text_encoders, input_ids)
-    return text_encoders[0](input_ids[0].to(text_encoders[0].device), return_dict=False)[0], None
-
-
 def added_conditions(batch, pooled_prompt_embeds, args):
     """The `added_cond_kwargs` the ControlNet and the UNet both read: None for SD; for SDXL the pooled embedding and
     each sample's time ids from its original size and real crop, unless --crops_coords_top_left_h/_w are given
@@ -834,13 +813,13 @@ def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, 
         if "latent_dist" in batch:
             latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
         else:
-            latent_dist = vae.encode(batch["pixel_values"].to(vae_dtype(args, weight_dtype))).latent_dist
+            latent_dist = vae.encode(batch["pixel_values"].to(common.vae_dtype(args, weight_dtype))).latent_dist
         latents = latent_dist.sample(generator=generator).float() * scaling_factor
         if "encoder_hidden_states" in batch:
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
             input_ids = [batch[key] for key in INPUT_IDS if key in batch]
-            encoder_hidden_states, pooled = encode_text(text_encoders, input_ids)
+            encoder_hidden_states, pooled = common.encode_prompt(text_encoders, input_ids)
     added_cond_kwargs = added_conditions(batch, pooled, args)
     unet_added_cond_kwargs = added_cond_kwargs and {key: value.to(weight_dtype)
                                                     for key, value in added_cond_kwargs.items()}
@@ -909,7 +888,7 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoders
         # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
         weight_dtype = frozen_dtype(accelerator)
         if vae is None:
-            vae = load_frozen_part(args, "vae", accelerator.device, vae_dtype(args, weight_dtype))
+            vae = load_frozen_part(args, "vae", accelerator.device, common.vae_dtype(args, weight_dtype))
         text_encoders = text_encoders or [load_frozen_part(args, part, accelerator.device, weight_dtype)
                                           for part in TEXT_ENCODERS[:len(tokenizers)]]
         pipeline = validation_pipeline(args, noise_scheduler, vae=vae, unet=unet, controlnet=controlnet,
@@ -1147,10 +1126,10 @@ def main(argv=None):
     # known only now for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, vae_dtype(args, weight_dtype))
+        cache_latents(accelerator, train_dataset, vae, args, common.vae_dtype(args, weight_dtype))
         vae = None
     else:
-        vae.to(accelerator.device, dtype=vae_dtype(args, weight_dtype))
+        vae.to(accelerator.device, dtype=common.vae_dtype(args, weight_dtype))
     if args.cache_text_embeddings:
         cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype)
         text_encoders = None

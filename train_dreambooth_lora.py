@@ -861,7 +861,7 @@ def load_pipeline(args, **kwargs):
     from diffusers import DiffusionPipeline
 
     if args.pretrained_vae_model_name_or_path is not None and kwargs.get("vae") is None:
-        kwargs["vae"] = load_vae(args, args.pretrained_vae_model_name_or_path, None)
+        kwargs["vae"] = common.load_vae(args)
         if kwargs.get("dtype") is not None:
             kwargs["vae"].to(dtype=kwargs["dtype"])
     try:
@@ -872,19 +872,6 @@ def load_pipeline(args, **kwargs):
         reason = common.first_line(error)
         raise InputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: "
                          f"cannot load the pipeline ({reason})") from None
-
-
-def load_vae(args, source, subfolder):
-    """The VAE from --pretrained_vae_model_name_or_path (its own folder) or the model's vae/."""
-    from diffusers import AutoencoderKL
-
-    flag = "--pretrained_vae_model_name_or_path" if subfolder is None else "--pretrained_model_name_or_path"
-    try:
-        kwargs = {"subfolder": subfolder, "revision": args.revision, "variant": args.variant} if subfolder else {}
-        return AutoencoderKL.from_pretrained(source, **kwargs)
-    except Exception as error:
-        raise InputError(f"{flag} {source!r}: cannot load {subfolder or 'the VAE'}"
-                         f"{'/' if subfolder else ''} ({common.first_line(error)})") from None
 
 
 def load_sdxl_text_models(args, load):
@@ -915,8 +902,7 @@ def load_models(args):
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
     if args.sdxl:
         tokenizers, text_encoders = load_sdxl_text_models(args, load)
-        vae = load_vae(args, args.pretrained_vae_model_name_or_path or source,
-                       None if args.pretrained_vae_model_name_or_path else "vae")
+        vae = common.load_vae(args)
         unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
         return noise_scheduler, tokenizers, text_encoders, vae, unet
     if args.tokenizer_name is not None:
@@ -945,7 +931,7 @@ def load_models(args):
     # A model without a VAE (DeepFloyd IF) trains in pixel space, as upstream; a latent-space UNet needs one.
     vae, vae_problem = None, f"{flag} {source!r}: no vae/ for a latent-space UNet"
     if args.pretrained_vae_model_name_or_path is not None:
-        vae = load_vae(args, args.pretrained_vae_model_name_or_path, None)
+        vae = common.load_vae(args)
     elif not os.path.isdir(source) or os.path.isdir(os.path.join(source, "vae")):
         try:
             vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)

@@ -581,7 +581,7 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, tokenizers,
                    for prompt, ids in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = encode_text(text_encoders, [torch.stack(ids).to(accelerator.device)
+        hidden_states, pooled = common.encode_prompt(text_encoders, [torch.stack(ids).to(accelerator.device)
                                                             for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
@@ -625,7 +625,7 @@ def load_models(args):
     with common.frozen_models_outside_zero3():
         text_encoders = [load(name, cls.from_pretrained, variant=args.variant)
                          for name, cls in zip(TEXT_ENCODERS[:count], encoder_classes)]
-        vae = load_vae(args)
+        vae = common.load_vae(args)
     unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"--pretrained_model_name_or_path {source!r}: the scheduler predicts "
@@ -633,28 +633,11 @@ def load_models(args):
     return noise_scheduler, tokenizers, text_encoders, vae, widen_conv_in(unet)
 
 
-def load_vae(args):
-    """The pipeline's VAE, or the one --pretrained_vae_model_name_or_path names (a VAE folder or hub id)."""
-    from diffusers import AutoencoderKL
-
-    flag, source, subfolder = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "vae"
-    if args.pretrained_vae_model_name_or_path is not None:
-        flag, source, subfolder = "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, None
-    try:
-        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, revision=args.revision, variant=args.variant,
-                                             cache_dir=args.cache_dir)
-    except Exception as error:
-        part = "vae/" if subfolder else "the VAE"
-        raise InputError(f"{flag} {source!r}: cannot load {part} ({common.first_line(error)})") from None
-
-
 def vae_dtype(args, weight_dtype):
     """The dtype the VAE runs in: SD's in the frozen models' dtype; SDXL's own in --vae_precision (default fp32, where
     train_common.sdxl_vae_dtype's upcast rule puts it), another VAE in the frozen models' dtype, as upstream."""
-    if not args.sdxl:
-        return weight_dtype
-    if args.vae_precision is None or args.pretrained_vae_model_name_or_path is not None:
-        return common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path)
+    if not args.sdxl or args.vae_precision is None or args.pretrained_vae_model_name_or_path is not None:
+        return common.vae_dtype(args, weight_dtype)
     return VAE_PRECISIONS[args.vae_precision]
 
 
@@ -738,14 +721,6 @@ def apply_conditioning_dropout(encoder_hidden_states, original_latents, draws, p
     return encoder_hidden_states, original_latents, pooled_prompt_embeds
 
 
-def encode_text(text_encoders, input_ids):
-    """(hidden states, pooled embedding) of token ids (one tensor per encoder): SD's last hidden state and None, or
-    SDXL's two-encoder conditioning (train_common.encode_prompt_sdxl)."""
-    if len(text_encoders) > 1:
-        return common.encode_prompt_sdxl(text_encoders, input_ids)
-    return text_encoders[0](input_ids[0], return_dict=False)[0], None
-
-
 def added_conditions(batch, pooled_prompt_embeds, args):
     """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled embedding and each sample's time ids from its
     real original size and crop (an explicit --crops_coords_top_left_h/w wins, as upstream) and --resolution."""
@@ -779,7 +754,7 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
         if "encoder_hidden_states" in batch:
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
-            encoder_hidden_states, pooled = encode_text(text_encoders, [batch[name] for name in INPUT_IDS
+            encoder_hidden_states, pooled = common.encode_prompt(text_encoders, [batch[name] for name in INPUT_IDS
                                                                         if name in batch])
         # Unscaled and deterministic (the mode), as the InstructPix2Pix pipelines encode the image they edit.
         original_latents = latent_dist("original").mode().float()
@@ -886,7 +861,7 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoders, to
     try:
         frozen = dict(zip(TOKENIZERS, tokenizers))
         if vae is not None or args.pretrained_vae_model_name_or_path is not None:
-            frozen["vae"] = vae if vae is not None else load_vae(args).to(accelerator.device)
+            frozen["vae"] = vae if vae is not None else common.load_vae(args).to(accelerator.device)
         frozen.update(zip(TEXT_ENCODERS, text_encoders or ()))
         pipeline = load_pipeline(args, unet=model, **frozen)
         weight_dtype = frozen_dtype(accelerator)
@@ -947,7 +922,7 @@ def save_pipeline(model, ema_unet, args):
         model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    vae = {} if args.pretrained_vae_model_name_or_path is None else {"vae": load_vae(args)}
+    vae = {} if args.pretrained_vae_model_name_or_path is None else {"vae": common.load_vae(args)}
     load_pipeline(args, unet=model, **vae).save_pretrained(args.output_dir)
     if ema_unet is not None:
         ema_unet.restore(model.parameters())
@@ -1153,7 +1128,7 @@ def main(argv=None):
         for text_encoder in text_encoders:
             text_encoder.to(accelerator.device, dtype=weight_dtype)
         with torch.no_grad():
-            empty_prompt = encode_text(text_encoders, [ids.to(accelerator.device)
+            empty_prompt = common.encode_prompt(text_encoders, [ids.to(accelerator.device)
                                                        for ids in common.tokenize_prompts(tokenizers, [""])])
     common.free_memory()
 

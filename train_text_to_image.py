@@ -549,7 +549,7 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
     """Fill the text-embedding cache for every caption of the rows this run trains on (and the empty caption with
-    --proportion_empty_prompts) and switch the dataset to it. Entries hold what `encode_text` returns (for SDXL both
+    --proportion_empty_prompts) and switch the dataset to it. Entries hold what `common.encode_prompt` returns (for SDXL both
     encoders' hidden states and the pooled embedding) and are keyed by token ids, so a different tokenizer is a miss
     too."""
     settings = {name: common.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
@@ -563,7 +563,7 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weigh
                     for caption, per_tokenizer in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = encode_text(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
+        hidden_states, pooled = common.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
         return [{"hidden_states": states, "pooled_prompt_embeds": vector}
@@ -605,7 +605,7 @@ def load_models(args):
         classes = (CLIPTextModel, CLIPTextModelWithProjection)
         text_encoders = [load(part, model_class.from_pretrained, variant=args.variant)
                          for part, model_class in zip(TEXT_ENCODERS[:count], classes)]
-        vae = load_vae(args)
+        vae = common.load_vae(args)
     unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
 
     if args.prediction_type is not None:
@@ -617,26 +617,6 @@ def load_models(args):
     if args.dream_training and prediction_type != "epsilon":
         raise InputError(f"--dream_training supports only epsilon prediction; the model uses {prediction_type!r}")
     return noise_scheduler, tokenizers, text_encoders, vae, unet
-
-
-def load_vae(args):
-    """The pipeline's VAE, or the one --pretrained_vae_model_name_or_path names (a VAE folder or hub id)."""
-    from diffusers import AutoencoderKL
-
-    custom = args.pretrained_vae_model_name_or_path
-    flag, source = ("--pretrained_vae_model_name_or_path", custom) if custom else \
-        ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
-    try:
-        return AutoencoderKL.from_pretrained(source, subfolder=None if custom else "vae", revision=args.revision,
-                                             variant=args.variant, cache_dir=args.cache_dir)
-    except Exception as error:
-        raise InputError(f"{flag} {source!r}: cannot load {'the VAE' if custom else 'vae/'} "
-                         f"({common.first_line(error)})") from None
-
-
-def vae_dtype(args, weight_dtype):
-    """SDXL's own VAE runs in fp32 (it overflows in fp16); every other VAE in the frozen models' dtype."""
-    return common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path) if args.sdxl else weight_dtype
 
 
 def pipeline_class(args):
@@ -679,14 +659,6 @@ def build_optimizer(args, params):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def encode_text(text_encoders, input_ids):
-    """(encoder_hidden_states, pooled embedding or None) of a batch of token ids (one tensor per encoder): SD's last
-    hidden state, or SDXL's two-encoder conditioning (train_common.encode_prompt_sdxl)."""
-    if len(text_encoders) == 2:
-        return common.encode_prompt_sdxl(text_encoders, input_ids)
-    return text_encoders[0](input_ids[0].to(text_encoders[0].device), return_dict=False)[0], None
-
-
 def added_conditions(batch, pooled_prompt_embeds, args):
     """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled embedding and each sample's time ids from
     its own original size and crop."""
@@ -718,7 +690,7 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
             input_ids = [batch[key] for key in INPUT_IDS if key in batch]
-            encoder_hidden_states, pooled = encode_text(text_encoders, input_ids)
+            encoder_hidden_states, pooled = common.encode_prompt(text_encoders, input_ids)
     added_cond_kwargs = added_conditions(batch, pooled, args)
 
     noise = common.sample_noise(latents, generator, args.noise_offset)
@@ -765,7 +737,7 @@ def validation_pipeline(args, **components):
     extra = {} if args.sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     with common.frozen_models_outside_zero3():
         if "vae" not in components and args.pretrained_vae_model_name_or_path:
-            components["vae"] = load_vae(args)
+            components["vae"] = common.load_vae(args)
         return pipeline_class(args).from_pretrained(
             args.pretrained_model_name_or_path, **components, **extra, revision=args.revision, variant=args.variant,
             cache_dir=args.cache_dir,
@@ -791,7 +763,7 @@ def generate_validation_images(accelerator, unet, vae, text_encoders, tokenizers
             if name not in frozen:
                 getattr(pipeline, name).to(accelerator.device, dtype=weight_dtype)
         if vae is None:
-            pipeline.vae.to(accelerator.device, dtype=vae_dtype(args, weight_dtype))
+            pipeline.vae.to(accelerator.device, dtype=common.vae_dtype(args, weight_dtype))
         pipeline.set_progress_bar_config(disable=True)
         if args.enable_xformers_memory_efficient_attention:
             pipeline.enable_xformers_memory_efficient_attention()
@@ -855,7 +827,7 @@ def save_pipeline(model, ema_unet, args):
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
     with common.frozen_models_outside_zero3():
-        custom_vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
+        custom_vae = {"vae": common.load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
         pipeline = pipeline_class(args).from_pretrained(
             args.pretrained_model_name_or_path, unet=model, **custom_vae, revision=args.revision, variant=args.variant,
             cache_dir=args.cache_dir,
@@ -1057,10 +1029,10 @@ def main(argv=None):
     # for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, vae_dtype(args, weight_dtype))
+        cache_latents(accelerator, train_dataset, vae, args, common.vae_dtype(args, weight_dtype))
         vae = None
     else:
-        vae.to(accelerator.device, dtype=vae_dtype(args, weight_dtype))
+        vae.to(accelerator.device, dtype=common.vae_dtype(args, weight_dtype))
     if args.cache_text_embeddings:
         cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype)
         text_encoders = None
@@ -1120,7 +1092,7 @@ def main(argv=None):
             )
             with accelerator.accumulate(unet):
                 loss = training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args,
-                                     vae_dtype(args, weight_dtype), scaling_factor, timestep_weights)
+                                     common.vae_dtype(args, weight_dtype), scaling_factor, timestep_weights)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)

@@ -158,6 +158,15 @@ def snapshot(folder):
     return state
 
 
+def sd_folder_layout(folder):
+    """An empty folder laid out like an SD pipeline (model_index.json and the part folders, no weights): enough for
+    the checks a script makes before it loads any model."""
+    for part in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"):
+        os.makedirs(os.path.join(folder, part), exist_ok=True)
+    write_json(os.path.join(folder, "model_index.json"), {"_class_name": "StableDiffusionPipeline"})
+    return str(folder)
+
+
 def write_json(path, value):
     with open(path, "w") as file:
         json.dump(value, file)

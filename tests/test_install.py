@@ -11,7 +11,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from helpers import REPO, assert_one_line_error, fail_in_process, snapshot
+from helpers import REPO, assert_one_line_error, fail_in_process, sd_folder_layout, snapshot
 
 LOCK = os.path.join(REPO, "requirements.lock")
 # Installed by `python -m venv` itself, not by the requirements.
@@ -119,7 +119,7 @@ def test_incompatible_pair_stops_a_text_encoder_lora_run_in_one_line(monkeypatch
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     before = snapshot(str(out))
-    args = ["--pretrained_model_name_or_path", "/x/sd", "--instance_data_dir", "/x/data", "--instance_prompt", "sks",
+    args = ["--pretrained_model_name_or_path", sd_folder_layout(tmp_path / "sd"), "--instance_data_dir", "/x/data", "--instance_prompt", "sks",
             "--output_dir", out, "--train_text_encoder"]
     status, stderr = fail_in_process("train_dreambooth_lora", args, capsys)
     assert_one_line_error(status, stderr, ["transformers 5.24.0", "peft 0.21.2", 'pip install "transformers<5.24"'])
