@@ -566,6 +566,28 @@ def sdxl_time_ids(original_sizes, crops_top_left, target_size, device=None, dtyp
     return torch.cat([original, crops, target], dim=1).to(device=device, dtype=dtype)
 
 
+def check_crop_flags(args):
+    """--crops_coords_top_left_h/_w: SDXL only (they go into its time ids), and >= 0. Raises InputError."""
+    for name in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+        value = getattr(args, name)
+        if value is not None and not args.sdxl:
+            raise InputError(f"--{name} applies to SDXL models only (SDXL's time ids); "
+                             f"{args.pretrained_model_name_or_path!r} is a Stable Diffusion model")
+        if value is not None and value < 0:
+            raise InputError(f"--{name} must be >= 0, got {value}")
+
+
+def crops_for_time_ids(crops_top_left, top=None, left=None):
+    """The crop top-lefts SDXL's time ids carry: each sample's real crop, except a coordinate given explicitly with
+    upstream's --crops_coords_top_left_h (`top`) / --crops_coords_top_left_w (`left`), which then wins for every
+    sample, as upstream."""
+    crops = torch.as_tensor(crops_top_left).clone()
+    for column, value in enumerate((top, left)):
+        if value is not None:
+            crops[:, column] = value
+    return crops
+
+
 def sdxl_added_conditions(pooled_prompt_embeds, time_ids):
     """The UNet's `added_cond_kwargs` for SDXL (`addition_embed_type` text_time)."""
     return {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids.to(pooled_prompt_embeds.device)}

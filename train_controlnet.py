@@ -219,12 +219,7 @@ def validate_args(args):
                          "cannot be cached")
     if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
-    for name in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
-        if getattr(args, name) is not None and not args.sdxl:
-            raise InputError(f"--{name} applies to SDXL models only (SDXL's time ids); "
-                             f"{args.pretrained_model_name_or_path!r} is a Stable Diffusion model")
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    common.check_crop_flags(args)
     if args.enable_npu_flash_attention:
         import importlib.util
 
@@ -791,10 +786,8 @@ def added_conditions(batch, pooled_prompt_embeds, args):
     (then they are the crop, as upstream)."""
     if pooled_prompt_embeds is None:
         return None
-    crops = batch["crop_top_left"].clone()
-    for column, value in enumerate((args.crops_coords_top_left_h, args.crops_coords_top_left_w)):
-        if value is not None:
-            crops[:, column] = value
+    crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
+                                      args.crops_coords_top_left_w)
     time_ids = common.sdxl_time_ids(batch["original_size"], crops, (args.resolution, args.resolution),
                                     device=pooled_prompt_embeds.device)
     return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)

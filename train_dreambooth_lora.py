@@ -144,6 +144,11 @@ def parse_args(argv=None):
     add("--resolution", type=int, default=None,
         help="Images are resized and cropped to this square size; default 512 (SD), 1024 (SDXL), as upstream.")
     add("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    add("--crops_coords_top_left_h", type=int, default=None,
+        help="SDXL: the crop top put into every sample's time ids instead of its real crop (older upstream "
+             "versions' flag; default: each sample's real crop, as current upstream).")
+    add("--crops_coords_top_left_w", type=int, default=None,
+        help="SDXL: the crop left put into every sample's time ids instead of its real crop.")
     add("--random_flip", action="store_true", help="Flip instance images horizontally at random (half of the time).")
     add("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION_MODES),
         help="The filter used to resize images.")
@@ -290,6 +295,7 @@ def validate_args(args):
         raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if args.class_labels_conditioning not in (None, "timesteps"):
         raise InputError(f"--class_labels_conditioning {args.class_labels_conditioning!r}: only 'timesteps' is known")
+    common.check_crop_flags(args)
     if args.train_text_encoder:
         common.check_compatible_versions("text-encoder LoRA")
     if args.do_edm_style_training and not args.sdxl:
@@ -1146,10 +1152,13 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
 
 def added_conditions(args, pooled, batch, weight_dtype):
     """The UNet's added_cond_kwargs: none for SD; for SDXL the pooled prompt embedding and each sample's time ids from
-    its image's real size and crop (as upstream's DreamBooth SDXL computes them) at the trained resolution."""
+    its image's real size and crop (as upstream's DreamBooth SDXL computes them; --crops_coords_top_left_h/_w, from
+    older upstream versions, win where given) at the trained resolution."""
     if not args.sdxl:
         return None
-    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (args.resolution, args.resolution),
+    crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
+                                      args.crops_coords_top_left_w)
+    time_ids = common.sdxl_time_ids(batch["original_size"], crops, (args.resolution, args.resolution),
                                     device=pooled.device, dtype=weight_dtype)
     return common.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
 

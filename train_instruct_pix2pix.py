@@ -726,10 +726,8 @@ def added_conditions(batch, pooled_prompt_embeds, args):
     real original size and crop (an explicit --crops_coords_top_left_h/w wins, as upstream) and --resolution."""
     if pooled_prompt_embeds is None:
         return None
-    crops = batch["crop_top_left"].clone()
-    for column, value in enumerate((args.crops_coords_top_left_h, args.crops_coords_top_left_w)):
-        if value is not None:
-            crops[:, column] = value
+    crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
+                                      args.crops_coords_top_left_w)
     time_ids = common.sdxl_time_ids(batch["original_size"], crops, (args.resolution, args.resolution))
     return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
 

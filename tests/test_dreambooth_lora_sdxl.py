@@ -176,7 +176,8 @@ def test_sdxl_time_ids_come_from_each_images_real_size_and_crop(tiny_sdxl, insta
 
     script = _script()
     args = argparse.Namespace(resolution=16, center_crop=False, image_interpolation_mode="lanczos", random_flip=True,
-                              sdxl=True, tokenizer_max_length=None)
+                              sdxl=True, tokenizer_max_length=None, crops_coords_top_left_h=None,
+                              crops_coords_top_left_w=None)
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=part) for part in ("tokenizer", "tokenizer_2")]
     items, _ = script.read_image_folder(instance_folder, INSTANCE_PROMPT)
     dataset = script.DreamBoothDataset(items, [], script.PromptInputs(tokenizers, None), args, RunState(0))
@@ -205,6 +206,10 @@ def test_sdxl_time_ids_come_from_each_images_real_size_and_crop(tiny_sdxl, insta
     assert added["time_ids"].tolist() == [
         batch["original_size"][i].tolist() + batch["crop_top_left"][i].tolist() + [16, 16] for i in range(2)]
     assert added["text_embeds"] is pooled or torch.equal(added["text_embeds"], pooled)
+    # Older upstream's --crops_coords_top_left_h/_w, where given, replace that coordinate in every sample.
+    args.crops_coords_top_left_w = 3
+    added = script.added_conditions(args, pooled, batch, torch.float32)
+    assert added["time_ids"][:, 2:4].tolist() == [[batch["crop_top_left"][i][0].item(), 3] for i in range(2)]
 
 
 def test_sdxl_precomputed_embeddings_hold_both_encoders_and_the_pooled_embedding(tiny_sdxl):
