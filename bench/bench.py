@@ -2,8 +2,8 @@
 
 For each script and variant (extra flags: caching, gradient checkpointing, 8-bit Adam, --set_grads_to_none) this
 trains a small but not tiny model (UNet channels 64/128/128, 128 px images = 16x16 latents, batch 2) for --steps
-optimizer steps and reports (text_to_image_sdxl: the same script on an SDXL-shaped pipeline, the same UNet with SDXL's
-text_time conditioning and two small text encoders):
+optimizer steps and reports (each script's `_sdxl` row, e.g. controlnet_sdxl: the same script and flags on an
+SDXL-shaped pipeline, the same UNet with SDXL's text_time conditioning and two small text encoders):
 
 - s/step: the steady-state time of one optimizer step. The run logs its loss every L steps to TensorBoard; an event's
   wall time is when it was logged, so the median over the logging intervals of (time between two logged steps) /
@@ -241,15 +241,10 @@ def ensure_built(folder, build, what):
 # ----------------------------------------------------------------------------------------------------------------------
 
 # file, the scalar the script logs its loss as, its data flags, which text models a cached run can cache
-# (textual_inversion trains through its text encoder, so only the latents can be cached), and the bench model it
-# trains (default: the SD one).
-SCRIPTS = {
+# (textual_inversion trains through its text encoder, so only the latents can be cached).
+SD_SCRIPTS = {
     "text_to_image": {
         "file": "train_text_to_image.py", "loss_tag": "train_loss", "cache_text": True,
-        "data_flags": lambda data: ["--train_data_dir", f"{data}/captioned", "--center_crop"],
-    },
-    "text_to_image_sdxl": {
-        "file": "train_text_to_image.py", "loss_tag": "train_loss", "cache_text": True, "model": "sdxl",
         "data_flags": lambda data: ["--train_data_dir", f"{data}/captioned", "--center_crop"],
     },
     "dreambooth_lora": {
@@ -272,6 +267,20 @@ SCRIPTS = {
                                     "--initializer_token", "toy", "--center_crop", "--save_steps", "1000000"],
     },
 }
+SDXL_SUFFIX = "_sdxl"
+# Every script trains SDXL when its model folder is one (the folder decides): each SD row is followed by a `_sdxl`
+# row, the same script and flags on the bench SDXL pipeline ("model": which bench model a row trains; default SD).
+SCRIPTS = {}
+for _name, _entry in SD_SCRIPTS.items():
+    SCRIPTS[_name] = _entry
+    SCRIPTS[_name + SDXL_SUFFIX] = {**_entry, "model": "sdxl"}
+del _name, _entry
+
+
+def base_script(script):
+    """The SD row a row is a variant of: `controlnet_sdxl` -> `controlnet` (the floor functions serve both)."""
+    return script.removesuffix(SDXL_SUFFIX)
+
 
 # Variant name -> (extra flags, the scripts it runs for by default). "cached" flags are filled in per script.
 VARIANTS = {
@@ -284,7 +293,7 @@ VARIANTS = {
 # "before": the base flags, run with --baseline_repo's copy of the script, in the same rounds as this checkout's base.
 BEFORE = "before"
 # The other scripts always free their gradients: only train_controlnet.py has --set_grads_to_none (upstream's name).
-ONLY_FOR = {"set_grads_to_none": ["controlnet"]}
+ONLY_FOR = {"set_grads_to_none": ["controlnet", "controlnet" + SDXL_SUFFIX]}
 
 
 def plan(scripts, variants, with_baseline=False):
@@ -508,31 +517,35 @@ def mse(prediction, batch):
     return F.mse_loss(prediction.float(), batch["target"], reduction="mean")
 
 
-def floor_text_to_image(model, device):
-    """The whole UNet trains."""
-    unet = load_unet(model, device).train()
-    batch = fixed_batch(device, unet.config.cross_attention_dim)
-
-    def loss():
-        return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], return_dict=False)[0], batch)
-    return list(unet.parameters()), loss
-
-
-def floor_text_to_image_sdxl(model, device):
-    """The whole UNet trains, conditioned as SDXL: both encoders' hidden states, the pooled embedding and time ids."""
+def added_conditions(unet, device):
+    """The UNet's `added_cond_kwargs`: for an SDXL UNet (addition_embed_type "text_time") a random pooled text
+    embedding and the time ids of the bench images (original 128x160, centre crop 16 px from the left, target
+    128x128), as the scripts compute them; None for an SD UNet, which takes none."""
     import torch
 
-    unet = load_unet(model, device).train()
-    batch = fixed_batch(device, unet.config.cross_attention_dim)
+    if unet.config.addition_embed_type != "text_time":
+        return None
     pooled_size = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    width, height = IMAGE_SIZE
     added = {"text_embeds": torch.randn(BATCH_SIZE, pooled_size, generator=torch.Generator().manual_seed(0)),
-             "time_ids": torch.tensor([[128.0, 160.0, 0.0, 16.0, RESOLUTION, RESOLUTION]] * BATCH_SIZE)}
-    added = {key: value.to(device) for key, value in added.items()}
+             "time_ids": torch.tensor([[height, width, 0.0, (width - height) / 2, RESOLUTION, RESOLUTION]]
+                                      * BATCH_SIZE, dtype=torch.float32)}
+    return {key: value.to(device) for key, value in added.items()}
 
+
+def unet_loss(unet, batch, added):
+    """The loss function of a UNet on the fixed batch, SD or SDXL (`added`: added_conditions)."""
     def loss():
         return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], added_cond_kwargs=added,
                         return_dict=False)[0], batch)
-    return list(unet.parameters()), loss
+    return loss
+
+
+def floor_text_to_image(model, device):
+    """The whole UNet trains (SDXL: conditioned on both encoders' hidden states, the pooled embedding, time ids)."""
+    unet = load_unet(model, device).train()
+    batch = fixed_batch(device, unet.config.cross_attention_dim)
+    return list(unet.parameters()), unet_loss(unet, batch, added_conditions(unet, device))
 
 
 def floor_dreambooth_lora(model, device):
@@ -544,29 +557,28 @@ def floor_dreambooth_lora(model, device):
                                 target_modules=DREAMBOOTH_LORA_TARGETS))
     unet.train()
     batch = fixed_batch(device, unet.config.cross_attention_dim)
-
-    def loss():
-        return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], return_dict=False)[0], batch)
-    return [parameter for parameter in unet.parameters() if parameter.requires_grad], loss
+    trained = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    return trained, unet_loss(unet, batch, added_conditions(unet, device))
 
 
 def floor_controlnet(model, device):
     """A ControlNet made from the UNet trains; the frozen UNet adds its residuals, and the gradient flows back
-    through the UNet into them."""
+    through the UNet into them. SDXL: both take the added conditions."""
     from diffusers import ControlNetModel
 
     unet = load_unet(model, device).requires_grad_(False)
     controlnet = ControlNetModel.from_unet(unet).to(device).train()
     batch = fixed_batch(device, unet.config.cross_attention_dim)
+    added = added_conditions(unet, device)
 
     def loss():
         down_residuals, mid_residual = controlnet(
             batch["latents"], batch["timesteps"], encoder_hidden_states=batch["text_embeddings"],
-            controlnet_cond=batch["conditioning_image"], return_dict=False,
+            controlnet_cond=batch["conditioning_image"], added_cond_kwargs=added, return_dict=False,
         )
         prediction = unet(batch["latents"], batch["timesteps"], encoder_hidden_states=batch["text_embeddings"],
                           down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
-                          return_dict=False)[0]
+                          added_cond_kwargs=added, return_dict=False)[0]
         return mse(prediction, batch)
     return list(controlnet.parameters()), loss
 
@@ -580,36 +592,46 @@ def floor_instruct_pix2pix(model, device):
     unet.conv_in = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding).to(device)
     unet.train()
     batch = fixed_batch(device, unet.config.cross_attention_dim, latent_channels=8)
-
-    def loss():
-        return mse(unet(batch["latents"], batch["timesteps"], batch["text_embeddings"], return_dict=False)[0], batch)
-    return list(unet.parameters()), loss
+    return list(unet.parameters()), unet_loss(unet, batch, added_conditions(unet, device))
 
 
 def floor_textual_inversion(model, device):
     """Only the text encoder's token embeddings train: the text encoder runs forward from token ids, and the
     gradient flows back through the frozen UNet and the frozen text encoder layers into the embedding matrix.
-    (The script trains only the new token's rows; with this vocabulary the whole matrix costs no more.)"""
+    (The script trains only the new token's rows; with this vocabulary the whole matrix costs no more.)
+    SDXL: both text encoders' embedding matrices train, conditioned as SDXL's encode_prompt does: the penultimate
+    hidden states of both side by side, and text_encoder_2's pooled (projected) embedding with the time ids."""
     import torch
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = load_unet(model, device).requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(device).requires_grad_(False)
-    embeddings = text_encoder.get_input_embeddings().weight.requires_grad_(True)
-    text_encoder.train()
+    added = added_conditions(unet, device)
+    parts = [("text_encoder", CLIPTextModel)] + ([("text_encoder_2", CLIPTextModelWithProjection)] if added else [])
+    text_encoders = [model_class.from_pretrained(model, subfolder=subfolder).to(device).requires_grad_(False)
+                     for subfolder, model_class in parts]
+    embeddings = [text_encoder.get_input_embeddings().weight.requires_grad_(True) for text_encoder in text_encoders]
+    for text_encoder in text_encoders:
+        text_encoder.train()
     batch = fixed_batch(device, unet.config.cross_attention_dim)
-    token_ids = torch.randint(0, embeddings.shape[0], (BATCH_SIZE, TEXT_LENGTH),
+    # The bench SDXL model's two tokenizers are the same: one prompt's ids serve both encoders.
+    token_ids = torch.randint(0, min(matrix.shape[0] for matrix in embeddings), (BATCH_SIZE, TEXT_LENGTH),
                               generator=torch.Generator().manual_seed(0)).to(device)
 
     def loss():
-        text_embeddings = text_encoder(token_ids, return_dict=False)[0]
-        return mse(unet(batch["latents"], batch["timesteps"], text_embeddings, return_dict=False)[0], batch)
-    return [embeddings], loss
+        if added is None:
+            text_embeddings, conditions = text_encoders[0](token_ids, return_dict=False)[0], None
+        else:
+            outputs = [text_encoder(token_ids, output_hidden_states=True) for text_encoder in text_encoders]
+            text_embeddings = torch.cat([output.hidden_states[-2] for output in outputs], dim=-1)
+            conditions = {**added, "text_embeds": outputs[-1].text_embeds}
+        return mse(unet(batch["latents"], batch["timesteps"], text_embeddings, added_cond_kwargs=conditions,
+                        return_dict=False)[0], batch)
+    return embeddings, loss
 
 
+# One floor function per SD row; a `_sdxl` row uses its SD row's (each works on both models).
 FLOORS = {
     "text_to_image": floor_text_to_image,
-    "text_to_image_sdxl": floor_text_to_image_sdxl,
     "dreambooth_lora": floor_dreambooth_lora,
     "controlnet": floor_controlnet,
     "instruct_pix2pix": floor_instruct_pix2pix,
@@ -621,7 +643,7 @@ def measure_floor(script, model, steps, device):
     """Time `steps` optimizer steps of the script's trained network after warm-up; print the result as JSON."""
     import torch
 
-    parameters, loss = FLOORS[script](model, device)
+    parameters, loss = FLOORS[base_script(script)](model, device)
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
     def synchronize():
@@ -722,7 +744,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     # Internal: the floor measurement, run by the bench itself in a child process.
-    parser.add_argument("--floor", choices=list(FLOORS), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", choices=list(SCRIPTS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.scripts = args.scripts.split(",")
