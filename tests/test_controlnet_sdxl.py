@@ -240,7 +240,9 @@ def test_cached_examples_and_loss_equal_fresh_ones(tiny_sdxl, fill_sdxl, tmp_pat
                  variant=None, tokenizer_name=None, prediction_type=None, controlnet_model_name_or_path=None)
     noise_scheduler, tokenizers, text_encoders, vae, unet = script.load_models(args)
     assert len(tokenizers) == len(text_encoders) == 2 and type(text_encoders[1]).__name__.endswith("Projection")
-    assert script.vae_dtype(args, torch.float16) == torch.float32
+    import train_common
+
+    assert train_common.vae_dtype(args, torch.float16) == torch.float32
     examples = script.load_controlnet_dataset(args)
     fresh = script.ControlNetExamples(examples, tokenizers, args, RunState(3))
     cached = script.ControlNetExamples(examples, tokenizers, args, RunState(3))

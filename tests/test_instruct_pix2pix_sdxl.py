@@ -222,7 +222,7 @@ def test_cache_equals_fresh_encodings_and_a_dropped_prompt_drops_the_pooled_embe
     guidance sees it."""
     from diffusers import DDPMScheduler
     from torch.utils.data import default_collate
-    from train_common import RunState, tokenize_prompts
+    from train_common import RunState, encode_prompt, tokenize_prompts
 
     script = _script()
     args = _args(tiny_sdxl, sdxl_pairs, str(tmp_path / "out"), "--resolution=16", "--center_crop", "--random_flip",
@@ -242,7 +242,7 @@ def test_cache_equals_fresh_encodings_and_a_dropped_prompt_drops_the_pooled_embe
         return unet.seen
 
     with torch.no_grad():
-        empty = script.encode_text(text_encoders, tokenize_prompts(tokenizers, [""]))
+        empty = encode_prompt(text_encoders, tokenize_prompts(tokenizers, [""]))
     fresh = fed(script.EditExamples(dataset, tokenizers, args, RunState(seed=3)), vae, text_encoders, empty)
 
     accelerator = _FakeAccelerator()
