@@ -92,3 +92,23 @@ def yaml_file(tmp_path):
 def read_json(path):
     with open(path) as file:
         return json.load(file)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny random SDXL base pipeline (tests/tiny_sd.build_tiny_sdxl), built once per test module."""
+    from tiny_sd import build_tiny_sdxl
+
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
+@pytest.fixture(scope="module")
+def other_vae(tiny_sdxl, tmp_path_factory):
+    """A VAE folder (as --pretrained_vae_model_name_or_path takes it) with other weights than the pipeline's."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    folder = str(tmp_path_factory.mktemp("other_vae"))
+    AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl, subfolder="vae")).save_pretrained(folder)
+    return folder

@@ -132,13 +132,6 @@ def test_timestep_bias_checks_name_the_flag(values, message):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sd import build_tiny_sdxl
-
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
-
-
 def test_sdxl_is_detected_from_the_pipeline_class_text_encoder_2_or_the_unet(tiny_sdxl, tmp_path):
     from helpers import write_json
 

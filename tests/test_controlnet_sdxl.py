@@ -35,13 +35,6 @@ PROMPTS = ["red circle with blue background", "cyan circle with brown floral bac
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sd import build_tiny_sdxl
-
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
-
-
-@pytest.fixture(scope="module")
 def fill_sdxl(tmp_path_factory):
     """A fill50k-like parquet dataset folder: 4 landscape examples (40x32), so that the real crop is not (0, 0);
     4 batches of 1 at accumulation 2 = 2 steps per epoch (a checkpoint at step 3 falls mid-epoch)."""

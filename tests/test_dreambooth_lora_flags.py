@@ -497,13 +497,6 @@ BAD_ARGUMENTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sd import build_tiny_sdxl
-
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
-
-
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_argument_gets_one_line_error(case, tiny_sd, caption_folder, tmp_path, capsys, request):
     overrides, expected = BAD_ARGUMENTS[case]

@@ -30,13 +30,6 @@ def _script():
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sd import build_tiny_sdxl
-
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
-
-
-@pytest.fixture(scope="module")
 def instance_folder(tmp_path_factory):
     """3 non-square images (24 x 20..22): random crops have a choice, time ids differ per image."""
     folder = tmp_path_factory.mktemp("instance")

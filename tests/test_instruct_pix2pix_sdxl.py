@@ -36,27 +36,9 @@ UPSTREAM_FLAGS = ["--resolution=64", "--random_flip", "--train_batch_size=2", "-
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sd import build_tiny_sdxl
-
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
-
-
-@pytest.fixture(scope="module")
 def sdxl_pairs(tmp_path_factory):
     """8 examples of 40x32 (not square: a random crop has room to move): 4 batches of 2 per epoch."""
     return write_parquet_dataset(str(tmp_path_factory.mktemp("sdxl_pairs")), 8, seed=5, size=(40, 32))
-
-
-@pytest.fixture(scope="module")
-def other_vae(tiny_sdxl, tmp_path_factory):
-    """A VAE folder (as --pretrained_vae_model_name_or_path takes it) with other weights than the pipeline's."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    folder = str(tmp_path_factory.mktemp("other_vae"))
-    AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl, subfolder="vae")).save_pretrained(folder)
-    return folder
 
 
 def _script():

@@ -29,24 +29,6 @@ from test_text_to_image import _images, _namespace, base_args, metadata_folder, 
 SCRIPT = "train_text_to_image.py"
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sd import build_tiny_sdxl
-
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
-
-
-@pytest.fixture(scope="module")
-def other_vae(tiny_sdxl, tmp_path_factory):
-    """A VAE folder (as --pretrained_vae_model_name_or_path takes it) with other weights than the pipeline's."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    folder = str(tmp_path_factory.mktemp("other_vae"))
-    AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl, subfolder="vae")).save_pretrained(folder)
-    return folder
-
-
 def _script():
     import train_text_to_image
 

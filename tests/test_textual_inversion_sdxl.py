@@ -25,13 +25,6 @@ ENCODERS = ("text_encoder", "text_encoder_2")
 DIMS = (32, 24)  # the hidden sizes of tiny_sd.build_tiny_sdxl's two encoders
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sd import build_tiny_sdxl
-
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
-
-
 def upstream_args(model, data, output_dir, **extra):
     """textual_inversion_sdxl.py's README command line, scaled down (resolution, steps, accumulation) for CPU."""
     args = [
