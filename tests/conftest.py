@@ -112,3 +112,41 @@ def other_vae(tiny_sdxl, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("other_vae"))
     AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl, subfolder="vae")).save_pretrained(folder)
     return folder
+
+
+# Mixed-aspect images for aspect-ratio buckets (SPEC §9), as (name, width, height): two landscape, two portrait, one
+# square, and one smaller than the tests' 64 px resolution (generated buckets must not upscale it).
+MIXED_ASPECT_IMAGES = (("land_0", 96, 64), ("land_1", 112, 72), ("port_0", 64, 96), ("port_1", 72, 104),
+                       ("square_0", 80, 80), ("small_0", 40, 40))
+# An explicit bucket list that sends each of those to its own shape: landscape, portrait, square.
+MIXED_ASPECT_BUCKETS = "64,96;96,64;64,64"
+
+
+def _mixed_aspect_image(index, width, height):
+    from make_shapes import draw_shape
+    import random
+
+    return draw_shape(random.Random(100 + index), max(width, height)).resize((width, height))
+
+
+@pytest.fixture(scope="session")
+def mixed_aspect_folder(tmp_path_factory):
+    """A folder of landscape, portrait, square and small images with `name.txt` captions and a loss mask for each:
+    `name.mask.png` (white left half) beside every image except square_0.png, whose mask is its own alpha channel
+    (a transparent top half)."""
+    folder = tmp_path_factory.mktemp("mixed_aspect")
+    for index, (name, width, height) in enumerate(MIXED_ASPECT_IMAGES):
+        image = _mixed_aspect_image(index, width, height)
+        if name == "square_0":
+            alpha = Image.new("L", (width, height), 255)
+            alpha.paste(0, (0, 0, width, height // 2))
+            image = image.convert("RGBA")
+            image.putalpha(alpha)
+        else:
+            mask = Image.new("L", (width, height), 0)
+            mask.paste(255, (0, 0, width // 2, height))
+            mask.save(folder / f"{name}.mask.png")
+        image.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a {'wide' if width > height else 'tall' if height > width else 'square'} "
+                                            f"shape number {index}\n")
+    return str(folder)
