@@ -65,6 +65,12 @@ DREAMBOOTH_LORA_RANK = 4
 FLOOR_WARMUP_STEPS = 3
 MAX_GRAD_NORM = 1.0
 
+# The mixed-aspect data set (SPEC §9): landscape, portrait and square images, a third each, and three buckets of
+# about RESOLUTION^2 pixels (16x16 latents squared; 14x18, 18x14 and 16x16 bucketed), so that bucketed and squared
+# runs do the same work per step and any difference is the bucketing's own cost.
+MIXED_IMAGE_SIZES = ((160, 128), (128, 160), (144, 144))  # width, height
+MIXED_BUCKETS = "112,144;144,112;128,128"
+
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 SHAPES = ("circle", "square")
 
@@ -222,6 +228,18 @@ def build_datasets(data_dir):
     write_jsonl(os.path.join(folders["pix2pix"], "metadata.jsonl"), pix2pix_rows)
 
 
+def build_mixed_dataset(folder):
+    """mixed/: NUM_IMAGES captioned images (name.txt) cycling through MIXED_IMAGE_SIZES, each the first layout's
+    picture resized to that shape."""
+    for index in range(NUM_IMAGES):
+        example = draw_example(index)
+        name = f"{index:03d}"
+        example["image"].resize(MIXED_IMAGE_SIZES[index % len(MIXED_IMAGE_SIZES)]).save(
+            os.path.join(folder, f"{name}.png"))
+        with open(os.path.join(folder, f"{name}.txt"), "w") as file:
+            file.write(example["caption"] + "\n")
+
+
 def ensure_built(folder, build, what):
     """Build `folder` unless a previous bench finished building it (a marker file is written last, so a build that
     was interrupted is redone)."""
@@ -268,6 +286,7 @@ SD_SCRIPTS = {
     },
 }
 SDXL_SUFFIX = "_sdxl"
+MIXED_SUFFIX = "_mixed"
 # Every script trains SDXL when its model folder is one (the folder decides): each SD row is followed by a `_sdxl`
 # row, the same script and flags on the bench SDXL pipeline ("model": which bench model a row trains; default SD).
 SCRIPTS = {}
@@ -275,11 +294,23 @@ for _name, _entry in SD_SCRIPTS.items():
     SCRIPTS[_name] = _entry
     SCRIPTS[_name + SDXL_SUFFIX] = {**_entry, "model": "sdxl"}
 del _name, _entry
+# `_mixed` rows train on the mixed-aspect data set (data-mixed/), squared as usual or bucketed (variants `buckets`,
+# `buckets_cached`): the same images both ways, so the table shows what bucketing costs per step and in memory.
+MIXED_ROWS = {
+    "text_to_image_mixed": {**SD_SCRIPTS["text_to_image"],
+                            "data_flags": lambda data: ["--train_data_dir", f"{data}-mixed", "--center_crop"]},
+    "dreambooth_lora_mixed": {**SD_SCRIPTS["dreambooth_lora"],
+                              "data_flags": lambda data: ["--instance_data_dir", f"{data}-mixed", "--instance_prompt",
+                                                          INSTANCE_PROMPT, "--center_crop"]},
+}
+MIXED_ROWS["text_to_image_sdxl_mixed"] = {**MIXED_ROWS["text_to_image_mixed"], "model": "sdxl"}
+SCRIPTS.update(MIXED_ROWS)
 
 
 def base_script(script):
-    """The SD row a row is a variant of: `controlnet_sdxl` -> `controlnet` (the floor functions serve both)."""
-    return script.removesuffix(SDXL_SUFFIX)
+    """The SD row a row is a variant of: `controlnet_sdxl` -> `controlnet`, `text_to_image_sdxl_mixed` ->
+    `text_to_image` (the floor functions serve every model and data set)."""
+    return script.removesuffix(MIXED_SUFFIX).removesuffix(SDXL_SUFFIX)
 
 
 # Variant name -> (extra flags, the scripts it runs for by default). "cached" flags are filled in per script.
@@ -289,11 +320,14 @@ VARIANTS = {
     "gradient_checkpointing": (["--gradient_checkpointing"], ["text_to_image"]),
     "8bit_adam": (["--use_8bit_adam"], ["text_to_image"]),
     "set_grads_to_none": (["--set_grads_to_none"], ["controlnet"]),
+    "buckets": (["--aspect_ratio_buckets", MIXED_BUCKETS], list(MIXED_ROWS)),
+    "buckets_cached": (None, list(MIXED_ROWS)),
 }
 # "before": the base flags, run with --baseline_repo's copy of the script, in the same rounds as this checkout's base.
 BEFORE = "before"
 # The other scripts always free their gradients: only train_controlnet.py has --set_grads_to_none (upstream's name).
-ONLY_FOR = {"set_grads_to_none": ["controlnet", "controlnet" + SDXL_SUFFIX]}
+ONLY_FOR = {"set_grads_to_none": ["controlnet", "controlnet" + SDXL_SUFFIX],
+            "buckets": list(MIXED_ROWS), "buckets_cached": list(MIXED_ROWS)}
 
 
 def plan(scripts, variants, with_baseline=False):
@@ -316,10 +350,12 @@ def plan(scripts, variants, with_baseline=False):
 
 def variant_flags(script, variant, cache_dir):
     flags = VARIANTS["base" if variant == BEFORE else variant][0]
-    if variant == "cached":
+    if variant in ("cached", "buckets_cached"):
         flags = ["--cache_latents", "--feature_cache_dir", cache_dir]
         if SCRIPTS[script]["cache_text"]:
             flags.append("--cache_text_embeddings")
+        if variant == "buckets_cached":
+            flags += VARIANTS["buckets"][0]
     return flags
 
 
@@ -417,7 +453,7 @@ def run_script(args, script, variant, suffix=""):
     os.makedirs(output_dir)
     log_path = os.path.join(args.work_dir, "runs", f"{name}.log")
     cuda_peak_file = os.path.join(output_dir, "cuda-peak.json") if args.device == "cuda" else None
-    flags = variant_flags(script, variant, os.path.join(args.work_dir, "feature-cache", script))
+    flags = variant_flags(script, variant, cache_folder(args, script, variant))
     repo = args.baseline_repo if variant == BEFORE else args.repo
     command = script_command(repo, script, model_for(args, script), args.data, output_dir, args.steps, flags)
     log(f"{name}: {' '.join(command)}")
@@ -449,13 +485,17 @@ def run_script(args, script, variant, suffix=""):
     return result
 
 
+def cache_folder(args, script, variant):
+    return os.path.join(args.work_dir, "feature-cache", f"{script}-{variant}")
+
+
 def measure_variant(args, script, variant, first_round):
     """One round of a variant. A cached variant's first round first fills an emptied cache (that run's startup is the
     cost of filling), then trains again on the filled cache: that second run is the one measured; later rounds only
     train on the filled cache."""
-    if variant != "cached" or not first_round:
+    if variant not in ("cached", "buckets_cached") or not first_round:
         return run_script(args, script, variant)
-    shutil.rmtree(os.path.join(args.work_dir, "feature-cache", script), ignore_errors=True)
+    shutil.rmtree(cache_folder(args, script, variant), ignore_errors=True)
     filling = run_script(args, script, variant, suffix="-fill")
     if "error" in filling:
         return filling
@@ -776,6 +816,8 @@ def main():
         args.models["sdxl"] = ensure_built(os.path.join(args.work_dir, "model-sdxl"), build_bench_sdxl_model,
                                            "bench SDXL pipeline")
     args.data = ensure_built(os.path.join(args.work_dir, "data"), build_datasets, "datasets")
+    if any(script in MIXED_ROWS for script in args.scripts):
+        ensure_built(args.data + "-mixed", build_mixed_dataset, "mixed-aspect data set")
 
     if args.baseline_repo:
         args.baseline_repo = os.path.abspath(args.baseline_repo)
