@@ -12,6 +12,7 @@ captions as data, and the raw (non-EMA) weights kept in `unet_raw/` when `--use_
         --train_data_dir ./captioned-images --resolution 512 --use_ema --output_dir sd-finetuned
 """
 
+import collections
 import math
 import os
 from datetime import timedelta
@@ -58,6 +59,9 @@ INTERPOLATION_MODES = {
     "nearest_exact": Image.NEAREST,
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Where an image's loss mask is (--masked_loss), besides a `name.mask.png` path: its alpha channel, or the
+# --mask_column cell of its row.
+MASK_FROM_ALPHA, MASK_FROM_COLUMN = "alpha channel", "mask column"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -96,7 +100,8 @@ def parse_args(argv=None):
     add("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples.")
     add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
     add("--resolution", type=int, default=None,
-        help="Images are resized and cropped to this square size (default 512; SDXL 1024).")
+        help="Images are resized and cropped to this square size (default 512; SDXL 1024), or with "
+             "--use_aspect_ratio_buckets to buckets of about this many pixels squared.")
     add("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     add("--random_flip", action="store_true", help="Flip images horizontally at random.")
     add("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION_MODES),
@@ -183,6 +188,9 @@ def parse_args(argv=None):
         help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
              "or ~/.cache/diffusion-training). Entries are keyed by the images, captions, model weights, resolution "
              "and transforms, so one folder serves any number of runs; deleting it is always safe.")
+    # Real datasets (SPEC §9): aspect-ratio buckets, validation size, masked loss
+    common.add_bucket_arguments(parser)
+    common.add_mask_arguments(parser, column=True)
     args = common.parse_args_with_config(parser, argv)
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
@@ -208,6 +216,9 @@ def validate_args(args):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
     common.require_multiple_of_8("--resolution", args.resolution)
+    common.check_bucket_flags(args)
+    if args.mask_column is not None and not args.masked_loss:
+        raise InputError("--mask_column applies only with --masked_loss")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     common.check_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_begin,
@@ -247,6 +258,10 @@ def validate_args(args):
     elif not any(common.image_files(args.train_data_dir)):
         extensions = ", ".join(common.IMAGE_EXTENSIONS)
         raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
+    elif args.masked_loss:
+        # A folder's masks are files: a missing or mis-sized one is reported before anything loads.
+        find_masks([{"path": path, "bytes": None} for path in common.image_files(args.train_data_dir)], None,
+                   f"--train_data_dir {args.train_data_dir!r}")
 
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
@@ -317,11 +332,17 @@ def load_captioned_dataset(args):
         dataset = dataset["train"]
 
     columns = dataset.column_names
-    for column_flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+    wanted = [("--image_column", args.image_column), ("--caption_column", args.caption_column)]
+    if args.mask_column is not None:
+        wanted.append(("--mask_column", args.mask_column))
+    for column_flag, column in wanted:
         if column not in columns:
             raise InputError(f"{column_flag} {column!r} is not a column of {source!r}; columns: {', '.join(columns)}")
     _check_caption_feature(dataset.features[args.caption_column], args.caption_column, source)
-    dataset = dataset.select_columns([args.image_column, args.caption_column])
+    if args.mask_column is not None and type(dataset.features[args.mask_column]).__name__ != "Image":
+        raise InputError(f"--mask_column {args.mask_column!r} of {source!r} holds "
+                         f"{dataset.features[args.mask_column]}; expected images")
+    dataset = dataset.select_columns([column for _, column in wanted])
     if len(dataset) == 0:
         raise InputError(f"{flag} {source!r} holds no examples")
     return common.drop_unreadable_images(dataset, args.image_column, flag, source)
@@ -368,30 +389,116 @@ def _check_caption_feature(feature, column, source):
 
 def resized_size(width, height, resolution):
     """(width, height) of an image resized so that its short side is `resolution`."""
-    short = min(width, height)
-    return max(resolution, round(width * resolution / short)), max(resolution, round(height * resolution / short))
+    return common.cover_size(width, height, resolution, resolution)
 
 
-def preprocess_image(image, resolution, interpolation, center_crop, random_flip, generator):
-    """PIL image -> ((3, resolution, resolution) float tensor in [-1, 1], original (height, width), crop (top, left)):
-    resize the short side, crop, maybe flip. The size and crop are SDXL's micro-conditioning (the crop's top-left in
-    the resized image, seen in the flipped image when flipped). Random choices come from `generator` so that they are
-    reproducible per sample and epoch."""
+# One preprocessed image: the pixels, SDXL's micro-conditioning (original (height, width), crop (top, left) in the
+# resized image) and the latent-grid loss weights (--masked_loss; None without).
+Processed = collections.namedtuple("Processed", "pixels original_size crop_top_left mask")
+
+
+def preprocess_image(image, size, interpolation, center_crop, random_flip, generator, mask=None):
+    """PIL image -> Processed: pixels a (3, height, width) float tensor in [-1, 1] at `size` ((height, width), or
+    one int for a square): resized to cover it, cropped, maybe flipped. The crop is seen in the flipped image when
+    flipped. `mask` (an 'L' image of the image's size) follows the same resize, crop and flip, down to the latent
+    grid. Random choices come from `generator` (left, top, flip, as always) so that they are reproducible per sample
+    and epoch."""
+    target_height, target_width = (size, size) if isinstance(size, int) else size
     image = image.convert("RGB")
     original_size = (image.height, image.width)
-    image = image.resize(resized_size(image.width, image.height, resolution), resample=interpolation)
+    resized = common.cover_size(image.width, image.height, target_height, target_width)
+    image = image.resize(resized, resample=interpolation)
     width, height = image.size
-    if center_crop:
-        left, top = round((width - resolution) / 2), round((height - resolution) / 2)
-    else:
-        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
+    top, left = common.crop_origin(width, height, target_height, target_width, center_crop, generator)
+    box = (left, top, left + target_width, top + target_height)
+    image = image.crop(box)
+    flip = random_flip and torch.rand(1, generator=generator).item() < 0.5
+    if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        left = width - left - resolution
+        left = width - left - target_width
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels * 2.0 - 1.0).contiguous(), original_size, (top, left)
+    weights = None if mask is None else mask_weights(mask, resized, box, flip)
+    return Processed((pixels * 2.0 - 1.0).contiguous(), original_size, (top, left), weights)
+
+
+def mask_weights(mask, resized, box, flip):
+    """An 'L' mask resized (bilinear: values stay in [0, 1]), cropped to `box` and maybe flipped like its image,
+    averaged over the VAE's 8x8 blocks: a (1, height / 8, width / 8) tensor, one weight per latent pixel."""
+    mask = mask.resize(resized, resample=Image.BILINEAR).crop(box)
+    if flip:
+        mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+    return common.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
+
+
+def survey_images(dataset, args):
+    """{"buckets": each row's (height, width) bucket or None, "masks": each row's mask source or None}, read from
+    the image headers only (nothing is decoded), so that bucketed batches can be formed and a missing or mis-sized
+    mask is reported before training starts. Square runs without --masked_loss read nothing."""
+    from datasets import Image as ImageFeature
+
+    if args.buckets is None and not args.masked_loss:
+        return {"buckets": None, "masks": None}
+    cells = dataset.cast_column(args.image_column, ImageFeature(decode=False))
+    if args.mask_column is not None:
+        cells = cells.cast_column(args.mask_column, ImageFeature(decode=False))
+    columns = [args.image_column] + ([args.mask_column] if args.mask_column is not None else [])
+    buckets, masks = [], []
+    where = (f"--dataset_name {args.dataset_name!r}" if args.dataset_name
+             else f"--train_data_dir {args.train_data_dir!r}")
+    # In chunks: a dataset that embeds its images can be larger than memory.
+    for start in range(0, len(cells), 1000):
+        chunk = cells.select_columns(columns)[start:start + 1000]
+        if args.buckets is not None:
+            buckets += [args.buckets.assign(*common.image_size(cell)) for cell in chunk[args.image_column]]
+        if args.masked_loss:
+            masks += find_masks(chunk[args.image_column], chunk.get(args.mask_column), where, check_found=False)
+    if args.masked_loss:
+        _require_some_mask(masks, where, args.mask_column)
+    return {"buckets": buckets or None, "masks": masks or None}
+
+
+def find_masks(image_cells, mask_cells, where, check_found=True, mask_column=None):
+    """Each image's mask source (undecoded cells {"bytes", "path"}): MASK_FROM_COLUMN where the --mask_column cell
+    holds one, the path of `name.mask.png` beside the image, MASK_FROM_ALPHA, or None (trained unmasked). A mask
+    whose size differs from its image's is an InputError naming it; so is no mask at all (with `check_found`)."""
+    from io import BytesIO
+
+    sources = []
+    for index, cell in enumerate(image_cells):
+        size = None
+        mask_cell = mask_cells[index] if mask_cells is not None else None
+        mask_path = common.mask_path_for(cell["path"]) if cell.get("path") else None
+        if mask_cell and (mask_cell.get("bytes") or mask_cell.get("path")):
+            source, mask_name = MASK_FROM_COLUMN, f"the --mask_column cell of row {index} ({mask_cell.get('path')})"
+            size = common.image_size(mask_cell)
+        elif mask_path is not None and os.path.isfile(mask_path):
+            source, mask_name = mask_path, mask_path
+            size = common.image_size({"path": mask_path, "bytes": None})
+        else:
+            with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
+                source = MASK_FROM_ALPHA if common.has_alpha(image) else None
+        if size is not None and size != common.image_size(cell):
+            image_size = common.image_size(cell)
+            raise InputError(f"--masked_loss: {mask_name} is {size[1]}x{size[0]} but its image "
+                             f"{cell.get('path') or f'row {index}'} is {image_size[1]}x{image_size[0]}; a mask must "
+                             "have its image's size")
+        sources.append(source)
+    if check_found:
+        _require_some_mask(sources, where, mask_column)
+    return sources
+
+
+def _require_some_mask(sources, where, mask_column):
+    looked = "name.mask.png beside each image, the images' alpha channels"
+    if mask_column is not None:
+        looked = f"the --mask_column {mask_column!r} cells, " + looked
+    if not any(source is not None for source in sources):
+        raise InputError(f"--masked_loss: none of the {len(sources)} images of {where} has a mask (looked for "
+                         f"{looked})")
+    unmasked = sources.count(None)
+    if unmasked:
+        common.logger.warning(f"--masked_loss: {unmasked} of {len(sources)} images of {where} have no mask: "
+                              "trained on the whole image")
 
 
 def pick_caption(caption, generator):
@@ -415,10 +522,14 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distribution / text
     embedding instead of pixels / token ids; the random draws stay the same, so the training run does not change.
-    Every example also holds its image's original size and crop (SDXL's time ids; SD ignores them)."""
+    Every example also holds its image's original size, crop and target size (SDXL's time ids; SD ignores them).
 
-    def __init__(self, dataset, tokenizers, args, run_state):
+    `buckets` (from `survey_images`): each row's (height, width) bucket, or None for --resolution squares. `masks`:
+    each row's mask source with --masked_loss (examples then hold `loss_mask`), or None."""
+
+    def __init__(self, dataset, tokenizers, args, run_state, buckets=None, masks=None):
         self.dataset, self.tokenizers, self.args, self.run_state = dataset, tokenizers, args, run_state
+        self.buckets, self.masks = buckets, masks
         self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
         self._subset = (None, None)  # (seed, indices)
         self.latent_cache = self.image_keys = None
@@ -427,6 +538,28 @@ class CaptionedImages(torch.utils.data.Dataset):
     def rows(self):
         """The dataset rows this run trains on."""
         return [self._row(index) for index in range(self.size)]
+
+    def target_size(self, row):
+        """The (height, width) a row's image trains at: its bucket, or the --resolution square."""
+        return tuple(self.buckets[row]) if self.buckets is not None else (self.args.resolution, self.args.resolution)
+
+    def sample_buckets(self):
+        """The bucket of each sample (index), for the batch sampler."""
+        return [self.target_size(row) for row in self.rows()]
+
+    def loss_mask(self, row, image, example):
+        """The 'L' loss mask of a row's decoded `image` (`example`: its row, for --mask_column), or None without
+        --masked_loss. An image without a mask trains everywhere (an all-white mask)."""
+        if self.masks is None:
+            return None
+        source = self.masks[row]
+        if source is None:
+            return Image.new("L", image.size, 255)
+        if source == MASK_FROM_ALPHA:
+            return common.load_mask(image)
+        if source == MASK_FROM_COLUMN:
+            return common.load_mask(image, example[self.args.mask_column], name=f"row {row}")
+        return common.load_mask(image, source, name=source)
 
     def use_latent_cache(self, cache, image_keys):
         self.latent_cache, self.image_keys = cache, image_keys
@@ -467,17 +600,25 @@ class CaptionedImages(torch.utils.data.Dataset):
             if torch.rand(1, generator=drop).item() < a.proportion_empty_prompts:
                 caption = ""
         item = {}
+        target = self.target_size(row)
         if self.latent_cache is None:
             interpolation = INTERPOLATION_MODES[a.image_interpolation_mode]
-            item["pixel_values"], original_size, crop = preprocess_image(
-                example[a.image_column], a.resolution, interpolation, a.center_crop, a.random_flip, generator)
+            image = example[a.image_column]
+            processed = preprocess_image(image, target, interpolation, a.center_crop, a.random_flip, generator,
+                                         self.loss_mask(row, image, example))
+            item["pixel_values"], original_size, crop = processed[:3]
+            if processed.mask is not None:
+                item["loss_mask"] = processed.mask
         else:
             # The same draw preprocess_image makes for the flip (a centre crop draws nothing).
             flip = a.random_flip and torch.rand(1, generator=generator).item() < 0.5
             entry = self.latent_cache.load(self.image_keys[row])
             item["latent_dist"] = entry["flipped" if flip else "latent_dist"]
             original_size, crop = entry["original_size"], entry["flipped_crop_top_left" if flip else "crop_top_left"]
+            if "loss_mask" in entry:
+                item["loss_mask"] = entry["flipped_loss_mask" if flip else "loss_mask"]
         item["original_size"], item["crop_top_left"] = torch.as_tensor(original_size), torch.as_tensor(crop)
+        item["target_size"] = torch.as_tensor(target)
         if self.text_cache is None:
             item.update(zip(INPUT_IDS, self.token_ids(caption)))
         else:
@@ -486,6 +627,39 @@ class CaptionedImages(torch.utils.data.Dataset):
             if "pooled_prompt_embeds" in entry:
                 item["pooled_prompt_embeds"] = entry["pooled_prompt_embeds"]
         return item
+
+
+def batch_order(train_dataset, args, run_state):
+    """The DataLoader arguments that set the epoch's order: samples shuffled from (seed, epoch) in batches of
+    --train_batch_size, or with buckets whole batches of one bucket each (`SubsetBucketBatchSampler`)."""
+    if args.buckets is None:
+        return {"batch_size": args.train_batch_size,
+                "sampler": common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)}
+    return {"batch_sampler": SubsetBucketBatchSampler(train_dataset, args.train_batch_size, run_state)}
+
+
+class SubsetBucketBatchSampler(common.BucketBatchSampler):
+    """`common.BucketBatchSampler` over the samples this run trains on. With --max_train_samples those follow the
+    run seed, which a resumed run learns from its checkpoint only after the loader is built: the samples' buckets are
+    read again when the seed changes, so that a batch never mixes buckets."""
+
+    def __init__(self, train_dataset, batch_size, run_state):
+        super().__init__(train_dataset.sample_buckets(), batch_size, run_state, SHUFFLE_STREAM)
+        self.train_dataset, self.buckets_seed = train_dataset, run_state.seed
+
+    def _follow_seed(self):
+        if self.buckets_seed != self.run_state.seed:
+            epoch = self.epoch
+            self.__init__(self.train_dataset, self.images_per_batch, self.run_state)
+            self.epoch = epoch
+
+    def __len__(self):
+        self._follow_seed()
+        return super().__len__()
+
+    def __iter__(self):
+        self._follow_seed()
+        return super().__iter__()
 
 
 def all_captions(cells):
@@ -503,15 +677,12 @@ def all_captions(cells):
 
 
 def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
-    """Fill the latent cache for the rows this run trains on (split across ranks) and switch the dataset to it."""
+    """Fill the latent cache for the rows this run trains on (split across ranks) and switch the dataset to it.
+    Entries are at each image's target size (its bucket with buckets) and hold its size and crop (SDXL's time ids)
+    and, with --masked_loss, its latent-grid loss mask; with --random_flip both orientations of each."""
     from datasets import Image as ImageFeature
 
-    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
-        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
-        "interpolation": args.image_interpolation_mode, "crop": "center", "flip": args.random_flip,
-        # Entries also hold the image's size and crop (SDXL's time ids); earlier entries did not.
-        "entries": "latent_dist+size+crop",
-    })
+    cache = common.FeatureCache(args.feature_cache_dir, "latents", latent_cache_settings(vae, weight_dtype, args))
     rows = train_dataset.rows()
     # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
     cells = train_dataset.dataset.cast_column(args.image_column, ImageFeature(decode=False))
@@ -519,32 +690,97 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     for start in range(0, len(rows), 1000):
         chunk = rows[start:start + 1000]
         image_keys.update(zip(chunk, map(common.image_fingerprint, cells[chunk][args.image_column])))
+    image_keys = latent_entry_keys(train_dataset, image_keys, args)
     interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
     decoder = ImageFeature()
 
-    def encode(batch_rows):
+    def encode_one_size(batch_rows, target):
+        examples = cells[batch_rows]
         # Decoded exactly as the dataset decodes them, so the latents are those of the uncached run.
-        images = [decoder.decode_example(cell) for cell in cells[batch_rows][args.image_column]]
-        processed = [preprocess_image(image, args.resolution, interpolation, True, False, None) for image in images]
-        pixels = torch.stack([pixels for pixels, _, _ in processed])
+        images = [decoder.decode_example(cell) for cell in examples[args.image_column]]
+        masks = [train_dataset.loss_mask(row, image, {key: values[i] for key, values in examples.items()})
+                 for i, (row, image) in enumerate(zip(batch_rows, images))]
+        processed = [preprocess_image(image, target, interpolation, True, False, None, mask)
+                     for image, mask in zip(images, masks)]
+        pixels = torch.stack([item.pixels for item in processed])
         views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
         parameters = vae.encode(views.to(accelerator.device, weight_dtype)).latent_dist.parameters
         count = len(batch_rows)
-        entries = [
-            {"latent_dist": parameters[i], "original_size": torch.tensor(size), "crop_top_left": torch.tensor(crop)}
-            for i, (_, size, crop) in enumerate(processed)
-        ]
-        if args.random_flip:
-            for i, (image, (top, left)) in enumerate(zip(images, (crop for _, _, crop in processed))):
+        entries = []
+        for i, (image, mask, item) in enumerate(zip(images, masks, processed)):
+            entry = {"latent_dist": parameters[i], "original_size": torch.tensor(item.original_size),
+                     "crop_top_left": torch.tensor(item.crop_top_left)}
+            if item.mask is not None:
+                entry["loss_mask"] = item.mask
+            if args.random_flip:
                 # The crop as preprocess_image reports it for a flipped image: its left edge seen in the mirror.
-                width = resized_size(image.width, image.height, args.resolution)[0]
-                entries[i].update(flipped=parameters[count + i],
-                                  flipped_crop_top_left=torch.tensor((top, width - left - args.resolution)))
+                resized = common.cover_size(image.width, image.height, *target)
+                top, left = item.crop_top_left
+                entry.update(flipped=parameters[count + i],
+                             flipped_crop_top_left=torch.tensor((top, resized[0] - left - target[1])))
+                if mask is not None:
+                    box = (left, top, left + target[1], top + target[0])
+                    entry["flipped_loss_mask"] = mask_weights(mask, resized, box, flip=True)
+            entries.append(entry)
         return entries
+
+    def encode(batch_rows):
+        # The VAE encodes one target size at a time; entries come back in the order asked.
+        by_target = {}
+        for row in batch_rows:
+            by_target.setdefault(train_dataset.target_size(row), []).append(row)
+        entries = {}
+        for target, same_size in by_target.items():
+            entries.update(zip(same_size, encode_one_size(same_size, target)))
+        return [entries[row] for row in batch_rows]
 
     vae.to(accelerator.device, dtype=weight_dtype)
     cache.fill(accelerator, {key: row for row, key in image_keys.items()}, encode, args.train_batch_size)
     train_dataset.use_latent_cache(cache, image_keys)
+
+
+def latent_cache_settings(vae, weight_dtype, args):
+    """What every latent entry depends on besides its image. Square runs without masks keep the settings (and so
+    the entries) they always had."""
+    settings = {
+        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
+        "interpolation": args.image_interpolation_mode, "crop": "center", "flip": args.random_flip,
+        # Entries also hold the image's size and crop (SDXL's time ids); earlier entries did not.
+        "entries": "latent_dist+size+crop",
+    }
+    if args.buckets is not None:
+        # Each entry's key holds its bucket instead: new bucket settings recompute only the images whose bucket
+        # changed.
+        del settings["resolution"]
+        settings["size"] = "bucket in the entry key"
+    if args.masked_loss:
+        settings["entries"] += "+loss_mask"
+    return settings
+
+
+def latent_entry_keys(train_dataset, image_keys, args):
+    """{row: entry key}: the image's fingerprint, with buckets or masks also the bucket and the mask's own
+    fingerprint (an edited mask is recomputed)."""
+    if args.buckets is None and not args.masked_loss:
+        return image_keys
+    from datasets import Image as ImageFeature
+
+    mask_cells = None
+    if args.mask_column is not None:
+        mask_cells = train_dataset.dataset.cast_column(args.mask_column, ImageFeature(decode=False))
+    keys = {}
+    for row, image_key in image_keys.items():
+        mask_key = None
+        if train_dataset.masks is not None:
+            source = train_dataset.masks[row]
+            if source == MASK_FROM_COLUMN:
+                mask_key = common.image_fingerprint(mask_cells[row][args.mask_column])
+            elif source not in (None, MASK_FROM_ALPHA):
+                mask_key = common.image_fingerprint({"path": source, "bytes": None})
+            else:
+                mask_key = source  # the alpha channel is part of the image's own fingerprint
+        keys[row] = common.fingerprint(image_key, train_dataset.target_size(row), mask_key)
+    return keys
 
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
@@ -664,7 +900,9 @@ def added_conditions(batch, pooled_prompt_embeds, args):
     its own original size and crop."""
     if pooled_prompt_embeds is None:
         return None
-    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (args.resolution, args.resolution))
+    # The target size is each sample's bucket (the --resolution square without buckets).
+    target_size = batch.get("target_size", (args.resolution, args.resolution))
+    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
     return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
 
 
@@ -712,7 +950,7 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
     weights = None
     if args.snr_gamma is not None:
         weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
-    return common.diffusion_loss(model_pred, target, weights)
+    return common.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -774,7 +1012,8 @@ def generate_validation_images(accelerator, unet, vae, text_encoders, tokenizers
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(
                     prompts[index], num_inference_steps=args.validation_inference_steps, generator=generator,
-                    height=args.resolution, width=args.resolution, output_type="np",
+                    height=args.validation_height or args.resolution, width=args.validation_width or args.resolution,
+                    output_type="np",
                 ).images[0]
             images.append((index, (image * 255).round().astype("uint8")))
         unet.train(was_training)
@@ -852,12 +1091,19 @@ def write_model_card(args, global_step, images):
                    "![val_imgs_grid](./val_imgs_grid.png)\n")
         example_prompt = images[0][0]
     pipeline_name = pipeline_class(args).__name__
-    vae_line = f"| VAE | {args.pretrained_vae_model_name_or_path} |\n" if args.pretrained_vae_model_name_or_path else ""
+    extra_rows = (f"| VAE | {args.pretrained_vae_model_name_or_path} |\n" if args.pretrained_vae_model_name_or_path
+                  else "")
+    size = f"at {args.resolution}x{args.resolution}"
+    if args.buckets is not None:
+        size = f"in aspect-ratio buckets (height,width: {args.buckets.describe()})"
+        extra_rows += f"| aspect-ratio buckets | {args.buckets.describe()} |\n"
+    if args.masked_loss:
+        extra_rows += f"| masked loss | {args.mask_column or 'alpha channels / name.mask.png'} |\n"
     description = f"""
 # Text-to-image fine-tuning of {args.pretrained_model_name_or_path}
 
 The UNet of **{args.pretrained_model_name_or_path}** fine-tuned on **{data}** with `train_text_to_image.py` for
-{global_step} optimizer steps at {args.resolution}x{args.resolution}.
+{global_step} optimizer steps {size}.
 
 {gallery}
 ## Usage
@@ -885,7 +1131,7 @@ image = pipeline({example_prompt!r}).images[0]
 | empty prompts | {args.proportion_empty_prompts} |
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
-{vae_line}"""
+{extra_rows}"""
     family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
     tags = [family, f"{family}-diffusers", "text-to-image", "diffusers", "diffusers-training"]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
@@ -944,6 +1190,7 @@ def main(argv=None):
     # Data first: a bad dataset is reported before any model is built or anything is written.
     with accelerator.main_process_first():
         examples = load_captioned_dataset(args)
+        layout = survey_images(examples, args)  # buckets and masks, from the image headers
 
     noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args)
     # Frozen parts run in the mixed-precision dtype (SDXL's own VAE in fp32); the trained UNet stays fp32 (its
@@ -963,11 +1210,10 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    train_dataset = CaptionedImages(examples, tokenizers, args, run_state)
+    train_dataset = CaptionedImages(examples, tokenizers, args, run_state, **layout)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        batch_size=args.train_batch_size,
-        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
+        **batch_order(train_dataset, args, run_state),
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )

@@ -234,6 +234,45 @@ def test_two_processes(tiny_sd, txt_folder, tmp_path):
         assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
 
 
+def test_buckets_with_masked_loss_resume_exactly_mid_epoch_on_two_processes_and_generate_non_square(
+        tiny_sd, mixed_aspect_folder, tmp_path):
+    """--aspect_ratio_buckets (landscape, portrait, square) with --masked_loss, random crops and flips, batch 1,
+    accumulation 2, on 2 processes: 6 one-image batches per epoch, 3 per rank, 2 steps. 3 steps straight ==
+    checkpoint-1 (mid-epoch) resumed to 3, bit for bit. Validation renders at --validation_height x
+    --validation_width; the output pipeline generates at 64x96; the model card names the buckets and the mask."""
+    from conftest import MIXED_ASPECT_BUCKETS
+
+    settings = {"aspect_ratio_buckets": MIXED_ASPECT_BUCKETS, "masked_loss": True, "random_flip": True,
+                "train_batch_size": 1, "gradient_accumulation_steps": 2, "max_train_steps": 3,
+                "checkpointing_steps": 1, "validation_prompts": PROMPTS[:1], "validation_height": 64,
+                "validation_width": 96}
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, straight, **settings), num_processes=2)
+    assert "6 examples, 2 epochs of 2 steps, 3 steps in all" in result.stderr
+    assert checkpoints(straight) == {"checkpoint-1", "checkpoint-2", "checkpoint-3"}
+    from PIL import Image
+
+    assert Image.open(os.path.join(straight, "validation", "final", "00.png")).size == (96, 64)
+    card = open(os.path.join(straight, "README.md")).read()
+    assert "| aspect-ratio buckets | 64,64;64,96;96,64 |" in card and "| masked loss |" in card
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-1"), os.path.join(resumed, "checkpoint-1"))
+    launch(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, resumed, resume_from_checkpoint="checkpoint-1",
+                             **settings), num_processes=2)
+    for folder in ("checkpoint-3/unet", "unet"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+    assert_different_weights(os.path.join(tiny_sd, "unet"), os.path.join(straight, "unet"))
+
+    from diffusers import StableDiffusionPipeline
+
+    image = StableDiffusionPipeline.from_pretrained(straight)(
+        "a wide shape", num_inference_steps=2, height=64, width=96, output_type="np",
+        generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 96, 3) and torch.isfinite(torch.from_numpy(image)).all()
+
+
 def _cache_entries(cache_dir, kind):
     """{entry path: mtime} of one kind of feature-cache entry."""
     entries = {}
@@ -338,10 +377,21 @@ def _namespace(**values):
         "image_column": "image", "caption_column": "text", "max_train_samples": None, "resolution": 64,
         "center_crop": False, "random_flip": True, "image_interpolation_mode": "lanczos", "noise_offset": 0.0,
         "input_perturbation": 0.0, "dream_training": False, "dream_detail_preservation": 1.0, "snr_gamma": None,
-        "proportion_empty_prompts": 0.0,
+        "proportion_empty_prompts": 0.0, "use_aspect_ratio_buckets": False, "aspect_ratio_buckets": None,
+        "bucket_min_resolution": None, "bucket_divisibility": 64, "validation_height": None, "validation_width": None,
+        "buckets": None, "masked_loss": False, "mask_column": None,
     }
     defaults.update(values)
     return argparse.Namespace(**defaults)
+
+
+def _bucketed(**values):
+    """_namespace with the bucket flags checked (args.buckets set), as validate_args leaves them."""
+    import train_common as common
+
+    args = _namespace(**values)
+    common.check_bucket_flags(args)
+    return args
 
 
 def test_data_sources_captions_and_augmentation_are_restorable(tiny_sd, metadata_folder, txt_folder):
@@ -461,6 +511,134 @@ def test_each_loss_flag_changes_the_loss(loss_inputs):
     assert _loss(loss_inputs, dream_training=True) != pytest.approx(
         _loss(loss_inputs, dream_training=True, dream_detail_preservation=3.0))
     assert _loss(loss_inputs, prediction_type="v_prediction") != pytest.approx(baseline)
+
+
+def test_buckets_shape_every_image_batches_never_mix_and_masks_follow_the_crop(tiny_sd, mixed_aspect_folder):
+    """--aspect_ratio_buckets: each image goes to the bucket of nearest aspect ratio (the small one upscaled to the
+    square: an explicit list is obeyed), its tensor and latent-grid mask have that bucket's shape, and the bucketed
+    sampler's batches never mix buckets and hold every image once per epoch. The masks (name.mask.png: a white left
+    half; square_0's alpha: an opaque bottom half) follow the resize, crop and flip. Generated buckets never upscale."""
+    from conftest import MIXED_ASPECT_BUCKETS
+    from datasets import Image as ImageFeature
+    from transformers import CLIPTokenizer
+
+    from train_common import RunState
+
+    script = _script()
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    args = _bucketed(train_data_dir=mixed_aspect_folder, aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True)
+    dataset = script.load_captioned_dataset(args)
+    layout = script.survey_images(dataset, args)
+    names = [os.path.basename(cell["path"]) for cell in dataset.cast_column("image", ImageFeature(decode=False))["image"]]
+    assert dict(zip(names, layout["buckets"])) == {
+        "land_0.png": (64, 96), "land_1.png": (64, 96), "port_0.png": (96, 64), "port_1.png": (96, 64),
+        "square_0.png": (64, 64), "small_0.png": (64, 64)}
+    assert [os.path.basename(source) if source != script.MASK_FROM_ALPHA else source for source in layout["masks"]] \
+        == [script.MASK_FROM_ALPHA if name == "square_0.png" else name[:-4] + ".mask.png" for name in names]
+
+    run_state = RunState(seed=3)
+    train = script.CaptionedImages(dataset, [tokenizer], args, run_state, **layout)
+    sampler = script.SubsetBucketBatchSampler(train, 2, run_state)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        orders.append(batches)
+        assert len(batches) == len(sampler) == 3
+        assert sorted(index for batch in batches for _, index in batch) == list(range(6))
+        for batch in batches:
+            items = [train[key] for key in batch]
+            bucket = layout["buckets"][batch[0][1]]
+            assert all(layout["buckets"][index] == bucket for _, index in batch)
+            for item in items:
+                assert item["pixel_values"].shape == (3, *bucket) and item["target_size"].tolist() == list(bucket)
+                assert item["loss_mask"].shape == (1, bucket[0] // 8, bucket[1] // 8)
+                assert 0 <= item["loss_mask"].min() and item["loss_mask"].max() <= 1
+    assert orders[0] != orders[1], "the bucketed order does not change with the epoch"
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler)
+    assert {tuple(batch["loss_mask"].shape) for batch in loader} == {(2, 1, 8, 12), (2, 1, 12, 8), (2, 1, 8, 8)}
+
+    # Centre crops without flips: land_0 (96x64, no resize) keeps its white left half; square_0 (80x80 -> 64x64)
+    # its opaque bottom half.
+    still = script.CaptionedImages(dataset, [tokenizer], _bucketed(**{**vars(args), "center_crop": True,
+                                                                        "random_flip": False, "buckets": None}),
+                                   run_state, **layout)
+    land = still[(0, names.index("land_0.png"))]["loss_mask"][0]
+    assert land[:, :6].eq(1).all() and land[:, 6:].eq(0).all()
+    square = still[(0, names.index("square_0.png"))]["loss_mask"][0]
+    assert square[:3].eq(0).all() and square[5:].eq(1).all()
+
+    # Generated buckets (every 16 px from 64 down to 32): none larger than its image; the 40x40 image gets 32x32.
+    generated = _bucketed(train_data_dir=mixed_aspect_folder, use_aspect_ratio_buckets=True, bucket_divisibility=16)
+    buckets = script.survey_images(dataset, generated)["buckets"]
+    sizes = [(image.height, image.width) for image in dataset["image"]]
+    assert all(bh <= h and bw <= w for (bh, bw), (h, w) in zip(buckets, sizes))
+    assert buckets[names.index("small_0.png")] == (32, 32) and len(set(buckets)) >= 3
+
+
+def test_cached_latents_stay_paired_with_their_captions_masks_and_buckets(tiny_sd, mixed_aspect_folder, tmp_path):
+    """With buckets, masks and --random_flip, each (epoch, index) of a cached dataset holds the latents of exactly the
+    image, flip, crop and mask the uncached dataset gives it, with its own caption. Changing the bucket list
+    recomputes exactly the entries whose bucket changed."""
+    import types
+
+    from conftest import MIXED_ASPECT_BUCKETS
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    import train_common as common
+    from train_common import RunState
+
+    script = _script()
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    accelerator = types.SimpleNamespace(wait_for_everyone=lambda: None, is_main_process=True, process_index=0,
+                                        num_processes=1, device=torch.device("cpu"))
+    args = _bucketed(train_data_dir=mixed_aspect_folder, aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True,
+                     center_crop=True, feature_cache_dir=str(tmp_path / "cache"), train_batch_size=4)
+    dataset = script.load_captioned_dataset(args)
+    layout = script.survey_images(dataset, args)
+    fresh = script.CaptionedImages(dataset, [tokenizer], args, RunState(5), **layout)
+    cached = script.CaptionedImages(dataset, [tokenizer], args, RunState(5), **layout)
+    script.cache_latents(accelerator, cached, vae, args, torch.float32)  # batches of 4 hold several buckets
+    flips = set()
+    for epoch in range(4):
+        for index in range(len(fresh)):
+            plain, stored = fresh[(epoch, index)], cached[(epoch, index)]
+            for key in ("input_ids", "original_size", "crop_top_left", "target_size", "loss_mask"):
+                assert torch.equal(plain[key], stored[key]), (epoch, index, key)
+            with torch.no_grad():
+                expected = vae.encode(plain["pixel_values"][None]).latent_dist.parameters[0]
+            assert stored["latent_dist"].shape == (8, *(side // 8 for side in plain["target_size"].tolist()))
+            torch.testing.assert_close(stored["latent_dist"], expected, atol=1e-5, rtol=1e-5)
+            flips.add(plain["crop_top_left"].tolist()[1])
+    assert len(flips) > 1, "no image was ever flipped"
+
+    # Another bucket for the squares only: their 2 entries are missing, the 4 others are reused.
+    changed = _bucketed(**{**vars(args), "aspect_ratio_buckets": "64,96;96,64;48,48", "buckets": None})
+    again = script.CaptionedImages(dataset, [tokenizer], changed, RunState(5), **script.survey_images(dataset, changed))
+    cache = common.FeatureCache(changed.feature_cache_dir, "latents",
+                                script.latent_cache_settings(vae, torch.float32, changed))
+    image_keys = {row: key for row, key in cached.image_keys.items()}
+    assert cache.folder == cached.latent_cache.folder
+    fingerprints = dict(zip(range(6), map(common.image_fingerprint, dataset.cast_column(
+        "image", __import__("datasets").Image(decode=False))["image"])))
+    keys = script.latent_entry_keys(again, fingerprints, changed)
+    assert sorted(row for row in range(6) if keys[row] != image_keys[row]) == \
+        sorted(row for row in range(6) if again.target_size(row) == (48, 48))
+    assert len(cache.missing(keys.values())) == 2
+
+
+def test_masked_loss_with_an_all_ones_mask_is_the_unmasked_loss(loss_inputs):
+    """diffusion_loss normalises by the mask's mean: an all-ones mask gives the unmasked loss exactly (also with
+    Min-SNR weights); masking out half of the latent pixels changes it."""
+    ones = {**loss_inputs, "batch": {**loss_inputs["batch"], "loss_mask": torch.ones(2, 1, 8, 8)}}
+    assert _loss(ones) == _loss(loss_inputs)
+    assert _loss(ones, snr_gamma=1.0) == _loss(loss_inputs, snr_gamma=1.0)
+    half = torch.ones(2, 1, 8, 8)
+    half[..., 4:] = 0
+    assert _loss({**loss_inputs, "batch": {**loss_inputs["batch"], "loss_mask": half}}) != \
+        pytest.approx(_loss(loss_inputs))
 
 
 def test_optimizer_choice():
