@@ -51,7 +51,7 @@ from train_common import InputError
 
 # Independent random streams, derived from the run seed (see train_common.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, DROPOUT_STREAM, VALIDATION_STREAM, CLASS_IMAGE_STREAM = 1, 2, 3, 4, 5, 6
-LORA_INIT_STREAM = 7
+LORA_INIT_STREAM, CAPTION_DROPOUT_STREAM = 7, 8
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 # Upstream's targets; add_k_proj/add_v_proj exist only in DeepFloyd IF UNets and are ignored elsewhere.
@@ -153,6 +153,12 @@ def parse_args(argv=None):
     add("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION_MODES),
         help="The filter used to resize images.")
     add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
+    add("--proportion_empty_prompts", type=float, default=0,
+        help="The share of instance prompts (or dataset captions) replaced by the empty prompt, drawn per sample from "
+             "the run seed (upstream SDXL examples' flag; class prompts are kept). Default 0.")
+    # Real datasets (SPEC §9): buckets apply to instance and class images alike; masks to instance images only.
+    common.add_bucket_arguments(parser)
+    common.add_mask_arguments(parser, column=True)
     # Text encoder (upstream)
     add("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
     add("--pre_compute_text_embeddings", action="store_true",
@@ -285,6 +291,8 @@ def validate_args(args):
         "validation_inference_steps", "repeats", "snr_gamma", "text_encoder_lr",
     )
     common.require_multiple_of_8("--resolution", args.resolution)
+    common.check_bucket_flags(args)
+    validate_real_data_args(args)
     for name in ("lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "prior_loss_weight",
                  "num_validation_images", "adam_weight_decay_text_encoder"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
@@ -407,6 +415,23 @@ def validate_data_args(args):
         common.check_local_or_hub_id("--dataset_name", args.dataset_name)
 
 
+def validate_real_data_args(args):
+    """--proportion_empty_prompts, --masked_loss and --mask_column (the bucket flags: common.check_bucket_flags)."""
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise InputError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.mask_column is not None:
+        if not args.masked_loss:
+            raise InputError("--mask_column applies only with --masked_loss")
+        if args.dataset_name is None:
+            raise InputError("--mask_column needs --dataset_name: --instance_data_dir takes masks from name.mask.png "
+                             "files or alpha channels")
+    model = args.pretrained_model_name_or_path
+    if args.masked_loss and os.path.isdir(model) and not os.path.isdir(os.path.join(model, "vae")):
+        # The mask is averaged onto the VAE's latent grid; a pixel-space model has none.
+        raise InputError(f"--masked_loss: --pretrained_model_name_or_path {model!r} has no vae/ (it trains in pixel "
+                         "space): masks are applied on the latent grid")
+
+
 OPTIMIZERS = ("adamw", "prodigy")
 
 
@@ -485,12 +510,13 @@ class DatasetImage(NamedTuple):
 
     bytes: Optional[bytes]
     path: Optional[str]
+    mask: Optional["DatasetImage"] = None  # the row's --mask_column image, with --masked_loss
 
 
 def image_cell(image):
     """A path or DatasetImage as the datasets-style cell ({"bytes", "path"}) that common's image checks and
     fingerprints take."""
-    return image._asdict() if isinstance(image, DatasetImage) else {"path": image}
+    return {"bytes": image.bytes, "path": image.path} if isinstance(image, DatasetImage) else {"path": image}
 
 
 def read_dataset_items(args):
@@ -513,12 +539,13 @@ def read_dataset_items(args):
             raise InputError(f"--dataset_name {source!r} has no 'train' split (splits: {', '.join(dataset)})")
         dataset = dataset["train"]
     columns = dataset.column_names
-    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column),
+                         ("--mask_column", args.mask_column)):
         if column is not None and column not in columns:
             raise InputError(f"{flag} {column!r} is not a column of {source!r}; columns: {', '.join(columns)}")
-    if not isinstance(dataset.features[args.image_column], ImageFeature):
-        raise InputError(f"--image_column {args.image_column!r} of {source!r} holds "
-                         f"{dataset.features[args.image_column]}, not images")
+    for flag, column in (("--image_column", args.image_column), ("--mask_column", args.mask_column)):
+        if column is not None and not isinstance(dataset.features[column], ImageFeature):
+            raise InputError(f"{flag} {column!r} of {source!r} holds {dataset.features[column]}, not images")
     caption_feature = dataset.features[args.caption_column] if args.caption_column else None
     if caption_feature is not None and not (isinstance(caption_feature, Value)
                                             and caption_feature.dtype in ("string", "large_string")):
@@ -528,8 +555,13 @@ def read_dataset_items(args):
     dataset = common.drop_unreadable_images(dataset, args.image_column, "--dataset_name", source)
     cells = dataset.cast_column(args.image_column, ImageFeature(decode=False))[args.image_column]
     captions = dataset[args.caption_column] if args.caption_column else [None] * len(dataset)
-    items = [(DatasetImage(cell.get("bytes"), cell.get("path")), (caption or "").strip() or args.instance_prompt)
-             for cell, caption in zip(cells, captions)]
+    masks = [None] * len(dataset)
+    if args.mask_column is not None:
+        masks = [DatasetImage(cell.get("bytes"), cell.get("path")) if cell else None for cell in
+                 dataset.cast_column(args.mask_column, ImageFeature(decode=False))[args.mask_column]]
+    items = [(DatasetImage(cell.get("bytes"), cell.get("path"), mask),
+              (caption or "").strip() or args.instance_prompt)
+             for cell, caption, mask in zip(cells, captions, masks)]
     return items, []
 
 
@@ -546,43 +578,177 @@ def read_instance_items(args):
     return [item for item in items for _ in range(args.repeats)], skipped
 
 
-def load_rgb(image):
-    """The image (a path or a DatasetImage) as a camera shows it (EXIF orientation applied), in RGB."""
+def open_image(image):
+    """The image (a path or a DatasetImage) as a camera shows it (EXIF orientation applied), in its own mode."""
     if isinstance(image, DatasetImage):
         image = io.BytesIO(image.bytes) if image.bytes else image.path
     with Image.open(image) as opened:
-        return ImageOps.exif_transpose(opened).convert("RGB")
+        return ImageOps.exif_transpose(opened)
 
 
-def preprocess_image(image, resolution, interpolation, center_crop, generator, random_flip=False,
-                     with_geometry=False):
-    """PIL image -> (3, resolution, resolution) float tensor in [-1, 1], as upstream's Resize + (Center|Random)Crop:
-    the short side is resized to `resolution`, then a square is cropped (its place drawn from `generator`), then,
-    with `random_flip`, it is mirrored half of the time (drawn from `generator` too).
+def load_rgb(image):
+    """The image (a path or a DatasetImage) as a camera shows it (EXIF orientation applied), in RGB."""
+    return open_image(image).convert("RGB")
 
-    With `with_geometry`, also {"original_size": (height, width), "crop_top_left": (top, left)}, what SDXL's time ids
-    state: the image's real size and where the crop lies in the resized image (in the mirrored one when flipped,
-    as upstream flips before it crops)."""
+
+def displayed_size(image):
+    """(height, width) of the image as load_rgb returns it, read from its header without decoding the pixels."""
+    if isinstance(image, DatasetImage):
+        image = io.BytesIO(image.bytes) if image.bytes else image.path
+    with Image.open(image) as opened:
+        # EXIF orientations 5 to 8 turn the image by 90 degrees.
+        turned = opened.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        return (opened.width, opened.height) if turned else (opened.height, opened.width)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real datasets (SPEC §9): aspect-ratio buckets and loss masks, read up front from the image headers
+# ----------------------------------------------------------------------------------------------------------------------
+
+# A mask source: a mask image (a `name.mask.png` path, or a --mask_column DatasetImage), or the image's own alpha.
+ALPHA = "alpha channel"
+
+
+def assign_buckets(args, items):
+    """{image: (height, width) of its bucket} for the distinct images of `items`, or None without buckets (every
+    image at the --resolution square)."""
+    if args.buckets is None:
+        return None
+    return {image: args.buckets.assign(*displayed_size(image)) for image, _ in dict.fromkeys(items)}
+
+
+def describe_buckets(buckets):
+    """'64x96: 2, 96x64: 2' (images per bucket), for the log."""
+    counts = {}
+    for bucket in buckets.values():
+        counts[bucket] = counts.get(bucket, 0) + 1
+    return ", ".join(f"{height}x{width}: {count}" for (height, width), count in sorted(counts.items()))
+
+
+def read_masks(args, items, notes):
+    """{image: mask source} of the instance images that have a mask (with --masked_loss; otherwise None): the
+    --mask_column image, or `name.mask.png` beside the image, or else its alpha channel. An image without any trains
+    on every pixel (a note says how many). No mask at all, a mask of another size than its image or an unreadable
+    mask is an InputError naming where it looked / the mask, raised before any model loads."""
+    if not args.masked_loss:
+        return None
+    masks = {}
+    images = list(dict.fromkeys(image for image, _ in items))
+    for image in images:
+        source = mask_source(image)
+        if source is None:
+            continue
+        if source is not ALPHA:
+            check_mask_size(image, source)
+        masks[image] = source
+    if not masks:
+        if args.dataset_name is not None:
+            where = (f"the --mask_column {args.mask_column!r} and " if args.mask_column else "") + \
+                f"alpha channels in --image_column {args.image_column!r} of --dataset_name {args.dataset_name!r}"
+        else:
+            where = f"name.mask.png files and alpha channels in --instance_data_dir {args.instance_data_dir!r}"
+        raise InputError(f"--masked_loss: no mask found (looked for {where})")
+    if len(masks) < len(images):
+        notes.append(f"--masked_loss: {len(images) - len(masks)} of {len(images)} instance images have no mask "
+                     "and train on every pixel")
+    return masks
+
+
+def mask_source(image):
+    if isinstance(image, DatasetImage):
+        if image.mask is not None:
+            return image.mask
+    elif os.path.isfile(common.mask_path_for(image)):
+        return common.mask_path_for(image)
+    if isinstance(image, DatasetImage):
+        image = io.BytesIO(image.bytes) if image.bytes else image.path
+    with Image.open(image) as opened:
+        return ALPHA if common.has_alpha(opened) else None
+
+
+def mask_name(image, source):
+    if isinstance(source, DatasetImage):
+        return f"the --mask_column image of {source.path or image.path or 'a dataset row'}"
+    return source
+
+
+def check_mask_size(image, source):
+    name = mask_name(image, source)
+    try:
+        mask_size = common.image_size(image_cell(source))
+    except Exception as error:  # PIL raises several types for a file that is not an image
+        raise InputError(f"--masked_loss: cannot read the mask {name} ({common.first_line(error)})") from None
+    image_size = displayed_size(image)
+    if mask_size != image_size:
+        raise InputError(f"--masked_loss: the mask {name} is {mask_size[1]}x{mask_size[0]} but its image is "
+                         f"{image_size[1]}x{image_size[0]}; a mask must have its image's size")
+
+
+def load_image_and_mask(image, source):
+    """(the RGB image as load_rgb returns it, its 'L' loss mask of the same size)."""
+    opened = open_image(image)
+    if source is ALPHA:
+        mask = common.load_mask(opened)
+    else:
+        mask_file = source if isinstance(source, str) else io.BytesIO(source.bytes) if source.bytes else source.path
+        with Image.open(mask_file) as mask_image:
+            mask = common.load_mask(opened, mask_image.convert("L"), name=mask_name(image, source))
+    return opened.convert("RGB"), mask
+
+
+def mask_tensor(mask):
+    """An 'L' mask image -> (1, height, width) weights in [0, 1]."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
+def cover_size(width, height, target_height, target_width):
+    """(width, height) of the image resized, aspect kept, to the smallest size covering the target, sides truncated
+    as torchvision's Resize (upstream's transform) truncates them: for a square target, the short side resized to it.
+    (common.cover_size rounds instead, which would change today's square crops.)"""
+    if target_width * height >= target_height * width:  # the width binds
+        return target_width, max(target_height, int(height * target_width / width))
+    return max(target_width, int(width * target_height / height)), target_height
+
+
+def preprocess_image(image, size, interpolation, center_crop, generator, random_flip=False, with_geometry=False,
+                     mask=None):
+    """PIL image -> (3, height, width) float tensor in [-1, 1], as upstream's Resize + (Center|Random)Crop: resized to
+    cover `size` ((height, width), or one side of a square: --resolution), then cropped to it (its place drawn from
+    `generator`, top then left), then, with `random_flip`, mirrored half of the time (drawn from `generator` too).
+
+    With `with_geometry`, also {"original_size": (height, width), "crop_top_left": (top, left), "target_size":
+    (height, width)}, what SDXL's time ids state: the image's real size, where the crop lies in the resized image (in
+    the mirrored one when flipped, as upstream flips before it crops) and the size trained at; and, given a `mask`
+    ('L', the image's size), "mask": it resized (bilinear, values stay in [0, 1]), cropped and flipped alike, as a
+    (1, height, width) tensor."""
+    target_height, target_width = (size, size) if isinstance(size, int) else size
     width, height = image.size
     original_size = (height, width)
-    short = min(width, height)
-    size = (max(resolution, int(width * resolution / short)), max(resolution, int(height * resolution / short)))
-    image = image.resize(size, resample=interpolation)
+    resized = cover_size(width, height, target_height, target_width)
+    image = image.resize(resized, resample=interpolation)
     width, height = image.size
     if center_crop:
-        left, top = round((width - resolution) / 2), round((height - resolution) / 2)
+        left, top = round((width - target_width) / 2), round((height - target_height) / 2)
     else:
-        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top = int(torch.randint(0, height - target_height + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - target_width + 1, (1,), generator=generator))
+    box = (left, top, left + target_width, top + target_height)
+    image = image.crop(box)
+    if mask is not None:
+        mask = mask.resize(resized, resample=Image.BILINEAR).crop(box)
     if random_flip and flip_drawn(generator):
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        left = width - left - resolution
+        mask = mask.transpose(Image.FLIP_LEFT_RIGHT) if mask is not None else None
+        left = width - left - target_width
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     pixels = (pixels * 2.0 - 1.0).contiguous()
-    if with_geometry:
-        return pixels, {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor((top, left))}
-    return pixels
+    if not with_geometry:
+        return pixels
+    geometry = {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor((top, left)),
+                "target_size": torch.tensor((target_height, target_width))}
+    if mask is not None:
+        geometry["mask"] = mask_tensor(mask)
+    return pixels, geometry
 
 
 def flip_drawn(generator):
@@ -614,20 +780,31 @@ def embedding_inputs(embeddings):
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from common.EpochSampler. Sample i is instance image i (mod their number) and, with
-    prior preservation, class image i (mod theirs); an epoch covers the larger set. Random crops depend only on the
-    run seed, the epoch and the index, so they are the same on resume and with any number of workers.
+    """Indexed by (epoch, index) from common.EpochSampler (or common.BucketBatchSampler). Sample i is instance image i
+    (mod their number) and, with prior preservation, class image i (mod theirs); an epoch covers the larger set.
+    Random crops, flips and caption dropout depend only on the run seed, the epoch and the index, so they are the
+    same on resume and with any number of workers.
 
-    Once `use_latent_cache` is called (--cache_latents), examples hold the cached latent distribution instead of
-    pixels and no image is read; a centre crop draws nothing, so the random draws and the training run stay the
-    same."""
+    `buckets` ({instance image: (height, width)}, aspect-ratio buckets) sets each sample's size; None: the
+    --resolution square. A prior-preservation batch concatenates instance and class latents, so a sample's class
+    image is resized and cropped to its instance image's bucket too (with the same crop policy): the class images
+    (generated square by the base model, usually) keep their pairing with the instance images, and none is left
+    unused for want of a same-shaped partner. `masks` ({instance image: mask source}, --masked_loss) adds each
+    sample's latent-grid loss mask ("mask", (1, h/8, w/8)); class images and instance images without a mask get an
+    all-ones one. `caption_dropout` (--proportion_empty_prompts) is the share of instance prompts replaced by "".
 
-    def __init__(self, instance_items, class_items, prompt_inputs, args, run_state):
+    Once `use_latent_cache` is called (--cache_latents), examples hold the cached latent distribution (and mask)
+    instead of pixels and no image is read; a centre crop draws nothing, so the random draws and the training run
+    stay the same."""
+
+    def __init__(self, instance_items, class_items, prompt_inputs, args, run_state, buckets=None, masks=None,
+                 caption_dropout=0.0):
         self.instance_items, self.class_items = instance_items, class_items
         self.prompt_inputs, self.run_state = prompt_inputs, run_state
         self.resolution, self.center_crop = args.resolution, args.center_crop
         self.random_flip, self.sdxl = args.random_flip, args.sdxl
         self.interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
+        self.buckets, self.masks, self.caption_dropout = buckets, masks, caption_dropout
         self.latent_cache = self.image_keys = None
 
     def use_latent_cache(self, cache, image_keys):
@@ -636,30 +813,76 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self):
         return max(len(self.instance_items), len(self.class_items))
 
-    def _example(self, items, index, generator, random_flip=False):
-        image, prompt = items[index % len(items)]
+    def target_size(self, index):
+        """(height, width) sample `index` trains at: its instance image's bucket, or the --resolution square."""
+        if self.buckets is None:
+            return (self.resolution, self.resolution)
+        return self.buckets[self.instance_items[index % len(self.instance_items)][0]]
+
+    def buckets_of_samples(self):
+        return [self.target_size(index) for index in range(len(self))]
+
+    def latent_views(self):
+        """Every (image, size) the samples read, instance and class images: what --cache_latents encodes."""
+        views = []
+        for items in (self.instance_items, self.class_items):
+            if items:
+                views += [LatentView(items[index % len(items)][0], self.target_size(index))
+                          for index in range(len(self))]
+        return list(dict.fromkeys(views))
+
+    def _example(self, image, prompt, size, generator, random_flip=False, masked=False):
+        source = self.masks.get(image) if masked and self.masks is not None else None
         if self.latent_cache is not None:
-            entry = self.latent_cache.load(self.image_keys[image])
+            entry = self.latent_cache.load(self.image_keys[LatentView(image, size)])
             # The draw preprocess_image makes for the flip (a centre crop draws nothing).
             flipped = random_flip and flip_drawn(generator)
             example = {"latent_dist": entry["flipped" if flipped else "latent_dist"]}
+            if source is not None:
+                example["mask"] = entry["flipped_mask" if flipped else "mask"]
             if self.sdxl:
                 example.update(original_size=entry["original_size"],
-                               crop_top_left=entry["flipped_crop_top_left" if flipped else "crop_top_left"])
-            return {**example, **self.prompt_inputs(prompt)}
-        pixels, geometry = preprocess_image(load_rgb(image), self.resolution, self.interpolation, self.center_crop,
-                                            generator, random_flip, with_geometry=True)
-        # SDXL's time ids come from each sample's real size and crop.
-        return {"pixel_values": pixels, **(geometry if self.sdxl else {}), **self.prompt_inputs(prompt)}
+                               crop_top_left=entry["flipped_crop_top_left" if flipped else "crop_top_left"],
+                               target_size=torch.tensor(size))
+        else:
+            picture, mask = load_image_and_mask(image, source) if source is not None else (load_rgb(image), None)
+            pixels, geometry = preprocess_image(picture, size, self.interpolation, self.center_crop, generator,
+                                                random_flip, with_geometry=True, mask=mask)
+            example = {"pixel_values": pixels}
+            if mask is not None:
+                example["mask"] = common.mask_to_latents(geometry.pop("mask"), 8)
+            if self.sdxl:  # SDXL's time ids come from each sample's real size and crop, and its size
+                example.update(geometry)
+        if self.masks is not None and "mask" not in example:
+            example["mask"] = torch.ones(1, size[0] // 8, size[1] // 8)
+        return {**example, **self.prompt_inputs(prompt)}
+
+    def _dropped_prompt(self, prompt, epoch, index):
+        """`prompt`, or "" for --proportion_empty_prompts of the samples (a stream of its own, so that turning it on
+        changes no crop, flip or noise)."""
+        if not self.caption_dropout:
+            return prompt
+        generator = common.make_generator("cpu", self.run_state.seed, CAPTION_DROPOUT_STREAM, epoch, index)
+        return "" if torch.rand(1, generator=generator).item() < self.caption_dropout else prompt
 
     def __getitem__(self, key):
         epoch, index = key
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        size = self.target_size(index)
+        image, prompt = self.instance_items[index % len(self.instance_items)]
         # Upstream flips instance images only; class images keep the base model's own framing.
-        example = {"instance": self._example(self.instance_items, index, generator, self.random_flip)}
+        example = {"instance": self._example(image, self._dropped_prompt(prompt, epoch, index), size, generator,
+                                             self.random_flip, masked=True)}
         if self.class_items:
-            example["class"] = self._example(self.class_items, index, generator)
+            example["class"] = self._example(*self.class_items[index % len(self.class_items)], size, generator)
         return example
+
+
+class LatentView(NamedTuple):
+    """An image at one size, as a cached latent entry holds it."""
+
+    image: object
+    size: tuple
 
 
 def collate_examples(examples):
@@ -717,46 +940,79 @@ def precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def cache_latents(accelerator, vae, paths, args, weight_dtype):
-    """Fill the latent cache for the instance and class images `paths` (split across ranks); returns (the cache,
-    {path: entry key}) for DreamBoothDataset.use_latent_cache. Needs --center_crop (checked by validate_args). SDXL
-    entries also hold each image's real size and crop (both orientations' with --random_flip) for its time ids."""
-    random_flip = args.random_flip
-    config = {
-        "vae": common.model_fingerprint(vae), "dtype": str(vae.dtype), "resolution": args.resolution,
-        "interpolation": args.image_interpolation_mode, "crop": "center", "flip": random_flip, "exif_transpose": True,
-    }
+def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
+    """Fill the latent cache for the instance and class images (split across ranks); returns (the cache,
+    {LatentView: entry key}) for DreamBoothDataset.use_latent_cache. `views`: the dataset's latent_views(), or plain
+    images (each at the --resolution square). Needs --center_crop (checked by validate_args). SDXL entries also hold
+    each image's real size and crop (both orientations' with --random_flip) for its time ids; with `masks`
+    (--masked_loss) an image's entry holds its latent-grid mask (and the mirrored one) too.
+
+    Without buckets the folder and keys are today's (the folder names --resolution). With buckets the folder leaves
+    the size out and each entry's key names its bucket, so that other bucket settings recompute exactly the images
+    whose bucket changed."""
+    random_flip, bucketed = args.random_flip, args.buckets is not None
+    square = (args.resolution, args.resolution)
+    views = [view if isinstance(view, LatentView) else LatentView(view, square) for view in views]
+    config = {"vae": common.model_fingerprint(vae), "dtype": str(vae.dtype)}
+    config.update({"sizes": "aspect-ratio buckets, one per entry"} if bucketed else {"resolution": args.resolution})
+    config.update({"interpolation": args.image_interpolation_mode, "crop": "center", "flip": random_flip,
+                   "exif_transpose": True})
     if args.sdxl:
         config["geometry"] = True
+    if masks is not None:
+        config["mask"] = "latent grid, bilinear"
     cache = common.FeatureCache(args.feature_cache_dir, "latents", config)
-    image_keys = {image: common.image_fingerprint(image_cell(image)) for image in dict.fromkeys(paths)}
+    masks = masks or {}
+    image_keys = {view: latent_key(view, masks.get(view.image), bucketed) for view in dict.fromkeys(views)}
     interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
 
-    def encode(batch_images):
+    def encode_view(view):
         # Read and preprocessed exactly as the dataset does (EXIF orientation applied), so the latents are those of
         # the uncached run; with --random_flip both orientations are kept.
-        views = [preprocess_image(load_rgb(image), args.resolution, interpolation, True, None, with_geometry=True)
-                 for image in batch_images]
-        pixels = torch.stack([pixels for pixels, _ in views])
-        if random_flip:
-            pixels = torch.cat([pixels, pixels.flip(-1)])
-        parameters = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist.parameters
-        entries = []
-        for i, (_, geometry) in enumerate(views):
-            entry = {"latent_dist": parameters[i]}
+        source = masks.get(view.image)
+        image, mask = load_image_and_mask(view.image, source) if source is not None else (load_rgb(view.image), None)
+        return preprocess_image(image, view.size, interpolation, True, None, with_geometry=True, mask=mask)
+
+    def encode(batch_views):
+        prepared = [encode_view(view) for view in batch_views]
+        entries = [{} for _ in batch_views]
+        # Buckets: one VAE call per size in the chunk.
+        for size in dict.fromkeys(view.size for view in batch_views):
+            members = [i for i, view in enumerate(batch_views) if view.size == size]
+            pixels = torch.stack([prepared[i][0] for i in members])
             if random_flip:
-                entry["flipped"] = parameters[len(views) + i]
+                pixels = torch.cat([pixels, pixels.flip(-1)])
+            parameters = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist.parameters
+            for position, i in enumerate(members):
+                entries[i]["latent_dist"] = parameters[position]
+                if random_flip:
+                    entries[i]["flipped"] = parameters[len(members) + position]
+        for entry, view, (_, geometry) in zip(entries, batch_views, prepared):
+            mask = geometry.pop("mask", None)
+            if mask is not None:
+                entry["mask"] = common.mask_to_latents(mask, 8)
+                if random_flip:
+                    entry["flipped_mask"] = common.mask_to_latents(mask.flip(-1), 8)
             if args.sdxl:
                 (height, width), (top, left) = geometry["original_size"].tolist(), geometry["crop_top_left"].tolist()
-                entry.update(geometry)
+                entry.update(original_size=geometry["original_size"], crop_top_left=geometry["crop_top_left"])
                 if random_flip:  # the crop's place in the mirrored resized image, as preprocess_image states it
-                    resized_width = max(args.resolution, int(width * args.resolution / min(width, height)))
-                    entry["flipped_crop_top_left"] = torch.tensor((top, resized_width - left - args.resolution))
-            entries.append(entry)
+                    resized_width, _ = cover_size(width, height, *view.size)
+                    entry["flipped_crop_top_left"] = torch.tensor((top, resized_width - left - view.size[1]))
         return entries
 
-    cache.fill(accelerator, {key: path for path, key in image_keys.items()}, encode, args.train_batch_size)
+    cache.fill(accelerator, {key: view for view, key in image_keys.items()}, encode, args.train_batch_size)
     return cache, image_keys
+
+
+def latent_key(view, mask_source, bucketed):
+    """An entry's key: the image's fingerprint (today's key), with buckets its bucket, with a mask file the mask's
+    fingerprint (an alpha channel is part of the image's)."""
+    key = common.image_fingerprint(image_cell(view.image))
+    parts = list(view.size) if bucketed else []
+    if mask_source is not None and mask_source is not ALPHA:
+        parts.append(common.image_fingerprint(image_cell(mask_source)))
+    return common.fingerprint(key, *parts) if parts else key
 
 
 class CachedPromptEmbeddings:
@@ -1140,26 +1396,36 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
 
     prediction_type = noise_scheduler.config.prediction_type
     target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+    mask = batch.get("mask")  # --masked_loss: (batch, 1, h, w) latent-pixel weights
     if not args.with_prior_preservation:
-        return common.diffusion_loss(model_pred, target, snr_weights(args, noise_scheduler, timesteps))
+        return diffusion_loss(model_pred, target, snr_weights(args, noise_scheduler, timesteps), mask)
     model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
     target, target_prior = torch.chunk(target, 2, dim=0)
+    mask, mask_prior = torch.chunk(mask, 2, dim=0) if mask is not None else (None, None)
     # Min-SNR weights the instance half only; the prior loss stays a plain mean (upstream).
     weights = snr_weights(args, noise_scheduler, torch.chunk(timesteps, 2, dim=0)[0])
-    return common.diffusion_loss(model_pred, target, weights) + args.prior_loss_weight * common.diffusion_loss(
-        model_pred_prior, target_prior)
+    return diffusion_loss(model_pred, target, weights, mask) + args.prior_loss_weight * diffusion_loss(
+        model_pred_prior, target_prior, None, mask_prior)
+
+
+def diffusion_loss(prediction, target, weights, mask):
+    """common.diffusion_loss, given the mask only when there is one (--masked_loss): the unmasked call stays today's."""
+    if mask is None:
+        return common.diffusion_loss(prediction, target, weights)
+    return common.diffusion_loss(prediction, target, weights, mask=mask)
 
 
 def added_conditions(args, pooled, batch, weight_dtype):
     """The UNet's added_cond_kwargs: none for SD; for SDXL the pooled prompt embedding and each sample's time ids from
     its image's real size and crop (as upstream's DreamBooth SDXL computes them; --crops_coords_top_left_h/_w, from
-    older upstream versions, win where given) at the trained resolution."""
+    older upstream versions, win where given) at the size each sample trains at (its bucket, or --resolution)."""
     if not args.sdxl:
         return None
     crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
                                       args.crops_coords_top_left_w)
-    time_ids = common.sdxl_time_ids(batch["original_size"], crops, (args.resolution, args.resolution),
-                                    device=pooled.device, dtype=weight_dtype)
+    target_size = batch.get("target_size", (args.resolution, args.resolution))
+    time_ids = common.sdxl_time_ids(batch["original_size"], crops, target_size, device=pooled.device,
+                                    dtype=weight_dtype)
     return common.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
 
 
@@ -1229,6 +1495,7 @@ def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddi
         for index in mine:
             generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
             extra = {"image": load_rgb(args.validation_images[index])} if args.validation_images else {}
+            extra.update(validation_size(args))
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(**prompt, **extra, num_inference_steps=args.validation_inference_steps,
                                  generator=generator).images[0]
@@ -1237,6 +1504,14 @@ def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddi
     if not accelerator.is_main_process:
         return None
     return [Image.fromarray(array) for _, array in sorted(gathered, key=lambda pair: pair[0])]
+
+
+def validation_size(args):
+    """{"height", "width"} of --validation_height / --validation_width (the other one --resolution), or {} when
+    neither is given: the pipeline's default size, as before these flags."""
+    if args.validation_height is None and args.validation_width is None:
+        return {}
+    return {"height": args.validation_height or args.resolution, "width": args.validation_width or args.resolution}
 
 
 def log_validation_images(accelerator, images, name, epoch, global_step, args):
@@ -1258,6 +1533,19 @@ def log_validation_images(accelerator, images, name, epoch, global_step, args):
     return folder
 
 
+def real_data_description(args):
+    """The model card's sentences on aspect-ratio buckets, the masked loss and caption dropout, when on."""
+    parts = []
+    if args.buckets is not None:
+        parts.append(f"Aspect-ratio buckets (height,width): `{args.buckets.describe()}`.")
+    if args.masked_loss:
+        parts.append("Masked loss: each instance image's mask (alpha channel, name.mask.png"
+                     f"{f' or the `{args.mask_column}` column' if args.mask_column else ''}) weighted its loss.")
+    if args.proportion_empty_prompts:
+        parts.append(f"Caption dropout: {args.proportion_empty_prompts} of the prompts were empty.")
+    return "".join(f" {part}" for part in parts)
+
+
 def write_model_card(args, global_step, images):
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -1274,7 +1562,7 @@ LoRA adapters (rank {args.rank}) for **{args.pretrained_model_name_or_path}**, t
 `{args.instance_prompt}`{f" (or the captions in `{args.caption_column}`)" if args.caption_column else ""} for
 {global_step} optimizer steps. LoRA for the text encoder: {args.train_text_encoder}. Prior preservation:
 {f"{args.num_class_images} images of `{args.class_prompt}`, weight {args.prior_loss_weight}"
- if args.with_prior_preservation else "off"}.
+ if args.with_prior_preservation else "off"}.{real_data_description(args)}
 
 {gallery}
 ## Usage
@@ -1316,6 +1604,22 @@ image = pipeline({args.instance_prompt!r}).images[0]
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def make_train_dataloader(dataset, args, run_state, accelerator):
+    """(the data loader, its sampler): batches of --train_batch_size in a shuffle of the run seed and the epoch, or,
+    with aspect-ratio buckets, batches that each hold one bucket's samples (common.BucketBatchSampler), so that
+    their tensors stack; len(loader) is the number of batches either way."""
+    loader_args = {"collate_fn": collate_examples, "num_workers": args.dataloader_num_workers,
+                   "pin_memory": accelerator.device.type == "cuda"}
+    if args.buckets is None:
+        sampler = common.EpochSampler(len(dataset), run_state, SHUFFLE_STREAM)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, **loader_args)
+    else:
+        sampler = common.BucketBatchSampler(dataset.buckets_of_samples(), args.train_batch_size, run_state,
+                                            SHUFFLE_STREAM)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_args)
+    return loader, sampler
+
+
 def ddp_settings(args):
     """SDXL conditions on text_encoder's penultimate layer, so the LoRA weights of its last layer get no gradient:
     DDP must be told to expect unused parameters when the text encoders train (upstream does the same)."""
@@ -1328,8 +1632,10 @@ def ddp_settings(args):
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
-    # Data first: a folder of unreadable images is reported before any model is loaded or anything is written.
+    # Data first: a folder of unreadable images, or masks that do not fit, are reported before any model is loaded or
+    # anything is written.
     instance_items, skipped = read_instance_items(args)
+    buckets, masks = assign_buckets(args, instance_items), read_masks(args, instance_items, skipped)
 
     import logging
 
@@ -1418,6 +1724,8 @@ def main(argv=None):
         prompts = [prompt for _, prompt in instance_items + class_items]
         if args.validation_prompt is not None:
             prompts += [args.validation_prompt, ""]  # "" is the negative prompt of classifier-free guidance
+        if args.proportion_empty_prompts:
+            prompts.append("")  # the dropped instance prompts: encoded once like the others
         if args.cache_text_embeddings:
             prompt_embeddings = cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
                                                       weight_dtype)
@@ -1425,30 +1733,24 @@ def main(argv=None):
             prompt_embeddings = precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args)
         text_encoders = None
     scaling_factor = vae.config.scaling_factor if vae is not None else 1.0
-    latent_cache = None
+    train_dataset = DreamBoothDataset(
+        instance_items, class_items, PromptInputs(tokenizers, args.tokenizer_max_length, prompt_embeddings), args,
+        run_state, buckets=buckets, masks=masks, caption_dropout=args.proportion_empty_prompts,
+    )
+    if buckets is not None:
+        logger.info(f"Aspect-ratio buckets (height x width: instance images): {describe_buckets(buckets)}")
+    if args.masked_loss and vae is None:  # a hub model without a VAE (a local folder is checked by validate_args)
+        raise InputError(f"--masked_loss: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} has "
+                         "no VAE (it trains in pixel space): masks are applied on the latent grid")
     if args.cache_latents:
         if vae is None:  # a hub model without a VAE (a local folder is checked by validate_args)
             raise InputError(f"--cache_latents: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} "
                              "has no VAE (it trains in pixel space): there are no latents to cache")
-        latent_cache = cache_latents(accelerator, vae, [path for path, _ in instance_items + class_items], args,
-                                     weight_dtype)
+        train_dataset.use_latent_cache(*cache_latents(accelerator, vae, train_dataset.latent_views(), args,
+                                                      weight_dtype, masks))
         vae = None  # validation loads it again
     common.free_memory()
-
-    train_dataset = DreamBoothDataset(
-        instance_items, class_items, PromptInputs(tokenizers, args.tokenizer_max_length, prompt_embeddings), args,
-        run_state,
-    )
-    if latent_cache is not None:
-        train_dataset.use_latent_cache(*latent_cache)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
-        collate_fn=collate_examples,
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    train_dataloader, train_sampler = make_train_dataloader(train_dataset, args, run_state, accelerator)
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -1540,6 +1842,9 @@ def main(argv=None):
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
         loader.set_epoch(epoch)
+        # accelerate's set_epoch does not reach a batch sampler it has wrapped (for several processes, or to skip
+        # batches); the sampler is the same object inside, so the epoch is set on it directly.
+        train_sampler.set_epoch(epoch)
         for batch_index, batch in enumerate(loader, start=start):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index

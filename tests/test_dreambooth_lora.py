@@ -364,7 +364,7 @@ def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos",
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False,
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
-                "random_flip": False, "snr_gamma": None, "sdxl": False}
+                "random_flip": False, "snr_gamma": None, "sdxl": False, "buckets": None}
     defaults.update(values)
     return argparse.Namespace(**defaults)
 
@@ -644,3 +644,201 @@ def test_checkpoint_from_another_setup_is_refused_in_a_launched_run(tiny_sd, ins
     assert len(lines) == 1 and lines[0].startswith("error: --resume_from_checkpoint"), result.stderr[-3000:]
     assert "add --train_text_encoder" in lines[0]
     assert snapshot(str(out)) == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real datasets (SPEC §9): aspect-ratio buckets, masked loss, caption dropout
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _bucket_args(folder, **values):
+    """Parsed-and-checked real-data flags on top of _namespace: the explicit MIXED_ASPECT_BUCKETS list."""
+    from conftest import MIXED_ASPECT_BUCKETS
+
+    import train_common
+
+    flags = {"aspect_ratio_buckets": MIXED_ASPECT_BUCKETS, "use_aspect_ratio_buckets": False,
+             "bucket_min_resolution": None, "bucket_divisibility": 64, "validation_height": None,
+             "validation_width": None, "masked_loss": True, "mask_column": None, "dataset_name": None,
+             "instance_data_dir": folder, "image_column": "image", "train_batch_size": 2, "dataloader_num_workers": 0}
+    flags.update(values)
+    args = _namespace(**flags)
+    train_common.check_bucket_flags(args)
+    return args
+
+
+def _bucketed_dataset(folder, args, class_items=(), **kwargs):
+    from train_common import RunState
+
+    script = _script()
+    items, _ = script.read_image_folder(folder, INSTANCE_PROMPT)
+    notes = []
+    buckets, masks = script.assign_buckets(args, items), script.read_masks(args, items, notes)
+    assert not notes  # every image of the folder has a mask
+    prompts = {prompt: torch.full((1,), float(index)) for index, prompt in
+               enumerate(dict.fromkeys([""] + [prompt for _, prompt in items + list(class_items)]))}
+    dataset = script.DreamBoothDataset(items, list(class_items), script.PromptInputs(None, None, prompts), args,
+                                       RunState(0), buckets=buckets, masks=masks, **kwargs)
+    return dataset, items, buckets, masks
+
+
+class _CPU:
+    device = torch.device("cpu")
+
+
+def test_bucketed_batches_masks_and_class_images_share_the_instance_bucket(mixed_aspect_folder):
+    """MIXED_ASPECT_BUCKETS: landscape, portrait and square images go to their buckets (the 40x40 one upscaled to
+    64x64: an explicit list); no batch mixes buckets; every sample appears once per epoch; each tensor has its
+    bucket's shape, the class image of a sample is cropped to that bucket, its mask all ones; instance masks are the
+    name.mask.png files (white left half) or square_0's alpha channel (transparent top half) on the latent grid, and
+    follow the image's flip."""
+    from train_common import RunState
+
+    script = _script()
+    class_items = [(path, CLASS_PROMPT) for path, _ in script.read_image_folder(mixed_aspect_folder, "")[0][4:]]
+    args = _bucket_args(mixed_aspect_folder, random_flip=True)
+    dataset, items, buckets, masks = _bucketed_dataset(mixed_aspect_folder, args, class_items)
+    by_name = {os.path.basename(path): bucket for path, bucket in buckets.items()}
+    assert by_name == {"land_0.png": (64, 96), "land_1.png": (64, 96), "port_0.png": (96, 64),
+                       "port_1.png": (96, 64), "small_0.png": (64, 64), "square_0.png": (64, 64)}
+    assert {os.path.basename(path): source if source == script.ALPHA else os.path.basename(source)
+            for path, source in masks.items()}["square_0.png"] == script.ALPHA
+    assert os.path.basename(masks[items[0][0]]) == "land_0.mask.png"
+
+    loader, sampler = script.make_train_dataloader(dataset, args, RunState(0), _CPU())
+    assert len(loader) == 3
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        seen = []
+        for batch_keys, batch in zip(sampler, loader):
+            indices = [index for _, index in batch_keys]
+            seen += indices
+            height, width = dataset.target_size(indices[0])
+            assert {dataset.target_size(index) for index in indices} == {(height, width)}
+            assert batch["pixel_values"].shape == (2 * len(indices), 3, height, width)
+            assert batch["mask"].shape == (2 * len(indices), 1, height // 8, width // 8)
+            instance_masks, class_masks = batch["mask"].chunk(2)
+            assert (class_masks == 1).all() and (instance_masks < 1).any()
+            assert batch["mask"].min() >= 0 and batch["mask"].max() <= 1
+        assert sorted(seen) == list(range(6))
+
+    # The mask follows the crop and the flip: a centre crop leaves only the flip to vary.
+    upright = script.DreamBoothDataset(items, [], dataset.prompt_inputs, _bucket_args(mixed_aspect_folder,
+                                                                                      center_crop=True),
+                                       RunState(0), buckets=buckets, masks=masks)
+    flipping = script.DreamBoothDataset(items, [], dataset.prompt_inputs, _bucket_args(
+        mixed_aspect_folder, center_crop=True, random_flip=True), RunState(0), buckets=buckets, masks=masks)
+    flips = []
+    # The first image that is not its own mirror (some shapes are symmetric).
+    index = next(index for index in range(len(items)) if not torch.equal(
+        upright[(0, index)]["instance"]["pixel_values"], upright[(0, index)]["instance"]["pixel_values"].flip(-1)))
+    for epoch in range(8):
+        plain, example = upright[(epoch, index)]["instance"], flipping[(epoch, index)]["instance"]
+        flipped = not torch.equal(example["pixel_values"], plain["pixel_values"])
+        assert not flipped or torch.equal(example["pixel_values"], plain["pixel_values"].flip(-1))
+        assert torch.equal(example["mask"], plain["mask"].flip(-1) if flipped else plain["mask"])
+        flips.append(flipped)
+    assert any(flips) and not all(flips)
+    # land_0 (96x64 in the 64x96 bucket: no resize, no crop): its white left half is the left 6 of 12 latent columns.
+    assert torch.equal(upright[(0, 0)]["instance"]["mask"][0], (torch.arange(12) < 6).float().expand(8, 12))
+    # square_0's alpha: transparent top half, after a bilinear 80 -> 64 resize (the edge blurs a little).
+    square = upright[(0, [os.path.basename(p) for p, _ in items].index("square_0.png"))]["instance"]["mask"][0]
+    assert (square[:3] == 0).all() and (square[5:] == 1).all()
+
+
+def test_caption_dropout_rate_is_binomial_reproducible_and_draws_nothing_else(instance_folder):
+    """--proportion_empty_prompts 0.3: over 600 (epoch, index) samples the share of empty instance prompts is within
+    4 standard deviations of 0.3, the same draws on a second pass, class prompts kept, crops unchanged."""
+    from train_common import RunState
+
+    script = _script()
+    items, _ = script.read_image_folder(instance_folder, INSTANCE_PROMPT)
+    class_items = [(items[0][0], CLASS_PROMPT)]
+    prompts = {prompt: torch.full((1,), float(index)) for index, prompt in
+               enumerate(["", CLASS_PROMPT] + [prompt for _, prompt in items])}
+    inputs = script.PromptInputs(None, None, prompts)
+    args = _namespace(resolution=16)
+    dropping = script.DreamBoothDataset(items, class_items, inputs, args, RunState(0), caption_dropout=0.3)
+    keeping = script.DreamBoothDataset(items, class_items, inputs, args, RunState(0))
+    keys = [(epoch, index) for epoch in range(200) for index in range(3)]
+
+    def dropped(key):
+        example = dropping[key]
+        assert example["class"]["prompt_embeds"].item() == 1.0
+        return example["instance"]["prompt_embeds"].item() == 0.0
+
+    drops = [dropped(key) for key in keys]
+    n, p = len(keys), 0.3
+    assert abs(sum(drops) - n * p) < 4 * (n * p * (1 - p)) ** 0.5, sum(drops)
+    assert drops == [dropped(key) for key in keys]
+    for key in keys[:6]:
+        assert torch.equal(dropping[key]["instance"]["pixel_values"], keeping[key]["instance"]["pixel_values"])
+        assert keeping[key]["instance"]["prompt_embeds"].item() != 0.0
+
+
+def test_masked_loss_with_an_all_ones_mask_equals_the_unmasked_loss(loss_inputs, monkeypatch):
+    """The batch's mask reaches common.diffusion_loss, split in halves with prior preservation; an all-ones mask
+    gives exactly the unmasked loss, a half mask another one."""
+    batch = loss_inputs["batch"]
+    plain, prior = _loss(loss_inputs), _loss(loss_inputs, with_prior_preservation=True)
+    batch["mask"] = torch.ones(2, 1, 8, 8)
+    try:
+        assert _loss(loss_inputs) == plain
+        assert _loss(loss_inputs, with_prior_preservation=True) == prior
+        batch["mask"] = torch.ones(2, 1, 8, 8)
+        batch["mask"][0, :, :, :4] = 0
+        assert _loss(loss_inputs) != pytest.approx(plain)
+        assert _loss(loss_inputs, with_prior_preservation=True) != pytest.approx(prior)
+    finally:
+        del batch["mask"]
+
+
+def test_cached_latents_at_bucket_size_pair_with_their_prompts_and_rekey_only_changed_buckets(
+        tiny_sd, mixed_aspect_folder, tmp_path):
+    """--cache_latents with buckets, --random_flip and --masked_loss: entries at each sample's bucket size (both
+    orientations, the mask too); over two shuffled epochs in the bucket sampler's order (a resumed run reads the same
+    (epoch, index) keys) every cached example holds its own image's latents, mask and prompt; moving the square
+    bucket recomputes exactly the entries of the images in it (instance and paired class images)."""
+    from conftest import MIXED_ASPECT_BUCKETS
+    from diffusers import AutoencoderKL
+
+    import train_common
+    from train_common import RunState
+
+    script = _script()
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    class_items = [(path, CLASS_PROMPT) for path, _ in script.read_image_folder(mixed_aspect_folder, "")[0][4:]]
+    cache_dir = str(tmp_path / "cache")
+    args = _bucket_args(mixed_aspect_folder, center_crop=True, random_flip=True, feature_cache_dir=cache_dir)
+    fresh, items, buckets, masks = _bucketed_dataset(mixed_aspect_folder, args, class_items)
+    cached, *_ = _bucketed_dataset(mixed_aspect_folder, args, class_items)
+    views = cached.latent_views()
+    cached.use_latent_cache(*script.cache_latents(_OneProcess(), vae, views, args, torch.float32, masks))
+    entries = _cache_entries(cache_dir, "latents")
+    # 6 instance images at their buckets; the 2 class images at the buckets of the samples they pair with.
+    assert len(entries) == len(views) == 10
+    sampler = train_common.BucketBatchSampler(cached.buckets_of_samples(), 2, RunState(0), script.SHUFFLE_STREAM)
+    with torch.no_grad():
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            for batch in sampler:
+                for key in batch:
+                    expected, got = fresh[key], cached[key]
+                    for half in ("instance", "class"):
+                        height, width = fresh.target_size(key[1])
+                        pixels = expected[half]["pixel_values"][None]
+                        latents = vae.encode(pixels).latent_dist.parameters[0]
+                        assert got[half]["latent_dist"].shape == (8, height // 8, width // 8)
+                        torch.testing.assert_close(got[half]["latent_dist"], latents, rtol=1e-5, atol=1e-5)
+                        assert torch.equal(got[half]["mask"], expected[half]["mask"])
+                        assert torch.equal(got[half]["prompt_embeds"], expected[half]["prompt_embeds"])
+
+    moved = _bucket_args(mixed_aspect_folder, center_crop=True, random_flip=True, feature_cache_dir=cache_dir,
+                         aspect_ratio_buckets=MIXED_ASPECT_BUCKETS.replace("64,64", "48,48"))
+    again, *_ = _bucketed_dataset(mixed_aspect_folder, moved, class_items)
+    changed = set(again.latent_views()) - set(views)
+    assert {view.size for view in changed} == {(48, 48)} and len(changed) >= 2
+    script.cache_latents(_OneProcess(), vae, again.latent_views(), moved, torch.float32, masks)
+    after = _cache_entries(cache_dir, "latents")
+    assert {path: time for path, time in after.items() if path in entries} == entries
+    assert len(after) - len(entries) == len(changed)

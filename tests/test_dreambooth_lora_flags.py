@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_one_line_error, fail_in_process, launch, snapshot, train
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_dreambooth_lora import INSTANCE_PROMPT, LORA, assert_same_lora, base_args, lora, render
 
@@ -82,7 +83,7 @@ def _namespace(**values):
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
                 "sdxl": False, "instance_prompt": INSTANCE_PROMPT, "dataset_name": None, "instance_data_dir": None,
                 "dataset_config_name": None, "cache_dir": None, "image_column": "image", "caption_column": None,
-                "repeats": 1}
+                "repeats": 1, "buckets": None, "masked_loss": False, "mask_column": None}
     defaults.update(values)
     return argparse.Namespace(**defaults)
 
@@ -494,6 +495,28 @@ BAD_ARGUMENTS = {
                            ["--tokenizer_max_length cannot apply to the SDXL model"]),
     "edm on SDXL": ({"pretrained_model_name_or_path": "{sdxl}", "do_edm_style_training": True},
                     ["--do_edm_style_training cannot apply to the SDXL model", "not built"]),
+    # Real datasets (SPEC §9)
+    "malformed bucket list": ({"aspect_ratio_buckets": "64x96"}, ["--aspect_ratio_buckets '64x96'", "height,width"]),
+    "bucket side not a multiple of 8": ({"aspect_ratio_buckets": "64,100;64,64"},
+                                        ["--aspect_ratio_buckets", "64,100", "multiple of 8"]),
+    "bucket minimum above the resolution": ({"use_aspect_ratio_buckets": True, "bucket_min_resolution": 128},
+                                            ["--bucket_min_resolution (128) must be <= --resolution (64)"]),
+    "bucket list with a bucket minimum": ({"aspect_ratio_buckets": "64,64", "bucket_min_resolution": 32},
+                                          ["--bucket_min_resolution", "cannot be combined", "--aspect_ratio_buckets"]),
+    "masked loss without any mask": ({"masked_loss": True},
+                                     ["--masked_loss: no mask found", "name.mask.png", "alpha", "--instance_data_dir"]),
+    "mask of the wrong size": ({"masked_loss": True, "instance_data_dir": "{bad_mask}"},
+                               ["dog.mask.png is 8x8", "a mask must have its image's size"]),
+    "dataset without any mask": ({"instance_data_dir": None, "dataset_name": "{captions}", "masked_loss": True},
+                                 ["--masked_loss: no mask found", "alpha channels in --image_column 'image'"]),
+    "mask column not in the data": ({"instance_data_dir": None, "dataset_name": "{captions}", "masked_loss": True,
+                                     "mask_column": "mask"}, ["--mask_column 'mask' is not a column"]),
+    "mask column without masked loss": ({"instance_data_dir": None, "dataset_name": "{captions}",
+                                         "mask_column": "image"}, ["--mask_column applies only with --masked_loss"]),
+    "mask column without a dataset": ({"masked_loss": True, "mask_column": "mask"},
+                                      ["--mask_column needs --dataset_name"]),
+    "caption dropout above 1": ({"proportion_empty_prompts": 1.5}, ["--proportion_empty_prompts must be in [0, 1]"]),
+    "caption dropout negative": ({"proportion_empty_prompts": -0.1}, ["--proportion_empty_prompts", "-0.1"]),
 }
 
 
@@ -501,7 +524,11 @@ BAD_ARGUMENTS = {
 def test_bad_argument_gets_one_line_error(case, tiny_sd, caption_folder, tmp_path, capsys, request):
     overrides, expected = BAD_ARGUMENTS[case]
     sdxl = request.getfixturevalue("tiny_sdxl") if "{sdxl}" in str(overrides) else None
-    overrides = {k: v.format(captions=caption_folder, sdxl=sdxl) if isinstance(v, str) else v
+    bad_mask = tmp_path / "bad_mask"  # an image whose name.mask.png has another size
+    bad_mask.mkdir()
+    _images(1)[0].save(bad_mask / "dog.png")
+    Image.new("L", (8, 8), 255).save(bad_mask / "dog.mask.png")
+    overrides = {k: v.format(captions=caption_folder, sdxl=sdxl, bad_mask=bad_mask) if isinstance(v, str) else v
                  for k, v in overrides.items()}
     folder = tmp_path / "instance"
     folder.mkdir()
