@@ -102,7 +102,8 @@ def parse_args(argv=None):
         help="Fraction of captions replaced by the empty prompt (0 to 1).")
     add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
     add("--resolution", type=int, default=512,
-        help="Images are resized (short side) and cropped to this square size; a multiple of 8.")
+        help="Images are resized (short side) and cropped to this square size; a multiple of 8. With "
+             "--use_aspect_ratio_buckets the bucket sizes are built from it.")
     add("--image_interpolation_mode", type=str, default=None, choices=sorted(INTERPOLATION_MODES),
         help="The filter that resizes the image and its conditioning image (default: bilinear, as upstream).")
     add("--crops_coords_top_left_h", type=int, default=None,
@@ -182,6 +183,9 @@ def parse_args(argv=None):
         help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
              "or ~/.cache/diffusion-training). Entries are keyed by the images, captions, model weights, resolution "
              "and transforms, so one folder serves any number of runs; deleting it is always safe.")
+    # Real datasets (SPEC §9): aspect-ratio buckets, --validation_height/_width, a loss mask per target image.
+    common.add_bucket_arguments(parser)
+    common.add_mask_arguments(parser, column=True)
     args = common.parse_args_with_config(parser, argv)
     if args.feature_cache_dir is None:
         args.feature_cache_dir = common.default_feature_cache_dir()
@@ -203,6 +207,9 @@ def validate_args(args):
     common.require_multiple_of_8(
         "--resolution", args.resolution, why="the VAE and the ControlNet's conditioning encoder downsample by 8"
     )
+    common.check_bucket_flags(args)
+    if args.mask_column is not None and not args.masked_loss:
+        raise InputError("--mask_column applies only with --masked_loss")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}")
     for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm"):
@@ -350,6 +357,13 @@ def validation_pairs(args):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def load_training_rows(args):
+    """(dataset, RowPlan): the examples and what each row trains at, from the image headers, so that a missing or
+    mis-sized mask is reported before any model loads."""
+    examples = load_controlnet_dataset(args)
+    return examples, plan_rows(examples, args, args.dataset_name or args.train_data_dir)
+
+
 def load_controlnet_dataset(args):
     """The training examples as a datasets.Dataset with the image, conditioning image and caption columns.
 
@@ -380,16 +394,18 @@ def load_controlnet_dataset(args):
 
     columns = dataset.column_names
     image_columns = (args.image_column, args.conditioning_image_column)
-    for column_flag, column in (("--image_column", args.image_column),
-                                ("--conditioning_image_column", args.conditioning_image_column),
-                                ("--caption_column", args.caption_column)):
+    # --mask_column (with --masked_loss): a third image column, read like the other two.
+    mask_column = getattr(args, "mask_column", None)
+    named = [("--image_column", args.image_column), ("--conditioning_image_column", args.conditioning_image_column),
+             ("--caption_column", args.caption_column)] + ([("--mask_column", mask_column)] if mask_column else [])
+    for column_flag, column in named:
         if column not in columns:
             raise InputError(f"{column_flag} {column!r} is not a column of {source!r}; columns: {', '.join(columns)}")
     _check_caption_feature(dataset.features[args.caption_column], args.caption_column, source)
-    dataset = dataset.select_columns([args.image_column, args.conditioning_image_column, args.caption_column])
+    dataset = dataset.select_columns([column for _, column in named])
     if len(dataset) == 0:
         raise InputError(f"{flag} {source!r} holds no examples")
-    for column in image_columns:
+    for column in image_columns + ((mask_column,) if mask_column else ()):
         dataset = _paths_to_images(dataset, column, source)
     return common.drop_unreadable_images(dataset, image_columns, flag, source)
 
@@ -426,32 +442,127 @@ def _check_caption_feature(feature, column, source):
         raise InputError(f"--caption_column {column!r} of {source!r} holds {feature}; expected text or lists of text")
 
 
-def crop_geometry(width, height, resolution, crop_position):
-    """((width, height) after resizing the short side to `resolution`, crop left, crop top) for `crop_position` =
-    (x, y) in [0, 1] of the room left over (0.5, 0.5 = centre crop)."""
-    short = min(width, height)
-    size = (max(resolution, round(width * resolution / short)), max(resolution, round(height * resolution / short)))
-    return size, round(crop_position[0] * (size[0] - resolution)), round(crop_position[1] * (size[1] - resolution))
+class RowPlan:
+    """What each dataset row trains at, known before any model loads: its target, the --resolution square (an int)
+    or, with --use_aspect_ratio_buckets / --aspect_ratio_buckets, its (height, width) bucket; and with --masked_loss
+    where its loss mask is: ("column", digest) for a --mask_column cell, ("file", path) for `name.mask.png` beside
+    the image, ("alpha", "alpha") for the image's own alpha channel."""
+
+    def __init__(self, resolution, targets=None, masks=None):
+        self.resolution, self.targets, self.masks = resolution, targets, masks
+
+    def target(self, row):
+        return self.resolution if self.targets is None else self.targets[row]
+
+    def mask(self, row):
+        return None if self.masks is None else self.masks[row]
 
 
-def resize_and_crop(image, resolution, crop_position, flip, interpolation=Image.BILINEAR):
-    """PIL image -> RGB PIL image of resolution x resolution: resize the short side (bilinear, as upstream, unless
-    --image_interpolation_mode), then crop at `crop_position` (crop_geometry), then maybe flip.
+def plan_rows(dataset, args, source):
+    """The RowPlan of `dataset` (from load_controlnet_dataset), reading image headers only (sizes, alpha), so that
+    a missing or mis-sized mask is reported before any model loads. Without the bucket and mask flags nothing is
+    read. Raises InputError."""
+    from datasets import Image as ImageFeature
+
+    buckets, masked = getattr(args, "buckets", None), getattr(args, "masked_loss", False)
+    if buckets is None and not masked:
+        return RowPlan(args.resolution)
+    mask_column = getattr(args, "mask_column", None) if masked else None
+    columns = [args.image_column] + ([mask_column] if mask_column else [])
+    cells = dataset.select_columns(columns)
+    for column in columns:
+        cells = cells.cast_column(column, ImageFeature(decode=False))
+    targets, masks, names = [], [], []
+    for start in range(0, len(cells), 1000):  # in chunks: a dataset that embeds its images can exceed memory
+        chunk = cells[start:start + 1000]
+        for offset, image_cell in enumerate(chunk[args.image_column]):
+            row = start + offset
+            size = common.image_size(image_cell)
+            names.append(image_cell.get("path") or f"row {row} of {source!r}")
+            if buckets is not None:
+                targets.append(buckets.assign(*size))
+            if masked:
+                mask_cell = chunk[mask_column][offset] if mask_column else None
+                masks.append(find_mask(image_cell, size, mask_cell, mask_column, names[-1]))
+    if masked:
+        check_every_image_has_a_mask(masks, names, mask_column, source)
+    return RowPlan(args.resolution, targets if buckets is not None else None, masks if masked else None)
+
+
+def find_mask(image_cell, image_size, mask_cell, mask_column, image_name):
+    """Where one target image's loss mask is (a RowPlan mask entry), or None. A mask of another size than its image
+    is an InputError naming the mask."""
+    if mask_column:
+        if not mask_cell or not (mask_cell.get("bytes") or mask_cell.get("path")):
+            return None
+        found, mask_name = ("column", common.image_fingerprint(mask_cell)), \
+            mask_cell.get("path") or f"the --mask_column {mask_column!r} cell of {image_name}"
+    else:
+        path = image_cell.get("path")
+        mask_path = path and common.mask_path_for(path)
+        if mask_path and os.path.isfile(mask_path):
+            found, mask_name, mask_cell = ("file", mask_path), mask_path, {"path": mask_path}
+        else:
+            return ("alpha", "alpha") if _has_alpha_channel(image_cell) else None
+    mask_size = common.image_size(mask_cell)
+    if mask_size != tuple(image_size):
+        raise InputError(f"--masked_loss: the mask {mask_name} is {mask_size[1]}x{mask_size[0]} but its image "
+                         f"{image_name} is {image_size[1]}x{image_size[0]}; a mask must have its image's size")
+    return found
+
+
+def _has_alpha_channel(cell):
+    from io import BytesIO
+
+    with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
+        return common.has_alpha(image)
+
+
+def check_every_image_has_a_mask(masks, names, mask_column, source):
+    if all(mask is not None for mask in masks):
+        return
+    where = (f"in --mask_column {mask_column!r}" if mask_column
+             else "for name.mask.png beside each image name.png and for an alpha channel")
+    if all(mask is None for mask in masks):
+        raise InputError(f"--masked_loss: no image of {source!r} has a loss mask (looked {where})")
+    missing = names[masks.index(None)]
+    raise InputError(f"--masked_loss: {missing} has no loss mask (looked {where}); give every image one")
+
+
+def target_shape(target):
+    """(height, width) of a training target: a square side (--resolution) or a (height, width) bucket."""
+    return (target, target) if isinstance(target, int) else tuple(target)
+
+
+def crop_geometry(width, height, target, crop_position):
+    """((width, height) after resizing, aspect kept, to cover `target` (a square side or a (height, width) bucket),
+    crop left, crop top) for `crop_position` = (x, y) in [0, 1] of the room left over (0.5, 0.5 = centre crop).
+    For a square target the resize is the short side's to `target`, as it always was."""
+    target_height, target_width = target_shape(target)
+    size = common.cover_size(width, height, target_height, target_width)
+    return size, round(crop_position[0] * (size[0] - target_width)), round(crop_position[1] * (size[1] - target_height))
+
+
+def resize_and_crop(image, target, crop_position, flip, interpolation=Image.BILINEAR, mode="RGB"):
+    """PIL image -> `mode` PIL image of the target's size (a square side or a (height, width) bucket): resize to
+    cover it (bilinear, as upstream, unless --image_interpolation_mode), then crop at `crop_position`
+    (crop_geometry), then maybe flip.
 
     The position is relative, so an image and a conditioning image of the same aspect ratio get the same crop even at
-    different sizes."""
-    image = image.convert("RGB")
-    size, left, top = crop_geometry(*image.size, resolution, crop_position)
+    different sizes (and the same box at the same size)."""
+    target_height, target_width = target_shape(target)
+    image = image.convert(mode)
+    size, left, top = crop_geometry(*image.size, target, crop_position)
     image = image.resize(size, resample=interpolation)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = image.crop((left, top, left + target_width, top + target_height))
     return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
 
 
-def size_and_crop(image, resolution, crop_position, flip):
+def size_and_crop(image, target, crop_position, flip):
     """SDXL's time-id inputs for a target image: its original (height, width) and the crop's (top, left) in the
     resized image (seen in the mirror when flipped)."""
-    size, left, top = crop_geometry(image.width, image.height, resolution, crop_position)
-    return (image.height, image.width), (top, size[0] - resolution - left if flip else left)
+    size, left, top = crop_geometry(image.width, image.height, target, crop_position)
+    return (image.height, image.width), (top, size[0] - target_shape(target)[1] - left if flip else left)
 
 
 def to_tensor(image):
@@ -468,9 +579,16 @@ def draw_augmentation(random_crop, random_flip, generator):
     return crop_position, flip
 
 
-def preprocess_target(image, resolution, crop_position, flip, interpolation=Image.BILINEAR):
+def preprocess_target(image, target, crop_position, flip, interpolation=Image.BILINEAR):
     """The target image in [-1, 1]: what the VAE encodes."""
-    return to_tensor(resize_and_crop(image, resolution, crop_position, flip, interpolation)) * 2.0 - 1.0
+    return to_tensor(resize_and_crop(image, target, crop_position, flip, interpolation)) * 2.0 - 1.0
+
+
+def preprocess_mask(mask, target, crop_position, flip):
+    """A loss mask ('L' image of its target image's size) -> (1, h, w) latent-pixel weights in [0, 1]: the target
+    image's resize (bilinear, which keeps the values in range), crop and flip, then averaged over each 8x8 block."""
+    pixels = np.asarray(resize_and_crop(mask, target, crop_position, flip, Image.BILINEAR, mode="L"), np.float32)
+    return common.mask_to_latents(torch.from_numpy(pixels / 255.0)[None], 8)
 
 
 def preprocess_pair(image, conditioning_image, resolution, random_crop, random_flip, generator,
@@ -507,11 +625,16 @@ class ControlNetExamples(torch.utils.data.Dataset):
     Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distribution of the target
     image / the caption's text embedding instead of pixels / token ids (the conditioning image is still read); the
     random draws stay the same, so the training run does not change. Every example also holds its target image's
-    original size and crop (SDXL's time ids; SD ignores them). `tokenizers`: one (SD) or two (SDXL)."""
+    original size, crop and target size (SDXL's time ids; SD ignores them). `tokenizers`: one (SD) or two (SDXL).
 
-    def __init__(self, dataset, tokenizers, args, run_state):
+    `plan` (plan_rows; default: every row at the --resolution square, no mask) gives each row its target size, a
+    bucket or the square, which the image and its conditioning image are both resized to cover and cropped to with
+    the same box, and with --masked_loss its loss mask (`loss_mask`, (1, h, w) at the latent grid)."""
+
+    def __init__(self, dataset, tokenizers, args, run_state, plan=None):
         self.tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
         self.dataset, self.args, self.run_state = dataset, args, run_state
+        self.plan = plan or RowPlan(args.resolution)
         self.interpolation = INTERPOLATION_MODES[args.image_interpolation_mode or "bilinear"]
         self.size = len(dataset) if args.max_train_samples is None else min(args.max_train_samples, len(dataset))
         self._subset = (None, None)  # (seed, indices)
@@ -522,9 +645,13 @@ class ControlNetExamples(torch.utils.data.Dataset):
         """The dataset rows this run trains on."""
         return [self._row(index) for index in range(self.size)]
 
+    def buckets_of_samples(self):
+        """The (height, width) each sample index trains at, for common.BucketBatchSampler."""
+        return [target_shape(self.plan.target(row)) for row in self.rows()]
+
     def use_latent_cache(self, cache, image_keys):
         self.latent_cache, self.image_keys = cache, image_keys
-        # The target image column is no longer read: skip decoding it.
+        # The target image (and mask) columns are no longer read: skip decoding them.
         a = self.args
         self.dataset = self.dataset.select_columns(list(dict.fromkeys([a.conditioning_image_column,
                                                                        a.caption_column])))
@@ -560,17 +687,23 @@ class ControlNetExamples(torch.utils.data.Dataset):
         item = {}
         # The draws preprocess_pair makes (a centre crop draws nothing, then the flip), cached or not.
         crop_position, flip = draw_augmentation(a.random_crop, a.random_flip, generator)
+        target = self.plan.target(row)
         if self.latent_cache is None:
             image = example[a.image_column]
-            item["pixel_values"] = preprocess_target(image, a.resolution, crop_position, flip, self.interpolation)
-            original_size, crop = size_and_crop(image, a.resolution, crop_position, flip)
+            item["pixel_values"] = preprocess_target(image, target, crop_position, flip, self.interpolation)
+            original_size, crop = size_and_crop(image, target, crop_position, flip)
+            if self.plan.mask(row) is not None:
+                item["loss_mask"] = preprocess_mask(self.load_mask(example, row), target, crop_position, flip)
         else:
             entry = self.latent_cache.load(self.image_keys[row])
             item["latent_dist"] = entry["flipped" if flip else "latent_dist"]
             original_size, crop = entry["original_size"], entry["flipped_crop_top_left" if flip else "crop_top_left"]
+            if self.plan.mask(row) is not None:
+                item["loss_mask"] = entry["flipped_mask" if flip else "mask"]
         item["conditioning_pixel_values"] = to_tensor(resize_and_crop(
-            example[a.conditioning_image_column], a.resolution, crop_position, flip, self.interpolation))
+            example[a.conditioning_image_column], target, crop_position, flip, self.interpolation))
         item["original_size"], item["crop_top_left"] = torch.as_tensor(original_size), torch.as_tensor(crop)
+        item["target_size"] = torch.as_tensor(target_shape(target))
         if self.text_cache is None:
             item.update(zip(INPUT_IDS, self.token_ids(caption)))
         else:
@@ -579,6 +712,12 @@ class ControlNetExamples(torch.utils.data.Dataset):
             if "pooled_prompt_embeds" in entry:
                 item["pooled_prompt_embeds"] = entry["pooled_prompt_embeds"]
         return item
+
+    def load_mask(self, example, row):
+        """The 'L' loss mask of a decoded row's target image (plan_rows checked that it exists and fits)."""
+        kind, where = self.plan.mask(row)
+        mask = example[self.args.mask_column] if kind == "column" else where if kind == "file" else None
+        return common.load_mask(example[self.args.image_column], mask)
 
 
 def all_captions(cells):
@@ -590,23 +729,69 @@ def all_captions(cells):
             yield from (str(caption) for caption in cell) if len(cell) else [""]
 
 
+def build_dataloader(train_dataset, args, run_state, pin_memory):
+    """Batches of `train_batch_size` (epoch, index) samples in an order that depends only on the run seed and the
+    epoch: a shuffle of all samples (common.EpochSampler) or, with buckets, batches that each hold one bucket
+    (common.BucketBatchSampler, whose number of batches is the epoch's; a bucket's last batch may be smaller).
+    Returns (data loader, the sampler whose set_epoch the training loop calls)."""
+    if args.buckets is None:
+        sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
+        return torch.utils.data.DataLoader(
+            train_dataset, batch_size=args.train_batch_size, sampler=sampler,
+            num_workers=args.dataloader_num_workers, pin_memory=pin_memory,
+        ), sampler
+    if args.resume_path is not None and args.max_train_samples is not None:
+        # The random subset, hence each bucket's size and the epoch's length, comes from the run seed; a resumed run
+        # needs its checkpoint's seed now, before accelerate restores it with the rest of the state.
+        run_state.load_state_dict(checkpoint_run_state(args.resume_path))
+    sampler = common.BucketBatchSampler(train_dataset.buckets_of_samples(), args.train_batch_size, run_state,
+                                        SHUFFLE_STREAM)
+    return torch.utils.data.DataLoader(train_dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+                                       pin_memory=pin_memory), sampler
+
+
+def checkpoint_run_state(checkpoint):
+    """The RunState a checkpoint holds (accelerate's first custom object, registered by main)."""
+    return torch.load(os.path.join(checkpoint, "custom_checkpoint_0.pkl"), map_location="cpu", weights_only=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Feature cache: latents and text embeddings computed once, then the VAE / text encoder leave memory
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def latent_cache_settings(args, plan):
+    """What every latent entry depends on besides its own image: the folder's settings. A bucketed run keys each
+    entry by its bucket instead of one --resolution (latent_cache_key), so that new bucket settings recompute only
+    the images whose bucket changed; --masked_loss entries also hold the mask."""
+    settings = {"resolution": args.resolution, "interpolation": args.image_interpolation_mode or "bilinear",
+                "crop": "center", "flip": args.random_flip,
+                # Entries also hold the image's size and crop (SDXL's time ids); earlier entries did not.
+                "entries": "latent_dist+size+crop"}
+    if plan.targets is not None:
+        settings["resolution"] = "the entry's bucket"
+    if plan.masks is not None:
+        settings.update(entries="latent_dist+size+crop+mask", mask_resize="bilinear", mask_grid=8)
+    return settings
+
+
+def latent_cache_key(image_key, plan, row):
+    """An entry's key: the image's digest, with its bucket and its mask's digest where the run has them."""
+    extra = ([list(plan.target(row))] if plan.targets is not None else []) + \
+        ([plan.mask(row)[1]] if plan.masks is not None else [])
+    return common.fingerprint(image_key, *extra) if extra else image_key
+
+
 def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     """Fill the latent cache for the target images of the rows this run trains on (split across ranks) and switch
-    the dataset to it. Not with --random_crop (checked by validate_args)."""
+    the dataset to it: each at its target size (bucket), with its mask at the latent grid under --masked_loss. Not
+    with --random_crop (checked by validate_args)."""
     from datasets import Image as ImageFeature
 
-    interpolation = args.image_interpolation_mode or "bilinear"
+    plan = train_dataset.plan
+    interpolation = INTERPOLATION_MODES[args.image_interpolation_mode or "bilinear"]
     cache = common.FeatureCache(args.feature_cache_dir, "latents", {
-        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
-        "interpolation": interpolation, "crop": "center", "flip": args.random_flip,
-        # Entries also hold the image's size and crop (SDXL's time ids); earlier entries did not.
-        "entries": "latent_dist+size+crop",
-    })
+        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), **latent_cache_settings(args, plan)})
     rows = train_dataset.rows()
     # Decoded by the dataset's own image feature, as the uncached run decodes them.
     decoder = train_dataset.dataset.features[args.image_column]
@@ -616,23 +801,43 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     image_keys = {}
     for start in range(0, len(rows), 1000):
         chunk = rows[start:start + 1000]
-        image_keys.update(zip(chunk, map(common.image_fingerprint, cells[chunk][args.image_column])))
+        image_keys.update((row, latent_cache_key(common.image_fingerprint(cell), plan, row))
+                          for row, cell in zip(chunk, cells[chunk][args.image_column]))
 
-    def encode(batch_rows):
-        images = [decoder.decode_example(cell) for cell in cells[batch_rows][args.image_column]]
-        pixels = torch.stack([preprocess_target(image, args.resolution, (0.5, 0.5), False,
-                                                INTERPOLATION_MODES[interpolation]) for image in images])
+    def encode_views(pixels):
+        """Latent distribution parameters of (N, 3, H, W) pixels and, with --random_flip, of their mirror images."""
         # A flip is exact on pixels: the flipped view is what resize_and_crop(..., flip=True) gives.
         views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
         parameters = vae.encode(views.to(accelerator.device, weight_dtype)).latent_dist.parameters
+        return parameters[:len(pixels)], parameters[len(pixels):]
+
+    def encode(batch_rows):
+        examples = [train_dataset.dataset[row] for row in batch_rows] if plan.masks is not None else None
+        images = [decoder.decode_example(cell) for cell in cells[batch_rows][args.image_column]]
+        pixels = [preprocess_target(image, plan.target(row), (0.5, 0.5), False, interpolation)
+                  for row, image in zip(batch_rows, images)]
+        # Rows of one shape are encoded together (buckets differ in shape).
+        parameters, flipped = [None] * len(pixels), [None] * len(pixels)
+        for shape in dict.fromkeys(tuple(p.shape) for p in pixels):
+            indices = [i for i, p in enumerate(pixels) if tuple(p.shape) == shape]
+            straight, mirrored = encode_views(torch.stack([pixels[i] for i in indices]))
+            for n, i in enumerate(indices):
+                parameters[i], flipped[i] = straight[n], mirrored[n] if args.random_flip else None
         entries = []
-        for i, image in enumerate(images):
-            size, crop = size_and_crop(image, args.resolution, (0.5, 0.5), False)
-            entries.append({"latent_dist": parameters[i], "original_size": torch.tensor(size),
-                            "crop_top_left": torch.tensor(crop)})
+        for i, (row, image) in enumerate(zip(batch_rows, images)):
+            target = plan.target(row)
+            size, crop = size_and_crop(image, target, (0.5, 0.5), False)
+            entry = {"latent_dist": parameters[i], "original_size": torch.tensor(size),
+                     "crop_top_left": torch.tensor(crop)}
             if args.random_flip:
-                flipped_crop = size_and_crop(image, args.resolution, (0.5, 0.5), True)[1]
-                entries[i].update(flipped=parameters[len(images) + i], flipped_crop_top_left=torch.tensor(flipped_crop))
+                flipped_crop = size_and_crop(image, target, (0.5, 0.5), True)[1]
+                entry.update(flipped=flipped[i], flipped_crop_top_left=torch.tensor(flipped_crop))
+            if examples is not None:
+                mask = train_dataset.load_mask({**examples[i], args.image_column: image}, row)
+                entry["mask"] = preprocess_mask(mask, target, (0.5, 0.5), False)
+                if args.random_flip:
+                    entry["flipped_mask"] = preprocess_mask(mask, target, (0.5, 0.5), True)
+            entries.append(entry)
         return entries
 
     vae.to(accelerator.device, dtype=weight_dtype)
@@ -782,14 +987,14 @@ def build_optimizer(args, params):
 
 def added_conditions(batch, pooled_prompt_embeds, args):
     """The `added_cond_kwargs` the ControlNet and the UNet both read: None for SD; for SDXL the pooled embedding and
-    each sample's time ids from its original size and real crop, unless --crops_coords_top_left_h/_w are given
-    (then they are the crop, as upstream)."""
+    each sample's time ids from its original size, real crop and target size (its bucket, or the --resolution
+    square), unless --crops_coords_top_left_h/_w are given (then they are the crop, as upstream)."""
     if pooled_prompt_embeds is None:
         return None
     crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
                                       args.crops_coords_top_left_w)
-    time_ids = common.sdxl_time_ids(batch["original_size"], crops, (args.resolution, args.resolution),
-                                    device=pooled_prompt_embeds.device)
+    target_sizes = batch.get("target_size", (args.resolution, args.resolution))
+    time_ids = common.sdxl_time_ids(batch["original_size"], crops, target_sizes, device=pooled_prompt_embeds.device)
     return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
 
 
@@ -838,7 +1043,8 @@ def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, 
     weights = None
     if args.snr_gamma is not None:
         weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
-    return common.diffusion_loss(model_pred, target, weights)
+    # --masked_loss: each latent pixel's error weighted by the mask (an all-ones mask is the plain loss exactly).
+    return common.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -861,6 +1067,11 @@ def validation_pipeline(args, scheduler, **components):
                                              feature_extractor=None, requires_safety_checker=False)
 
 
+def validation_size(args):
+    """(height, width) of validation images: --validation_height/--validation_width, else the --resolution square."""
+    return args.validation_height or args.resolution, args.validation_width or args.resolution
+
+
 def generate_validation_images(accelerator, controlnet, unet, vae, text_encoders, tokenizers, noise_scheduler, args,
                                seed):
     """Render --num_validation_images images for every (prompt, conditioning image) pair, the work split across all
@@ -874,7 +1085,8 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoders
     jobs = [(pair, k) for pair in range(len(pairs)) for k in range(args.num_validation_images)]
     mine = jobs[accelerator.process_index::accelerator.num_processes]
     interpolation = INTERPOLATION_MODES[args.image_interpolation_mode or "bilinear"]
-    conditioning = [resize_and_crop(Image.open(path), args.resolution, (0.5, 0.5), False, interpolation)
+    height, width = validation_size(args)
+    conditioning = [resize_and_crop(Image.open(path), (height, width), (0.5, 0.5), False, interpolation)
                     for _, path in pairs]
     rendered = []
     if mine:
@@ -896,7 +1108,7 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoders
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(
                     pairs[pair][0], image=conditioning[pair], num_inference_steps=args.validation_inference_steps,
-                    generator=generator, height=args.resolution, width=args.resolution, output_type="np",
+                    generator=generator, height=height, width=width, output_type="np",
                 ).images[0]
             rendered.append((pair, k, (image * 255).round().astype("uint8")))
         controlnet.train(was_training)
@@ -937,6 +1149,12 @@ def log_validation_images(accelerator, logs, name, global_step, args):
     return folder
 
 
+def training_size(args):
+    if args.buckets is None:
+        return f"at {args.resolution}x{args.resolution}"
+    return f"in aspect-ratio buckets (height,width: {args.buckets.describe()})"
+
+
 def write_model_card(args, global_step, logs):
     from diffusers.utils import make_image_grid
     from huggingface_hub import ModelCard, ModelCardData
@@ -956,7 +1174,7 @@ def write_model_card(args, global_step, logs):
 # ControlNet trained on {args.pretrained_model_name_or_path}
 
 ControlNet weights for **{args.pretrained_model_name_or_path}**, trained on **{data}** with `train_controlnet.py`
-for {global_step} optimizer steps at {args.resolution}x{args.resolution}.
+for {global_step} optimizer steps {training_size(args)}.
 
 {gallery}
 ## Usage
@@ -985,6 +1203,11 @@ image = pipeline({example_prompt!r}, image=load_image("conditioning.png")).image
 """
     if args.pretrained_vae_model_name_or_path:
         description += f"| VAE | {args.pretrained_vae_model_name_or_path} |\n"
+    if args.buckets is not None:
+        description += f"| aspect-ratio buckets (height,width) | {args.buckets.describe()} |\n"
+    if args.masked_loss:
+        mask_source = f"the `{args.mask_column}` column" if args.mask_column else "alpha channels / `name.mask.png`"
+        description += f"| masked loss | yes, masks from {mask_source} |\n"
     family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
     tags = [family, f"{family}-diffusers", "text-to-image", "diffusers", "controlnet", "diffusers-training"]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
@@ -1040,7 +1263,7 @@ def main(argv=None):
 
     # Data first: a bad dataset is reported before any model is built or anything is written.
     with accelerator.main_process_first():
-        examples = load_controlnet_dataset(args)
+        examples, plan = load_training_rows(args)
 
     noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args)
     controlnet = build_controlnet(args, unet)
@@ -1062,14 +1285,9 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    train_dataset = ControlNetExamples(examples, tokenizers, args, run_state)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    train_dataset = ControlNetExamples(examples, tokenizers, args, run_state, plan)
+    train_dataloader, epoch_sampler = build_dataloader(train_dataset, args, run_state,
+                                                       pin_memory=accelerator.device.type == "cuda")
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -1179,6 +1397,8 @@ def main(argv=None):
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
         loader.set_epoch(epoch)
+        # accelerate's set_epoch does not reach a batch sampler behind its sharding or skipping wrappers.
+        epoch_sampler.set_epoch(epoch)
         for batch_index, batch in enumerate(loader, start=start):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index

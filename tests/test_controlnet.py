@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from conftest import MIXED_ASPECT_BUCKETS
 from helpers import (
     assert_one_line_error,
     assert_same_weights,
@@ -19,7 +20,6 @@ from helpers import (
     fail_in_process,
     launch,
     load_weights,
-    run_python,
     send_signal_and_wait,
     snapshot,
     start_python,
@@ -106,6 +106,38 @@ def validation_images(tmp_path_factory):
         fill_example(random.Random(100 + index), 32)[1].save(path)
         paths.append(path)
     return paths
+
+
+def write_paired_folder(mixed_aspect_folder, folder):
+    """An imagefolder of the mixed-aspect images (landscape, portrait, square with an alpha mask, small) with their
+    masks beside them, each paired with a colour-inverted conditioning image of its size (conditioning/name.png) and
+    its caption in metadata.jsonl. Returns {file_name: (height, width)}."""
+    from PIL import ImageOps
+
+    os.makedirs(os.path.join(folder, "conditioning"), exist_ok=True)
+    rows, sizes = [], {}
+    for name in sorted(os.listdir(mixed_aspect_folder)):
+        if not name.endswith(".png") or name.endswith(".mask.png"):
+            continue
+        stem = name[:-len(".png")]
+        shutil.copy(os.path.join(mixed_aspect_folder, name), os.path.join(folder, name))
+        if os.path.isfile(os.path.join(mixed_aspect_folder, f"{stem}.mask.png")):
+            shutil.copy(os.path.join(mixed_aspect_folder, f"{stem}.mask.png"), os.path.join(folder, f"{stem}.mask.png"))
+        image = Image.open(os.path.join(folder, name))
+        ImageOps.invert(image.convert("RGB")).save(os.path.join(folder, "conditioning", name))
+        caption = open(os.path.join(mixed_aspect_folder, f"{stem}.txt")).read().strip()
+        rows.append({"file_name": name, "conditioning_image": f"conditioning/{name}", "text": caption})
+        sizes[name] = (image.height, image.width)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as file:
+        file.write("".join(json.dumps(row) + "\n" for row in rows))
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def paired_folder(mixed_aspect_folder, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("paired_mixed"))
+    write_paired_folder(mixed_aspect_folder, folder)
+    return folder
 
 
 def base_args(model, output_dir, data=None, parquet=None, **overrides):
@@ -505,12 +537,44 @@ BAD_INPUTS = {
                                          ["--cache_latents cannot be used with --random_crop"]),
     "feature_cache_dir is a file": ({"cache_text_embeddings": True, "feature_cache_dir": "{a_file}"},
                                     ["--feature_cache_dir", "is a file"]),
+    # Real datasets (SPEC §9)
+    "malformed bucket list": ({"aspect_ratio_buckets": "64x96"}, ["--aspect_ratio_buckets", "'64x96'"]),
+    "bucket side not a multiple of 8": ({"aspect_ratio_buckets": "64,96;60,64"},
+                                        ["--aspect_ratio_buckets", "multiple of 8"]),
+    "bucket minimum above resolution": ({"use_aspect_ratio_buckets": True, "bucket_min_resolution": 128},
+                                        ["--bucket_min_resolution", "--resolution"]),
+    "bucket list with a bucket minimum": ({"aspect_ratio_buckets": "64,64", "bucket_min_resolution": 32},
+                                          ["--bucket_min_resolution", "--aspect_ratio_buckets"]),
+    "validation height not a multiple of 8": ({"validation_height": 60}, ["--validation_height", "multiple of 8"]),
+    "proportion below 0": ({"proportion_empty_prompts": -0.1}, ["--proportion_empty_prompts"]),
+    "mask column without masked loss": ({"mask_column": "mask"}, ["--mask_column", "--masked_loss"]),
+    "masked loss without any mask": ({"masked_loss": True}, ["--masked_loss", "no image of", "looked for",
+                                                            "name.mask.png", "alpha channel"]),
+    "mask of another size": ({"masked_loss": True, "train_data_dir": "{bad_mask}"},
+                             ["--masked_loss", "0.mask.png", "10x10", "24x24"]),
+    "mask column missing": ({"masked_loss": True, "mask_column": "mask"}, ["--mask_column", "'mask'", "columns"]),
 }
 
 
-# Found only once the dataset is read (after the Accelerator exists): these run as a process; the rest fail while the
-# arguments are checked and run in-process through the script's entry point.
-FOUND_AFTER_LOADING = {"image column missing", "conditioning column missing"}
+# Found once the dataset is read (after the Accelerator exists in main): these run in-process through the function
+# main reads the data with (load_training_rows), as main would report them; the rest fail while the arguments are
+# checked and run in-process through the script's entry point.
+FOUND_IN_DATASET = {"image column missing", "conditioning column missing", "masked loss without any mask",
+                    "mask of another size", "mask column missing"}
+
+
+def fail_loading_data(args, capsys):
+    import train_controlnet as script
+    from train_common import run_main
+
+    def load():
+        parsed = script.parse_args([str(arg) for arg in args])
+        script.validate_args(parsed)
+        script.load_training_rows(parsed)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(load)
+    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -520,7 +584,10 @@ def test_bad_input_gets_one_line_error(case, tiny_sd, fill_folder, fill_parquet,
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("not a folder")
     values = {"empty_dir": str(tmp_path / "empty"), "parquet": fill_parquet, "val": validation_images[0],
-              "a_file": str(tmp_path / "a_file")}
+              "a_file": str(tmp_path / "a_file"), "bad_mask": str(tmp_path / "bad_mask")}
+    if "{bad_mask}" in overrides.values():
+        shutil.copytree(fill_folder, tmp_path / "bad_mask")
+        Image.new("L", (10, 10), 255).save(tmp_path / "bad_mask" / "0.mask.png")
 
     def fill(value):
         if isinstance(value, list):
@@ -533,10 +600,183 @@ def test_bad_input_gets_one_line_error(case, tiny_sd, fill_folder, fill_parquet,
     (out / "notes.txt").write_text("keep me")
     before = snapshot(str(out))
     args = base_args(tiny_sd, str(out), data=fill_folder, **overrides)
-    if case in FOUND_AFTER_LOADING:
-        result = run_python(SCRIPT, args)
-        status, stderr = result.returncode, result.stderr
+    if case in FOUND_IN_DATASET:
+        status, stderr = fail_loading_data(args, capsys)
     else:
         status, stderr = fail_in_process("train_controlnet", args, capsys)
     assert_one_line_error(status, stderr, expected)
     assert snapshot(str(out)) == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real datasets (SPEC §9): aspect-ratio buckets, paired crops, loss masks
+# --------------------------------------------------------------------------------------------------------------------
+
+def bucket_args(model, data, output_dir, *extra):
+    """Parsed and validated in-process, as main does before loading anything."""
+    import train_controlnet as script
+
+    args = script.parse_args(base_args(model, output_dir, data=data) + list(extra))
+    script.validate_args(args)
+    return args
+
+
+def test_buckets_pair_crops_and_masks_in_the_dataset(tiny_sd, paired_folder, tmp_path):
+    """With an explicit bucket list, random crops and flips and --masked_loss: every image trains at its bucket's
+    shape (nearest aspect ratio), its conditioning image gets the same resize, crop box and flip (it is the inverted
+    image, pixel for pixel), its mask follows at the latent grid; the batch sampler never mixes buckets and serves
+    every sample once per epoch. Generated buckets never upscale the small image."""
+    import datasets
+    from transformers import CLIPTokenizer
+
+    import train_controlnet as script
+    from train_common import RunState
+
+    args = bucket_args(tiny_sd, paired_folder, tmp_path / "out", "--aspect_ratio_buckets", MIXED_ASPECT_BUCKETS,
+                       "--random_crop", "--random_flip", "--masked_loss")
+    examples, plan = script.load_training_rows(args)
+    names = [os.path.basename(cell["path"]) for cell in examples.cast_column(
+        "image", datasets.Image(decode=False))["image"]]
+    expected = {"land_0.png": (64, 96), "land_1.png": (64, 96), "port_0.png": (96, 64), "port_1.png": (96, 64),
+                "square_0.png": (64, 64), "small_0.png": (64, 64)}
+    assert {name: plan.target(row) for row, name in enumerate(names)} == expected
+    assert plan.mask(names.index("square_0.png")) == ("alpha", "alpha")
+    assert plan.mask(names.index("land_0.png"))[0] == "file"
+    sizes = [examples[row]["image"].size[::-1] for row in range(len(examples))]
+
+    dataset = script.ControlNetExamples(examples, CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
+                                        args, RunState(0), plan)
+    flipped_masks = set()
+    for epoch in range(3):
+        for index in range(len(dataset)):
+            item = dataset[(epoch, index)]
+            height, width = plan.target(index)
+            assert item["pixel_values"].shape == item["conditioning_pixel_values"].shape == (3, height, width)
+            assert item["target_size"].tolist() == [height, width]
+            # The conditioning image is the inverted target: the same box and flip, within uint8 rounding.
+            torch.testing.assert_close(item["conditioning_pixel_values"], 1 - (item["pixel_values"] + 1) / 2,
+                                       rtol=0, atol=1.5 / 255)
+            mask = item["loss_mask"]
+            assert mask.shape == (1, height // 8, width // 8) and mask.min() >= 0 and mask.max() <= 1
+            if names[index] == "square_0.png":  # alpha: the transparent top half
+                assert mask[0, 0].max() < 0.5 < mask[0, -1].min()
+            elif names[index] != "small_0.png":  # name.mask.png: the white left half, mirrored when flipped
+                left, right = mask[0, :, 0].min().item(), mask[0, :, -1].max().item()
+                assert (left, right) in {(1.0, 0.0), (0.0, 1.0)} or abs(left - right) == 1, (left, right)
+                flipped_masks.add(mask[0, 0, 0].item() == 0)
+    assert flipped_masks == {True, False}
+
+    loader, sampler = script.build_dataloader(dataset, args, RunState(0), pin_memory=False)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        seen = []
+        for batch in loader:  # default_collate stacks: a batch that mixed shapes would raise
+            assert len(set(map(tuple, batch["target_size"].tolist()))) == 1
+            seen += map(tuple, batch["original_size"].tolist())
+        assert sorted(seen) == sorted(size for size in sizes) and len(loader) == 3  # square and small share one
+
+    generated = bucket_args(tiny_sd, paired_folder, tmp_path / "out", "--use_aspect_ratio_buckets",
+                            "--bucket_divisibility", "16")
+    plan = script.load_training_rows(generated)[1]
+    assert all(target[0] <= sizes[row][0] and target[1] <= sizes[row][1] and target[0] % 16 == target[1] % 16 == 0
+               for row, target in enumerate(plan.targets)), plan.targets
+    assert plan.target(names.index("small_0.png")) == (32, 32)
+
+
+def test_bucketed_cache_pairs_each_latent_with_its_image_and_masks_weight_the_loss(tiny_sd, paired_folder,
+                                                                                   tmp_path):
+    """--cache_latents with buckets, --masked_loss and random flips: every cached example holds the VAE encoding of
+    its own image at its bucket's size (so it stays paired with its caption and conditioning image in any order),
+    and the same mask as the uncached one; new bucket settings recompute exactly the entries whose bucket changed.
+    The loss with an all-ones mask is the unmasked loss exactly; the real mask changes it."""
+    import train_controlnet as script
+    from train_common import RunState
+
+    cache = str(tmp_path / "cache")
+    flags = ["--random_flip", "--masked_loss", "--cache_latents", "--feature_cache_dir", cache,
+             "--proportion_empty_prompts", "0.3"]
+    args = bucket_args(tiny_sd, paired_folder, tmp_path / "out", "--aspect_ratio_buckets", MIXED_ASPECT_BUCKETS,
+                       *flags)
+    noise_scheduler, tokenizers, text_encoders, vae, unet = script.load_models(args)
+    examples, plan = script.load_training_rows(args)
+    fresh = script.ControlNetExamples(examples, tokenizers, args, RunState(5), plan)
+    cached = script.ControlNetExamples(examples, tokenizers, args, RunState(5), plan)
+    script.cache_latents(_OneProcess(), cached, vae, args, torch.float32)
+    entries = _cache_entries(cache, "latents")
+    assert len(entries) == 6
+    for row in range(len(examples)):
+        height, width = plan.target(row)
+        entry = cached.latent_cache.load(cached.image_keys[row])
+        assert entry["latent_dist"].shape == entry["flipped"].shape == (8, height // 8, width // 8)
+        assert entry["mask"].shape == entry["flipped_mask"].shape == (1, height // 8, width // 8)
+
+    with torch.no_grad():
+        for epoch in range(3):
+            for index in range(len(fresh)):
+                expected, example = fresh[(epoch, index)], cached[(epoch, index)]
+                latent_dist = vae.encode(expected["pixel_values"][None]).latent_dist.parameters[0]
+                torch.testing.assert_close(example["latent_dist"], latent_dist, rtol=1e-5, atol=1e-5)
+                for key in ("loss_mask", "input_ids", "conditioning_pixel_values", "original_size", "crop_top_left",
+                            "target_size"):
+                    assert torch.equal(example[key], expected[key]), key
+
+    # Another bucket for the square images only: their two entries are computed, the other four are kept.
+    other = bucket_args(tiny_sd, paired_folder, tmp_path / "out", "--aspect_ratio_buckets", "64,96;96,64;32,32",
+                        *flags)
+    other_examples, other_plan = script.load_training_rows(other)
+    rebucketed = script.ControlNetExamples(other_examples, tokenizers, other, RunState(5), other_plan)
+    script.cache_latents(_OneProcess(), rebucketed, vae, other, torch.float32)
+    after = _cache_entries(cache, "latents")
+    assert len(after) == 8 and all(after[path] == mtime for path, mtime in entries.items())
+
+    # Masked loss: an all-ones mask is the plain loss bit for bit; the images' masks weight it.
+    controlnet = script.build_controlnet(args, unet)
+    landscape = [index for index in range(len(fresh)) if plan.target(index) == (64, 96)]
+    batch = torch.utils.data.default_collate([fresh[(0, index)] for index in landscape])
+    plain = {key: value for key, value in batch.items() if key != "loss_mask"}
+    ones = {**plain, "loss_mask": torch.ones_like(batch["loss_mask"])}
+
+    def loss(batch):
+        return script.training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch,
+                                    torch.Generator().manual_seed(0), args, torch.float32, vae.config.scaling_factor)
+
+    assert torch.equal(loss(ones), loss(plain))
+    assert not torch.equal(loss(batch), loss(plain))
+
+
+def test_buckets_with_masked_loss_resume_exactly_on_two_processes(tiny_sd, paired_folder, validation_images,
+                                                                   tmp_path):
+    """Mixed landscape/portrait/square images in three buckets with --masked_loss, random crops and flips, on 2
+    processes (CPU DDP) with accumulation 2: 6 batches of 1 -> 3 per rank -> 2 steps per epoch; resumed from the
+    mid-epoch checkpoint-3 it ends bit for bit like the straight run. Validation renders at 64x96, the model card
+    names the buckets, and the ControlNet drives the pipeline at a non-square size."""
+    settings = dict(aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True, random_crop=True, random_flip=True,
+                    train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=4, checkpointing_steps=3,
+                    proportion_empty_prompts=0.3)
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, straight, data=paired_folder, validation_prompt=["a wide shape"],
+                                      validation_image=validation_images[:1], num_validation_images=1,
+                                      validation_steps=100, validation_height=64, validation_width=96, **settings),
+                    num_processes=2)
+    assert "6 examples, 2 epochs of 2 steps" in result.stderr
+    assert Image.open(os.path.join(straight, "validation", "final", "pair_00.png")).size == (2 * 96, 64)
+    card = open(os.path.join(straight, "README.md")).read()
+    assert "64,64;64,96;96,64" in card and "masked loss" in card
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(straight, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    result = launch(SCRIPT, base_args(tiny_sd, resumed, data=paired_folder, resume_from_checkpoint="latest",
+                                      **settings), num_processes=2)
+    assert "Resuming from" in result.stderr
+    assert_same_weights(straight, resumed)
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_sd, controlnet=ControlNetModel.from_pretrained(straight), safety_checker=None,
+        requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    conditioning = Image.open(validation_images[0]).convert("RGB").resize((96, 64))
+    images = pipeline("a wide shape", conditioning, num_inference_steps=2, height=64, width=96, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 96, 3)

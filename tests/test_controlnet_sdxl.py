@@ -28,7 +28,8 @@ from helpers import (
     train,
     wait_for_path,
 )
-from test_controlnet import fill_example, write_parquet_dataset
+from conftest import MIXED_ASPECT_BUCKETS
+from test_controlnet import fill_example, write_paired_folder, write_parquet_dataset
 
 SCRIPT = "train_controlnet.py"
 PROMPTS = ["red circle with blue background", "cyan circle with brown floral background"]
@@ -162,6 +163,52 @@ def test_two_processes_on_the_feature_cache(tiny_sdxl, fill_sdxl, conditioning_i
     ControlNetModel.from_pretrained(out)
 
 
+@pytest.fixture(scope="module")
+def paired_folder(mixed_aspect_folder, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("paired_mixed_sdxl"))
+    write_paired_folder(mixed_aspect_folder, folder)
+    return folder
+
+
+def test_buckets_on_the_feature_cache_resume_exactly_and_generate_non_square(tiny_sdxl, paired_folder,
+                                                                             tmp_path):
+    """SDXL with three aspect-ratio buckets and --cache_latents (random flips): 6 images in 3 batches of 2 -> 3
+    steps per epoch; the cache holds each image at its bucket's size; resumed from the mid-epoch checkpoint-2 on
+    the filled cache it ends bit for bit like the straight run; the ControlNet drives
+    StableDiffusionXLControlNetPipeline at 64x96."""
+    cache = str(tmp_path / "cache")
+    command = [f"--pretrained_model_name_or_path={tiny_sdxl}", f"--train_data_dir={paired_folder}",
+               "--resolution=64", f"--aspect_ratio_buckets={MIXED_ASPECT_BUCKETS}", "--train_batch_size=2",
+               "--max_train_steps=4", "--checkpointing_steps=2", "--seed=1", "--random_flip", "--cache_latents",
+               f"--feature_cache_dir={cache}", "--learning_rate=1e-4"]
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, command + [f"--output_dir={straight}"])
+    assert "6 examples, 2 epochs of 3 steps" in result.stderr and "latents: 0 of 6 cached" in result.stderr
+    from safetensors.torch import load_file
+
+    entries = [load_file(path) for path in glob.glob(os.path.join(cache, "latents", "*", "*", "*.safetensors"))]
+    assert sorted(tuple(entry["latent_dist"].shape[-2:]) for entry in entries) == \
+        [(8, 8), (8, 8), (8, 12), (8, 12), (12, 8), (12, 8)]
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = launch(SCRIPT, command + [f"--output_dir={resumed}", "--resume_from_checkpoint=latest"])
+    assert "latents: 6 of 6 cached" in result.stderr
+    assert_same_weights(os.path.join(straight, "checkpoint-4", "controlnet"),
+                        os.path.join(resumed, "checkpoint-4", "controlnet"))
+    assert_same_weights(straight, resumed)
+
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    pipeline = StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny_sdxl, controlnet=ControlNetModel.from_pretrained(straight), add_watermarker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    conditioning = Image.open(os.path.join(paired_folder, "conditioning", "land_0.png")).convert("RGB")
+    images = pipeline("a wide shape", image=conditioning, num_inference_steps=2, height=64, width=96,
+                      output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 96, 3)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # In-process: time ids, the ControlNet's added conditions, cache equivalence
 # --------------------------------------------------------------------------------------------------------------------
@@ -219,6 +266,42 @@ def test_time_ids_come_from_the_real_crop_unless_the_crop_flags_are_given(fill_s
     only_top = script.added_conditions(batch, pooled, _args(fill_sdxl, None, crops_coords_top_left_h=5))
     assert only_top["time_ids"].tolist() == [[32, 40, 5, 3, 16, 16], [32, 40, 5, 1, 16, 16]]
     assert script.added_conditions(batch, None, args) is None  # SD
+
+
+def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(paired_folder, tmp_path):
+    """With buckets and random crops: each example's time-id inputs are its image's true (height, width), the crop
+    actually taken from the resized image and its bucket; the crop flags still win where given."""
+    import train_controlnet as script
+    from train_common import Buckets, RunState
+
+    from tiny_sd import write_tokenizer
+
+    tokenizer = write_tokenizer(str(tmp_path / "tokenizer"))
+    args = _args(None, None, train_data_dir=paired_folder, resolution=64, random_crop=True, random_flip=False,
+                 buckets=Buckets(explicit=[(64, 96), (96, 64), (64, 64)]), masked_loss=False)
+    examples, plan = script.load_training_rows(args)
+    dataset = script.ControlNetExamples(examples, [tokenizer, tokenizer], args, RunState(0), plan)
+    crops = set()
+    for epoch in range(3):
+        for index in range(len(dataset)):
+            item, image = dataset[(epoch, index)], examples[index]["image"]
+            bucket = plan.target(index)
+            assert item["original_size"].tolist() == [image.height, image.width]
+            assert item["target_size"].tolist() == list(bucket)
+            resized = script.crop_geometry(image.width, image.height, bucket, (0.5, 0.5))[0]
+            top, left = item["crop_top_left"].tolist()
+            assert 0 <= top <= resized[1] - bucket[0] and 0 <= left <= resized[0] - bucket[1]
+            crops.add((image.width, top, left))
+    assert len({crop for crop in crops if crop[0] == 112}) > 1  # land_1 (112x72) is cropped at random
+
+    batch = torch.utils.data.default_collate([dataset[(0, index)] for index in range(len(dataset))
+                                              if plan.target(index) == (96, 64)])
+    rows = script.added_conditions(batch, torch.zeros(2, 16), args)["time_ids"].tolist()
+    assert rows == [size + crop + [96, 64] for size, crop in zip(batch["original_size"].tolist(),
+                                                                 batch["crop_top_left"].tolist())]
+    given = script.added_conditions(batch, torch.zeros(2, 16), _args(None, None, crops_coords_top_left_h=0,
+                                                                     crops_coords_top_left_w=0))
+    assert [row[2:] for row in given["time_ids"].tolist()] == [[0, 0, 96, 64]] * 2
 
 
 def test_cached_examples_and_loss_equal_fresh_ones(tiny_sdxl, fill_sdxl, tmp_path):
