@@ -842,3 +842,46 @@ def test_cached_latents_at_bucket_size_pair_with_their_prompts_and_rekey_only_ch
     after = _cache_entries(cache_dir, "latents")
     assert {path: time for path, time in after.items() if path in entries} == entries
     assert len(after) - len(entries) == len(changed)
+
+
+def test_buckets_masked_loss_and_prior_preservation_resume_exactly(tiny_sd, mixed_aspect_folder, tmp_path):
+    """One launched run on the mixed-aspect folder with MIXED_ASPECT_BUCKETS (3 buckets of 2 images: 3 batches of 2
+    per epoch, 2 steps at accumulation 2), --masked_loss from the mask files and the alpha channel, prior
+    preservation (2 square class images cropped to each sample's bucket), random flips and caption dropout; a
+    validation image at 64x96. Resuming checkpoint-1 (mid-epoch: 2 of its 3 batches done) in another folder ends bit
+    for bit like the straight run; the LoRA loads into the SD pipeline and renders at 64x96."""
+    from conftest import MIXED_ASPECT_BUCKETS
+    from diffusers import StableDiffusionPipeline
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for index, image in enumerate(_images(2, seed=5)):
+        image.resize((32, 32)).save(class_dir / f"dog_{index}.png")
+    settings = {"aspect_ratio_buckets": MIXED_ASPECT_BUCKETS, "masked_loss": True, "with_prior_preservation": True,
+                "class_data_dir": str(class_dir), "class_prompt": CLASS_PROMPT, "num_class_images": 2,
+                "train_batch_size": 2, "gradient_accumulation_steps": 2, "random_flip": True,
+                "proportion_empty_prompts": 0.5, "max_train_steps": 4, "checkpointing_steps": 1}
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, straight, **settings,
+                                      validation_prompt="a photo of sks dog", num_validation_images=1,
+                                      validation_epochs=100, validation_height=64, validation_width=96))
+    assert "6 instance images, 6 examples, 2 epochs of 2 steps, 4 steps in all" in result.stderr
+    assert "64x64: 2, 64x96: 2, 96x64: 2" in result.stderr
+    assert Image.open(os.path.join(straight, "validation", "final", "00.png")).size == (96, 64)
+    with open(os.path.join(straight, "README.md")) as file:
+        card = file.read()
+    assert "Aspect-ratio buckets (height,width): `64,64;64,96;96,64`" in card and "Masked loss" in card
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-1"), os.path.join(resumed, "checkpoint-1"))
+    train(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, resumed, **settings, resume_from_checkpoint="latest"))
+    for folder in ("checkpoint-4", "."):
+        assert_same_lora(os.path.join(straight, folder), os.path.join(resumed, folder))
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_lora_weights(straight)
+    image = pipeline("a photo of sks dog", num_inference_steps=2, height=64, width=96, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 96, 3) and torch.isfinite(torch.from_numpy(image)).all()
