@@ -693,8 +693,6 @@ def add_mask_arguments(parser, column=True):
 def check_bucket_flags(args):
     """Bucket flags -> args.buckets: None (square --resolution, today's behaviour) or a `Buckets`. Raises InputError.
     Call after --resolution has been checked."""
-    from diffusers.training_utils import parse_buckets_string
-
     require_multiple_of_8("--validation_height", args.validation_height)
     require_multiple_of_8("--validation_width", args.validation_width)
     require_positive(args, "validation_height", "validation_width", "bucket_min_resolution", "bucket_divisibility")
@@ -703,6 +701,8 @@ def check_bucket_flags(args):
         if args.bucket_min_resolution is not None:
             raise InputError("--bucket_min_resolution shapes the generated bucket ladder; it cannot be combined with "
                              "the explicit list of --aspect_ratio_buckets")
+        from diffusers.training_utils import parse_buckets_string
+
         try:
             with _quiet_warnings():  # its warning about sides not divisible by 8 becomes our error below
                 sizes = parse_buckets_string(args.aspect_ratio_buckets)
