@@ -26,8 +26,15 @@ pooled embedding and each image's time ids from its real original size and crop)
 (text_encoder) and learned_embeds_2.safetensors (text_encoder_2, for `load_textual_inversion(...,
 text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)`), their -steps-N copies, and a
 StableDiffusionXLPipeline with --save_as_full_pipeline.
+
+Real datasets (SPEC §9): with --use_aspect_ratio_buckets or --aspect_ratio_buckets "h,w;..." each image trains at
+the bucket of nearest aspect ratio (resized to cover it and cropped: the centre with --center_crop, else a random
+place), in batches that never mix buckets; --cache_latents then needs --center_crop and keys each entry by its bucket.
+--masked_loss weights the loss per latent pixel by each image's alpha channel or its `name.mask.png`. There is no
+--proportion_empty_prompts: the captions are templates around the placeholder, which an empty prompt would drop.
 """
 
+import collections
 import functools
 import math
 import os
@@ -111,9 +118,13 @@ def parse_args(argv=None):
     # Data (upstream)
     add("--train_data_dir", type=str, required=True, help="A folder of images of the concept (any depth).")
     add("--repeats", type=int, default=100, help="How many times each image appears per epoch.")
-    add("--resolution", type=int, default=512, help="Images are resized to this square size; a multiple of 8.")
+    add("--resolution", type=int, default=512,
+        help="Images are resized to this square size (with aspect-ratio buckets: the size of the generated buckets); "
+             "a multiple of 8.")
     add("--center_crop", action="store_true",
-        help="Crop the central square before resizing (otherwise the whole image is resized to a square).")
+        help="Crop the central square before resizing (otherwise the whole image is resized to a square). With "
+             "aspect-ratio buckets: crop the centre of the image resized to cover its bucket (otherwise a random "
+             "crop).")
     add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
     # Training (upstream)
     add("--output_dir", type=str, default="text-inversion-model", help="Where embeddings and checkpoints go.")
@@ -156,7 +167,10 @@ def parse_args(argv=None):
     add("--hub_token", type=str, default=None)
     add("--hub_model_id", type=str, default=None)
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
-    # Additions
+    # Additions: aspect-ratio buckets and validation size, masked loss (SPEC §9; textual inversion trains on caption
+    # templates, so there is no caption dropout: an empty prompt would drop the placeholder token)
+    common.add_bucket_arguments(parser)
+    common.add_mask_arguments(parser, column=False)
     add("--max_grad_norm", type=float, default=1.0,
         help="Clip the gradient norm of the learned embeddings to this value.")
     add("--validation_inference_steps", type=int, default=25, help="Denoising steps for validation images.")
@@ -189,6 +203,10 @@ def validate_args(args):
         "validation_inference_steps", "logging_steps", "max_grad_norm",
     )
     common.require_multiple_of_8("--resolution", args.resolution)
+    common.check_bucket_flags(args)
+    if args.cache_latents and args.buckets is not None and not args.center_crop:
+        raise InputError("--cache_latents with aspect-ratio buckets needs --center_crop: a random crop of the bucket "
+                         "changes every epoch and cannot be cached")
     if args.lr_warmup_steps < 0:
         raise InputError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
     if args.dataloader_num_workers < 0:
@@ -352,6 +370,28 @@ def readable_images(folder):
     return readable, skipped
 
 
+def check_masks(paths, folder):
+    """--masked_loss, before anything loads: every `name.mask.png` has its image's size, and at least one image has a
+    mask (that file, or an alpha channel). Returns the images without one: they train at full weight."""
+    unmasked = []
+    for path in paths:
+        mask_path = common.mask_path_for(path)
+        if os.path.isfile(mask_path):
+            width, height = oriented_size(path)
+            mask_height, mask_width = common.image_size({"path": mask_path})
+            if (mask_width, mask_height) != (width, height):
+                raise InputError(f"--masked_loss: the mask {mask_path} is {mask_width}x{mask_height} but its image "
+                                 f"{path} is {width}x{height}; a mask must have its image's size")
+        else:
+            with Image.open(path) as image:  # the mode is in the header: nothing is decoded
+                if not common.has_alpha(image):
+                    unmasked.append(path)
+    if len(unmasked) == len(paths):
+        raise InputError(f"--masked_loss: no image in --train_data_dir {folder!r} has a mask (looked for "
+                         "name.mask.png beside each image name.* and for an alpha channel in each image)")
+    return unmasked
+
+
 @functools.lru_cache(maxsize=64)
 def _load_rgb(path):
     """Decoded once per process: a textual inversion folder holds a few images, each seen `--repeats` times."""
@@ -359,19 +399,16 @@ def _load_rgb(path):
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def preprocess_image(image, resolution, center_crop, generator, random_flip=True):
-    """RGB PIL image -> (3, resolution, resolution) float tensor in [-1, 1], as upstream: optional central square
-    crop, bicubic resize to a square, horizontal flip with probability 0.5 (drawn from `generator`; no draw and no
-    flip with random_flip=False, what the latent cache encodes)."""
-    if center_crop:
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    image = image.resize((resolution, resolution), resample=Image.BICUBIC)
-    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+@functools.lru_cache(maxsize=64)
+def _load_mask(path):
+    """The loss mask of an image as an 'L' image of its displayed size: `name.mask.png` beside it, else its alpha
+    channel; None when it has neither (it then trains at full weight)."""
+    mask_path = common.mask_path_for(path)
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if os.path.isfile(mask_path):
+            return common.load_mask(image, mask_path, name=path)
+        return common.load_mask(image, name=path) if common.has_alpha(image) else None
 
 
 def oriented_size(path):
@@ -384,63 +421,173 @@ def oriented_size(path):
     return width, height
 
 
-def crop_geometry(width, height, resolution, center_crop):
-    """What preprocess_image does to an image of this size, as SDXL's time ids state it: the original (height,
-    width) and the crop's (top, left) in the image resized to `resolution` on its shorter side. A centre crop of the
-    central square; without it the whole image is resized to the square, no crop: (0, 0)."""
-    if not center_crop:
-        return (height, width), (0, 0)
-    side = min(width, height)
-    scale = resolution / side
-    return (height, width), (round((height - side) // 2 * scale), round((width - side) // 2 * scale))
+# How one image becomes a training sample of one shape. `source_box`: the region of the image kept before resizing
+# (None: all of it); `size`: the (width, height) it is resized to; `crop_box`: the region of the resized image kept
+# (None: all of it); `crop_top_left`: (top, left) of the crop in the resized frame, as SDXL's time ids state it;
+# `target`: the (height, width) trained at.
+Framing = collections.namedtuple("Framing", "source_box size crop_box crop_top_left target")
+
+
+class SquareFraming:
+    """Upstream's square: with --center_crop the central square of the image, resized to --resolution; without it
+    the whole image resized to the square (its aspect ratio is not kept). Draws nothing."""
+
+    def __init__(self, resolution, center_crop):
+        self.resolution, self.center_crop = resolution, center_crop
+
+    def target(self, width, height):
+        return self.resolution, self.resolution
+
+    def frame(self, width, height, generator):
+        size = (self.resolution, self.resolution)
+        if not self.center_crop:
+            return Framing(None, size, None, (0, 0), size)
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        scale = self.resolution / side
+        return Framing((left, top, left + side, top + side), size, None, (round(top * scale), round(left * scale)),
+                       size)
+
+
+class BucketFraming:
+    """Aspect-ratio buckets (SPEC §9): the image resized, aspect kept, to cover its bucket (the nearest aspect ratio,
+    args.buckets.assign) and cropped to it: the centre with --center_crop, otherwise a place drawn from the sample's
+    generator (left, then top)."""
+
+    def __init__(self, buckets, center_crop):
+        self.buckets, self.center_crop = buckets, center_crop
+
+    def target(self, width, height):
+        return self.buckets.assign(height, width)
+
+    def frame(self, width, height, generator):
+        target_height, target_width = self.target(width, height)
+        cover = common.cover_size(width, height, target_height, target_width)
+        top, left = common.crop_origin(*cover, target_height, target_width, self.center_crop, generator)
+        return Framing(None, cover, (left, top, left + target_width, top + target_height), (top, left),
+                       (target_height, target_width))
+
+
+def image_framing(args):
+    """SquareFraming, or BucketFraming with --use_aspect_ratio_buckets / --aspect_ratio_buckets."""
+    buckets = getattr(args, "buckets", None)  # absent from hand-built arguments that predate the bucket flags
+    if buckets is None:
+        return SquareFraming(args.resolution, args.center_crop)
+    return BucketFraming(buckets, args.center_crop)
+
+
+def apply_framing(image, framing, resample):
+    if framing.source_box is not None:
+        image = image.crop(framing.source_box)
+    image = image.resize(framing.size, resample=resample)
+    if framing.crop_box is not None:
+        image = image.crop(framing.crop_box)
+    return image
+
+
+def image_tensor(image, framing, flip):
+    """RGB PIL image -> (3, height, width) float tensor in [-1, 1]: framed with a bicubic resize (as upstream) and
+    flipped left-right if `flip`."""
+    image = apply_framing(image, framing, Image.BICUBIC)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def latent_mask(mask, framing, flip):
+    """An 'L' loss mask (None: full weight) -> (1, height / 8, width / 8) weights in [0, 1], one per latent pixel:
+    framed and flipped as its image (a bilinear resize), then averaged over each 8 x 8 block."""
+    height, width = framing.target
+    if mask is None:
+        return torch.ones(1, height // 8, width // 8)
+    mask = apply_framing(mask, framing, Image.BILINEAR)
+    if flip:
+        mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+    return common.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
 
 
 class TextualInversionDataset(torch.utils.data.Dataset):
-    """Each image `--repeats` times, each sample with a caption template holding the placeholder tokens.
+    """Each image `--repeats` times (sample i is image i mod N), each sample with a caption template holding the
+    placeholder tokens.
 
-    Indexed by (epoch, index) from common.EpochSampler: the template and the flip depend only on the run seed, the
-    epoch and the sample index, so they are the same on resume and with any number of workers.
+    Indexed by (epoch, index) from common.EpochSampler or common.BucketBatchSampler: the template, the crop (random
+    only with buckets and without --center_crop) and the flip depend only on the run seed, the epoch and the sample
+    index, so they are the same on resume and with any number of workers.
 
     Once `use_latent_cache` is called, samples hold the cached latent distribution of their image (in the drawn
     orientation) instead of pixels, and no image is read; the random draws stay the same, so the training run does
     not change.
 
     `tokenizers`: one (SD) or a list (SDXL: the caption's ids for each, as `input_ids` and `input_ids_2`). Each
-    sample also holds its image's `original_size` and `crop_top_left` (crop_geometry) for SDXL's time ids."""
+    sample also holds its image's `original_size`, its `crop_top_left` and its `target_size` for SDXL's time ids,
+    and with --masked_loss its `loss_mask` on the latent grid (latent_mask)."""
 
     def __init__(self, paths, tokenizers, placeholder_text, args, run_state):
         self.paths, self.placeholder_text = paths, placeholder_text
         self.tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
-        self.resolution, self.center_crop, self.repeats = args.resolution, args.center_crop, args.repeats
-        self.geometry = [crop_geometry(*oriented_size(path), args.resolution, args.center_crop) for path in paths]
+        self.repeats, self.framing = args.repeats, image_framing(args)
+        self.masked = getattr(args, "masked_loss", False)
+        self.sizes = [oriented_size(path) for path in paths]
         self.run_state = run_state
-        self.latent_cache = self.image_keys = None
+        self.latent_cache = self.cache_keys = None
 
-    def use_latent_cache(self, cache, image_keys):
-        """`image_keys`: one cache key per path, in the order of `paths`."""
-        self.latent_cache, self.image_keys = cache, image_keys
+    def use_latent_cache(self, cache, cache_keys):
+        """`cache_keys`: one cache key per path, in the order of `paths`."""
+        self.latent_cache, self.cache_keys = cache, cache_keys
 
     def __len__(self):
         return len(self.paths) * self.repeats
 
+    def targets(self):
+        """The (height, width) each sample trains at, in sample order: its image's bucket."""
+        per_image = [self.framing.target(*size) for size in self.sizes]
+        return [per_image[index % len(self.paths)] for index in range(len(self))]
+
+    def describe_buckets(self):
+        counts = collections.Counter(self.framing.target(*size) for size in self.sizes)
+        return ", ".join(f"{height}x{width}: {count}" for (height, width), count in sorted(counts.items()))
+
     def __getitem__(self, key):
         epoch, index = key
+        image_index = index % len(self.paths)
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         template = self.templates[int(torch.randint(len(self.templates), (1,), generator=generator))]
         ids = common.tokenize_prompts(self.tokenizers, template.format(self.placeholder_text))
-        original_size, crop_top_left = self.geometry[index % len(self.paths)]
-        sample = {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor(crop_top_left)}
+        width, height = self.sizes[image_index]
+        framing = self.framing.frame(width, height, generator)
+        flip = torch.rand(1, generator=generator).item() < 0.5
+        sample = {"original_size": torch.tensor((height, width)), "crop_top_left": torch.tensor(framing.crop_top_left),
+                  "target_size": torch.tensor(framing.target)}
         for name, input_ids in zip(("input_ids", "input_ids_2"), ids):
             sample[name] = input_ids[0]
         if self.latent_cache is not None:
-            # The same draw preprocess_image makes for the flip (its crop and resize draw nothing).
-            flip = torch.rand(1, generator=generator).item() < 0.5
-            entry = self.latent_cache.load(self.image_keys[index % len(self.paths)])
-            return {"latent_dist": entry["flipped" if flip else "latent_dist"], **sample}
-        image = _load_rgb(self.paths[index % len(self.paths)])
-        pixels = preprocess_image(image, self.resolution, self.center_crop, generator)
-        return {"pixel_values": pixels, **sample}
+            entry = self.latent_cache.load(self.cache_keys[image_index])
+            sample["latent_dist"] = entry["flipped" if flip else "latent_dist"]
+            if self.masked:
+                sample["loss_mask"] = entry["mask_flipped" if flip else "mask"]
+            return sample
+        path = self.paths[image_index]
+        sample["pixel_values"] = image_tensor(_load_rgb(path), framing, flip)
+        if self.masked:
+            sample["loss_mask"] = latent_mask(_load_mask(path), framing, flip)
+        return sample
+
+
+def training_dataloader(train_dataset, args, run_state, pin_memory):
+    """(data loader, its sampler): shuffled samples in batches of --train_batch_size (common.EpochSampler), or with
+    aspect-ratio buckets in batches that each hold one bucket (common.BucketBatchSampler, which yields whole batches;
+    a bucket's last batch may be smaller, nothing is dropped)."""
+    if getattr(args, "buckets", None) is None:
+        sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
+        batching = {"batch_size": args.train_batch_size, "sampler": sampler}
+    else:
+        sampler = common.BucketBatchSampler(train_dataset.targets(), args.train_batch_size, run_state, SHUFFLE_STREAM)
+        batching = {"batch_sampler": sampler}
+    loader = torch.utils.data.DataLoader(train_dataset, num_workers=args.dataloader_num_workers, pin_memory=pin_memory,
+                                         **batching)
+    return loader, sampler
 
 
 def _to_device(device, weight_dtype, model):
@@ -451,27 +598,65 @@ def _to_device(device, weight_dtype, model):
     return model
 
 
+def latent_cache_settings(vae, args, weight_dtype):
+    """What every entry of the latent cache depends on. With buckets the resolution is not among them: each entry's
+    key holds its bucket (latent_cache_key), so new bucket settings recompute only the images whose bucket changed."""
+    settings = {"vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "interpolation": "bicubic",
+                "flip": True, "preprocess": "textual_inversion: EXIF orientation, RGB, [-1, 1]"}
+    if getattr(args, "buckets", None) is None:
+        settings["resolution"] = args.resolution
+        settings["crop"] = "center square" if args.center_crop else "none (resized to a square)"
+    else:
+        settings["crop"] = "resized to cover the bucket, center crop"
+    if getattr(args, "masked_loss", False):
+        settings["mask"] = "latent grid: bilinear resize, mean of 8 x 8, both orientations"
+    return settings
+
+
+def latent_cache_key(path, target, args):
+    """An image's entry: its file; with buckets also the (height, width) it trains at; with --masked_loss also its
+    mask file (an alpha channel is part of the image)."""
+    key = common.image_fingerprint({"path": path})
+    parts = []
+    if getattr(args, "buckets", None) is not None:
+        parts += list(target)
+    if getattr(args, "masked_loss", False):
+        mask_path = common.mask_path_for(path)
+        parts.append(common.image_fingerprint({"path": mask_path}) if os.path.isfile(mask_path) else "no mask file")
+    return common.fingerprint(key, *parts) if parts else key
+
+
 def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
-    """Fill the latent cache for every image (one entry per file, holding both orientations; the missing ones split
-    across ranks) and switch the dataset to it."""
-    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
-        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
-        "interpolation": "bicubic", "crop": "center square" if args.center_crop else "none (resized to a square)",
-        "flip": True, "preprocess": "textual_inversion: EXIF orientation, RGB, [-1, 1]",
-    })
-    image_keys = [common.image_fingerprint({"path": path}) for path in train_dataset.paths]
+    """Fill the latent cache for every image (one entry per file at its training size, holding both orientations,
+    and with --masked_loss both orientations of its latent-grid mask; the missing ones split across ranks) and switch
+    the dataset to it."""
+    cache = common.FeatureCache(args.feature_cache_dir, "latents", latent_cache_settings(vae, args, weight_dtype))
+    framings = {path: train_dataset.framing.frame(*size, None)  # a centre crop or none: nothing is drawn
+                for path, size in zip(train_dataset.paths, train_dataset.sizes)}
+    cache_keys = [latent_cache_key(path, framings[path].target, args) for path in train_dataset.paths]
 
     def encode(paths):
-        pixels = torch.stack([preprocess_image(_load_rgb(path), args.resolution, args.center_crop, None,
-                                               random_flip=False) for path in paths])
-        parameters = vae.encode(torch.cat([pixels, pixels.flip(-1)]).to(accelerator.device, weight_dtype))
-        parameters = parameters.latent_dist.parameters
-        return [{"latent_dist": parameters[i], "flipped": parameters[len(paths) + i]} for i in range(len(paths))]
+        entries = {}
+        same_size = {}
+        for path in paths:
+            same_size.setdefault(framings[path].target, []).append(path)
+        for group in same_size.values():  # one VAE batch per shape (with buckets, several shapes)
+            pixels = torch.stack([image_tensor(_load_rgb(path), framings[path], flip=False) for path in group])
+            parameters = vae.encode(torch.cat([pixels, pixels.flip(-1)]).to(accelerator.device, weight_dtype))
+            parameters = parameters.latent_dist.parameters
+            for i, path in enumerate(group):
+                entries[path] = {"latent_dist": parameters[i], "flipped": parameters[len(group) + i]}
+                if train_dataset.masked:
+                    mask = _load_mask(path)
+                    entries[path]["mask"] = latent_mask(mask, framings[path], flip=False)
+                    entries[path]["mask_flipped"] = latent_mask(mask, framings[path], flip=True)
+        return [entries[path] for path in paths]
 
     _to_device(accelerator.device, weight_dtype, vae)
-    cache.fill(accelerator, dict(zip(image_keys, train_dataset.paths)), encode, args.train_batch_size)
+    cache.fill(accelerator, dict(zip(cache_keys, train_dataset.paths)), encode, args.train_batch_size)
     _load_rgb.cache_clear()  # training reads no image any more
-    train_dataset.use_latent_cache(cache, image_keys)
+    _load_mask.cache_clear()
+    train_dataset.use_latent_cache(cache, cache_keys)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -612,7 +797,8 @@ def generate_validation_images(accelerator, text_encoders, tokenizers, unet, vae
             generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(
-                    args.validation_prompt, num_inference_steps=args.validation_inference_steps, generator=generator
+                    args.validation_prompt, num_inference_steps=args.validation_inference_steps, generator=generator,
+                    height=args.validation_height or args.resolution, width=args.validation_width or args.resolution,
                 ).images[0]
             images.append((index, np.asarray(image)))
         for text_encoder in text_encoders:
@@ -676,6 +862,13 @@ def write_model_card(args, global_step, validation_paths):
               '                                text_encoder=pipeline.text_encoder_2, tokenizer=pipeline.tokenizer_2)\n'
               if args.sdxl else "")
     images = "\n".join(f"![validation {i}](./{path})" for i, path in enumerate(validation_paths))
+    real_datasets = ""
+    if args.buckets is not None:
+        crop = "centre" if args.center_crop else "random"
+        real_datasets += (f"| aspect-ratio buckets (height,width) | {args.buckets.describe()} (resized to cover, "
+                          f"{crop} crop) |\n")
+    if args.masked_loss:
+        real_datasets += "| masked loss | alpha channels / name.mask.png beside each image |\n"
     gallery = f"Validation images for `{args.validation_prompt}` at step {global_step}:\n\n{images}\n" if images else ""
     description = f"""
 # Textual inversion: {args.placeholder_token}
@@ -701,7 +894,7 @@ pipeline.load_textual_inversion("{location}")
 | batch size per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
 | learning rate, scheduler, warmup | {args.learning_rate}, {args.lr_scheduler}, {args.lr_warmup_steps} |
 | mixed precision | {args.mixed_precision} |
-| seed | {args.seed} |
+{real_datasets}| seed | {args.seed} |
 """
     family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
     card_data = ModelCardData(
@@ -748,11 +941,11 @@ def encode_batch(text_encoders, batch, args, weight_dtype):
     """The UNet's conditioning of a batch, with gradients into the new rows: (encoder_hidden_states, its
     added_cond_kwargs). SD: the text encoder's last hidden state, no added conditions. SDXL: both encoders
     (train_common.encode_prompt_sdxl), the pooled embedding and each sample's time ids from its image's real original
-    size and crop."""
+    size, its crop and the size it trains at (its bucket)."""
     if not args.sdxl:
         return text_encoders[0](batch["input_ids"])[0].to(dtype=weight_dtype), None
     prompt_embeds, pooled = common.encode_prompt_sdxl(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
-    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (args.resolution, args.resolution),
+    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"],
                                     device=prompt_embeds.device, dtype=weight_dtype)
     return prompt_embeds.to(weight_dtype), common.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
 
@@ -762,6 +955,7 @@ def main(argv=None):
     tokenizers = validate_args(args)
     # Data first: a folder of unreadable images is reported before anything is loaded or written.
     paths, skipped = readable_images(args.train_data_dir)
+    unmasked = check_masks(paths, args.train_data_dir) if args.masked_loss else []
 
     import datasets
     import diffusers
@@ -804,6 +998,9 @@ def main(argv=None):
 
     for warning in skipped:
         logger.warning(warning)
+    if unmasked:
+        logger.warning(f"--masked_loss: {len(unmasked)} of {len(paths)} images have no mask and train at full weight "
+                       f"(e.g. {unmasked[0]})")
 
     noise_scheduler, text_encoders, vae, unet = load_models(args)
     embeddings = [add_placeholder_tokens(args, tokenizer, text_encoder)
@@ -827,13 +1024,8 @@ def main(argv=None):
 
     # Captions spell out every vector's token; at inference the pipeline expands `<tok>` to the same string.
     train_dataset = TextualInversionDataset(paths, tokenizers, " ".join(placeholder_tokens(args)), args, run_state)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    train_dataloader, epoch_sampler = training_dataloader(train_dataset, args, run_state,
+                                                          pin_memory=accelerator.device.type == "cuda")
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -928,6 +1120,9 @@ def main(argv=None):
         f"of {steps_per_epoch} steps, {args.max_train_steps} steps in all, batch {args.train_batch_size} per device, "
         f"total batch {total_batch_size}, learning rate {args.learning_rate:g}"
     )
+    if args.buckets is not None:
+        logger.info(f"Aspect-ratio buckets (height x width: images): {train_dataset.describe_buckets()}; "
+                    f"{len(train_dataloader)} batches an epoch")
 
     first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)
@@ -952,6 +1147,7 @@ def main(argv=None):
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
         loader.set_epoch(epoch)
+        epoch_sampler.set_epoch(epoch)  # skip_first_batches hides a batch sampler from the loader's set_epoch
         for batch_index, batch in enumerate(loader, start=start):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
@@ -974,7 +1170,7 @@ def main(argv=None):
                 target = common.loss_target(
                     noise_scheduler, noise_scheduler.config.prediction_type, latents, noise, timesteps
                 )
-                loss = common.diffusion_loss(model_pred, target)
+                loss = common.diffusion_loss(model_pred, target, mask=batch.get("loss_mask"))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_([embedding.new_rows for embedding in embeddings], args.max_grad_norm)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import MIXED_ASPECT_BUCKETS
 from helpers import (
     assert_one_line_error,
     checkpoints,
@@ -275,6 +276,65 @@ def test_feature_cache_matches_fresh_encodings_is_reused_and_resumes_exactly(tin
         assert_same_embeds(os.path.join(first, name), os.path.join(second, name))
 
 
+def test_buckets_masked_loss_and_cache_resume_exactly_and_load_at_a_bucket_shape(tiny_sd, mixed_aspect_folder,
+                                                                                  tmp_path):
+    """Aspect-ratio buckets (landscape, portrait, square) with --masked_loss (mask files and an alpha channel) and
+    --cache_latents, accumulation 2: 6 images x 2 repeats make 6 one-bucket batches, 3 steps an epoch, so
+    checkpoint-2 is mid-epoch and the resume crosses into epoch 2.
+    - the cache holds each image at its bucket's latent size with its latent-grid mask, both orientations;
+    - resuming checkpoint-2 (reusing every entry) ends bit for bit like the straight run;
+    - training on fresh encodings ends like the cached run within fp32 rounding;
+    - validation renders at --validation_height/--validation_width, the model card names the buckets, and the
+      embedding loads into StableDiffusionPipeline, which generates at a bucket's (non-square) shape."""
+    cache = str(tmp_path / "cache")
+    settings = dict(aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True, center_crop=True, repeats=2,
+                    gradient_accumulation_steps=2, max_train_steps=4, checkpointing_steps=2)
+    cached = dict(cache_latents=True, feature_cache_dir=cache)
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, straight, **settings, **cached,
+                                      validation_prompt=f"a {TOKEN}", validation_steps=4, num_validation_images=1,
+                                      validation_height=64, validation_width=96))
+    assert "6 images x 2 repeats = 12 samples, 2 epochs of 3 steps" in result.stderr
+    assert "Aspect-ratio buckets (height x width: images): 64x64: 2, 64x96: 2, 96x64: 2; 6 batches" in result.stderr
+    assert "latents: 0 of 6 cached" in result.stderr
+    entries = _cache_entries(cache, "latents")
+    shapes = sorted(tuple(load_file(path)["latent_dist"].shape) for path in entries)
+    assert shapes == [(8, 8, 8)] * 2 + [(8, 8, 12)] * 2 + [(8, 12, 8)] * 2  # mean and log-variance, h / 8, w / 8
+    for path in entries:
+        entry = load_file(path)
+        assert set(entry) == {"latent_dist", "flipped", "mask", "mask_flipped"}
+        assert entry["mask"].shape == (1, *entry["latent_dist"].shape[1:])
+        torch.testing.assert_close(entry["mask_flipped"], entry["mask"].flip(-1), rtol=0, atol=1e-6)
+    from PIL import Image
+
+    assert Image.open(os.path.join(straight, "validation", "step_4_0.png")).size == (96, 64)
+    card = open(os.path.join(straight, "README.md")).read()
+    assert "64,64;64,96;96,64" in card and "masked loss" in card
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = train(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, resumed, **settings, **cached,
+                                     resume_from_checkpoint="latest"))
+    assert "latents: 6 of 6 cached" in result.stderr
+    assert _cache_entries(cache, "latents") == entries
+    for name in ("checkpoint-4/learned_embeds.safetensors", "learned_embeds.safetensors"):
+        assert_same_embeds(os.path.join(straight, name), os.path.join(resumed, name))
+
+    fresh = str(tmp_path / "fresh")
+    train(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, fresh, **settings))
+    torch.testing.assert_close(embeds(os.path.join(fresh, "learned_embeds.safetensors"))[TOKEN],
+                               embeds(os.path.join(straight, "learned_embeds.safetensors"))[TOKEN], rtol=0, atol=2e-6)
+
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_textual_inversion(straight)
+    image = pipeline(f"a photo of {TOKEN}", num_inference_steps=2, height=64, width=96, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 96, 3)
+
+
 def test_diffusers_docs_command_runs_unchanged(tiny_sd, tmp_path):
     """The diffusers docs' command line with the tiny model and two local images. 3000 steps at 512 px would take
     hours on CPU, so a SIGTERM right after training starts keeps it short: it must parse, scale the learning rate,
@@ -326,6 +386,17 @@ BAD_INPUTS = {
     "unknown learnable property": ({"learnable_property": "objects"}, "--learnable_property"),
     "feature_cache_dir is a file": ({"cache_latents": True, "feature_cache_dir": "{a_file}"},
                                     "--feature_cache_dir"),
+    "malformed aspect_ratio_buckets": ({"aspect_ratio_buckets": "64x96"}, "--aspect_ratio_buckets '64x96'"),
+    "bucket side not a multiple of 8": ({"aspect_ratio_buckets": "64,100"}, "bucket 64,100 has a side"),
+    "bucket_min_resolution above resolution": ({"use_aspect_ratio_buckets": True, "bucket_min_resolution": 128},
+                                               "--bucket_min_resolution (128) must be <= --resolution (64)"),
+    "bucket list with bucket_min_resolution": ({"aspect_ratio_buckets": "64,64", "bucket_min_resolution": 32},
+                                               "cannot be combined"),
+    "cached random bucket crops": ({"use_aspect_ratio_buckets": True, "cache_latents": True},
+                                   "--cache_latents with aspect-ratio buckets needs --center_crop"),
+    "masked_loss without any mask": ({"masked_loss": True},
+                                     "looked for name.mask.png beside each image name.* and for an alpha channel"),
+    "mask of another size": ({"masked_loss": True, "train_data_dir": "{bad_mask}"}, "bad_mask/a.mask.png is 16x8"),
 }
 
 
@@ -341,8 +412,13 @@ def test_bad_input_gets_one_line_error(case, tiny_sd, image_folder, tmp_path, ca
     (tmp_path / "corrupt_only").mkdir()
     (tmp_path / "corrupt_only" / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "bad_mask").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "bad_mask" / "a.png")
+    Image.new("L", (16, 8)).save(tmp_path / "bad_mask" / "a.mask.png")
     values = {"empty_dir": str(tmp_path / "empty"), "corrupt_only": str(tmp_path / "corrupt_only"),
-              "a_file": str(tmp_path / "a_file")}
+              "a_file": str(tmp_path / "a_file"), "bad_mask": str(tmp_path / "bad_mask")}
     if "{used_tokenizer}" in overrides.values():
         # A tokenizer saved by an earlier run that already learned <cat-toy>.
         from transformers import CLIPTokenizer
@@ -401,3 +477,139 @@ def test_exif_orientation_and_restorable_per_sample_randomness(tiny_sd, tmp_path
         assert torch.equal(sample["pixel_values"], again["pixel_values"])
     assert len({tuple(sample["input_ids"].tolist()) for sample in samples.values()}) > 1, "one template for all"
     assert samples[(0, 0)]["pixel_values"].shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets and masked loss, in-process (SPEC §9)
+# --------------------------------------------------------------------------------------------------------------------
+
+# The bucket (height, width) MIXED_ASPECT_BUCKETS gives each image of the mixed_aspect_folder fixture.
+EXPECTED_BUCKETS = {"land_0": (64, 96), "land_1": (64, 96), "port_0": (96, 64), "port_1": (96, 64),
+                    "square_0": (64, 64), "small_0": (64, 64)}
+
+
+def _bucketed(script, tiny_sd, folder, tmp_path, **overrides):
+    """(args, dataset) as main builds them, for the mixed-aspect folder with the explicit bucket list."""
+    from transformers import CLIPTokenizer
+
+    import train_common
+
+    settings = dict(aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True, repeats=2)
+    settings.update(overrides)
+    args = script.parse_args(base_args(tiny_sd, folder, str(tmp_path / "out"), **settings))
+    train_common.check_bucket_flags(args)
+    paths, _ = script.readable_images(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    return args, script.TextualInversionDataset(paths, tokenizer, TOKEN, args, train_common.RunState(seed=3))
+
+
+def _name(dataset, index):
+    return os.path.splitext(os.path.basename(dataset.paths[index % len(dataset.paths)]))[0]
+
+
+def test_bucketed_batches_shapes_masks_and_random_crops(tiny_sd, mixed_aspect_folder, tmp_path):
+    """Every sample once an epoch, batches never mix buckets, each image trains at its bucket's shape with its mask
+    framed and flipped like it (mask files: white left half; square_0's alpha: opaque bottom half), random crops are
+    restorable and vary, and an all-ones mask gives exactly the unmasked loss."""
+    import textual_inversion as script
+    import train_common
+
+    args, dataset = _bucketed(script, tiny_sd, mixed_aspect_folder, tmp_path, center_crop=True)
+    assert len(dataset) == 12 and dataset.describe_buckets() == "64x64: 2, 64x96: 2, 96x64: 2"
+    _, sampler = script.training_dataloader(dataset, args, dataset.run_state, pin_memory=False)
+    orders = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 6
+        indices = [index for batch in batches for _, index in batch]
+        assert sorted(indices) == list(range(12)) and all(e == epoch for batch in batches for e, _ in batch)
+        orders.append(indices)
+        for batch in batches:
+            assert len({EXPECTED_BUCKETS[_name(dataset, index)] for _, index in batch}) == 1, batch
+        collated = torch.utils.data.default_collate([dataset[key] for key in batches[0]])
+        height, width = EXPECTED_BUCKETS[_name(dataset, batches[0][0][1])]
+        assert collated["pixel_values"].shape == (2, 3, height, width)
+        assert collated["loss_mask"].shape == (2, 1, height // 8, width // 8)
+        assert collated["target_size"].tolist() == [[height, width]] * 2
+    assert orders[0] != orders[1], "the bucketed order does not change between epochs"
+
+    for index in range(len(dataset)):
+        sample, name = dataset[(0, index)], _name(dataset, index)
+        height, width = EXPECTED_BUCKETS[name]
+        assert sample["pixel_values"].shape == (3, height, width)
+        assert torch.equal(sample["pixel_values"], dataset[(0, index)]["pixel_values"])  # restorable
+        mask = sample["loss_mask"][0]
+        assert mask.shape == (height // 8, width // 8) and 0 <= mask.min() and mask.max() <= 1
+        if name == "square_0":  # alpha: the top half transparent, whatever the flip
+            assert mask[: mask.shape[0] // 2 - 1].max() == 0 and mask[mask.shape[0] // 2 + 1:].min() == 1
+        else:  # the white left half, mirrored when the sample is flipped
+            framing = dataset.framing.frame(*dataset.sizes[index % 6], None)
+            unflipped = script.image_tensor(script._load_rgb(dataset.paths[index % 6]), framing, flip=False)
+            flipped = not torch.equal(sample["pixel_values"], unflipped)
+            left, right = mask[:, : mask.shape[1] // 2 - 1], mask[:, mask.shape[1] // 2 + 1:]
+            white, black = (right, left) if flipped else (left, right)
+            assert white.min() == 1 and black.max() == 0, (name, flipped)
+
+    # Random crops (no --center_crop): land_1 (112 x 72) covers its 64 x 96 bucket at 100 x 64, so the crop's left
+    # is drawn from 0..4; the same sample draws the same crop again, other epochs draw others.
+    args, dataset = _bucketed(script, tiny_sd, mixed_aspect_folder, tmp_path, masked_loss=False)
+    land_1 = [name for name in map(os.path.basename, dataset.paths)].index("land_1.png")
+    crops = {tuple(dataset[(epoch, land_1)]["crop_top_left"].tolist()) for epoch in range(12)}
+    assert len(crops) > 1 and all(top == 0 and 0 <= left <= 4 for top, left in crops)
+    assert torch.equal(dataset[(5, land_1)]["pixel_values"], dataset[(5, land_1)]["pixel_values"])
+
+    prediction, target = torch.randn(2, 4, 8, 12), torch.randn(2, 4, 8, 12)
+    assert torch.equal(train_common.diffusion_loss(prediction, target, mask=torch.ones(2, 1, 8, 12)),
+                       train_common.diffusion_loss(prediction, target))
+
+
+class _OneProcess:
+    """What FeatureCache.fill asks of an Accelerator, for one CPU process."""
+    device, process_index, num_processes, is_main_process = torch.device("cpu"), 0, 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+class _IdentityVAE(torch.nn.Module):
+    """A 'VAE' whose latent distribution is the pixels themselves: a cached sample is then comparable, value for
+    value, with the pixels the same sample gets without the cache."""
+
+    def encode(self, pixels):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(parameters=pixels))
+
+
+def test_cached_latents_pair_with_their_own_sample_and_bucket_changes_recompute_only_theirs(
+        tiny_sd, mixed_aspect_folder, tmp_path):
+    """With buckets and masks, in shuffled bucketed batches of two epochs: every cached sample holds its own image in
+    its own orientation, its own mask and time-id geometry, exactly as the uncached sample (resume recomputes the
+    same (epoch, index) keys). A new bucket list recomputes only the entries of the images whose bucket changed."""
+    import textual_inversion as script
+
+    args, uncached = _bucketed(script, tiny_sd, mixed_aspect_folder, tmp_path, center_crop=True,
+                               feature_cache_dir=str(tmp_path / "cache"), cache_latents=True)
+    _, cached = _bucketed(script, tiny_sd, mixed_aspect_folder, tmp_path, center_crop=True,
+                          feature_cache_dir=str(tmp_path / "cache"), cache_latents=True)
+    script.cache_latents(_OneProcess(), cached, _IdentityVAE(), args, torch.float32)
+    _, sampler = script.training_dataloader(cached, args, cached.run_state, pin_memory=False)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            for key in batch:
+                with_cache, without = cached[key], uncached[key]
+                assert torch.equal(with_cache.pop("latent_dist"), without.pop("pixel_values")), key
+                torch.testing.assert_close(with_cache.pop("loss_mask"), without.pop("loss_mask"), rtol=0, atol=1e-6)
+                assert with_cache.keys() == without.keys()
+                for name in with_cache:
+                    assert torch.equal(with_cache[name], without[name]), (key, name)
+
+    other_args, other = _bucketed(script, tiny_sd, mixed_aspect_folder, tmp_path, center_crop=True,
+                                  feature_cache_dir=str(tmp_path / "cache"), cache_latents=True,
+                                  aspect_ratio_buckets="64,96;96,64;72,72")
+    script.cache_latents(_OneProcess(), other, _IdentityVAE(), other_args, torch.float32)
+    assert other.latent_cache.folder == cached.latent_cache.folder  # the bucket list is not a folder setting
+    changed = {_name(cached, i) for i, (a, b) in enumerate(zip(cached.cache_keys, other.cache_keys)) if a != b}
+    assert changed == {"square_0", "small_0"}

@@ -5,7 +5,8 @@ Launched runs (each costs ~15 s of imports; folded so that the file stays near 1
   --save_steps, validation and --save_as_full_pipeline; its outputs are loaded, checked and resumed from;
 - a resume of its mid-epoch checkpoint-6 (exact, rotation before and after the resume);
 - a resume of its checkpoint-4 on --cache_latents (cached == fresh within fp32 rounding);
-- a 2-process run with accumulation 1, and a 2-process resume of it (exact).
+- a 2-process run with accumulation 1, and a 2-process resume of it (exact);
+- a run with generated aspect-ratio buckets on mixed-aspect images, whose outputs generate at a bucket's shape.
 SIGTERM is not launched again here: the preemption path does not depend on the model (test_textual_inversion covers it).
 """
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import MIXED_ASPECT_IMAGES
 from helpers import assert_one_line_error, checkpoints, fail_in_process, launch, snapshot, train
 
 SCRIPT = "textual_inversion.py"
@@ -177,6 +179,77 @@ def test_two_processes_resume_exactly(tiny_sdxl, image_folder, tmp_path):
     launch(SCRIPT, upstream_args(tiny_sdxl, image_folder, resumed, resume_from_checkpoint="checkpoint-2", **settings),
            num_processes=2)
     assert_same_outputs(straight, resumed)
+
+
+def test_generated_buckets_train_and_both_embeddings_generate_at_a_bucket_shape(tiny_sdxl, mixed_aspect_folder,
+                                                                                tmp_path):
+    """--use_aspect_ratio_buckets --bucket_divisibility 16 at 64 px, accumulation 1, random crops: landscape,
+    portrait and square buckets, and the 40 x 40 image in a smaller one instead of being upscaled. Both files load
+    with load_textual_inversion into StableDiffusionXLPipeline, which then generates at 64 x 96."""
+    out = str(tmp_path / "out")
+    args = upstream_args(tiny_sdxl, mixed_aspect_folder, out, use_aspect_ratio_buckets=True, bucket_divisibility=16,
+                         gradient_accumulation_steps=1, max_train_steps=3)
+    result = launch(SCRIPT, [arg for arg in args if arg != "--save_as_full_pipeline"])
+    buckets = result.stderr.split("Aspect-ratio buckets (height x width: images): ")[1].split(";")[0]
+    assert "32x32: 1" in buckets and sum(int(part.split(": ")[1]) for part in buckets.split(", ")) == 6, buckets
+    assert len(buckets.split(", ")) >= 3, buckets
+    card = open(os.path.join(out, "README.md")).read()
+    assert "aspect-ratio buckets" in card
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipeline.load_textual_inversion(out)
+    pipeline.load_textual_inversion(out, weight_name=EMBEDS[1], text_encoder=pipeline.text_encoder_2,
+                                    tokenizer=pipeline.tokenizer_2)
+    for tokenizer, encoder, name in ((pipeline.tokenizer, pipeline.text_encoder, EMBEDS[0]),
+                                     (pipeline.tokenizer_2, pipeline.text_encoder_2, EMBEDS[1])):
+        ids = tokenizer.convert_tokens_to_ids([TOKEN])
+        assert torch.equal(encoder.get_input_embeddings().weight[ids].detach(), learned(out, name))
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(f"a photo of {TOKEN}", num_inference_steps=2, height=64, width=96, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 96, 3)
+
+
+def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny_sdxl, mixed_aspect_folder):
+    """In-process: with an explicit bucket list and random crops, each sample's time ids are (its image's true
+    height, width, the top-left of the crop its pixels show in the image resized to cover the bucket, the bucket's
+    height, width)."""
+    from argparse import Namespace
+
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    import textual_inversion as script
+    import train_common
+
+    names = [name for name, _, _ in MIXED_ASPECT_IMAGES]
+    paths = [os.path.join(mixed_aspect_folder, f"{name}.png") for name in names]
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
+    args = Namespace(learnable_property="object", resolution=64, center_crop=False, repeats=1, sdxl=True,
+                     placeholder_token=TOKEN, initializer_token="toy", num_vectors=1, masked_loss=False,
+                     buckets=train_common.Buckets(explicit=[(64, 96), (96, 64), (64, 64)]))
+    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
+                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")]
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        script.add_placeholder_tokens(args, tokenizer, encoder)
+    dataset = script.TextualInversionDataset(paths, tokenizers, TOKEN, args, train_common.RunState(seed=0))
+    buckets = {"land_0": (64, 96), "land_1": (64, 96), "port_0": (96, 64), "port_1": (96, 64), "square_0": (64, 64),
+               "small_0": (64, 64)}
+    for epoch in (0, 1):
+        samples = [dataset[(epoch, index)] for index in range(len(paths))]
+        for (name, width, height), sample in zip(MIXED_ASPECT_IMAGES, samples):
+            batch = torch.utils.data.default_collate([sample])
+            _, added = script.encode_batch(encoders, batch, args, torch.float32)
+            (top, left), (bucket_height, bucket_width) = sample["crop_top_left"].tolist(), buckets[name]
+            assert added["time_ids"].tolist() == [[height, width, top, left, bucket_height, bucket_width]], name
+            # The pixels are that crop of the image resized to cover the bucket (flipped or not).
+            image = script._load_rgb(paths[names.index(name)])
+            cover = image.resize(train_common.cover_size(width, height, bucket_height, bucket_width),
+                                 resample=script.Image.BICUBIC)
+            crop = cover.crop((left, top, left + bucket_width, top + bucket_height))
+            expected = script.image_tensor(crop, script.Framing(None, crop.size, None, (0, 0), buckets[name]), False)
+            assert any(torch.equal(sample["pixel_values"], candidate) for candidate in (expected, expected.flip(-1)))
 
 
 def test_time_ids_come_from_each_image_s_real_size_and_crop(tiny_sdxl, tmp_path):
