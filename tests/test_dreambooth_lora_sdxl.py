@@ -234,3 +234,99 @@ def test_sdxl_text_encoders_train_on_two_processes(tiny_sdxl, instance_folder, t
     assert "terminate called" not in result.stderr
     assert {key.split(".")[0] for key in lora(out)} == {"unet", "text_encoder", "text_encoder_2"}
     assert checkpoints(out) == {"checkpoint-2"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real datasets (SPEC §9)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_sdxl_time_ids_carry_each_images_size_crop_and_bucket(tiny_sdxl, mixed_aspect_folder):
+    """In-process, with MIXED_ASPECT_BUCKETS and random crops: each example carries its image's true (height, width),
+    the (top, left) of its crop in the image resized to cover its bucket, and the bucket; a bucket's batch gets time
+    ids of those, per sample."""
+    import numpy as np
+    from conftest import MIXED_ASPECT_BUCKETS
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    import train_common
+    from train_common import RunState
+
+    script = _script()
+    args = argparse.Namespace(resolution=64, center_crop=False, image_interpolation_mode="lanczos", random_flip=False,
+                              sdxl=True, tokenizer_max_length=None, crops_coords_top_left_h=None,
+                              crops_coords_top_left_w=None, aspect_ratio_buckets=MIXED_ASPECT_BUCKETS,
+                              use_aspect_ratio_buckets=False, bucket_min_resolution=None, bucket_divisibility=64,
+                              validation_height=None, validation_width=None)
+    train_common.check_bucket_flags(args)
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=part) for part in ("tokenizer", "tokenizer_2")]
+    items, _ = script.read_image_folder(mixed_aspect_folder, INSTANCE_PROMPT)
+    buckets = script.assign_buckets(args, items)
+    dataset = script.DreamBoothDataset(items, [], script.PromptInputs(tokenizers, None), args, RunState(0),
+                                       buckets=buckets)
+    lefts = set()
+    for epoch in range(3):
+        for index, (path, _) in enumerate(items):
+            example = dataset[(epoch, index)]["instance"]
+            image = Image.open(path).convert("RGB")
+            height, width = buckets[path]
+            assert example["original_size"].tolist() == [image.height, image.width]
+            assert example["target_size"].tolist() == [height, width]
+            top, left = example["crop_top_left"].tolist()
+            resized = image.resize(script.cover_size(image.width, image.height, height, width), resample=Image.LANCZOS)
+            expected = np.asarray(resized.crop((left, top, left + width, top + height)))
+            pixels = ((example["pixel_values"].permute(1, 2, 0).numpy() + 1) / 2 * 255).round().astype(np.uint8)
+            assert (np.abs(pixels.astype(int) - expected.astype(int)) <= 1).all()
+            lefts.add((path, top, left))
+    assert len(lefts) > len(items), "random crops never moved"
+
+    landscape = [index for index, (path, _) in enumerate(items) if buckets[path] == (64, 96)]
+    batch = script.collate_examples([dataset[(0, index)] for index in landscape])
+    added = script.added_conditions(args, torch.zeros(len(landscape), 16), batch, torch.float32)
+    assert added["time_ids"].tolist() == [
+        batch["original_size"][i].tolist() + batch["crop_top_left"][i].tolist() + [64, 96] for i in range(2)]
+
+
+def test_sdxl_buckets_with_cached_latents_and_masks_resume_exactly_on_two_processes(tiny_sdxl, mixed_aspect_folder,
+                                                                                  tmp_path):
+    """2 processes (CPU DDP), MIXED_ASPECT_BUCKETS, --cache_latents with --random_flip and --masked_loss (entries at
+    each image's bucket size, both orientations, masks inside), accumulation 1: 3 batches of 2 per epoch, 2 per rank
+    (a rank is topped up with a whole batch), so checkpoint-1 is mid-epoch. Resumed in another folder, from the
+    filled cache, it ends bit for bit like the straight run; the LoRA loads into StableDiffusionXLPipeline and
+    renders at height 64, width 96."""
+    from conftest import MIXED_ASPECT_BUCKETS
+    from safetensors.torch import load_file
+
+    cache = str(tmp_path / "cache")
+    settings = {"aspect_ratio_buckets": MIXED_ASPECT_BUCKETS, "cache_latents": True, "center_crop": True,
+                "random_flip": True, "masked_loss": True, "feature_cache_dir": cache, "train_batch_size": 2,
+                "max_train_steps": 3, "checkpointing_steps": 1}
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sdxl, mixed_aspect_folder, straight, **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert "6 instance images, 6 examples, 2 epochs of 2 steps, 3 steps in all" in result.stderr
+    assert "latents: 0 of 6 cached" in result.stderr
+    entries = [load_file(os.path.join(root, name)) for root, _, files in os.walk(os.path.join(cache, "latents"))
+               for name in files if name.endswith(".safetensors")]
+    assert len(entries) == 6
+    assert sorted(tuple(entry["latent_dist"].shape[1:]) for entry in entries) == [(8, 8)] * 2 + [(8, 12)] * 2 + [
+        (12, 8)] * 2
+    for entry in entries:
+        assert entry["flipped"].shape == entry["latent_dist"].shape
+        assert entry["mask"].shape[1:] == entry["flipped_mask"].shape[1:] == entry["latent_dist"].shape[1:]
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-1"), os.path.join(resumed, "checkpoint-1"))
+    result = launch(SCRIPT, base_args(tiny_sdxl, mixed_aspect_folder, resumed, **settings,
+                                      resume_from_checkpoint="latest"), num_processes=2)
+    assert "latents: 6 of 6 cached" in result.stderr
+    for folder in ("checkpoint-3", "."):
+        assert_same_lora(os.path.join(straight, folder), os.path.join(resumed, folder))
+
+    pipeline = _sdxl_pipeline(tiny_sdxl)
+    pipeline.load_lora_weights(straight)
+    image = pipeline(INSTANCE_PROMPT, num_inference_steps=2, height=64, width=96, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 96, 3) and torch.isfinite(torch.from_numpy(image)).all()
