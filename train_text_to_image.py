@@ -461,8 +461,6 @@ def find_masks(image_cells, mask_cells, where, check_found=True, mask_column=Non
     """Each image's mask source (undecoded cells {"bytes", "path"}): MASK_FROM_COLUMN where the --mask_column cell
     holds one, the path of `name.mask.png` beside the image, MASK_FROM_ALPHA, or None (trained unmasked). A mask
     whose size differs from its image's is an InputError naming it; so is no mask at all (with `check_found`)."""
-    from io import BytesIO
-
     sources = []
     for index, cell in enumerate(image_cells):
         size = None
@@ -475,8 +473,7 @@ def find_masks(image_cells, mask_cells, where, check_found=True, mask_column=Non
             source, mask_name = mask_path, mask_path
             size = common.image_size({"path": mask_path, "bytes": None})
         else:
-            with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
-                source = MASK_FROM_ALPHA if common.has_alpha(image) else None
+            source = MASK_FROM_ALPHA if _has_alpha_channel(cell) else None
         if size is not None and size != common.image_size(cell):
             image_size = common.image_size(cell)
             raise InputError(f"--masked_loss: {mask_name} is {size[1]}x{size[0]} but its image "
@@ -486,6 +483,17 @@ def find_masks(image_cells, mask_cells, where, check_found=True, mask_column=Non
     if check_found:
         _require_some_mask(sources, where, mask_column)
     return sources
+
+
+def _has_alpha_channel(cell):
+    """From the header only; an unreadable image has none (the dataset check skips it by name)."""
+    from io import BytesIO
+
+    try:
+        with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
+            return common.has_alpha(image)
+    except Exception:
+        return False
 
 
 def _require_some_mask(sources, where, mask_column):

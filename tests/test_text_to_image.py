@@ -529,7 +529,8 @@ def test_buckets_shape_every_image_batches_never_mix_and_masks_follow_the_crop(t
     args = _bucketed(train_data_dir=mixed_aspect_folder, aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True)
     dataset = script.load_captioned_dataset(args)
     layout = script.survey_images(dataset, args)
-    names = [os.path.basename(cell["path"]) for cell in dataset.cast_column("image", ImageFeature(decode=False))["image"]]
+    cells = dataset.cast_column("image", ImageFeature(decode=False))["image"]
+    names = [os.path.basename(cell["path"]) for cell in cells]
     assert dict(zip(names, layout["buckets"])) == {
         "land_0.png": (64, 96), "land_1.png": (64, 96), "port_0.png": (96, 64), "port_1.png": (96, 64),
         "square_0.png": (64, 64), "small_0.png": (64, 64)}
@@ -682,6 +683,10 @@ BAD_ARGUMENTS = {
     "cache_latents with a random crop": ({"cache_latents": True}, "--cache_latents needs --center_crop"),
     "feature_cache_dir is a file": ({"cache_text_embeddings": True, "feature_cache_dir": "{a_file}"},
                                     "--feature_cache_dir"),
+    # Real datasets (SPEC §9); the bucket flags' cases are in test_text_to_image_sdxl.py
+    "proportion_empty_prompts > 1": ({"proportion_empty_prompts": 1.5}, "--proportion_empty_prompts must be in [0, 1]"),
+    "masked_loss without any mask": ({"masked_loss": True}, "--masked_loss: none of the 8 images"),
+    "malformed bucket list": ({"aspect_ratio_buckets": "64,96;96"}, "--aspect_ratio_buckets"),
 }
 
 

@@ -24,7 +24,15 @@ from helpers import (
     train,
     wait_for_path,
 )
-from test_text_to_image import _images, _namespace, base_args, metadata_folder, tiny_sd, txt_folder  # noqa: F401
+from test_text_to_image import (  # noqa: F401
+    _bucketed,
+    _images,
+    _namespace,
+    base_args,
+    metadata_folder,
+    tiny_sd,
+    txt_folder,
+)
 
 SCRIPT = "train_text_to_image.py"
 
@@ -199,6 +207,50 @@ def test_two_processes_fill_the_cache_together_and_resume_exactly_from_it(tiny_s
     assert_same_weights(other_vae, os.path.join(straight, "vae"))
 
 
+def test_buckets_with_masks_and_feature_cache_resume_exactly_and_generate_non_square(tiny_sdxl, mixed_aspect_folder,
+                                                                                      tmp_path):
+    """--use_aspect_ratio_buckets --bucket_divisibility 16 at 64 px (buckets 48x80, 80x48, 64x64 and, for the
+    40x40 image, 32x32: 4 batches of up to 2 per epoch) with --masked_loss, --cache_latents --cache_text_embeddings,
+    centre crops and flips, accumulation 1: the cache holds each image at its bucket size, both orientations and the
+    latent-grid masks; 6 steps straight == checkpoint-3 (mid-epoch) resumed to 6 on the cache, bit for bit; the
+    output StableDiffusionXLPipeline generates at 64x96."""
+    cache = str(tmp_path / "cache")
+    settings = {"use_aspect_ratio_buckets": True, "bucket_divisibility": 16, "masked_loss": True, "center_crop": True,
+                "cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache,
+                "train_batch_size": 2, "max_train_steps": 6, "checkpointing_steps": 3}
+    straight = str(tmp_path / "straight")
+    result = train(SCRIPT, sdxl_args(tiny_sdxl, mixed_aspect_folder, straight, **settings))
+    assert "6 examples, 2 epochs of 4 steps, 6 steps in all" in result.stderr
+    assert "latents: 0 of 6 cached" in result.stderr
+    from safetensors.torch import load_file
+
+    entries = [load_file(os.path.join(root, name)) for root, _, files in os.walk(os.path.join(cache, "latents"))
+               for name in files if name.endswith(".safetensors")]
+    assert sorted(tuple(entry["latent_dist"].shape) for entry in entries) == [
+        (8, 4, 4), (8, 6, 10), (8, 6, 10), (8, 8, 8), (8, 10, 6), (8, 10, 6)]
+    for entry in entries:
+        grid = entry["latent_dist"].shape[1:]
+        assert entry["flipped"].shape == entry["latent_dist"].shape
+        assert entry["loss_mask"].shape == entry["flipped_loss_mask"].shape == (1, *grid)
+        assert torch.equal(entry["flipped_loss_mask"], entry["loss_mask"].flip(-1))
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(straight, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    result = train(SCRIPT, sdxl_args(tiny_sdxl, mixed_aspect_folder, resumed, resume_from_checkpoint="latest",
+                                     **settings))
+    assert "latents: 6 of 6 cached" in result.stderr
+    for folder in ("checkpoint-6/unet", "unet"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+    assert_different_weights(os.path.join(tiny_sdxl, "unet"), os.path.join(straight, "unet"))
+
+    from diffusers import StableDiffusionXLPipeline
+
+    image = StableDiffusionXLPipeline.from_pretrained(straight)(
+        "a wide shape", num_inference_steps=2, height=64, width=96, output_type="np",
+        generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 96, 3) and torch.isfinite(torch.from_numpy(image)).all()
+
+
 def test_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sdxl, metadata_folder, tmp_path):
     from test_distributed import assert_deepspeed_run_resumes_exactly
 
@@ -258,6 +310,43 @@ def test_time_ids_come_from_each_images_real_size_and_crop(tiny_sdxl, metadata_f
             crops.add((top, left))
     assert len(sizes) == 3 and len(crops) > 5
     assert len(item["input_ids"]) == len(item["input_ids_2"]) == 77
+
+
+def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny_sdxl, mixed_aspect_folder):
+    """With generated buckets, random crops and flips: each example is its bucket's shape, holds its image's true
+    (height, width), the (top, left) of its crop in the resized image (the pixels are exactly that crop, maybe
+    mirrored) and its bucket as the target size; the UNet's time ids are those rows."""
+    from PIL import Image
+    from torch.utils.data import default_collate
+
+    from train_common import RunState
+
+    script = _script()
+    args = _bucketed(train_data_dir=mixed_aspect_folder, use_aspect_ratio_buckets=True, bucket_divisibility=16)
+    dataset = script.load_captioned_dataset(args)
+    layout = script.survey_images(dataset, args)
+    train_set = script.CaptionedImages(dataset, _tokenizers(tiny_sdxl), args, RunState(seed=3), **layout)
+    crops = set()
+    for epoch in range(3):
+        for index in range(len(train_set)):
+            item = train_set[(epoch, index)]
+            image = dataset[index]["image"].convert("RGB")
+            bucket = layout["buckets"][index]
+            assert item["original_size"].tolist() == [image.height, image.width]
+            assert item["target_size"].tolist() == list(bucket) and item["pixel_values"].shape == (3, *bucket)
+            resized = image.resize(common.cover_size(image.width, image.height, *bucket), resample=Image.LANCZOS)
+            top, left = item["crop_top_left"].tolist()
+            views = [resized, resized.transpose(Image.FLIP_LEFT_RIGHT)]
+            pixels = [script.preprocess_image(view.crop((left, top, left + bucket[1], top + bucket[0])), bucket,
+                                              Image.LANCZOS, True, False, None).pixels for view in views]
+            assert any(torch.equal(item["pixel_values"], candidate) for candidate in pixels), (epoch, index)
+            crops.add((top, left))
+    assert len(crops) > 3
+    batch = default_collate([train_set[(0, index)] for index in range(len(train_set))
+                             if layout["buckets"][index] == (48, 80)])
+    time_ids = script.added_conditions(batch, torch.zeros(2, 32), args)["time_ids"]
+    assert time_ids.tolist() == torch.cat([batch["original_size"], batch["crop_top_left"],
+                                           torch.tensor([[48, 80], [48, 80]])], dim=1).tolist()
 
 
 def test_proportion_empty_prompts_drops_captions_from_restorable_randomness(tiny_sdxl, metadata_folder):
@@ -355,11 +444,28 @@ BAD_ARGUMENTS = {
     "negative num_validation_images": ({"num_validation_images": -1}, ["--num_validation_images must be >= 0"]),
     "SDXL folder without text_encoder_2": ({"pretrained_model_name_or_path": "{broken_sdxl}"},
                                            ["--pretrained_model_name_or_path", "missing text_encoder_2/"]),
+    # Real datasets (SPEC §9)
+    "malformed bucket list": ({"aspect_ratio_buckets": "64x96"}, ["--aspect_ratio_buckets", "64x96"]),
+    "bucket side not a multiple of 8": ({"aspect_ratio_buckets": "64,96;60,64"}, ["60,64", "multiple of 8"]),
+    "bucket_min_resolution > resolution": ({"use_aspect_ratio_buckets": True, "bucket_min_resolution": 128},
+                                           ["--bucket_min_resolution (128) must be <= --resolution (64)"]),
+    "bucket list with bucket_min_resolution": ({"aspect_ratio_buckets": "64,64", "bucket_min_resolution": 32},
+                                               ["--bucket_min_resolution", "--aspect_ratio_buckets"]),
+    "bucket_divisibility without buckets": ({"bucket_divisibility": 32}, ["--bucket_divisibility applies only"]),
+    "validation_width not a multiple of 8": ({"validation_width": 90}, ["--validation_width", "multiple of 8"]),
+    "masked_loss without any mask": ({"masked_loss": True},
+                                     ["--masked_loss: none of the 5 images", "txt_folder", "name.mask.png",
+                                      "alpha channels"]),
+    "mask of the wrong size": ({"masked_loss": True, "train_data_dir": "{wrong_mask}"},
+                               ["--masked_loss:", "land_0.mask.png is 48x32 but its image", "96x64"]),
+    "mask_column without masked_loss": ({"mask_column": "mask"}, ["--mask_column applies only with --masked_loss"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
-def test_bad_argument_gets_one_line_error_before_loading(case, tiny_sdxl, txt_folder, tmp_path, capsys):
+def test_bad_argument_gets_one_line_error_before_loading(case, tiny_sdxl, txt_folder, tmp_path, capsys, request):
+    from PIL import Image
+
     overrides, expected = BAD_ARGUMENTS[case]
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken_sdxl"  # an SDXL model_index.json, every part but text_encoder_2/
@@ -367,8 +473,13 @@ def test_bad_argument_gets_one_line_error_before_loading(case, tiny_sdxl, txt_fo
     shutil.copy(os.path.join(tiny_sdxl, "model_index.json"), broken)
     for part in set(common.SDXL_PIPELINE_PARTS) - {"text_encoder_2"}:
         (broken / part).mkdir()
-    overrides = {key: value.format(empty_dir=tmp_path / "empty", broken_sdxl=broken) if isinstance(value, str)
-                 else value for key, value in overrides.items()}
+    if "{wrong_mask}" in overrides.values():
+        wrong_mask = tmp_path / "wrong_mask"  # the mixed-aspect images, one mask at half its image's size
+        shutil.copytree(request.getfixturevalue("mixed_aspect_folder"), wrong_mask)
+        mask = wrong_mask / "land_0.mask.png"
+        Image.open(mask).resize((48, 32)).save(mask)
+    overrides = {key: value.format(empty_dir=tmp_path / "empty", broken_sdxl=broken, wrong_mask=tmp_path / "wrong_mask")
+                 if isinstance(value, str) else value for key, value in overrides.items()}
     out = tmp_path / "existing_output"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
