@@ -579,7 +579,7 @@ def training_dataloader(train_dataset, args, run_state, pin_memory):
     """(data loader, its sampler): shuffled samples in batches of --train_batch_size (common.EpochSampler), or with
     aspect-ratio buckets in batches that each hold one bucket (common.BucketBatchSampler, which yields whole batches;
     a bucket's last batch may be smaller, nothing is dropped)."""
-    if getattr(args, "buckets", None) is None:
+    if args.buckets is None:
         sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
         batching = {"batch_size": args.train_batch_size, "sampler": sampler}
     else:
@@ -603,12 +603,12 @@ def latent_cache_settings(vae, args, weight_dtype):
     key holds its bucket (latent_cache_key), so new bucket settings recompute only the images whose bucket changed."""
     settings = {"vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "interpolation": "bicubic",
                 "flip": True, "preprocess": "textual_inversion: EXIF orientation, RGB, [-1, 1]"}
-    if getattr(args, "buckets", None) is None:
+    if args.buckets is None:
         settings["resolution"] = args.resolution
         settings["crop"] = "center square" if args.center_crop else "none (resized to a square)"
     else:
         settings["crop"] = "resized to cover the bucket, center crop"
-    if getattr(args, "masked_loss", False):
+    if args.masked_loss:
         settings["mask"] = "latent grid: bilinear resize, mean of 8 x 8, both orientations"
     return settings
 
@@ -618,9 +618,9 @@ def latent_cache_key(path, target, args):
     mask file (an alpha channel is part of the image)."""
     key = common.image_fingerprint({"path": path})
     parts = []
-    if getattr(args, "buckets", None) is not None:
+    if args.buckets is not None:
         parts += list(target)
-    if getattr(args, "masked_loss", False):
+    if args.masked_loss:
         mask_path = common.mask_path_for(path)
         parts.append(common.image_fingerprint({"path": mask_path}) if os.path.isfile(mask_path) else "no mask file")
     return common.fingerprint(key, *parts) if parts else key
@@ -1122,7 +1122,7 @@ def main(argv=None):
     )
     if args.buckets is not None:
         logger.info(f"Aspect-ratio buckets (height x width: images): {train_dataset.describe_buckets()}; "
-                    f"{len(train_dataloader)} batches an epoch")
+                    f"{len(epoch_sampler)} batches an epoch")
 
     first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)

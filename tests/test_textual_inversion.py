@@ -559,6 +559,11 @@ def test_bucketed_batches_shapes_masks_and_random_crops(tiny_sd, mixed_aspect_fo
     assert len(crops) > 1 and all(top == 0 and 0 <= left <= 4 for top, left in crops)
     assert torch.equal(dataset[(5, land_1)]["pixel_values"], dataset[(5, land_1)]["pixel_values"])
 
+    # Without buckets the mask follows today's square framing.
+    _, dataset = _bucketed(script, tiny_sd, mixed_aspect_folder, tmp_path, aspect_ratio_buckets=None)
+    sample = dataset[(0, land_1)]
+    assert sample["pixel_values"].shape == (3, 64, 64) and sample["loss_mask"].shape == (1, 8, 8)
+
     prediction, target = torch.randn(2, 4, 8, 12), torch.randn(2, 4, 8, 12)
     assert torch.equal(train_common.diffusion_loss(prediction, target, mask=torch.ones(2, 1, 8, 12)),
                        train_common.diffusion_loss(prediction, target))
