@@ -34,6 +34,7 @@ from train_common import InputError
 
 # Independent random streams, derived from the run seed (see train_common.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, DROPOUT_STREAM = 1, 2, 3, 4, 5, 6
+EMPTY_PROMPT_STREAM = 7  # --proportion_empty_prompts: its own draws, so the other draws do not move with it
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 # SD has the first text encoder only; SDXL both (batches and caches carry the second's token ids under INPUT_IDS[1]).
 TOKENIZERS, TEXT_ENCODERS, INPUT_IDS = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), \
@@ -102,7 +103,8 @@ def parse_args(argv=None):
     add("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples.")
     add("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
     add("--resolution", type=int, default=256,
-        help="Both images are resized (short side) and cropped to this square size; a multiple of 8.")
+        help="Both images are resized (short side) and cropped to this square size; a multiple of 8. With "
+             "--use_aspect_ratio_buckets, the buckets hold about this many pixels squared.")
     add("--crops_coords_top_left_h", type=int, default=None,
         help="SDXL: the crop top (in the resized image) put into every sample's time ids; default: each sample's real "
              "crop.")
@@ -181,6 +183,13 @@ def parse_args(argv=None):
         help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
              "or ~/.cache/diffusion-training). Entries are keyed by the images, prompts, model weights, resolution "
              "and transforms, so one folder serves any number of runs; deleting it is always safe.")
+    add("--proportion_empty_prompts", type=float, default=0,
+        help="Replace this proportion of edit prompts (0 to 1) by the empty prompt, drawn per sample independently of "
+             "--conditioning_dropout_prob (upstream's name, from the SDXL examples).")
+    # Real datasets (SPEC §9): aspect-ratio buckets (chosen from the original image; the edited image follows it),
+    # validation size, masked loss (the edited image's mask: the loss is on its latents)
+    common.add_bucket_arguments(parser)
+    common.add_mask_arguments(parser, column=True)
     args = common.parse_args_with_config(parser, argv)
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
@@ -202,6 +211,11 @@ def validate_args(args):
         "validation_steps", "num_validation_images", "logging_steps", "validation_inference_steps",
     )
     common.require_multiple_of_8("--resolution", args.resolution)
+    common.check_bucket_flags(args)
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise InputError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}")
+    if args.mask_column is not None and not args.masked_loss:
+        raise InputError("--mask_column applies only with --masked_loss")
     for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm",
                  "crops_coords_top_left_h", "crops_coords_top_left_w"):
         if (getattr(args, name) or 0) < 0:
@@ -299,6 +313,11 @@ def image_columns(args):
     return (args.original_image_column, args.edited_image_column)
 
 
+def mask_column(args):
+    """The --mask_column of a --masked_loss run, or None (the masks then come from alpha channels or mask files)."""
+    return getattr(args, "mask_column", None)
+
+
 def load_edit_dataset(args):
     """The training examples as a datasets.Dataset with the original image, edited image and edit prompt columns.
 
@@ -325,17 +344,20 @@ def load_edit_dataset(args):
         dataset = dataset["train"]
 
     columns = dataset.column_names
+    masks = mask_column(args)
     for column_flag, column in (("--original_image_column", args.original_image_column),
                                 ("--edited_image_column", args.edited_image_column),
-                                ("--edit_prompt_column", args.edit_prompt_column)):
+                                ("--edit_prompt_column", args.edit_prompt_column),
+                                *((("--mask_column", masks),) if masks else ())):
         if column not in columns:
             raise InputError(f"{column_flag} {column!r} is not a column of {source!r}; columns: {', '.join(columns)}")
     _check_prompt_feature(dataset.features[args.edit_prompt_column], args.edit_prompt_column, source)
-    dataset = dataset.select_columns([*image_columns(args), args.edit_prompt_column])
+    dataset = dataset.select_columns([*image_columns(args), args.edit_prompt_column, *([masks] if masks else [])])
     if len(dataset) == 0:
         raise InputError(f"{flag} {source!r} holds no examples")
-    for column in image_columns(args):
+    for column in image_columns(args) + ((masks,) if masks else ()):
         dataset = _paths_to_images(dataset, column, source)
+    # A row without a mask trains on every pixel (see EditExamples.check_masks); its mask cell is not a bad image.
     return common.drop_unreadable_images(dataset, image_columns(args), flag, source)
 
 
@@ -365,29 +387,42 @@ def _check_prompt_feature(feature, column, source):
         raise InputError(f"--edit_prompt_column {column!r} of {source!r} holds {feature}; expected text")
 
 
-def resized_size(width, height, resolution):
-    """(width, height) of an image resized so that its short side is `resolution`."""
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+def as_target(target):
+    """(height, width) of a training target: one side (the --resolution square) or a (height, width) bucket."""
+    return (target, target) if isinstance(target, int) else tuple(int(side) for side in target)
+
+
+def resized_size(width, height, target_height, target_width=None):
+    """(width, height) of an image resized, aspect ratio kept, to the smallest size that covers the target: for the
+    square target (`target_width` omitted), its short side becomes `target_height`."""
+    target_width = target_height if target_width is None else target_width
+    # For a square, max(r / w, r / h) is exactly r / min(w, h): the square arithmetic, bit for bit.
+    scale = max(target_width / width, target_height / height)
+    return max(target_width, round(width * scale)), max(target_height, round(height * scale))
+
+
+def resize_to_cover(image, target, resample=Image.BICUBIC):
+    """`image` resized to cover `target` = (height, width) (bicubic, PIL's default that upstream uses)."""
+    return image.resize(resized_size(*image.size, *target), resample=resample)
 
 
 def resize_short_side(image, resolution):
-    """RGB copy of `image` whose short side is `resolution` (bicubic, PIL's default that upstream uses)."""
-    image = image.convert("RGB")
-    return image.resize(resized_size(*image.size, resolution), resample=Image.BICUBIC)
+    """RGB copy of `image` whose short side is `resolution`."""
+    return resize_to_cover(image.convert("RGB"), (resolution, resolution))
 
 
-def crop_origin(size, resolution, crop_position):
-    """(left, top) of the crop at `crop_position` in an image of `size` = (width, height)."""
-    return round(crop_position[0] * (size[0] - resolution)), round(crop_position[1] * (size[1] - resolution))
+def crop_origin(size, target, crop_position):
+    """(left, top) of the `target` = (height, width) crop at `crop_position` in an image of `size` = (width,
+    height)."""
+    return round(crop_position[0] * (size[0] - target[1])), round(crop_position[1] * (size[1] - target[0]))
 
 
-def crop_and_flip(image, resolution, crop_position, flip):
-    """A resolution x resolution crop at `crop_position` = (x, y) in [0, 1] of the room left over (0.5, 0.5 = the
+def crop_and_flip(image, target, crop_position, flip):
+    """A `target` = (height, width) crop at `crop_position` = (x, y) in [0, 1] of the room left over (0.5, 0.5 = the
     centre), flipped left-right if `flip`. The position is relative, so images of the same aspect ratio but different
     sizes get the same crop."""
-    left, top = crop_origin(image.size, resolution, crop_position)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    left, top = crop_origin(image.size, target, crop_position)
+    image = image.crop((left, top, left + target[1], top + target[0]))
     return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
 
 
@@ -404,33 +439,66 @@ def draw_augmentation(center_crop, random_flip, generator):
     return crop_position, bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
 
 
-def micro_conditioning(width, height, resolution, crop_position, flip):
-    """SDXL's per-sample time-id inputs for an image of (width, height) before resizing: its original (height, width)
-    and the crop's (top, left) in the resized image, seen in the flipped image when flipped."""
-    resized = resized_size(width, height, resolution)
-    left, top = crop_origin(resized, resolution, crop_position)
-    left = resized[0] - left - resolution if flip else left
-    return {"original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor([top, left])}
+def micro_conditioning(width, height, target, crop_position, flip):
+    """SDXL's per-sample time-id inputs for an image of (width, height) before resizing: its original (height, width),
+    the crop's (top, left) in the resized image, seen in the flipped image when flipped, and the target (height,
+    width) trained at (--resolution square or the sample's bucket)."""
+    target = as_target(target)
+    resized = resized_size(width, height, *target)
+    left, top = crop_origin(resized, target, crop_position)
+    left = resized[0] - left - target[1] if flip else left
+    return {"original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor([top, left]),
+            "target_size": torch.tensor(target)}
 
 
-def preprocess_pair(original, edited, resolution, crop_position, flip):
-    """The original and the edited image as tensors in [-1, 1], resized, cropped and flipped identically so that the
-    edit stays aligned with its source."""
-    return tuple(to_model_range(crop_and_flip(resize_short_side(image, resolution), resolution, crop_position, flip))
+def preprocess_pair(original, edited, target, crop_position, flip):
+    """The original and the edited image as tensors in [-1, 1], resized to cover `target` (--resolution, or a
+    (height, width) bucket), cropped and flipped identically so that the edit stays aligned with its source."""
+    target = as_target(target)
+    return tuple(to_model_range(crop_and_flip(resize_to_cover(image.convert("RGB"), target), target, crop_position,
+                                              flip))
                  for image in (original, edited))
 
 
-class EditExamples(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from common.EpochSampler. The crop, the flip and the conditioning-dropout draw depend
-    only on the run seed, the epoch and the sample index, so they are the same on resume and with any number of
-    workers or processes.
+def preprocess_mask(mask, target, crop_position, flip):
+    """A loss mask ('L', the edited image's size) through the edited image's resize, crop and flip (bilinear: values
+    stay in [0, 1]), averaged to one weight per latent pixel: (1, height / 8, width / 8)."""
+    target = as_target(target)
+    mask = crop_and_flip(resize_to_cover(mask, target, Image.BILINEAR), target, crop_position, flip)
+    return common.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
 
-    With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
-    the checkpoint only after the dataset is built.
+
+# Where a row's loss mask comes from (EditExamples.check_masks): the edited image's alpha channel, a `name.mask.png`
+# file beside the edited image file, or the --mask_column cell; None: no mask, every pixel trains.
+ALPHA, MASK_FILE, MASK_CELL = "alpha", "file", "column"
+
+
+def load_loss_mask(source, edited, mask_image=None):
+    """The 'L' loss mask of the decoded `edited` image from its `source` ((kind, path)), or None."""
+    if source is None:
+        return None
+    kind, path = source
+    if kind == ALPHA:
+        return common.load_mask(edited)
+    return common.load_mask(edited, path if kind == MASK_FILE else mask_image, name="the edited image")
+
+
+class EditExamples(torch.utils.data.Dataset):
+    """Indexed by (epoch, index) from common.EpochSampler (or common.BucketBatchSampler). The crop, the flip and the
+    dropout draws depend only on the run seed, the epoch and the sample index, so they are the same on resume and
+    with any number of workers or processes.
+
+    With `--max_train_samples` the subset is drawn from the run seed too, lazily (a resumed run's seed is the
+    checkpoint's).
+
+    Each sample trains at its target: the --resolution square, or with buckets the bucket of its original image's
+    size (read from the image headers up front); the edited image follows the original's resize, crop and flip. With
+    --masked_loss a sample also holds the edited image's mask on the latent grid.
 
     Once `use_latent_cache` / `use_text_cache` are called, examples hold the cached latent distributions of both
     images / the prompt's embedding instead of pixels / token ids; the random draws stay the same, so the training
-    run does not change. On SDXL an example also holds the edited image's original size and crop (its time ids)."""
+    run does not change. On SDXL an example also holds the edited image's original size, crop and target (its time
+    ids)."""
 
     def __init__(self, dataset, tokenizers, args, run_state):
         self.dataset, self.tokenizers, self.args, self.run_state = dataset, tokenizers, args, run_state
@@ -438,6 +506,12 @@ class EditExamples(torch.utils.data.Dataset):
         self._subset = (None, None)  # (seed, indices)
         self.latent_cache = self.image_keys = None
         self.text_cache = self.prompt_keys = None
+        # Flags of SPEC §9, absent from the namespaces older callers build.
+        self.buckets = getattr(args, "buckets", None)
+        self.masked_loss = getattr(args, "masked_loss", False)
+        self.proportion_empty_prompts = getattr(args, "proportion_empty_prompts", 0)
+        self._buckets = (None, None)  # (seed, each sample's bucket)
+        self._masks = (None, None)  # (seed, {row: mask source})
 
     def rows(self):
         """The dataset rows this run trains on."""
@@ -445,6 +519,9 @@ class EditExamples(torch.utils.data.Dataset):
 
     def use_latent_cache(self, cache, image_keys):
         """`image_keys`: {row: (original image's key, edited image's key)}."""
+        # The buckets and mask sources are read from the image columns, which are dropped now.
+        self.sample_buckets()
+        self.check_masks()
         self.latent_cache, self.image_keys = cache, image_keys
         # The image columns are no longer read: skip decoding them.
         self.dataset = self.dataset.select_columns([self.args.edit_prompt_column])
@@ -465,11 +542,78 @@ class EditExamples(torch.utils.data.Dataset):
             self._subset = (self.run_state.seed, indices)
         return indices[index]
 
+    def undecoded(self, columns):
+        """(row, {column: undecoded cell {"bytes", "path"}}) for the rows trained on, read in chunks: a dataset that
+        embeds its images can be larger than memory."""
+        from datasets import Image as ImageFeature
+
+        cells = self.dataset.select_columns(list(columns))
+        for column in columns:
+            cells = cells.cast_column(column, ImageFeature(decode=False))
+        rows = self.rows()
+        for start in range(0, len(rows), 1000):
+            chunk = rows[start:start + 1000]
+            batch = cells[chunk]
+            for offset, row in enumerate(chunk):
+                yield row, {column: batch[column][offset] for column in columns}
+
+    def sample_buckets(self):
+        """Each sample's (height, width) bucket, from its original image's size (headers only), or None without
+        buckets: what common.BucketBatchSampler groups batches by."""
+        if self.buckets is None:
+            return None
+        seed, buckets = self._buckets
+        if seed != self.run_state.seed:
+            column = self.args.original_image_column
+            buckets = [self.buckets.assign(*common.image_size(cells[column]))
+                       for _, cells in self.undecoded([column])]
+            self._buckets = (self.run_state.seed, buckets)
+        return buckets
+
+    def target(self, index):
+        """(height, width) that sample `index` trains at: its bucket, or the --resolution square."""
+        return as_target(self.args.resolution) if self.buckets is None else self.sample_buckets()[index]
+
+    def check_masks(self):
+        """--masked_loss: {row: where its edited image's mask comes from (None: every pixel trains)}, found up front
+        from the headers so that a run without any mask, or with a mask of the wrong size, stops before training.
+        {} without --masked_loss. Raises InputError."""
+        if not self.masked_loss:
+            return {}
+        seed, sources = self._masks
+        if seed != self.run_state.seed:
+            a = self.args
+            columns = [a.edited_image_column, *([mask_column(a)] if mask_column(a) else [])]
+            sources = {row: find_mask(cells[a.edited_image_column], cells.get(mask_column(a)), row, a)
+                       for row, cells in self.undecoded(columns)}
+            missing = sum(source is None for source in sources.values())
+            where = (f"an alpha channel in --edited_image_column {a.edited_image_column!r}, a name.mask.png beside "
+                     "each edited image file" + (f", --mask_column {mask_column(a)!r}" if mask_column(a) else ""))
+            if sources and missing == len(sources):
+                raise InputError(f"--masked_loss: none of the {len(sources)} edited images of "
+                                 f"{a.dataset_name or a.train_data_dir!r} has a mask (looked for {where})")
+            if missing:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    f"--masked_loss: {missing} of {len(sources)} edited images have no mask ({where}); they train "
+                    "on every pixel")
+            self._masks = (self.run_state.seed, sources)
+        return sources
+
     def dropout_draw(self, epoch, index):
         """u ~ U[0, 1) for the conditioning dropout of sample `index` in `epoch` (its own stream, so turning dropout
         on or off does not change the crops and flips)."""
         generator = common.make_generator("cpu", self.run_state.seed, DROPOUT_STREAM, epoch, index)
         return torch.rand((), generator=generator)
+
+    def drops_prompt(self, epoch, index):
+        """--proportion_empty_prompts: whether sample `index` trains with the empty prompt in `epoch` (its own
+        stream: the crops, flips and conditioning dropout draws do not change with it)."""
+        if not self.proportion_empty_prompts:
+            return False
+        generator = common.make_generator("cpu", self.run_state.seed, EMPTY_PROMPT_STREAM, epoch, index)
+        return bool(torch.rand((), generator=generator) < self.proportion_empty_prompts)
 
     def __getitem__(self, key):
         epoch, index = key
@@ -478,20 +622,27 @@ class EditExamples(torch.utils.data.Dataset):
         example = self.dataset[row]
         generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         crop_position, flip = draw_augmentation(a.center_crop, a.random_flip, generator)
+        target = self.target(index)
         item = {}
         if self.latent_cache is None:
             edited = example[a.edited_image_column]
             item["original_pixel_values"], item["edited_pixel_values"] = preprocess_pair(
-                example[a.original_image_column], edited, a.resolution, crop_position, flip)
+                example[a.original_image_column], edited, target, crop_position, flip)
             width, height = edited.size
+            if self.masked_loss:
+                mask = load_loss_mask(self.check_masks()[row], edited, example.get(mask_column(a)))
+                item["loss_mask"] = (preprocess_mask(mask, target, crop_position, flip) if mask is not None
+                                     else all_pixels(target))
         else:
             for name, image_key in zip(("original_latent_dist", "edited_latent_dist"), self.image_keys[row]):
                 entry = self.latent_cache.load(image_key)
                 item[name] = entry["flipped" if flip else "latent_dist"]
             height, width = entry["original_size"].tolist() if a.sdxl else (0, 0)  # the edited image's
+            if self.masked_loss:
+                item["loss_mask"] = entry.get("mask_flipped" if flip else "mask", all_pixels(target))
         if a.sdxl:
-            item.update(micro_conditioning(width, height, a.resolution, crop_position, flip))
-        prompt = example[a.edit_prompt_column] or ""
+            item.update(micro_conditioning(width, height, target, crop_position, flip))
+        prompt = "" if self.drops_prompt(epoch, index) else example[a.edit_prompt_column] or ""
         if self.text_cache is None:
             for name, ids in zip(INPUT_IDS, common.tokenize_prompts(self.tokenizers, prompt)):
                 item[name] = ids[0]
@@ -504,6 +655,43 @@ class EditExamples(torch.utils.data.Dataset):
         return item
 
 
+def all_pixels(target):
+    """The latent-grid loss mask of an image without a mask: every pixel trains."""
+    height, width = as_target(target)
+    return torch.ones(1, height // 8, width // 8)
+
+
+def find_mask(edited_cell, mask_cell, row, args):
+    """Where the mask of one edited image (an undecoded cell) comes from: the --mask_column cell, else a
+    `name.mask.png` beside its file, else its alpha channel; None if it has none. Raises InputError when a mask cannot
+    be read or its size differs from the image's."""
+    width, height, alpha = _image_header(edited_cell, f"--edited_image_column {args.edited_image_column!r} row {row}")
+    if mask_cell and (mask_cell.get("bytes") or mask_cell.get("path")):
+        source, name = (MASK_CELL, None), f"--mask_column {mask_column(args)!r} row {row}"
+    elif edited_cell.get("path") and not edited_cell.get("bytes") and os.path.isfile(
+            common.mask_path_for(edited_cell["path"])):
+        source = name = common.mask_path_for(edited_cell["path"])
+        source = (MASK_FILE, source)
+    else:
+        return (ALPHA, None) if alpha else None
+    mask_width, mask_height, _ = _image_header({"path": source[1]} if source[0] == MASK_FILE else mask_cell, name)
+    if (mask_width, mask_height) != (width, height):
+        raise InputError(f"--masked_loss: the mask {name} is {mask_width}x{mask_height} but its edited image is "
+                         f"{width}x{height}; a mask must have its image's size")
+    return source
+
+
+def _image_header(cell, name):
+    """(width, height, has alpha) of an undecoded image cell, from its header."""
+    from io import BytesIO
+
+    try:
+        with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
+            return image.width, image.height, common.has_alpha(image)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--masked_loss: cannot read {name} ({common.first_line(error)})") from None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Feature cache: latents and prompt embeddings computed once, then the VAE / text encoder leave memory
 # ----------------------------------------------------------------------------------------------------------------------
@@ -511,9 +699,13 @@ class EditExamples(torch.utils.data.Dataset):
 
 def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
     """Fill the latent cache for the original and edited images of the rows this run trains on (one entry per
-    distinct image, split across ranks) and switch the dataset to it. An entry holds the latent distribution's
-    parameters, so training takes the original image's mode and samples the edited image's as it does uncached; on
-    SDXL also the image's original (height, width), for the time ids."""
+    distinct image and target, split across ranks) and switch the dataset to it. An entry holds the latent
+    distribution's parameters, so training takes the original image's mode and samples the edited image's as it does
+    uncached; on SDXL also the image's original (height, width), for the time ids; with --masked_loss the edited
+    image's entry also holds its latent-grid mask.
+
+    With buckets an entry is at its pair's bucket, and the bucket is part of its key (the folder's settings hold no
+    resolution): changing the bucket settings recomputes exactly the images whose bucket changed."""
     from datasets import Image as ImageFeature
 
     settings = {
@@ -521,47 +713,88 @@ def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
         "interpolation": "bicubic", "crop": "center", "flip": args.random_flip,
         "preprocess": "instruct_pix2pix: RGB, short side resized, relative crop (0.5, 0.5), [-1, 1]",
     }
+    if train_dataset.buckets is not None:
+        del settings["resolution"]
+        settings["preprocess"] = "instruct_pix2pix: RGB, resized to cover the bucket in the key, relative crop (0.5, " \
+                                 "0.5), [-1, 1]"
     cache = common.FeatureCache(args.feature_cache_dir, "latents",
                                 {**settings, "original_size": True} if args.sdxl else settings)
-    rows = train_dataset.rows()
     columns = image_columns(args)
-    # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
-    cells = train_dataset.dataset
-    for column in columns:
-        cells = cells.cast_column(column, ImageFeature(decode=False))
+    masks = train_dataset.check_masks()
+    cell_columns = columns + ((mask_column(args),) if mask_column(args) else ())
     image_keys, inputs = {}, {}
-    for start in range(0, len(rows), 1000):
-        chunk = rows[start:start + 1000]
-        batch = cells[chunk]
-        for offset, row in enumerate(chunk):
-            keys = tuple(common.image_fingerprint(batch[column][offset]) for column in columns)
-            image_keys[row] = keys
-            for column, image_key in zip(columns, keys):
-                inputs.setdefault(image_key, (row, column))
+    for index, (row, cells) in enumerate(train_dataset.undecoded(cell_columns)):
+        target = train_dataset.target(index)
+        keys = []
+        for column in columns:
+            mask = masks.get(row) if column == args.edited_image_column else None
+            bucket = target if train_dataset.buckets is not None else None
+            key = latent_key(common.image_fingerprint(cells[column]), bucket,
+                             mask_key(mask, cells.get(mask_column(args))))
+            keys.append(key)
+            inputs.setdefault(key, (row, column, target, mask))
+        image_keys[row] = tuple(keys)
+    # Decoded exactly as the dataset decodes them, so the latents are those of the uncached run.
+    undecoded = train_dataset.dataset.select_columns(list(cell_columns))
+    for column in cell_columns:
+        undecoded = undecoded.cast_column(column, ImageFeature(decode=False))
     decoder = ImageFeature()
 
+    def decode(row, column):
+        return decoder.decode_example(undecoded[row][column])
+
     def encode(batch_inputs):
-        # Decoded exactly as the dataset decodes them, so the latents are those of the uncached run.
-        images = [decoder.decode_example(cells[row][column]) for row, column in batch_inputs]
-        pixels = torch.stack([
-            to_model_range(crop_and_flip(resize_short_side(image, args.resolution), args.resolution, (0.5, 0.5), False))
-            for image in images
-        ])
-        views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
-        parameters = vae.encode(views.to(accelerator.device, vae_dtype)).latent_dist.parameters
-        entries = []
-        for i, image in enumerate(images):
-            entry = {"latent_dist": parameters[i]}
-            if args.random_flip:
-                entry["flipped"] = parameters[len(images) + i]
-            if args.sdxl:
-                entry["original_size"] = torch.tensor([image.height, image.width])
-            entries.append(entry)
+        # Images of one target size are encoded together (a batch of one shape), in their order.
+        entries = [None] * len(batch_inputs)
+        by_target = {}
+        for position, (_, _, target, _) in enumerate(batch_inputs):
+            by_target.setdefault(target, []).append(position)
+        for target, positions in by_target.items():
+            images = [decode(*batch_inputs[position][:2]) for position in positions]
+            pixels = torch.stack([to_model_range(crop_and_flip(resize_to_cover(image.convert("RGB"), target), target,
+                                                               CENTRE, False))
+                                  for image in images])
+            views = torch.cat([pixels, pixels.flip(-1)]) if args.random_flip else pixels
+            parameters = vae.encode(views.to(accelerator.device, vae_dtype)).latent_dist.parameters
+            for i, (position, image) in enumerate(zip(positions, images)):
+                entry = {"latent_dist": parameters[i]}
+                if args.random_flip:
+                    entry["flipped"] = parameters[len(images) + i]
+                if args.sdxl:
+                    entry["original_size"] = torch.tensor([image.height, image.width])
+                row, _, _, source = batch_inputs[position]
+                mask_image = decode(row, mask_column(args)) if source and source[0] == MASK_CELL else None
+                mask = load_loss_mask(source, image, mask_image)
+                if mask is not None:
+                    entry["mask"] = preprocess_mask(mask, target, CENTRE, False)
+                    if args.random_flip:  # the flipped view's mask (8-pixel blocks: the flip of the grid)
+                        entry["mask_flipped"] = entry["mask"].flip(-1)
+                entries[position] = entry
         return entries
 
     vae.to(accelerator.device, dtype=vae_dtype)
     cache.fill(accelerator, inputs, encode, args.train_batch_size)
     train_dataset.use_latent_cache(cache, image_keys)
+
+
+CENTRE = (0.5, 0.5)  # the relative crop position of --center_crop
+
+
+def latent_key(image_key, bucket=None, mask=None):
+    """A latent cache entry's key: the image's own (the square run's key, unchanged), with its bucket and its mask's
+    key when there are."""
+    parts = [*(bucket or ()), *(("mask", mask) if mask else ())]
+    return common.fingerprint(image_key, *parts) if parts else image_key
+
+
+def mask_key(source, mask_cell):
+    """What identifies a loss mask for the cache: its file or cell; an alpha channel is part of the image's bytes."""
+    if source is None:
+        return None
+    kind, path = source
+    if kind == ALPHA:
+        return ALPHA
+    return common.image_fingerprint({"path": path} if kind == MASK_FILE else mask_cell)
 
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, tokenizers, args, weight_dtype):
@@ -723,12 +956,14 @@ def apply_conditioning_dropout(encoder_hidden_states, original_latents, draws, p
 
 def added_conditions(batch, pooled_prompt_embeds, args):
     """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled embedding and each sample's time ids from its
-    real original size and crop (an explicit --crops_coords_top_left_h/w wins, as upstream) and --resolution."""
+    real original size and crop (an explicit --crops_coords_top_left_h/w wins, as upstream) and its target size (its
+    bucket, or --resolution square)."""
     if pooled_prompt_embeds is None:
         return None
     crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
                                       args.crops_coords_top_left_w)
-    time_ids = common.sdxl_time_ids(batch["original_size"], crops, (args.resolution, args.resolution))
+    targets = batch.get("target_size", (args.resolution, args.resolution))
+    time_ids = common.sdxl_time_ids(batch["original_size"], crops, targets)
     return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
 
 
@@ -736,7 +971,8 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
                   scaling_factor):
     """The diffusion loss of one batch: encode both images and the prompt with the frozen models (or take them from
     the cache), noise the edited image's latent, concatenate the original image's latent (after conditioning
-    dropout), predict with the 8-channel UNet (on SDXL with the pooled embedding and time ids), weight by Min-SNR.
+    dropout), predict with the 8-channel UNet (on SDXL with the pooled embedding and time ids), weight by Min-SNR and,
+    with --masked_loss, per latent pixel by the edited image's mask.
 
     Every random draw (latent sampling, noise, timesteps) comes from `generator` and the dropout draws come with the
     batch, so a resumed run repeats them."""
@@ -775,7 +1011,7 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
     weights = None
     if args.snr_gamma is not None:
         weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
-    return common.diffusion_loss(model_pred, target, weights)
+    return common.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -790,8 +1026,8 @@ def frozen_dtype(accelerator):
 
 def load_validation_image(accelerator, args):
     """The validation image (a local file, or a URL fetched once, by the main process, when the run starts so that an
-    unreachable URL fails before training rather than after the first epoch), fitted to --resolution. Every rank gets
-    it. None without validation."""
+    unreachable URL fails before training rather than after the first epoch), fitted to --resolution, or to
+    --validation_height x --validation_width when either is given. Every rank gets it. None without validation."""
     if args.val_image_url is None:
         return None
     from accelerate.utils import broadcast_object_list
@@ -800,7 +1036,7 @@ def load_validation_image(accelerator, args):
     loaded = [None, None]  # (image, error)
     if accelerator.is_main_process:
         try:
-            loaded[0] = fit_for_validation(load_image(args.val_image_url), args.resolution)
+            loaded[0] = fit_for_validation(load_image(args.val_image_url), args.resolution, validation_size(args))
         except Exception as error:  # requests and PIL raise many types
             loaded[1] = (f"{image_flag(args)} {args.val_image_url!r}: cannot load the image "
                          f"({common.first_line(error)})")
@@ -811,9 +1047,21 @@ def load_validation_image(accelerator, args):
     return loaded[0]
 
 
-def fit_for_validation(image, resolution):
+def validation_size(args):
+    """(height, width) of validation images from --validation_height/--validation_width (the other side defaults to
+    --resolution), or None: the validation image keeps its aspect ratio at --resolution."""
+    height, width = getattr(args, "validation_height", None), getattr(args, "validation_width", None)
+    if height is None and width is None:
+        return None
+    return height or args.resolution, width or args.resolution
+
+
+def fit_for_validation(image, resolution, size=None):
     """`image` resized to `resolution` on its short side and centre-cropped to multiples of 8, the size the pipeline
-    edits at (so the edited images line up with the original in the logs)."""
+    edits at (so the edited images line up with the original in the logs); with `size` = (height, width), resized to
+    cover it and centre-cropped to it (the pipeline edits at the image's size: this previews a bucket shape)."""
+    if size is not None:
+        return crop_and_flip(resize_to_cover(image.convert("RGB"), size), size, CENTRE, False)
     image = resize_short_side(image, resolution)
     width, height = image.size
     left, top = (width % 8) // 2, (height % 8) // 2
@@ -831,13 +1079,16 @@ def generate_validation_images(accelerator, pipeline, image, args, seed):
     pipeline.set_progress_bar_config(disable=True)
     if args.enable_xformers_memory_efficient_attention:
         pipeline.enable_xformers_memory_efficient_attention()
+    # SD's pipeline edits at the image's size; SDXL's resizes the image to its height/width (default: the UNet's
+    # sample size), so with --validation_height/--validation_width it is given the image's size.
+    size = {"height": image.height, "width": image.width} if args.sdxl and validation_size(args) else {}
     for k in mine:
         generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, k)
         with torch.no_grad(), accelerator.autocast():
             edited = pipeline(
                 args.validation_prompt, image=image, num_inference_steps=args.validation_inference_steps,
                 image_guidance_scale=VALIDATION_IMAGE_GUIDANCE, guidance_scale=VALIDATION_TEXT_GUIDANCE,
-                generator=generator, output_type="np",
+                generator=generator, output_type="np", **size,
             ).images[0]
         rendered.append((k, (edited * 255).round().astype("uint8")))
     gathered = gather_object(rendered) if accelerator.num_processes > 1 else rendered
@@ -926,6 +1177,20 @@ def save_pipeline(model, ema_unet, args):
         ema_unet.restore(model.parameters())
 
 
+def training_size(args):
+    """The model card's words for the training size."""
+    if args.buckets is None:
+        return f"{args.resolution}x{args.resolution}"
+    return f"aspect-ratio buckets (height,width: {args.buckets.describe()}) chosen from each original image"
+
+
+def masked_loss_note(args):
+    if not args.masked_loss:
+        return "off"
+    column = f" or --mask_column {args.mask_column!r}" if args.mask_column else ""
+    return f"on: the edited image's alpha channel, `name.mask.png`{column}"
+
+
 def write_model_card(args, global_step, original, edited):
     from diffusers.utils import make_image_grid
     from huggingface_hub import ModelCard, ModelCardData
@@ -944,7 +1209,7 @@ def write_model_card(args, global_step, original, edited):
 
 The UNet of **{args.pretrained_model_name_or_path}**, widened to 8 input channels, trained for instruction-based image
 editing on **{data}** with `train_instruct_pix2pix.py` for {global_step} optimizer steps at
-{args.resolution}x{args.resolution}.
+{training_size(args)}.
 
 {gallery}
 ## Usage
@@ -967,6 +1232,8 @@ edited = pipeline({example_prompt!r}, image=image, image_guidance_scale=1.5, gui
 | batch size per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
 | learning rate, scheduler, warmup | {args.learning_rate}, {args.lr_scheduler}, {args.lr_warmup_steps} |
 | conditioning dropout probability | {args.conditioning_dropout_prob} |
+| empty-prompt proportion | {args.proportion_empty_prompts} |
+| masked loss | {masked_loss_note(args)} |
 | Min-SNR gamma, noise offset | {args.snr_gamma}, {args.noise_offset} |
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
@@ -984,6 +1251,31 @@ edited = pipeline({example_prompt!r}, image=image, image_guidance_scale=1.5, gui
 # ----------------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def starting_seed(args, accelerator):
+    """The run's base seed. A resumed run's is its checkpoint's (accelerate restores it again with the rest of the
+    state): known before the data loader is built, because a --max_train_samples subset, and so the bucketed batches
+    and the number of steps per epoch, depend on it."""
+    saved = os.path.join(args.resume_path or "", "custom_checkpoint_0.pkl")  # RunState, the one custom object
+    if args.resume_path is not None and os.path.isfile(saved):
+        return torch.load(saved, weights_only=True)["seed"]
+    return common.resolve_seed(args.seed, accelerator)
+
+
+def build_dataloader(train_dataset, args, run_state, accelerator):
+    """(data loader, its sampler): batches of (epoch, index) keys in an order that depends only on the run seed and
+    the epoch. Without buckets, a shuffle of all samples cut into --train_batch_size batches (accelerate splits each
+    across ranks); with buckets, batches of one bucket each (common.BucketBatchSampler: a bucket's remainder is a
+    smaller batch, nothing is dropped), shuffled across buckets, whole batches dealt round-robin to the ranks."""
+    buckets = train_dataset.sample_buckets()
+    loading = {"num_workers": args.dataloader_num_workers, "pin_memory": accelerator.device.type == "cuda"}
+    if buckets is None:
+        sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
+        return torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                           **loading), sampler
+    sampler = common.BucketBatchSampler(buckets, args.train_batch_size, run_state, SHUFFLE_STREAM)
+    return torch.utils.data.DataLoader(train_dataset, batch_sampler=sampler, **loading), sampler
 
 
 def main(argv=None):
@@ -1022,7 +1314,7 @@ def main(argv=None):
     common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    run_state = common.RunState(starting_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -1048,13 +1340,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     train_dataset = EditExamples(examples, tokenizers, args, run_state)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    train_dataset.check_masks()
+    train_dataloader, train_sampler = build_dataloader(train_dataset, args, run_state, accelerator)
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -1179,6 +1466,8 @@ def main(argv=None):
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
         loader.set_epoch(epoch)
+        # Also set directly: accelerate does not pass the epoch on to a batch sampler it shards across ranks.
+        train_sampler.set_epoch(epoch)
         for batch_index, batch in enumerate(loader, start=start):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index

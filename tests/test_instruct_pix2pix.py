@@ -10,10 +10,12 @@ from argparse import Namespace
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from conftest import MIXED_ASPECT_BUCKETS, MIXED_ASPECT_IMAGES
+from PIL import Image, ImageDraw, ImageOps
 
 from helpers import (
     assert_different_weights,
+    assert_one_line_error,
     assert_same_weights,
     checkpoints,
     launch,
@@ -91,6 +93,31 @@ def pairs_folder(tmp_path_factory):
 def pairs_parquet(tmp_path_factory):
     """A local dataset folder (parquet) of 6 non-square examples: random crops have something to choose."""
     return write_parquet_dataset(str(tmp_path_factory.mktemp("pairs_parquet")), 6, seed=7)
+
+
+@pytest.fixture(scope="module")
+def mixed_aspect_pairs(mixed_aspect_folder, tmp_path_factory):
+    """An imagefolder of 6 edit pairs made from conftest's mixed-aspect images: each image as the original, its
+    colours inverted as the edited image (same size), the image's mask beside the edited image
+    (`edited_<name>.mask.png`, white left half; square_0's mask is the edited image's own alpha channel, a transparent
+    top half), and the caption as the edit prompt. MIXED_ASPECT_BUCKETS sends them to 3 buckets of 2 pairs each."""
+    folder = tmp_path_factory.mktemp("mixed_aspect_pairs")
+    rows = []
+    for name, _, _ in MIXED_ASPECT_IMAGES:
+        image = Image.open(os.path.join(mixed_aspect_folder, f"{name}.png"))
+        image.convert("RGB").save(folder / f"original_{name}.png")
+        edited = ImageOps.invert(image.convert("RGB"))
+        if image.mode == "RGBA":
+            edited.putalpha(image.getchannel("A"))
+        edited.save(folder / f"edited_{name}.png")
+        mask = os.path.join(mixed_aspect_folder, f"{name}.mask.png")
+        if os.path.isfile(mask):
+            shutil.copy(mask, folder / f"edited_{name}.mask.png")
+        with open(os.path.join(mixed_aspect_folder, f"{name}.txt")) as file:
+            rows.append({"input_image_file_name": f"original_{name}.png",
+                         "edited_image_file_name": f"edited_{name}.png", "edit_prompt": file.read().strip()})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +302,42 @@ def test_two_processes(tiny_sd, pairs_parquet, validation_image, tmp_path):
     assert "terminate called" not in result.stderr
     for folder in ("checkpoint-4/unet", "checkpoint-4/unet_ema", "unet", "unet_raw"):
         assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+
+
+def test_buckets_with_masked_loss_ema_and_accumulation_resume_exactly(tiny_sd, mixed_aspect_pairs, validation_image,
+                                                                     tmp_path):
+    """Aspect-ratio buckets (MIXED_ASPECT_BUCKETS: 3 buckets of 2 pairs, 3 batches of 2 per epoch, 2 steps at GA 2),
+    --masked_loss from mask files and an alpha channel, random crops and flips, EMA, both dropouts: 5 steps straight
+    == its checkpoint-3 (mid-epoch 1) resumed to 5, bit for bit. The pipeline loads and edits a 64x96 image;
+    validation renders at --validation_height x --validation_width; the model card names the buckets."""
+    settings = {"aspect_ratio_buckets": MIXED_ASPECT_BUCKETS, "masked_loss": True, "random_flip": True,
+                "use_ema": True, "gradient_accumulation_steps": 2, "conditioning_dropout_prob": 0.2,
+                "proportion_empty_prompts": 0.3, "max_train_steps": 5, "checkpointing_steps": 3}
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sd, straight, data=mixed_aspect_pairs, val_image_url=validation_image,
+                                      validation_prompt="make it green", num_validation_images=1,
+                                      validation_epochs=100, validation_height=64, validation_width=96, **settings))
+    assert "6 examples, 3 epochs of 2 steps" in result.stderr
+    assert checkpoints(straight) == {"checkpoint-3"}
+    assert Image.open(os.path.join(straight, "validation", "final", "00.png")).size == (96, 64)
+    with open(os.path.join(straight, "README.md")) as file:
+        card = file.read()
+    assert "64,64;64,96;96,64" in card and "masked loss | on" in card
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(straight, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    train(SCRIPT, base_args(tiny_sd, resumed, data=mixed_aspect_pairs, resume_from_checkpoint="latest", **settings))
+    for folder in ("unet", "unet_raw"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+    assert_different_weights(os.path.join(straight, "unet_raw"), os.path.join(straight, "checkpoint-3", "unet"))
+
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(straight)
+    wide = Image.open(validation_image).convert("RGB").resize((96, 64))
+    edited = pipeline("make it green", image=wide, num_inference_steps=2, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images[0]
+    assert edited.shape == (64, 96, 3)
 
 
 def _cache_entries(cache_dir, kind):
@@ -471,6 +534,76 @@ def test_original_and_edited_images_get_the_same_crop_and_flip(tiny_sd):
     assert len({centred[(epoch, 0)]["edited_pixel_values"].sum().item() for epoch in range(4)}) == 1
 
 
+class _CpuAccelerator(Namespace):
+    """What build_dataloader and FeatureCache.fill need of an Accelerator, for one process."""
+
+    def __init__(self):
+        super().__init__(device=torch.device("cpu"), is_main_process=True, process_index=0, num_processes=1)
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _bucket_args(model, data, output_dir, *extra):
+    script = _script()
+    args = script.parse_args([f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}",
+                              f"--output_dir={output_dir}", "--resolution=64", *extra])
+    script.validate_args(args)
+    return args
+
+
+BUCKET_OF = {"land": (64, 96), "port": (96, 64), "square": (64, 64), "small": (64, 64)}
+
+
+def test_bucketed_pairs_share_their_bucket_crop_flip_and_mask_and_prompts_drop_at_their_rate(
+        tiny_sd, mixed_aspect_pairs, tmp_path):
+    """With MIXED_ASPECT_BUCKETS, random crops and flips, --masked_loss and --proportion_empty_prompts: every batch
+    of two epochs holds one bucket, each sample at its bucket's shape (chosen from the original image), the edited
+    image (the inverted original) cropped and flipped exactly like the original, its latent-grid mask (white left
+    half, or square_0's alpha: transparent top half) following the flip; about half of the prompts are empty."""
+    import datasets
+    from transformers import CLIPTokenizer
+
+    from train_common import RunState, make_generator
+
+    script = _script()
+    args = _bucket_args(tiny_sd, mixed_aspect_pairs, str(tmp_path), f"--aspect_ratio_buckets={MIXED_ASPECT_BUCKETS}",
+                        "--random_flip", "--masked_loss", "--proportion_empty_prompts=0.5")
+    dataset = script.load_edit_dataset(args)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    run_state = RunState(seed=3)
+    examples = script.EditExamples(dataset, [tokenizer], args, run_state)
+    paths = dataset.cast_column("input_image", datasets.Image(decode=False))["input_image"]
+    names = [os.path.basename(cell["path"]).split("_")[1] for cell in paths]  # original_<kind>_<n>.png
+    assert examples.sample_buckets() == [BUCKET_OF[name] for name in names]
+    loader, sampler = script.build_dataloader(examples, args, run_state, _CpuAccelerator())
+    assert len(loader) == 3
+    prompts = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        seen = []
+        for batch_keys in sampler:
+            batch = [examples[key] for key in batch_keys]
+            (bucket,) = {examples.target(index) for _, index in batch_keys}
+            for (_, index), item in zip(batch_keys, batch):
+                seen.append(index)
+                original, edited, mask = item["original_pixel_values"], item["edited_pixel_values"], item["loss_mask"]
+                assert original.shape == (3, *bucket) and mask.shape == (1, bucket[0] // 8, bucket[1] // 8)
+                assert (edited + original).abs().max() < 0.02, "the edited image was cropped or flipped differently"
+                generator = make_generator("cpu", 3, script.AUGMENT_STREAM, epoch, index)
+                _, flipped = script.draw_augmentation(False, True, generator)
+                if names[index] == "square":  # alpha: the top half is masked out
+                    assert mask[0, :3].max() == 0 and mask[0, 5:].min() == 1
+                else:  # the left half trains (the right one once flipped)
+                    left, right = mask[0, :, :2], mask[0, :, -2:]
+                    assert (left.min(), right.max()) == ((0, 1) if flipped else (1, 0)), (names[index], flipped)
+                prompts.append(tokenizer.decode(item["input_ids"], skip_special_tokens=True))
+        assert sorted(seen) == list(range(6))
+    assert 2 <= prompts.count("") <= 10 and len(set(prompts)) > 3
+    assert [examples[(0, i)]["input_ids"].tolist() for i in range(6)] == [
+        examples[(0, i)]["input_ids"].tolist() for i in range(6)]
+
+
 def test_conditioning_dropout_rates_and_masks():
     """p = 0.1 over 4000 samples: ~20% lose the prompt (u < 2p), ~20% the original image (p <= u < 3p), ~10% both;
     the draws repeat for the same (seed, epoch, index). Dropped prompts become the empty prompt's encoding, dropped
@@ -497,6 +630,22 @@ def test_conditioning_dropout_rates_and_masks():
                                                            (False, False)]):
         assert torch.equal(new_states[row], empty[0] if prompt_dropped else states[row]), row
         assert torch.equal(new_latents[row], torch.zeros_like(latents[row]) if image_dropped else latents[row]), row
+
+
+def test_empty_prompts_at_their_rate_from_their_own_stream():
+    """--proportion_empty_prompts 0.3 over 4000 samples: within 4 binomial standard deviations of 30%, the same for
+    the same (seed, epoch, index), and without effect on the conditioning dropout draws (their own stream)."""
+    from train_common import RunState
+
+    script = _script()
+    examples = script.EditExamples([], None, _pairs_namespace(proportion_empty_prompts=0.3), RunState(seed=11))
+    keys = [(epoch, index) for epoch in range(4) for index in range(1000)]
+    drops = torch.tensor([examples.drops_prompt(*key) for key in keys])
+    assert abs(drops.float().mean().item() - 0.3) < 4 * (0.3 * 0.7 / len(keys)) ** 0.5
+    assert drops[:100].tolist() == [examples.drops_prompt(*key) for key in keys[:100]]
+    plain = script.EditExamples([], None, _pairs_namespace(), RunState(seed=11))
+    assert not any(plain.drops_prompt(*key) for key in keys[:100])
+    assert all(torch.equal(plain.dropout_draw(*key), examples.dropout_draw(*key)) for key in keys[:100])
 
 
 def tokenize(tokenizer, prompts):
@@ -557,6 +706,37 @@ def test_loss_uses_both_conditions_and_each_flag(loss_inputs):
     assert _loss(loss_inputs, noise_offset=0.5) != pytest.approx(baseline)
 
 
+class _PredictionUNet(torch.nn.Module):
+    """Stands in for the UNet: its prediction is a trained tensor, so the loss's gradient on each latent pixel shows."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.prediction = torch.nn.Parameter(torch.zeros(shape))
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=True):
+        return (self.prediction,)
+
+
+def test_masked_loss_equals_the_unmasked_loss_for_an_all_ones_mask_and_ignores_masked_out_pixels(loss_inputs):
+    """The batch's loss_mask (B, 1, h, w) weights the loss: all ones gives exactly the unmasked loss (with Min-SNR
+    too); a masked-out right half gets no gradient at all while the left half trains."""
+    ones = {"loss_mask": torch.ones(2, 1, 8, 8)}
+    assert _loss(loss_inputs, ones) == _loss(loss_inputs)
+    assert _loss(loss_inputs, ones, snr_gamma=5.0) == _loss(loss_inputs, snr_gamma=5.0)
+    half = torch.ones(2, 1, 8, 8)
+    half[..., 4:] = 0
+    assert _loss(loss_inputs, {"loss_mask": half}) != pytest.approx(_loss(loss_inputs))
+
+    unet = _PredictionUNet((2, 4, 8, 8))
+    args = Namespace(conditioning_dropout_prob=None, noise_offset=0.0, snr_gamma=None)
+    loss = _script().training_loss(unet, loss_inputs["vae"], [loss_inputs["text_encoder"]], loss_inputs["scheduler"],
+                                   {**loss_inputs["batch"], "loss_mask": half}, torch.Generator().manual_seed(7), args,
+                                   torch.float32, loss_inputs["empty"], loss_inputs["vae"].config.scaling_factor)
+    loss.backward()
+    gradient = unet.prediction.grad
+    assert torch.count_nonzero(gradient[..., 4:]) == 0 and torch.count_nonzero(gradient[..., :4]) > 0
+
+
 def test_wrong_columns_list_the_real_columns(pairs_parquet, tmp_path):
     """Checked in-process on the loader; a launched run with a wrong column is among the bad-input cases below."""
     import datasets
@@ -605,6 +785,20 @@ BAD_ARGUMENTS = {
     "cache_latents with a random crop": ({"cache_latents": True}, ["--cache_latents needs --center_crop"]),
     "feature_cache_dir is a file": ({"cache_text_embeddings": True, "feature_cache_dir": "{a_file}"},
                                     ["--feature_cache_dir", "is a file"]),
+    # Real datasets (SPEC §9)
+    "malformed aspect_ratio_buckets": ({"aspect_ratio_buckets": "64,96;96"}, ["--aspect_ratio_buckets",
+                                                                             "height,width"]),
+    "bucket side not a multiple of 8": ({"aspect_ratio_buckets": "64,100"}, ["--aspect_ratio_buckets", "64,100",
+                                                                            "multiple of 8"]),
+    "bucket_min_resolution above resolution": ({"use_aspect_ratio_buckets": True, "bucket_min_resolution": 128},
+                                               ["--bucket_min_resolution", "<= --resolution"]),
+    "aspect_ratio_buckets with bucket_min_resolution": ({"aspect_ratio_buckets": "64,64", "bucket_min_resolution": 32},
+                                                        ["--bucket_min_resolution", "--aspect_ratio_buckets"]),
+    "validation_width not a multiple of 8": ({"validation_width": 100}, ["--validation_width", "multiple of 8"]),
+    "proportion_empty_prompts above 1": ({"proportion_empty_prompts": 1.5}, ["--proportion_empty_prompts", "1.5"]),
+    "proportion_empty_prompts negative": ({"proportion_empty_prompts": -0.1}, ["--proportion_empty_prompts",
+                                                                               "-0.1"]),
+    "mask_column without masked_loss": ({"mask_column": "mask"}, ["--mask_column", "--masked_loss"]),
 }
 
 
@@ -636,6 +830,38 @@ def test_bad_argument_gets_one_line_error(case, tiny_sd, pairs_parquet, tmp_path
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert all(text in lines[0] for text in expected), lines[0]
     assert snapshot(out) == before
+
+
+def test_masked_loss_without_any_mask_or_with_a_mask_of_another_size_gets_one_line_error(
+        tiny_sd, pairs_parquet, mixed_aspect_pairs, tmp_path, capsys):
+    """Found from the image headers when the data is read, before any model loads (after the Accelerator: checked
+    here through the data functions and run_main): no mask anywhere names where it looked; a mask file of the wrong
+    size is named; a --mask_column that is not a column lists the columns."""
+    from train_common import RunState, run_main
+
+    script = _script()
+
+    def error(args):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(lambda: script.EditExamples(script.load_edit_dataset(args), None, args,
+                                                 RunState(seed=0)).check_masks())
+        stderr = capsys.readouterr().err
+        assert_one_line_error(exit_info.value.code, stderr, ["error: "])
+        return stderr.strip().splitlines()[-1]
+
+    args = script.parse_args(base_args(tiny_sd, str(tmp_path / "out"), parquet=pairs_parquet, masked_loss=True))
+    line = error(args)
+    assert all(text in line for text in ("--masked_loss", "none of the 6 edited images", pairs_parquet,
+                                         "alpha channel", "name.mask.png")), line
+    args.mask_column = "mask"
+    assert "--mask_column 'mask' is not a column" in error(args)
+
+    data = str(tmp_path / "pairs")
+    shutil.copytree(mixed_aspect_pairs, data)
+    wrong = os.path.join(data, "edited_port_0.mask.png")
+    Image.open(wrong).resize((10, 10)).save(wrong)
+    line = error(script.parse_args(base_args(tiny_sd, str(tmp_path / "out"), data=data, masked_loss=True)))
+    assert all(text in line for text in (wrong, "10x10", "64x96", "its image's size")), line
 
 
 def test_wrong_column_in_a_launched_run_gets_one_line_error(tiny_sd, pairs_parquet, tmp_path):

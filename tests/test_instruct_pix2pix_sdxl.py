@@ -5,11 +5,13 @@ checks of the data, the cache, the loss and the bad-input contract. The SD behav
 test_instruct_pix2pix.py."""
 
 import os
+import shutil
 import signal
 from argparse import Namespace
 
 import pytest
 import torch
+from conftest import MIXED_ASPECT_BUCKETS
 from helpers import (
     assert_one_line_error,
     assert_same_weights,
@@ -24,7 +26,13 @@ from helpers import (
     wait_for_path,
 )
 from PIL import Image
-from test_instruct_pix2pix import base_args, tiny_sd, validation_image, write_parquet_dataset  # noqa: F401
+from test_instruct_pix2pix import (  # noqa: F401
+    base_args,
+    mixed_aspect_pairs,
+    tiny_sd,
+    validation_image,
+    write_parquet_dataset,
+)
 
 SCRIPT = "train_instruct_pix2pix.py"
 # Upstream's documented train_instruct_pix2pix_sdxl.py command line, scaled down for a CPU: batch 4 -> 2,
@@ -129,6 +137,53 @@ def test_two_processes_with_the_cache_and_another_vae(tiny_sdxl, other_vae, sdxl
     assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final", "step_000001", "step_000002"]
     assert sorted(os.listdir(os.path.join(out, "validation", "final"))) == ["00.png", "01.png", "original.png"]
     assert_same_weights(os.path.join(out, "vae"), other_vae)
+
+
+def _cache_files(cache_dir):
+    """{latent entry path: mtime}."""
+    found = {}
+    for root, _, files in os.walk(os.path.join(cache_dir, "latents")):
+        for name in files:
+            if name.endswith(".safetensors"):
+                found[os.path.join(root, name)] = os.stat(os.path.join(root, name)).st_mtime_ns
+    return found
+
+
+def test_buckets_with_the_cache_resume_exactly_and_the_pipeline_edits_a_non_square_image(
+        tiny_sdxl, mixed_aspect_pairs, tmp_path):
+    """Generated buckets (--use_aspect_ratio_buckets --bucket_divisibility 16 at 64: 48x80, 80x48, 64x64 and, for the
+    small image, 32x32, so 4 batches of at most 2 per epoch) with --cache_latents --cache_text_embeddings, flips,
+    both dropouts, GA 1: 6 steps straight == its checkpoint-3 (mid-epoch) resumed to 6 on the filled cache, bit for
+    bit. The cache holds each image at its bucket's size; the output loads as StableDiffusionXLInstructPix2PixPipeline
+    and edits an image at height 64, width 96."""
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+    from safetensors.torch import load_file
+
+    cache = str(tmp_path / "cache")
+    settings = {"use_aspect_ratio_buckets": True, "bucket_divisibility": 16, "center_crop": True, "random_flip": True,
+                "cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache,
+                "conditioning_dropout_prob": 0.2, "proportion_empty_prompts": 0.3, "max_train_steps": 6,
+                "checkpointing_steps": 3}
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, base_args(tiny_sdxl, straight, data=mixed_aspect_pairs, **settings))
+    assert "6 examples, 2 epochs of 4 steps" in result.stderr and "latents: 0 of 12 cached" in result.stderr
+    assert checkpoints(straight) == {"checkpoint-3", "checkpoint-6"}
+    sizes = {tuple(8 * side for side in load_file(path)["latent_dist"].shape[-2:]) for path in _cache_files(cache)}
+    assert sizes == {(48, 80), (80, 48), (64, 64), (32, 32)}
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(straight, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    result = train(SCRIPT, base_args(tiny_sdxl, resumed, data=mixed_aspect_pairs, resume_from_checkpoint="latest",
+                                     **settings))
+    assert "latents: 12 of 12 cached" in result.stderr
+    for folder in ("checkpoint-6/unet", "unet"):
+        assert_same_weights(os.path.join(straight, folder), os.path.join(resumed, folder))
+
+    pipeline = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(straight)
+    wide = Image.new("RGB", (96, 64), (200, 40, 40))
+    edited = pipeline("make it blue", image=wide, height=64, width=96, num_inference_steps=2, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert edited.shape == (1, 64, 96, 3) and bool(torch.isfinite(torch.from_numpy(edited)).all())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,6 +301,120 @@ def test_cache_equals_fresh_encodings_and_a_dropped_prompt_drops_the_pooled_embe
     assert fresh["encoder_hidden_states"].shape[-1] == 32 + 24 and fresh["text_embeds"].shape[-1] == 16
 
 
+def _bucketed(model, data, output_dir, *extra):
+    args = _script().parse_args([f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}",
+                                 f"--output_dir={output_dir}", "--resolution=64", *extra])
+    _script().validate_args(args)
+    return args
+
+
+def _tokenizers(model):
+    from transformers import CLIPTokenizer
+
+    return [CLIPTokenizer.from_pretrained(model, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
+
+
+def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny_sdxl, mixed_aspect_pairs, tmp_path):
+    """Generated buckets, random crops and flips: each sample's time ids hold its edited image's true (height,
+    width), the crop really taken at its bucket's size (checked against the pixels, seen in the flipped image when
+    flipped) and the bucket as the target size; --crops_coords_top_left_h still wins."""
+    from torch.utils.data import default_collate
+    from train_common import RunState
+
+    script = _script()
+    args = _bucketed(tiny_sdxl, mixed_aspect_pairs, str(tmp_path), "--use_aspect_ratio_buckets",
+                     "--bucket_divisibility=16", "--random_flip")
+    dataset = script.load_edit_dataset(args)
+    examples = script.EditExamples(dataset, _tokenizers(tiny_sdxl), args, RunState(seed=3))
+    crops = set()
+    for epoch in range(3):
+        for index in range(len(dataset)):
+            item, image = examples[(epoch, index)], dataset[index]["edited_image"]
+            bucket = examples.target(index)
+            assert bucket == args.buckets.assign(image.height, image.width)
+            assert item["original_size"].tolist() == [image.height, image.width]
+            assert item["target_size"].tolist() == list(bucket)
+            assert item["edited_pixel_values"].shape == (3, *bucket)
+            top, left = item["crop_top_left"].tolist()
+            resized = script.resize_to_cover(image.convert("RGB"), bucket)
+            views = [resized, resized.transpose(Image.FLIP_LEFT_RIGHT)]
+            assert any(torch.equal(item["edited_pixel_values"], script.to_model_range(
+                view.crop((left, top, left + bucket[1], top + bucket[0])))) for view in views), (epoch, index)
+            crops.add((top, left))
+    assert len(crops) > 3, "the random crops never moved"
+
+    items = [examples[(0, index)] for index in range(2)]
+    batch = default_collate([{key: item[key] for key in ("original_size", "crop_top_left", "target_size")}
+                             for item in items])
+    time_ids = script.added_conditions(batch, torch.zeros(2, 16), args)["time_ids"]
+    assert time_ids.tolist() == [[*item["original_size"].tolist(), *item["crop_top_left"].tolist(),
+                                  *item["target_size"].tolist()] for item in items]
+    args.crops_coords_top_left_h = 0
+    time_ids = script.added_conditions(batch, torch.zeros(2, 16), args)["time_ids"]
+    assert time_ids[:, 2].tolist() == [0, 0] and time_ids[:, 4:].tolist() == batch["target_size"].tolist()
+
+
+def test_bucketed_cache_pairs_every_latent_mask_and_caption_with_its_sample_and_rekeys_only_changed_buckets(
+        tiny_sdxl, mixed_aspect_pairs, tmp_path):
+    """--cache_latents --cache_text_embeddings with MIXED_ASPECT_BUCKETS, centre crops, flips, --masked_loss and
+    --proportion_empty_prompts: over two epochs in the bucketed (shuffled) order, and again in a new dataset reading
+    the filled cache as a resumed run does, every cached sample holds the latents of its own images at its bucket's
+    size, its own mask and its own (or the empty) prompt's embeddings, as fresh encodings give them. A bucket list
+    that moves only the portrait pairs to another bucket computes exactly their 4 images again."""
+    from train_common import RunState, encode_prompt
+
+    script = _script()
+    cache = str(tmp_path / "cache")
+    flags = ["--center_crop", "--random_flip", "--masked_loss", "--proportion_empty_prompts=0.5",
+             f"--feature_cache_dir={cache}"]
+    args = _bucketed(tiny_sdxl, mixed_aspect_pairs, str(tmp_path / "out"),
+                     f"--aspect_ratio_buckets={MIXED_ASPECT_BUCKETS}", *flags)
+    dataset = script.load_edit_dataset(args)
+    _, tokenizers, text_encoders, vae, _ = script.load_models(args)
+    accelerator = _FakeAccelerator()
+    fresh = script.EditExamples(dataset, tokenizers, args, RunState(seed=3))
+
+    def cached_examples(args):
+        examples = script.EditExamples(dataset, tokenizers, args, RunState(seed=3))
+        script.cache_latents(accelerator, examples, vae, args, torch.float32)
+        script.cache_text_embeddings(accelerator, examples, text_encoders, tokenizers, args, torch.float32)
+        return examples
+
+    def assert_paired(cached, keys):
+        for key in keys:
+            expected, item = fresh[key], cached[key]
+            with torch.no_grad():
+                for name in ("original", "edited"):
+                    latents = vae.encode(expected[f"{name}_pixel_values"][None]).latent_dist.parameters[0]
+                    torch.testing.assert_close(item[f"{name}_latent_dist"], latents, rtol=0, atol=1e-4)
+                states, pooled = encode_prompt(text_encoders, [expected[name][None] for name in ("input_ids",
+                                                                                                 "input_ids_2")])
+            torch.testing.assert_close(item["encoder_hidden_states"], states[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(item["loss_mask"], expected["loss_mask"], rtol=0, atol=1e-6)
+            for name in ("original_size", "crop_top_left", "target_size"):
+                assert torch.equal(item[name], expected[name]), (key, name)
+
+    examples = cached_examples(args)
+    entries = _cache_files(cache)
+    assert len(entries) == 12
+    loader, sampler = script.build_dataloader(examples, args, examples.run_state, accelerator)
+    keys = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        keys += [key for batch in sampler for key in batch]
+    assert_paired(examples, keys)
+    assert any(fresh.drops_prompt(*key) for key in keys) and not all(fresh.drops_prompt(*key) for key in keys)
+    assert_paired(cached_examples(args), keys[6:])  # the cache as a resumed run reads it: nothing recomputed
+    assert _cache_files(cache) == entries
+
+    moved = _bucketed(tiny_sdxl, mixed_aspect_pairs, str(tmp_path / "out"), "--aspect_ratio_buckets=64,96;104,64;64,64",
+                      *flags)
+    cached_examples(moved)
+    now = _cache_files(cache)
+    assert len(now) == 16 and all(now[path] == mtime for path, mtime in entries.items())
+
+
 def test_vae_precision_follows_upstream():
     """SDXL's own VAE runs in --vae_precision (default fp32, train_common's upcast rule, whatever the mixed
     precision); a VAE from --pretrained_vae_model_name_or_path runs in the mixed-precision dtype (--vae_precision
@@ -290,6 +459,8 @@ BAD_SDXL_ARGUMENTS = {
                                                                    "text_encoder_2"]),
     "vae_precision on SD": ({"model": "{sd}", "vae_precision": "fp16"}, ["--vae_precision", "SDXL only", "{sd}"]),
     "crop flag on SD": ({"model": "{sd}", "crops_coords_top_left_w": 4}, ["--crops_coords_top_left_w", "SDXL only"]),
+    "malformed aspect_ratio_buckets": ({"aspect_ratio_buckets": "64,x"}, ["--aspect_ratio_buckets", "height,width"]),
+    "proportion_empty_prompts above 1": ({"proportion_empty_prompts": 2}, ["--proportion_empty_prompts", "2"]),
 }
 
 
