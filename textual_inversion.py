@@ -378,7 +378,11 @@ def check_masks(paths, folder):
         mask_path = common.mask_path_for(path)
         if os.path.isfile(mask_path):
             width, height = oriented_size(path)
-            mask_height, mask_width = common.image_size({"path": mask_path})
+            try:
+                mask_height, mask_width = common.image_size({"path": mask_path})
+            except Exception as error:
+                reason = common.first_line(error)
+                raise InputError(f"--masked_loss: cannot read the mask {mask_path} ({reason})") from None
             if (mask_width, mask_height) != (width, height):
                 raise InputError(f"--masked_loss: the mask {mask_path} is {mask_width}x{mask_height} but its image "
                                  f"{path} is {width}x{height}; a mask must have its image's size")
