@@ -9,7 +9,10 @@ A drop-in replacement for diffusers' `examples/controlnet/train_controlnet.py` a
 `--validation_inference_steps`, `--cache_latents` / `--cache_text_embeddings` (the target images' VAE latents and the
 captions' embeddings computed once, kept on disk under `--feature_cache_dir` and reused by later and resumed runs;
 the VAE / text encoder then leave memory), exact resume, atomic checkpoints and preemption handling. Validation images
-are rendered on all ranks (split between them), and a last round uses the ControlNet as saved.
+are rendered on all ranks (split between them), and a last round uses the ControlNet as saved. Real datasets (SPEC §9):
+`--use_aspect_ratio_buckets` / `--aspect_ratio_buckets` train each image and its conditioning image (same resize, crop
+box and flip) at the bucket of nearest aspect ratio, `--masked_loss` weights the loss by each target image's alpha
+channel, `name.mask.png` or `--mask_column`, and `--validation_height/_width` preview a bucket shape.
 
     accelerate launch train_controlnet.py --pretrained_model_name_or_path ./sd-folder --dataset_name ./fill50k \\
         --resolution 512 --learning_rate 1e-5 --validation_image ./cond_1.png --validation_prompt "red circle" \\
