@@ -578,11 +578,16 @@ def read_instance_items(args):
     return [item for item in items for _ in range(args.repeats)], skipped
 
 
+def image_file(image):
+    """What PIL opens for a path or a DatasetImage: the path, or the bytes held in the dataset."""
+    if isinstance(image, DatasetImage):
+        return io.BytesIO(image.bytes) if image.bytes else image.path
+    return image
+
+
 def open_image(image):
     """The image (a path or a DatasetImage) as a camera shows it (EXIF orientation applied), in its own mode."""
-    if isinstance(image, DatasetImage):
-        image = io.BytesIO(image.bytes) if image.bytes else image.path
-    with Image.open(image) as opened:
+    with Image.open(image_file(image)) as opened:
         return ImageOps.exif_transpose(opened)
 
 
@@ -593,9 +598,7 @@ def load_rgb(image):
 
 def displayed_size(image):
     """(height, width) of the image as load_rgb returns it, read from its header without decoding the pixels."""
-    if isinstance(image, DatasetImage):
-        image = io.BytesIO(image.bytes) if image.bytes else image.path
-    with Image.open(image) as opened:
+    with Image.open(image_file(image)) as opened:
         # EXIF orientations 5 to 8 turn the image by 90 degrees.
         turned = opened.getexif().get(0x0112, 1) in (5, 6, 7, 8)
         return (opened.width, opened.height) if turned else (opened.height, opened.width)
@@ -655,14 +658,13 @@ def read_masks(args, items, notes):
 
 
 def mask_source(image):
-    if isinstance(image, DatasetImage):
-        if image.mask is not None:
-            return image.mask
-    elif os.path.isfile(common.mask_path_for(image)):
+    """Where an instance image's loss mask comes from: its --mask_column image, `name.mask.png` beside it, its alpha
+    channel (ALPHA), or nowhere (None)."""
+    if isinstance(image, DatasetImage) and image.mask is not None:
+        return image.mask
+    if not isinstance(image, DatasetImage) and os.path.isfile(common.mask_path_for(image)):
         return common.mask_path_for(image)
-    if isinstance(image, DatasetImage):
-        image = io.BytesIO(image.bytes) if image.bytes else image.path
-    with Image.open(image) as opened:
+    with Image.open(image_file(image)) as opened:
         return ALPHA if common.has_alpha(opened) else None
 
 
@@ -690,8 +692,7 @@ def load_image_and_mask(image, source):
     if source is ALPHA:
         mask = common.load_mask(opened)
     else:
-        mask_file = source if isinstance(source, str) else io.BytesIO(source.bytes) if source.bytes else source.path
-        with Image.open(mask_file) as mask_image:
+        with Image.open(image_file(source)) as mask_image:
             mask = common.load_mask(opened, mask_image.convert("L"), name=mask_name(image, source))
     return opened.convert("RGB"), mask
 

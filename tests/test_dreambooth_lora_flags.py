@@ -556,3 +556,41 @@ def test_prodigy_without_prodigyopt_is_one_line(tiny_sd, tmp_path, capsys, monke
                                                                         optimizer="prodigy"), capsys)
     assert_one_line_error(status, stderr, ["--optimizer prodigy", "pip install prodigyopt"])
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_mask_column_masks_dataset_images_and_a_wrong_size_is_named(tmp_path):
+    """--masked_loss --mask_column on a parquet dataset (images held as bytes): each row's mask reaches its example on
+    the latent grid; a row without a mask trains on every pixel (a note says so); a mask of another size than its
+    image is one InputError naming the column."""
+    import datasets
+
+    from train_common import InputError, RunState
+
+    script = _script()
+    images = [image.resize((64, 64)) for image in _images(3, seed=3)]
+    left_half = Image.new("L", (64, 64), 0)
+    left_half.paste(255, (0, 0, 32, 64))
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+
+    def parquet(name, masks):
+        folder = tmp_path / name
+        os.makedirs(folder / "data")
+        datasets.Dataset.from_dict({"image": images, "mask": masks}, features=features).to_parquet(
+            str(folder / "data" / "train-00000-of-00001.parquet"))
+        return _namespace(dataset_name=str(folder), mask_column="mask", masked_loss=True)
+
+    args = parquet("masked", [left_half, left_half, None])
+    items, _ = script.read_instance_items(args)
+    notes = []
+    masks = script.read_masks(args, items, notes)
+    assert len(masks) == 2 and notes == ["--masked_loss: 1 of 3 instance images have no mask and train on every pixel"]
+    inputs = script.PromptInputs(None, None, {INSTANCE_PROMPT: torch.zeros(1)})
+    dataset = script.DreamBoothDataset(items, [], inputs, _namespace(center_crop=True), RunState(0), masks=masks)
+    expected = (torch.arange(8) < 4).float().expand(8, 8)
+    assert torch.equal(dataset[(0, 0)]["instance"]["mask"][0], expected)
+    assert (dataset[(0, 2)]["instance"]["mask"] == 1).all()
+
+    args = parquet("wrong_size", [left_half, left_half.resize((32, 32)), left_half])
+    items, _ = script.read_instance_items(args)
+    with pytest.raises(InputError, match="--mask_column image of .* is 32x32 but its image is 64x64"):
+        script.read_masks(args, items, [])
