@@ -577,6 +577,44 @@ def test_buckets_shape_every_image_batches_never_mix_and_masks_follow_the_crop(t
     assert buckets[names.index("small_0.png")] == (32, 32) and len(set(buckets)) >= 3
 
 
+def test_mask_column_weights_each_row_and_a_mask_of_another_size_is_named(tiny_sd, tmp_path):
+    """--mask_column: each row's mask cell follows its image's resize and crop to the latent grid; a mask of another
+    size than its image is an InputError naming the row; a missing column lists the real ones."""
+    import datasets
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    from train_common import InputError, RunState
+
+    script = _script()
+    images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 80), "blue")]
+    masks = [Image.new("L", (64, 64), 0), Image.new("L", (64, 80), 255)]
+    masks[0].paste(255, (0, 0, 32, 64))
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  "mask": datasets.Image()})
+    data = str(tmp_path / "masked")
+    datasets.Dataset.from_dict({"image": images, "text": ["a", "b"], "mask": masks},
+                               features=features).save_to_disk(data)
+    args = _bucketed(dataset_name=data, masked_loss=True, mask_column="mask", center_crop=True, random_flip=False)
+    dataset = script.load_captioned_dataset(args)
+    layout = script.survey_images(dataset, args)
+    assert layout == {"buckets": None, "masks": [script.MASK_FROM_COLUMN] * 2}
+    train = script.CaptionedImages(dataset, [CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")], args,
+                                   RunState(0), **layout)
+    left_half = train[(0, 0)]["loss_mask"][0]
+    assert left_half.shape == (8, 8) and left_half[:, :4].eq(1).all() and left_half[:, 4:].eq(0).all()
+    assert train[(0, 1)]["loss_mask"].eq(1).all()
+
+    wrong = str(tmp_path / "wrong")
+    datasets.Dataset.from_dict({"image": images, "text": ["a", "b"], "mask": masks[::-1]},
+                               features=features).save_to_disk(wrong)
+    wrong_args = _bucketed(**{**vars(args), "dataset_name": wrong, "buckets": None})
+    with pytest.raises(InputError, match=r"--masked_loss: the --mask_column cell of row 0 .* is 64x80 but"):
+        script.survey_images(script.load_captioned_dataset(wrong_args), wrong_args)
+    with pytest.raises(InputError, match=r"--mask_column 'alpha' is not a column .*columns: image, text, mask"):
+        script.load_captioned_dataset(_bucketed(**{**vars(args), "mask_column": "alpha", "buckets": None}))
+
+
 def test_cached_latents_stay_paired_with_their_captions_masks_and_buckets(tiny_sd, mixed_aspect_folder, tmp_path):
     """With buckets, masks and --random_flip, each (epoch, index) of a cached dataset holds the latents of exactly the
     image, flip, crop and mask the uncached dataset gives it, with its own caption. Changing the bucket list
