@@ -454,6 +454,10 @@ def survey_images(dataset, args):
             masks += find_masks(chunk[args.image_column], chunk.get(args.mask_column), where, check_found=False)
     if args.masked_loss:
         _require_some_mask(masks, where, args.mask_column)
+        unmasked = masks.count(None)
+        if unmasked:
+            common.logger.warning(f"--masked_loss: {unmasked} of {len(masks)} images of {where} have no mask: "
+                                  "trained on the whole image")
     return {"buckets": buckets or None, "masks": masks or None}
 
 
@@ -503,10 +507,6 @@ def _require_some_mask(sources, where, mask_column):
     if not any(source is not None for source in sources):
         raise InputError(f"--masked_loss: none of the {len(sources)} images of {where} has a mask (looked for "
                          f"{looked})")
-    unmasked = sources.count(None)
-    if unmasked:
-        common.logger.warning(f"--masked_loss: {unmasked} of {len(sources)} images of {where} have no mask: "
-                              "trained on the whole image")
 
 
 def pick_caption(caption, generator):
