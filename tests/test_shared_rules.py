@@ -30,3 +30,27 @@ def test_resolution_must_be_a_multiple_of_8(script, resolution, tmp_path, capsys
     status, stderr = fail_in_process(script, args, capsys)
     assert_one_line_error(status, stderr, ["--resolution must be a multiple of 8", f"got {resolution}"])
     assert snapshot(str(out)) == before
+
+
+# SPEC §9: the bucket flags are checked by the one shared rule in every latent script, before any model loads.
+@pytest.mark.parametrize("script", list(REQUIRED))
+@pytest.mark.parametrize("flags, expected", [
+    (["--aspect_ratio_buckets", "64,100;64,64"], ["--aspect_ratio_buckets", "64,100", "multiple of 8"]),
+    (["--use_aspect_ratio_buckets", "--bucket_min_resolution", "1024"], ["--bucket_min_resolution", "<= --resolution"]),
+])
+def test_bucket_flags_are_checked_alike_before_loading(script, flags, expected, tmp_path, capsys):
+    model = sd_folder_layout(tmp_path / "sd")
+    args = [arg.format(model=model) for arg in REQUIRED[script]] + ["--resolution", 512, *flags]
+    status, stderr = fail_in_process(script, args + ["--output_dir", tmp_path / "out"], capsys)
+    assert_one_line_error(status, stderr, expected)
+    assert not (tmp_path / "out").exists()
+
+
+# Caption dropout (--proportion_empty_prompts) in every captioned script, with the same range rule.
+@pytest.mark.parametrize("script", [name for name in REQUIRED if name != "textual_inversion"])
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_proportion_empty_prompts_must_be_a_probability(script, value, tmp_path, capsys):
+    model = sd_folder_layout(tmp_path / "sd")
+    args = [arg.format(model=model) for arg in REQUIRED[script]] + ["--proportion_empty_prompts", value]
+    status, stderr = fail_in_process(script, args + ["--output_dir", tmp_path / "out"], capsys)
+    assert_one_line_error(status, stderr, ["--proportion_empty_prompts", str(value)])
