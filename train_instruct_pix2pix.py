@@ -8,7 +8,11 @@ model, for `train_instruct_pix2pix_sdxl.py`: the same flags and defaults, the sa
 `--noise_offset`, `--offload_ema`/`--foreach_ema`, `--cache_latents`/`--cache_text_embeddings` (VAE latents and
 prompt embeddings computed once, kept on disk under `--feature_cache_dir` and reused; the frozen models then leave
 memory), exact resume, atomic checkpoints, preemption handling, and the raw (non-EMA) weights kept in `unet_raw/` when
-`--use_ema` is on.
+`--use_ema` is on. For real datasets (SPEC §9): aspect-ratio buckets (`--use_aspect_ratio_buckets`,
+`--aspect_ratio_buckets`; the bucket is chosen from the original image, and the edited image gets exactly the same
+resize, crop and flip), `--masked_loss` (the edited image's alpha channel, `name.mask.png` beside it, or
+`--mask_column`: the loss is on the edited image's latents), `--proportion_empty_prompts` and
+`--validation_height/--validation_width`.
 
 The UNet's first convolution is widened from 4 to 8 input channels: the noisy latent of the edited image and the
 (unscaled) VAE latent of the original image are concatenated, and the 4 new input channels start at zero, so the
@@ -432,10 +436,13 @@ def to_model_range(image):
     return (pixels * 2.0 - 1.0).contiguous()
 
 
+CENTRE = (0.5, 0.5)  # the relative crop position of --center_crop
+
+
 def draw_augmentation(center_crop, random_flip, generator):
     """(crop position, flip) of one sample, drawn from `generator` (upstream draws one for the whole batch); a centre
     crop draws nothing."""
-    crop_position = (0.5, 0.5) if center_crop else tuple(torch.rand(2, generator=generator).tolist())
+    crop_position = CENTRE if center_crop else tuple(torch.rand(2, generator=generator).tolist())
     return crop_position, bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
 
 
@@ -775,9 +782,6 @@ def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
     vae.to(accelerator.device, dtype=vae_dtype)
     cache.fill(accelerator, inputs, encode, args.train_batch_size)
     train_dataset.use_latent_cache(cache, image_keys)
-
-
-CENTRE = (0.5, 0.5)  # the relative crop position of --center_crop
 
 
 def latent_key(image_key, bucket=None, mask=None):
