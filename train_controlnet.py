@@ -501,7 +501,8 @@ def find_mask(image_cell, image_size, mask_cell, mask_column, image_name):
         found, mask_name = ("column", common.image_fingerprint(mask_cell)), \
             mask_cell.get("path") or f"the --mask_column {mask_column!r} cell of {image_name}"
     else:
-        path = image_cell.get("path")
+        # Only an image read from a file has a folder to look in (a dataset's embedded image has just a name).
+        path = None if image_cell.get("bytes") else image_cell.get("path")
         mask_path = path and common.mask_path_for(path)
         if mask_path and os.path.isfile(mask_path):
             found, mask_name, mask_cell = ("file", mask_path), mask_path, {"path": mask_path}
