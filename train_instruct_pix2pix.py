@@ -1325,9 +1325,12 @@ def main(argv=None):
     # Data and the validation image first: bad input is reported before any model is built or anything is written.
     with accelerator.main_process_first():
         examples = load_edit_dataset(args)
+    train_dataset = EditExamples(examples, None, args, run_state)  # its tokenizers come with the models
+    train_dataset.check_masks()  # a run without masks, or a mask of the wrong size, is bad input too
     validation_image = load_validation_image(accelerator, args)
 
     noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args)
+    train_dataset.tokenizers = tokenizers
     # Frozen parts run in the mixed-precision dtype (SDXL's own VAE: --vae_precision, fp32 by default); the trained
     # UNet stays fp32 (its optimizer states too).
     weight_dtype = frozen_dtype(accelerator)
@@ -1343,8 +1346,6 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    train_dataset = EditExamples(examples, tokenizers, args, run_state)
-    train_dataset.check_masks()
     train_dataloader, train_sampler = build_dataloader(train_dataset, args, run_state, accelerator)
 
     if args.scale_lr:
