@@ -280,15 +280,15 @@ def test_buckets_masked_loss_and_cache_resume_exactly_and_load_at_a_bucket_shape
                                                                                   tmp_path):
     """Aspect-ratio buckets (landscape, portrait, square) with --masked_loss (mask files and an alpha channel) and
     --cache_latents, accumulation 2: 6 images x 2 repeats make 6 one-bucket batches, 3 steps an epoch, so
-    checkpoint-2 is mid-epoch and the resume crosses into epoch 2.
+    checkpoint-4 is in the middle of the second epoch (whose order must be that epoch's, not the first's).
     - the cache holds each image at its bucket's latent size with its latent-grid mask, both orientations;
-    - resuming checkpoint-2 (reusing every entry) ends bit for bit like the straight run;
+    - resuming checkpoint-4 (reusing every entry) ends bit for bit like the straight run;
     - training on fresh encodings ends like the cached run within fp32 rounding;
     - validation renders at --validation_height/--validation_width, the model card names the buckets, and the
       embedding loads into StableDiffusionPipeline, which generates at a bucket's (non-square) shape."""
     cache = str(tmp_path / "cache")
     settings = dict(aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True, center_crop=True, repeats=2,
-                    gradient_accumulation_steps=2, max_train_steps=4, checkpointing_steps=2)
+                    gradient_accumulation_steps=2, max_train_steps=5, checkpointing_steps=4)
     cached = dict(cache_latents=True, feature_cache_dir=cache)
     straight = str(tmp_path / "straight")
     result = launch(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, straight, **settings, **cached,
@@ -312,13 +312,13 @@ def test_buckets_masked_loss_and_cache_resume_exactly_and_load_at_a_bucket_shape
     assert "64,64;64,96;96,64" in card and "masked loss" in card
 
     resumed = str(tmp_path / "resumed")
-    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    shutil.copytree(os.path.join(straight, "checkpoint-4"), os.path.join(resumed, "checkpoint-4"))
     result = train(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, resumed, **settings, **cached,
                                      resume_from_checkpoint="latest"))
     assert "latents: 6 of 6 cached" in result.stderr
     assert _cache_entries(cache, "latents") == entries
-    for name in ("checkpoint-4/learned_embeds.safetensors", "learned_embeds.safetensors"):
-        assert_same_embeds(os.path.join(straight, name), os.path.join(resumed, name))
+    assert_same_embeds(os.path.join(straight, "learned_embeds.safetensors"),
+                       os.path.join(resumed, "learned_embeds.safetensors"))
 
     fresh = str(tmp_path / "fresh")
     train(SCRIPT, base_args(tiny_sd, mixed_aspect_folder, fresh, **settings))
