@@ -319,6 +319,18 @@ def resolve_seed(seed, accelerator):
     return drawn[0]
 
 
+def run_seed(args, accelerator):
+    """The run's base seed, known before the data is built: a resumed run's is its checkpoint's (the RunState every
+    script registers first; accelerate restores it again with the rest of the state), otherwise `resolve_seed`. A
+    --max_train_samples subset, and so the bucketed batches and the number of steps per epoch, depend on it."""
+    saved = os.path.join(args.resume_path, "custom_checkpoint_0.pkl") if args.resume_path else None
+    if saved and os.path.isfile(saved):
+        state = torch.load(saved, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "seed" in state:
+            return state["seed"]
+    return resolve_seed(args.seed, accelerator)
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Yields (epoch, index) pairs: a shuffle of range(num_samples) that depends only on the run seed and the epoch.
 

@@ -488,16 +488,20 @@ def plan_rows(dataset, args, source):
                 mask_cell = chunk[mask_column][offset] if mask_column else None
                 masks.append(find_mask(image_cell, size, mask_cell, mask_column, names[-1]))
     if masked:
-        check_every_image_has_a_mask(masks, names, mask_column, source)
+        check_some_image_has_a_mask(masks, names, mask_column, source)
     return RowPlan(args.resolution, targets if buckets is not None else None, masks if masked else None)
 
 
+# The RowPlan mask entry of an image without a mask under --masked_loss: it trains on every pixel.
+NO_MASK = ("none", "none")
+
+
 def find_mask(image_cell, image_size, mask_cell, mask_column, image_name):
-    """Where one target image's loss mask is (a RowPlan mask entry), or None. A mask of another size than its image
+    """Where one target image's loss mask is (a RowPlan mask entry), or NO_MASK. A mask of another size than its image
     is an InputError naming the mask."""
     if mask_column:
         if not mask_cell or not (mask_cell.get("bytes") or mask_cell.get("path")):
-            return None
+            return NO_MASK
         found, mask_name = ("column", common.image_fingerprint(mask_cell)), \
             mask_cell.get("path") or f"the --mask_column {mask_column!r} cell of {image_name}"
     else:
@@ -507,7 +511,7 @@ def find_mask(image_cell, image_size, mask_cell, mask_column, image_name):
         if mask_path and os.path.isfile(mask_path):
             found, mask_name, mask_cell = ("file", mask_path), mask_path, {"path": mask_path}
         else:
-            return ("alpha", "alpha") if _has_alpha_channel(image_cell) else None
+            return ("alpha", "alpha") if _has_alpha_channel(image_cell) else NO_MASK
     mask_size = common.image_size(mask_cell)
     if mask_size != tuple(image_size):
         raise InputError(f"--masked_loss: the mask {mask_name} is {mask_size[1]}x{mask_size[0]} but its image "
@@ -522,15 +526,17 @@ def _has_alpha_channel(cell):
         return common.has_alpha(image)
 
 
-def check_every_image_has_a_mask(masks, names, mask_column, source):
-    if all(mask is not None for mask in masks):
+def check_some_image_has_a_mask(masks, names, mask_column, source):
+    """No mask at all is an InputError; images without one train on every pixel (as in the other scripts)."""
+    unmasked = masks.count(NO_MASK)
+    if not unmasked:
         return
     where = (f"in --mask_column {mask_column!r}" if mask_column
              else "for name.mask.png beside each image name.png and for an alpha channel")
-    if all(mask is None for mask in masks):
+    if unmasked == len(masks):
         raise InputError(f"--masked_loss: no image of {source!r} has a loss mask (looked {where})")
-    missing = names[masks.index(None)]
-    raise InputError(f"--masked_loss: {missing} has no loss mask (looked {where}); give every image one")
+    common.logger.warning(f"--masked_loss: {unmasked} of {len(masks)} images of {source!r} have no loss mask (looked "
+                          f"{where}) and train on every pixel, e.g. {names[masks.index(NO_MASK)]}")
 
 
 def target_shape(target):
@@ -720,8 +726,11 @@ class ControlNetExamples(torch.utils.data.Dataset):
     def load_mask(self, example, row):
         """The 'L' loss mask of a decoded row's target image (plan_rows checked that it exists and fits)."""
         kind, where = self.plan.mask(row)
+        image = example[self.args.image_column]
+        if kind == "none":
+            return Image.new("L", image.size, 255)
         mask = example[self.args.mask_column] if kind == "column" else where if kind == "file" else None
-        return common.load_mask(example[self.args.image_column], mask)
+        return common.load_mask(image, mask)
 
 
 def all_captions(cells):
@@ -744,19 +753,10 @@ def build_dataloader(train_dataset, args, run_state, pin_memory):
             train_dataset, batch_size=args.train_batch_size, sampler=sampler,
             num_workers=args.dataloader_num_workers, pin_memory=pin_memory,
         ), sampler
-    if args.resume_path is not None and args.max_train_samples is not None:
-        # The random subset, hence each bucket's size and the epoch's length, comes from the run seed; a resumed run
-        # needs its checkpoint's seed now, before accelerate restores it with the rest of the state.
-        run_state.load_state_dict(checkpoint_run_state(args.resume_path))
     sampler = common.BucketBatchSampler(train_dataset.buckets_of_samples(), args.train_batch_size, run_state,
                                         SHUFFLE_STREAM)
     return torch.utils.data.DataLoader(train_dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
                                        pin_memory=pin_memory), sampler
-
-
-def checkpoint_run_state(checkpoint):
-    """The RunState a checkpoint holds (accelerate's first custom object, registered by main)."""
-    return torch.load(os.path.join(checkpoint, "custom_checkpoint_0.pkl"), map_location="cpu", weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1261,7 +1261,7 @@ def main(argv=None):
     common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    run_state = common.RunState(common.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 

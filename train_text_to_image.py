@@ -639,35 +639,13 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 def batch_order(train_dataset, args, run_state):
     """The DataLoader arguments that set the epoch's order: samples shuffled from (seed, epoch) in batches of
-    --train_batch_size, or with buckets whole batches of one bucket each (`SubsetBucketBatchSampler`)."""
+    --train_batch_size, or with buckets whole batches of one bucket each (`common.BucketBatchSampler`). The run seed
+    is final here (`common.run_seed`), so a --max_train_samples subset's buckets are too."""
     if args.buckets is None:
         return {"batch_size": args.train_batch_size,
                 "sampler": common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)}
-    return {"batch_sampler": SubsetBucketBatchSampler(train_dataset, args.train_batch_size, run_state)}
-
-
-class SubsetBucketBatchSampler(common.BucketBatchSampler):
-    """`common.BucketBatchSampler` over the samples this run trains on. With --max_train_samples those follow the
-    run seed, which a resumed run learns from its checkpoint only after the loader is built: the samples' buckets are
-    read again when the seed changes, so that a batch never mixes buckets."""
-
-    def __init__(self, train_dataset, batch_size, run_state):
-        super().__init__(train_dataset.sample_buckets(), batch_size, run_state, SHUFFLE_STREAM)
-        self.train_dataset, self.buckets_seed = train_dataset, run_state.seed
-
-    def _follow_seed(self):
-        if self.buckets_seed != self.run_state.seed:
-            epoch = self.epoch
-            self.__init__(self.train_dataset, self.images_per_batch, self.run_state)
-            self.epoch = epoch
-
-    def __len__(self):
-        self._follow_seed()
-        return super().__len__()
-
-    def __iter__(self):
-        self._follow_seed()
-        return super().__iter__()
+    return {"batch_sampler": common.BucketBatchSampler(train_dataset.sample_buckets(), args.train_batch_size,
+                                                       run_state, SHUFFLE_STREAM)}
 
 
 def all_captions(cells):
@@ -1191,7 +1169,7 @@ def main(argv=None):
     common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    run_state = common.RunState(common.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -1219,9 +1197,11 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     train_dataset = CaptionedImages(examples, tokenizers, args, run_state, **layout)
+    order = batch_order(train_dataset, args, run_state)
+    epoch_order = order.get("sampler") or order["batch_sampler"]
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        **batch_order(train_dataset, args, run_state),
+        **order,
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
@@ -1340,6 +1320,8 @@ def main(argv=None):
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
         loader.set_epoch(epoch)
+        # accelerate's set_epoch does not reach a batch sampler behind its sharding (2+ processes) or skipping wrapper.
+        epoch_order.set_epoch(epoch)
         for batch_index, batch in enumerate(loader, start=start):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index

@@ -539,7 +539,8 @@ def test_buckets_shape_every_image_batches_never_mix_and_masks_follow_the_crop(t
 
     run_state = RunState(seed=3)
     train = script.CaptionedImages(dataset, [tokenizer], args, run_state, **layout)
-    sampler = script.SubsetBucketBatchSampler(train, 2, run_state)
+    args.train_batch_size = 2
+    sampler = script.batch_order(train, args, run_state)["batch_sampler"]
     orders = []
     for epoch in range(3):
         sampler.set_epoch(epoch)
