@@ -795,16 +795,17 @@ def image_size(cell):
 
 
 def cover_size(width, height, target_height, target_width):
-    """(width, height) of an image resized, aspect kept, to the smallest size that covers the target. For a square
-    target this is the short side resized to the target, as the square transforms always did."""
+    """(width, height) of an image resized, aspect kept, to the smallest size that covers the target, the long side
+    rounded. For a square target this is the short side resized to the target (a script whose square transform
+    truncates the long side, as torchvision's Resize does, keeps its own arithmetic)."""
     if target_width * height >= target_height * width:  # the width binds
         return target_width, max(target_height, round(height * target_width / width))
     return max(target_width, round(width * target_height / height)), target_height
 
 
 def crop_origin(width, height, target_height, target_width, center, generator):
-    """(top, left) of a target-sized crop of a (width, height) image: centred, or drawn from `generator` (left
-    first, then top, as the square transforms draw them)."""
+    """(top, left) of a target-sized crop of a (width, height) image: centred, or drawn from `generator`, left first,
+    then top (a script whose square transform draws in another order keeps its order)."""
     if center:
         return round((height - target_height) / 2), round((width - target_width) / 2)
     left = int(torch.randint(0, width - target_width + 1, (1,), generator=generator))
@@ -868,7 +869,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """A batch sampler of (epoch, index) lists whose samples all share a bucket (`bucket_batches`), the bucketed
     counterpart of `EpochSampler`. It has no `batch_size` attribute on purpose: accelerate then shards whole batches
     round-robin across ranks (a batch is never split or mixed) and, at an epoch's end, tops ranks up with whole
-    batches from the epoch's start."""
+    batches from the epoch's start.
+
+    Call its `set_epoch` yourself at each epoch: accelerate's `DataLoader.set_epoch` does not reach a batch sampler
+    behind its sharding wrapper (2+ processes) or `skip_first_batches`, and the epoch would silently stay 0."""
 
     def __init__(self, buckets_of_samples, batch_size, run_state, stream, shuffle=True):
         self.buckets_of_samples = [tuple(bucket) for bucket in buckets_of_samples]
