@@ -336,7 +336,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     Every rank computes the same order (accelerate then gives each rank its share of each batch), a resumed run
     recomputes it, and the dataset receives the epoch with each index to derive per-sample augmentation randomness.
-    accelerate's prepared data loader calls `set_epoch`.
+    Start each epoch with `set_epoch(loader, sampler, epoch)` (below).
     """
 
     def __init__(self, num_samples, run_state, stream, shuffle=True):
@@ -356,6 +356,15 @@ class EpochSampler(torch.utils.data.Sampler):
         else:
             order = range(self.num_samples)
         return iter([(self.epoch, index) for index in order])
+
+
+def set_epoch(loader, sampler, epoch):
+    """Start an epoch on the (prepared, maybe skipping) data loader and on its sampler (`EpochSampler` or
+    `BucketBatchSampler`). accelerate's `loader.set_epoch` does not reach a sampler behind its sharding wrapper on
+    2+ processes (a batch sampler) or behind `skip_first_batches` on top of it (a resumed epoch): without the
+    second call such an epoch would silently replay epoch 0's order."""
+    loader.set_epoch(epoch)
+    sampler.set_epoch(epoch)
 
 
 def steps_per_epoch(num_batches, num_processes, gradient_accumulation_steps):
@@ -871,8 +880,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     round-robin across ranks (a batch is never split or mixed) and, at an epoch's end, tops ranks up with whole
     batches from the epoch's start.
 
-    Call its `set_epoch` yourself at each epoch: accelerate's `DataLoader.set_epoch` does not reach a batch sampler
-    behind its sharding wrapper (2+ processes) or `skip_first_batches`, and the epoch would silently stay 0."""
+    Start each epoch with `set_epoch(loader, sampler, epoch)`: accelerate's own does not reach a batch sampler."""
 
     def __init__(self, buckets_of_samples, batch_size, run_state, stream, shuffle=True):
         self.buckets_of_samples = [tuple(bucket) for bucket in buckets_of_samples]

@@ -1400,9 +1400,7 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        loader.set_epoch(epoch)
-        # accelerate's set_epoch does not reach a batch sampler behind its sharding or skipping wrappers.
-        epoch_sampler.set_epoch(epoch)
+        common.set_epoch(loader, epoch_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index

@@ -1672,7 +1672,7 @@ def main(argv=None):
                          "engine: drop the flag or launch without DeepSpeed")
     preemption = common.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    run_state = common.RunState(common.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
     for warning in skipped:
@@ -1842,10 +1842,7 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        loader.set_epoch(epoch)
-        # accelerate's set_epoch does not reach a batch sampler it has wrapped (for several processes, or to skip
-        # batches); the sampler is the same object inside, so the epoch is set on it directly.
-        train_sampler.set_epoch(epoch)
+        common.set_epoch(loader, train_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index

@@ -1257,16 +1257,6 @@ edited = pipeline({example_prompt!r}, image=image, image_guidance_scale=1.5, gui
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def starting_seed(args, accelerator):
-    """The run's base seed. A resumed run's is its checkpoint's (accelerate restores it again with the rest of the
-    state): known before the data loader is built, because a --max_train_samples subset, and so the bucketed batches
-    and the number of steps per epoch, depend on it."""
-    saved = os.path.join(args.resume_path or "", "custom_checkpoint_0.pkl")  # RunState, the one custom object
-    if args.resume_path is not None and os.path.isfile(saved):
-        return torch.load(saved, weights_only=True)["seed"]
-    return common.resolve_seed(args.seed, accelerator)
-
-
 def build_dataloader(train_dataset, args, run_state, accelerator):
     """(data loader, its sampler): batches of (epoch, index) keys in an order that depends only on the run seed and
     the epoch. Without buckets, a shuffle of all samples cut into --train_batch_size batches (accelerate splits each
@@ -1318,7 +1308,7 @@ def main(argv=None):
     common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(starting_seed(args, accelerator))
+    run_state = common.RunState(common.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -1470,9 +1460,7 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        loader.set_epoch(epoch)
-        # Also set directly: accelerate does not pass the epoch on to a batch sampler it shards across ranks.
-        train_sampler.set_epoch(epoch)
+        common.set_epoch(loader, train_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
             generator = common.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index

@@ -422,7 +422,7 @@ def main(argv=None):
     common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     preemption = common.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.resolve_seed(args.seed, accelerator))
+    run_state = common.RunState(common.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -430,10 +430,11 @@ def main(argv=None):
     with accelerator.main_process_first():
         images = load_images_dataset(args)
     train_dataset = TrainImages(images, args.image_column, args, run_state)
+    epoch_sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
-        sampler=common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM),
+        sampler=epoch_sampler,
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
@@ -551,7 +552,7 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        loader.set_epoch(epoch)
+        common.set_epoch(loader, epoch_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
             clean_images = batch["input"]
             generator = common.make_generator(

@@ -167,3 +167,42 @@ def test_masked_loss_equals_the_unmasked_loss_for_an_all_ones_mask_and_ignores_m
     # A partially covered latent pixel gets a fractional weight (the mean of its 8x8 block).
     pixels[..., :52] = 1
     assert common.mask_to_latents(pixels)[0, 0, 0, 6] == 0.5
+
+
+class _Keys(torch.utils.data.Dataset):
+    """A dataset whose examples are the (epoch, index) keys the samplers give it."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, key):
+        return key
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_a_resumed_epoch_on_a_sharded_loader_follows_its_own_order(bucketed):
+    """Rank 1 of 2, resumed one batch into epoch 2 (accelerate's sharding, then skip_first_batches): after
+    common.set_epoch it yields what the uninterrupted epoch 2 gives that rank from its second batch on, for both
+    samplers. (accelerate's own set_epoch does not reach a sampler behind these wrappers.)"""
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    def loader_and_sampler():
+        run_state = common.RunState(seed=5)
+        if bucketed:
+            sampler = common.BucketBatchSampler([(64, 96)] * 6 + [(96, 64)] * 6, 2, run_state, stream=1)
+            loader = torch.utils.data.DataLoader(_Keys(), batch_sampler=sampler, collate_fn=list)
+        else:
+            sampler = common.EpochSampler(12, run_state, stream=1)
+            loader = torch.utils.data.DataLoader(_Keys(), batch_size=2, sampler=sampler, collate_fn=list)
+        return prepare_data_loader(loader, num_processes=2, process_index=1, put_on_device=False), sampler
+
+    loader, sampler = loader_and_sampler()
+    common.set_epoch(loader, sampler, 2)
+    straight = list(loader)
+    loader, sampler = loader_and_sampler()
+    resumed_loader = skip_first_batches(loader, 1)
+    common.set_epoch(resumed_loader, sampler, 2)
+    assert list(resumed_loader) == straight[1:]
+    loader, sampler = loader_and_sampler()
+    common.set_epoch(loader, sampler, 0)
+    assert list(loader) != straight  # the order does depend on the epoch
