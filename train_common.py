@@ -792,7 +792,8 @@ class Buckets:
 
 def image_size(cell):
     """(height, width) of an image without decoding its pixels: a PIL image, or a datasets image cell with
-    decode=False ({"bytes", "path"})."""
+    decode=False ({"bytes", "path"}), as displayed: datasets decodes with the EXIF orientation applied, so a photo
+    stored on its side is measured upright."""
     from io import BytesIO
 
     from PIL import Image
@@ -800,6 +801,8 @@ def image_size(cell):
     if isinstance(cell, Image.Image):
         return cell.height, cell.width
     with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # Orientation: rotated by 90 or 270 degrees
+            return image.width, image.height
         return image.height, image.width
 
 

@@ -137,6 +137,19 @@ def test_masks_come_from_the_alpha_channel_or_a_mask_file_of_the_same_size(tmp_p
         common.load_mask(image.convert("RGB"), name="a.png")
 
 
+def test_image_size_reads_the_header_as_datasets_decodes_it(tmp_path):
+    from datasets import Image as ImageFeature
+
+    image = Image.new("RGB", (40, 24))
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored on its side: displayed 24 wide, 40 tall
+    path = str(tmp_path / "rotated.jpg")
+    image.save(path, exif=exif)
+    decoded = ImageFeature().decode_example({"path": path, "bytes": None})
+    assert common.image_size({"path": path, "bytes": None}) == (decoded.height, decoded.width) == (40, 24)
+    assert common.image_size({"path": None, "bytes": open(path, "rb").read()}) == (40, 24)
+
+
 def test_mask_files_are_not_training_images(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
     Image.new("L", (8, 8)).save(tmp_path / "cat.mask.png")
