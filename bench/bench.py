@@ -25,6 +25,10 @@ SDXL-shaped pipeline, the same UNet with SDXL's text_time conditioning and two s
   the median iteration after 3 warm-up iterations. Anything a script spends above it (VAE and text encoding, data
   loading, logging, host-device syncs) is overhead (SPEC §8).
 
+The `_mixed` rows (text_to_image_mixed, text_to_image_sdxl_mixed, dreambooth_lora_mixed) train on a mixed-aspect
+data set (landscape, portrait and square images), squared as usual (base, cached) or in three aspect-ratio buckets
+of the same pixel count (buckets, buckets_cached), so the table shows what bucketing costs per step and in memory.
+
     python bench/bench.py                                   # every script, its default variants, 40 steps
     python bench/bench.py --scripts controlnet --variants base,set_grads_to_none --steps 10
     git worktree add /tmp/before a736386 && python bench/bench.py --rounds 3 --baseline_repo /tmp/before
