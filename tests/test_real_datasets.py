@@ -192,8 +192,18 @@ class _Keys(torch.utils.data.Dataset):
         return key
 
 
+@pytest.fixture
+def accelerate_state_reset():
+    """prepare_data_loader creates accelerate's process state; later in-process tests of the same worker (such as
+    helpers.fail_in_process) must find none."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("bucketed", [False, True])
-def test_a_resumed_epoch_on_a_sharded_loader_follows_its_own_order(bucketed):
+def test_a_resumed_epoch_on_a_sharded_loader_follows_its_own_order(bucketed, accelerate_state_reset):
     """Rank 1 of 2, resumed one batch into epoch 2 (accelerate's sharding, then skip_first_batches): after
     common.set_epoch it yields what the uninterrupted epoch 2 gives that rank from its second batch on, for both
     samplers. (accelerate's own set_epoch does not reach a sampler behind these wrappers.)"""
