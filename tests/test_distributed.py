@@ -116,22 +116,24 @@ def test_text_to_image_under_deepspeed_zero3_with_ema_and_validation_trains_chec
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
-def test_controlnet_under_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sd, fill_parquet, tmp_path):
-    """The frozen UNet, VAE and text encoder stay outside DeepSpeed; only the ControlNet is its engine's model."""
+def test_controlnet_sdxl_under_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sdxl, fill_parquet,
+                                                                                      tmp_path):
+    """On SDXL (the SD DeepSpeed path is the ZeRO-3 test below): the frozen UNet, VAE and both text encoders stay
+    outside DeepSpeed; only the ControlNet is its engine's model. The output drives the SDXL ControlNet pipeline."""
     from test_controlnet import base_args as controlnet_args
 
     straight = assert_deepspeed_run_resumes_exactly(
-        "train_controlnet.py", lambda out, **flags: controlnet_args(tiny_sd, out, parquet=fill_parquet, **flags), ".",
-        "controlnet", tmp_path, "6 examples, 2 epochs of 2 steps, 4 steps in all, batch 1 per device, total batch 4")
+        "train_controlnet.py", lambda out, **flags: controlnet_args(tiny_sdxl, out, parquet=fill_parquet, **flags),
+        ".", "controlnet", tmp_path,
+        "6 examples, 2 epochs of 2 steps, 4 steps in all, batch 1 per device, total batch 4")
 
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
     from PIL import Image
 
-    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
-        tiny_sd, controlnet=ControlNetModel.from_pretrained(straight), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    image = pipeline("a red circle", Image.new("RGB", (64, 64), "white"), num_inference_steps=2, output_type="np",
-                     generator=torch.Generator().manual_seed(0)).images[0]
+    pipeline = StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny_sdxl, controlnet=ControlNetModel.from_pretrained(straight))
+    image = pipeline("a red circle", image=Image.new("RGB", (64, 64), "white"), num_inference_steps=2,
+                     height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3)
 
 
@@ -182,23 +184,24 @@ def test_textual_inversion_under_deepspeed_zero2_trains_checkpoints_and_resumes_
         tmp_path, "7 samples, 2 epochs of 2 steps", same=same)
 
 
-def test_instruct_pix2pix_under_deepspeed_zero2_with_ema_trains_checkpoints_and_resumes_exactly(
-        tiny_sd, pairs_parquet, tmp_path):
-    """The EMA copy lives outside DeepSpeed and is saved and restored by the script's own hooks."""
+def test_instruct_pix2pix_sdxl_under_deepspeed_zero2_with_ema_trains_checkpoints_and_resumes_exactly(
+        tiny_sdxl, pairs_parquet, tmp_path):
+    """On SDXL (the SD DeepSpeed path is the ZeRO-3 test below): the EMA copy lives outside DeepSpeed and is saved and
+    restored by the script's own hooks; the output is an SDXL InstructPix2Pix pipeline that edits an image."""
     from test_instruct_pix2pix import base_args as pix2pix_args
 
     straight = assert_deepspeed_run_resumes_exactly(
         "train_instruct_pix2pix.py",
-        lambda out, **flags: pix2pix_args(tiny_sd, out, parquet=pairs_parquet, use_ema=True, **flags), "unet_raw",
+        lambda out, **flags: pix2pix_args(tiny_sdxl, out, parquet=pairs_parquet, use_ema=True, **flags), "unet_raw",
         "unet", tmp_path, "examples, 2 epochs of 2 steps, 4 steps in all, batch 1 per device, total batch 4")
     assert_same_weights(os.path.join(straight, "checkpoint-4", "unet_ema"), os.path.join(straight, "unet"))
 
-    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
     from PIL import Image
 
-    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(straight)
-    image = pipeline("make it green", image=Image.new("RGB", (64, 64), "red"), num_inference_steps=2,
-                     output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    pipeline = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(straight)
+    image = pipeline("make it green", image=Image.new("RGB", (64, 64), "red"), num_inference_steps=2, height=64,
+                     width=64, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3)
 
 

@@ -6,10 +6,11 @@ from the real crop."""
 import argparse
 import os
 import shutil
+import signal
 
 import pytest
 import torch
-from helpers import checkpoints, launch, train
+from helpers import checkpoints, launch, run_python, send_signal_and_wait, start_python, train, wait_for_path
 from safetensors.torch import load_file
 from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
 
@@ -137,6 +138,28 @@ def test_sdxl_exact_resume_with_both_text_encoders(tiny_sdxl, instance_folder, p
     assert "(0 generated this run)" in result.stderr
     for folder in ("checkpoint-4", "."):
         assert_same_lora(os.path.join(prior_run["out"], folder), os.path.join(resumed, folder))
+
+
+def test_sdxl_sigterm_with_accumulation_and_both_text_encoders_resumes_exactly(tiny_sdxl, instance_folder, tmp_path):
+    """SDXL LoRA on the UNet and both text encoders, accumulation 2, random crops (each crop in its time ids) and
+    caption dropout: SIGTERM -> a checkpoint at the stop step, exit 143; resume latest == straight, bit for bit."""
+    settings = {"gradient_accumulation_steps": 2, "train_text_encoder": True, "rank": 2, "max_train_steps": 30,
+                "checkpointing_steps": 2, "proportion_empty_prompts": 0.3}
+    interrupted = str(tmp_path / "interrupted")
+    process = start_python(SCRIPT, base_args(tiny_sdxl, instance_folder, interrupted, **settings))
+    wait_for_path(os.path.join(interrupted, "checkpoint-2"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert "Received SIGTERM" in stderr and "Continue with --resume_from_checkpoint latest" in stdout
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(interrupted))
+    assert 2 <= stop_step < 30, "the signal arrived after the run had finished: the test needs more steps"
+
+    run_python(SCRIPT, base_args(tiny_sdxl, instance_folder, interrupted, resume_from_checkpoint="latest",
+                                 **settings), check=True)
+    straight = str(tmp_path / "straight")
+    run_python(SCRIPT, base_args(tiny_sdxl, instance_folder, straight, **settings), check=True)
+    assert_same_lora(straight, interrupted)
+    assert {key.split(".")[0] for key in lora(straight)} == {"unet", "text_encoder", "text_encoder_2"}
 
 
 def test_sdxl_feature_caches_match_fresh_encodings(tiny_sdxl, instance_folder, tmp_path):

@@ -6,19 +6,30 @@ Launched runs (each costs ~15 s of imports; folded so that the file stays near 1
 - a resume of its mid-epoch checkpoint-6 (exact, rotation before and after the resume);
 - a resume of its checkpoint-4 on --cache_latents (cached == fresh within fp32 rounding);
 - a 2-process run with accumulation 1, and a 2-process resume of it (exact);
-- a run with generated aspect-ratio buckets on mixed-aspect images, whose outputs generate at a bucket's shape.
-SIGTERM is not launched again here: the preemption path does not depend on the model (test_textual_inversion covers it).
+- a run with generated aspect-ratio buckets on mixed-aspect images, whose outputs generate at a bucket's shape;
+- a SIGTERM-stopped run, its resume and the same run straight (exact).
 """
 
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import MIXED_ASPECT_IMAGES
-from helpers import assert_one_line_error, checkpoints, fail_in_process, launch, snapshot, train
+from helpers import (
+    assert_one_line_error,
+    checkpoints,
+    fail_in_process,
+    launch,
+    send_signal_and_wait,
+    snapshot,
+    start_python,
+    train,
+    wait_for_path,
+)
 
 SCRIPT = "textual_inversion.py"
 TOKEN = "<cat-toy>"
@@ -143,6 +154,27 @@ def test_resume_is_exact_with_accumulation_and_rotates(main_run, tiny_sdxl, imag
     assert checkpoints(resumed) == {"checkpoint-4", "checkpoint-6", "checkpoint-8"}
     assert_same_outputs(straight, resumed)
     assert_same_outputs(os.path.join(straight, "checkpoint-8"), os.path.join(resumed, "checkpoint-8"))
+
+
+def test_sigterm_saves_a_checkpoint_and_latest_resumes_exactly(tiny_sdxl, image_folder, tmp_path):
+    """Both encoders' new rows, random crops (each crop in the time ids): SIGTERM -> a checkpoint at the stop step,
+    exit 143, no final embeddings; resume latest == straight in both files, bit for bit."""
+    settings = dict(num_vectors=2, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=30,
+                    checkpointing_steps=3, save_steps=100)
+    interrupted = str(tmp_path / "interrupted")
+    process = start_python(SCRIPT, upstream_args(tiny_sdxl, image_folder, interrupted, **settings))
+    wait_for_path(os.path.join(interrupted, "checkpoint-3"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert "Received SIGTERM" in stderr and "Continue with --resume_from_checkpoint latest" in stdout
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(interrupted))
+    assert 3 <= stop_step < 30, "the signal arrived after the run had finished: the test needs more steps"
+    assert not os.path.exists(os.path.join(interrupted, EMBEDS[0]))
+
+    train(SCRIPT, upstream_args(tiny_sdxl, image_folder, interrupted, resume_from_checkpoint="latest", **settings))
+    straight = str(tmp_path / "straight")
+    train(SCRIPT, upstream_args(tiny_sdxl, image_folder, straight, **settings))
+    assert_same_outputs(straight, interrupted)
 
 
 def test_cached_latents_match_fresh_encodings(main_run, tiny_sdxl, image_folder, tmp_path):
