@@ -508,6 +508,44 @@ def diffusion_loss(prediction, target, weights=None, mask=None):
     return (per_sample * weights.float()).mean()
 
 
+
+# Flow matching (FLUX.1): the model predicts the velocity noise - latents along the straight path
+# x_sigma = (1 - sigma) * latents + sigma * noise, with timesteps and loss weights from diffusers' SD3/Flux helpers.
+FLOW_WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+
+
+def sample_flow_matching_sigmas(scheduler, batch_size, weighting_scheme, generator, device, logit_mean=0.0,
+                                logit_std=1.0, mode_scale=1.29):
+    """(timesteps, sigmas (batch, 1, 1, 1)) for flow-matching training: positions drawn by diffusers'
+    compute_density_for_timestep_sampling from `generator` (restorable), mapped onto the training schedule of the
+    FlowMatchEulerDiscreteScheduler (its shifted sigmas), as upstream's Flux script maps them."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(weighting_scheme, batch_size, logit_mean, logit_std, mode_scale,
+                                              device=generator.device, generator=generator)
+    count = scheduler.config.num_train_timesteps
+    indices = (u * count).long().clamp(0, count - 1).cpu()
+    timesteps = scheduler.timesteps[indices].to(device)
+    sigmas = scheduler.sigmas[indices].to(device=device, dtype=torch.float32).reshape(batch_size, 1, 1, 1)
+    return timesteps, sigmas
+
+
+def flow_matching_inputs(latents, noise, sigmas):
+    """(noisy latents, velocity target): the point at `sigmas` on the straight path from latents to noise, and
+    the direction the model learns to predict there."""
+    return (1.0 - sigmas) * latents + sigmas * noise, noise - latents
+
+
+def flow_matching_loss(prediction, target, sigmas, weighting_scheme, mask=None):
+    """diffusion_loss weighted per sample by diffusers' compute_loss_weighting_for_sd3 (sigma_sqrt, cosmap; uniform
+    otherwise), the same per-sample mean upstream's Flux script takes."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    weights = compute_loss_weighting_for_sd3(weighting_scheme, sigmas).reshape(-1)
+    if weighting_scheme not in ("sigma_sqrt", "cosmap"):
+        weights = None  # uniform: the plain mean, as diffusion_loss takes it
+    return diffusion_loss(prediction, target, weights, mask=mask)
+
 # --------------------------------------------------------------------------------------------------------------------
 # SDXL: model detection, two-encoder prompts, micro-conditioning, VAE precision
 # --------------------------------------------------------------------------------------------------------------------
@@ -568,6 +606,26 @@ def is_sdxl_model(pretrained_model_name_or_path, revision=None, cache_dir=None):
     except (OSError, ValueError, AttributeError):
         return False  # the folder check or the model loading reports a missing or broken unet/
 
+
+
+# What a FLUX.1 base pipeline folder holds: CLIP (pooled) and T5 (sequence) text encoders, a transformer.
+FLUX_PIPELINE_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "transformer",
+                       "scheduler")
+
+
+def is_flux_model(pretrained_model_name_or_path, revision=None, cache_dir=None):
+    """Whether the base model is FLUX.1: a Flux* pipeline in model_index.json or, in a local folder, a transformer/
+    whose config names FluxTransformer2DModel."""
+    import json
+
+    index = read_model_index(pretrained_model_name_or_path, revision, cache_dir)
+    if str(index.get("_class_name", "")).startswith("Flux"):
+        return True
+    try:
+        with open(os.path.join(pretrained_model_name_or_path, "transformer", "config.json")) as file:
+            return json.load(file).get("_class_name") == "FluxTransformer2DModel"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 def tokenize_prompts(tokenizers, prompts):
     """Token ids of `prompts` (a string or a list) for each tokenizer, padded to its maximum length, as SD and SDXL

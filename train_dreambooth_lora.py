@@ -81,6 +81,12 @@ INTERPOLATION_MODES = {
     "nearest": Image.NEAREST,
     "nearest_exact": Image.NEAREST,
 }
+# FLUX.1 [dev]'s LoRA targets in upstream's train_dreambooth_lora_flux.py: attention and feed-forward projections of the
+# double-stream blocks and the attention of the single-stream ones.
+FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2"]
+FLUX_MAX_SEQUENCE_LENGTH = 512
 PRIOR_GENERATION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -105,8 +111,9 @@ def parse_args(argv=None):
     add = parser.add_argument
     # Model (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
-        help="A Stable Diffusion or SDXL pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, "
-             "scheduler/; SDXL: tokenizer_2/ and text_encoder_2/ too).")
+        help="A Stable Diffusion, SDXL or FLUX.1 pipeline folder or hub id (tokenizer/, text_encoder/, vae/, unet/, "
+             "scheduler/; SDXL: tokenizer_2/ and text_encoder_2/ too; FLUX.1: transformer/ instead of unet/, and "
+             "the T5 encoder in text_encoder_2/).")
     add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
     add("--pretrained_vae_model_name_or_path", type=str, default=None,
         help="A VAE to use instead of the model's own, e.g. an fp16-safe one for SDXL (without it the SDXL VAE runs "
@@ -170,13 +177,21 @@ def parse_args(argv=None):
     add("--class_labels_conditioning", type=str, default=None,
         help="Optional class_labels conditioning for the UNet; the one value is 'timesteps' (DeepFloyd IF upscaler).")
     # LoRA (upstream)
-    add("--rank", type=int, default=4, help="The rank (dimension) of the LoRA update matrices; alpha equals it.")
+    add("--rank", type=int, default=4, help="The rank (dimension) of the LoRA update matrices.")
+    add("--lora_alpha", type=int, default=None,
+        help="LoRA alpha (the update is scaled by alpha / rank); default --rank on SD and SDXL, 4 on FLUX.1, as "
+             "upstream's scripts.")
+    add("--lora_layers", type=str, default=None,
+        help="Comma-separated module names to adapt (peft target_modules, matched as name suffixes), e.g. "
+             "'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0'; default: upstream's attention (FLUX.1: attention and "
+             "feed-forward) projections.")
     add("--lora_dropout", type=float, default=0.0, help="Dropout probability of the LoRA layers.")
     add("--use_dora", action="store_true",
         help="Weight-decomposed LoRA (DoRA, https://arxiv.org/abs/2402.09353): peft adds a trained magnitude vector "
              "to every adapted layer; the saved file holds it and load_lora_weights reads it.")
     # Training (upstream)
-    add("--output_dir", type=str, default="lora-dreambooth-model", help="Where the LoRA weights and checkpoints go.")
+    add("--output_dir", type=str, default=None,
+        help="Where the LoRA weights and checkpoints go; default lora-dreambooth-model (FLUX.1: flux-dreambooth-lora).")
     add("--seed", type=int, default=None, help="Seed for data order, crops, noise, class and validation images.")
     add("--train_batch_size", type=int, default=4,
         help="Instance images per device per batch (as many class images are added with prior preservation).")
@@ -184,7 +199,8 @@ def parse_args(argv=None):
     add("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the backward pass.")
-    add("--learning_rate", type=float, default=5e-4)
+    add("--learning_rate", type=float, default=None,
+        help="Default 5e-4 (SD), 1e-4 (SDXL, FLUX.1), as upstream's scripts.")
     add("--scale_lr", action="store_true",
         help="Multiply the learning rate by processes x accumulation steps x batch size.")
     add("--lr_scheduler", type=str, default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
@@ -240,6 +256,20 @@ def parse_args(argv=None):
     add("--do_edm_style_training", action="store_true",
         help="EDM-style training (https://arxiv.org/abs/2206.00364): upstream trains it on SDXL models only; refused "
              "here on Stable Diffusion models.")
+    # FLUX.1 (upstream train_dreambooth_lora_flux.py); refused on SD and SDXL models.
+    add("--guidance_scale", type=float, default=None,
+        help="FLUX.1: the guidance the transformer's guidance embedding is given in training (FLUX.1 [dev] is "
+             "guidance-distilled); default 3.5.")
+    add("--weighting_scheme", type=str, default=None, choices=common.FLOW_WEIGHTING_SCHEMES,
+        help="FLUX.1: how training timesteps are drawn and the loss weighted (diffusers' SD3/Flux helpers); "
+             "default none: uniform timesteps and loss.")
+    add("--logit_mean", type=float, default=0.0, help="FLUX.1: the mean of the logit_normal weighting scheme.")
+    add("--logit_std", type=float, default=1.0, help="FLUX.1: the std of the logit_normal weighting scheme.")
+    add("--mode_scale", type=float, default=1.29, help="FLUX.1: the scale of the mode weighting scheme.")
+    add("--max_sequence_length", type=int, default=None,
+        help="FLUX.1: T5 prompt tokens (padded and truncated to this); default 512, its maximum.")
+    add("--upcast_before_saving", action="store_true",
+        help="FLUX.1: save the final LoRA weights in fp32 instead of the mixed-precision dtype (as upstream).")
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
     # Additions
     add("--logging_steps", type=int, default=10,
@@ -263,35 +293,55 @@ def parse_args(argv=None):
     return args
 
 
-# Upstream's defaults differ between train_dreambooth_lora.py (SD) and train_dreambooth_lora_sdxl.py (SDXL); a flag left
-# out takes the one of the script matching the base model. None: the UNet's setting (see parameter_groups).
+# Upstream's defaults differ between train_dreambooth_lora.py (SD), train_dreambooth_lora_sdxl.py (SDXL) and
+# train_dreambooth_lora_flux.py (FLUX.1); a flag left out takes the one of the script matching the base model.
+# None: the UNet's setting (text-encoder flags, see parameter_groups) or --rank (lora_alpha).
 MODEL_DEFAULTS = {
-    False: {"resolution": 512, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
-            "adam_weight_decay_text_encoder": None},
-    True: {"resolution": 1024, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
-           "adam_weight_decay_text_encoder": 1e-3},
+    "sd": {"resolution": 512, "learning_rate": 5e-4, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
+           "adam_weight_decay_text_encoder": None, "output_dir": "lora-dreambooth-model"},
+    "sdxl": {"resolution": 1024, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+             "adam_weight_decay_text_encoder": 1e-3, "output_dir": "lora-dreambooth-model"},
+    "flux": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+             "adam_weight_decay_text_encoder": 1e-3, "output_dir": "flux-dreambooth-lora", "lora_alpha": 4,
+             "guidance_scale": 3.5, "weighting_scheme": "none", "max_sequence_length": 512},
 }
+# The flags only upstream's Flux script has: refused on SD and SDXL models when given.
+FLUX_ONLY_FLAGS = ("guidance_scale", "weighting_scheme", "max_sequence_length", "upcast_before_saving")
 
 
 def validate_args(args):
     """Every check that needs no model loaded. Raises InputError."""
-    # --tokenizer_name replaces the pipeline's tokenizer/.
-    parts = REQUIRED_PARTS if args.tokenizer_name is None else REQUIRED_PARTS[1:]
-    common.check_pipeline_folder(args.pretrained_model_name_or_path, parts)
-    args.sdxl = common.is_sdxl_model(args.pretrained_model_name_or_path, args.revision)
+    model = args.pretrained_model_name_or_path
+    args.flux = common.is_flux_model(model, args.revision)
+    args.sdxl = not args.flux and common.is_sdxl_model(model, args.revision)
+    args.model_kind = "flux" if args.flux else "sdxl" if args.sdxl else "sd"
+    if args.flux:
+        validate_flux_args(args)
+    else:
+        # --tokenizer_name replaces the pipeline's tokenizer/.
+        common.check_pipeline_folder(model, REQUIRED_PARTS if args.tokenizer_name is None else REQUIRED_PARTS[1:])
+        for name in FLUX_ONLY_FLAGS:
+            if getattr(args, name) not in (None, False):
+                raise InputError(f"--{name} applies to FLUX.1 models only (upstream's train_dreambooth_lora_flux.py); "
+                                 f"{model!r} is {'an SDXL' if args.sdxl else 'a Stable Diffusion'} model")
     if args.sdxl:
         validate_sdxl_args(args)
-    for name, value in MODEL_DEFAULTS[args.sdxl].items():
+    for name, value in MODEL_DEFAULTS[args.model_kind].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
     common.require_positive(
         args, "resolution", "train_batch_size", "sample_batch_size", "num_class_images", "num_train_epochs",
         "max_train_steps", "gradient_accumulation_steps", "learning_rate", "lr_num_cycles", "checkpointing_steps",
         "checkpoints_total_limit", "validation_epochs", "rank", "tokenizer_max_length", "logging_steps",
-        "validation_inference_steps", "repeats", "snr_gamma", "text_encoder_lr",
+        "validation_inference_steps", "repeats", "snr_gamma", "text_encoder_lr", "lora_alpha", "max_sequence_length",
     )
     common.require_multiple_of_8("--resolution", args.resolution)
     common.check_bucket_flags(args)
+    if args.flux:
+        check_flux_sizes(args)
+    check_lora_layers(args)
     validate_real_data_args(args)
     for name in ("lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "prior_loss_weight",
                  "num_validation_images", "adam_weight_decay_text_encoder"):
@@ -392,6 +442,88 @@ def validate_sdxl_args(args):
         if given:
             raise InputError(f"{flag} cannot apply to the SDXL model {args.pretrained_model_name_or_path!r}: "
                              f"{reason}")
+
+
+def validate_flux_args(args):
+    """A FLUX.1 base model: its folder holds both tokenizers, CLIP and T5 and a transformer, and the flags that cannot
+    apply to it are refused in one line naming the flag and the model."""
+    common.check_pipeline_folder(args.pretrained_model_name_or_path, common.FLUX_PIPELINE_PARTS)
+    refused = {
+        "--snr_gamma": (args.snr_gamma is not None, "Min-SNR weights DDPM noise levels; FLUX.1 trains by flow "
+                                                    "matching (see --weighting_scheme)"),
+        "--use_dora": (args.use_dora, "DoRA is not built for FLUX.1 here (upstream's Flux script has none)"),
+        "--output_kohya_format": (args.output_kohya_format, "diffusers reads kohya FLUX.1 LoRA files but has no "
+                                                            "converter that writes them"),
+        "--tokenizer_name": (args.tokenizer_name is not None, "it has two tokenizers, tokenizer/ (CLIP) and "
+                                                              "tokenizer_2/ (T5)"),
+        "--tokenizer_max_length": (args.tokenizer_max_length is not None, "its CLIP prompts take 77 tokens and T5's "
+                                                                          "length is --max_sequence_length"),
+        "--text_encoder_use_attention_mask": (args.text_encoder_use_attention_mask, "FluxPipeline passes its text "
+                                                                                    "encoders no attention mask"),
+        "--class_labels_conditioning": (args.class_labels_conditioning is not None, "it is for DeepFloyd IF"),
+        "--validation_images": (args.validation_images is not None, "it is for DeepFloyd IF's upscaler"),
+        "--do_edm_style_training": (args.do_edm_style_training, "EDM-style training is for SDXL (upstream)"),
+        "--crops_coords_top_left_h": (args.crops_coords_top_left_h is not None, "they go into SDXL's time ids"),
+        "--crops_coords_top_left_w": (args.crops_coords_top_left_w is not None, "they go into SDXL's time ids"),
+        "--enable_xformers_memory_efficient_attention": (args.enable_xformers_memory_efficient_attention,
+                                                         "the Flux transformer has no xformers attention"),
+    }
+    for flag, (given, reason) in refused.items():
+        if given:
+            raise InputError(f"{flag} cannot apply to the FLUX.1 model {args.pretrained_model_name_or_path!r}: "
+                             f"{reason}")
+    if args.max_sequence_length is not None and args.max_sequence_length > FLUX_MAX_SEQUENCE_LENGTH:
+        raise InputError(f"--max_sequence_length {args.max_sequence_length} is over {FLUX_MAX_SEQUENCE_LENGTH}, the "
+                         "most T5 prompt tokens FLUX.1 takes (FluxPipeline's limit)")
+
+
+def check_flux_sizes(args):
+    """FLUX.1 packs 2x2 latent pixels (1/8 of the image) into one token: every training size is a multiple of 16."""
+    sizes = [("--resolution", (args.resolution,))]
+    if args.buckets is not None:
+        sizes += [(f"--aspect_ratio_buckets bucket {h},{w}", (h, w)) for h, w in args.buckets.all()]
+    for name, sides in sizes:
+        if any(side % 16 for side in sides):
+            raise InputError(f"{name} must be a multiple of 16 on FLUX.1 (the VAE downsamples by 8, then 2x2 latent "
+                             "pixels make one transformer token)")
+
+
+def check_lora_layers(args):
+    """--lora_layers -> args.lora_targets (None: the defaults). Each name must match (as peft matches target
+    modules: the whole name or its last dotted parts) a Linear or Conv2d layer of the UNet / transformer, checked
+    on its config with no weights loaded. A hub model whose config cannot be read is checked when it loads."""
+    args.lora_targets = None
+    if args.lora_layers is None:
+        return
+    targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    if not targets:
+        raise InputError("--lora_layers names no module (expected e.g. 'attn.to_k,attn.to_q')")
+    args.lora_targets = targets
+    names = adaptable_module_names(args)
+    if names is None:
+        return
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            part = "transformer" if args.flux else "UNet"
+            examples = ", ".join(sorted({name.split(".", 2)[-1] for name in names})[:6])
+            raise InputError(f"--lora_layers: {target!r} names no Linear or Conv2d layer of the {part} of "
+                             f"{args.pretrained_model_name_or_path!r} (its layers include {examples}, ...)")
+
+
+def adaptable_module_names(args):
+    """The names of the UNet's / transformer's Linear and Conv2d layers, from its config on the meta device (no
+    weights read), or None when the config cannot be read."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    model_class, part = (FluxTransformer2DModel, "transformer") if args.flux else (UNet2DConditionModel, "unet")
+    try:
+        config = model_class.load_config(args.pretrained_model_name_or_path, subfolder=part, revision=args.revision)
+        with init_empty_weights():
+            model = model_class.from_config(config)
+    except Exception:  # a hub id offline, a broken config: the model load reports it
+        return None
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
 def validate_data_args(args):
@@ -757,21 +889,31 @@ def flip_drawn(generator):
 
 
 class PromptInputs:
-    """What the UNet is conditioned on for a prompt: token ids and attention mask (SDXL: the ids of both tokenizers),
-    or, with --pre_compute_text_embeddings / --cache_text_embeddings, the text encoders' output computed once per
-    distinct prompt (`embeddings`: a dict, or a CachedPromptEmbeddings reading the disk cache)."""
+    """What the UNet / transformer is conditioned on for a prompt: token ids and attention mask (SDXL and FLUX.1: the
+    ids of both tokenizers), or, with --pre_compute_text_embeddings / --cache_text_embeddings, the text encoders'
+    output computed once per distinct prompt (`embeddings`: a dict, or a CachedPromptEmbeddings reading the disk
+    cache). `max_lengths`: each tokenizer's padded length (None: its model_max_length), from prompt_lengths."""
 
-    def __init__(self, tokenizers, max_length, embeddings=None):
-        self.tokenizers, self.max_length, self.embeddings = tokenizers, max_length, embeddings
+    def __init__(self, tokenizers, max_lengths, embeddings=None):
+        self.tokenizers, self.max_lengths, self.embeddings = tokenizers, max_lengths, embeddings
 
     def __call__(self, prompt):
         if self.embeddings is not None:
             return embedding_inputs(self.embeddings[prompt])
-        if len(self.tokenizers) == 2:  # SDXL
-            input_ids, input_ids_2 = common.tokenize_prompts(self.tokenizers, [prompt])
-            return {"input_ids": input_ids[0], "input_ids_2": input_ids_2[0]}
-        tokens = tokenize_prompt(self.tokenizers[0], [prompt], self.max_length)
+        if len(self.tokenizers) == 2:  # SDXL: two CLIP tokenizers; FLUX.1: CLIP and T5
+            input_ids, input_ids_2 = [tokenize_prompt(tokenizer, [prompt], length).input_ids[0]
+                                      for tokenizer, length in zip(self.tokenizers, self.max_lengths)]
+            return {"input_ids": input_ids, "input_ids_2": input_ids_2}
+        tokens = tokenize_prompt(self.tokenizers[0], [prompt], self.max_lengths[0])
         return {"input_ids": tokens.input_ids[0], "attention_mask": tokens.attention_mask[0]}
+
+
+def prompt_lengths(args):
+    """Each tokenizer's padded length, as the pipelines tokenize: SD --tokenizer_max_length (or the tokenizer's),
+    SDXL both CLIP tokenizers' 77, FLUX.1 CLIP's 77 and --max_sequence_length T5 tokens."""
+    if args.flux:
+        return (None, args.max_sequence_length)
+    return (None, None) if args.sdxl else (args.tokenizer_max_length,)
 
 
 def embedding_inputs(embeddings):
@@ -909,7 +1051,12 @@ def encode_prompt(text_encoder, input_ids, attention_mask, use_attention_mask):
 def encode_prompts(args, text_encoders, inputs):
     """(prompt_embeds, pooled_prompt_embeds) of a batch of PromptInputs: SD: the text encoder's last hidden state and
     no pooled embedding; SDXL: both encoders' penultimate hidden states and text_encoder_2's pooled embedding
-    (common.encode_prompt_sdxl)."""
+    (common.encode_prompt_sdxl); FLUX.1: T5's last hidden state and CLIP's pooled output, as
+    FluxPipeline.encode_prompt computes them."""
+    if args.flux:
+        clip, t5 = text_encoders
+        pooled = clip(inputs["input_ids"], output_hidden_states=False).pooler_output
+        return t5(inputs["input_ids_2"], output_hidden_states=False)[0], pooled
     if args.sdxl:
         return common.encode_prompt_sdxl(text_encoders, [inputs["input_ids"], inputs["input_ids_2"]])
     return encode_prompt(text_encoders[0], inputs["input_ids"], inputs["attention_mask"],
@@ -925,7 +1072,7 @@ def prompt_embeddings_of(hidden_states, pooled):
 
 def precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args):
     """{prompt: embeddings on the CPU} for each distinct prompt, encoded once (--pre_compute_text_embeddings)."""
-    prompt_inputs = PromptInputs(tokenizers, args.tokenizer_max_length)
+    prompt_inputs = PromptInputs(tokenizers, prompt_lengths(args))
     device = text_encoders[0].device
     embeddings = {}
     with torch.no_grad():
@@ -1037,10 +1184,12 @@ def cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
         "max_length": args.tokenizer_max_length or tokenizers[0].model_max_length,
         "attention_mask": args.text_encoder_use_attention_mask,
     }
-    if args.sdxl:
+    if len(text_encoders) == 2:  # SDXL, FLUX.1
         config["text_encoder_2"] = common.model_fingerprint(text_encoders[1])
+    if args.flux:
+        config.update(encoding="flux: T5 last hidden state, CLIP pooled", max_length_2=args.max_sequence_length)
     cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", config)
-    prompt_inputs = PromptInputs(tokenizers, args.tokenizer_max_length)
+    prompt_inputs = PromptInputs(tokenizers, prompt_lengths(args))
     inputs = {prompt: prompt_inputs(prompt) for prompt in dict.fromkeys(prompts)}
     keys = {prompt: common.fingerprint(*[value.tolist() for value in tokens.values()])
             for prompt, tokens in inputs.items()}
@@ -1092,7 +1241,7 @@ def generate_class_images(accelerator, args, seed, logger):
     if mine:
         dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
         dtype = PRIOR_GENERATION_DTYPES.get(args.prior_generation_precision, dtype)
-        pipeline = load_pipeline(args, dtype=dtype, **({} if args.sdxl else {"safety_checker": None}))
+        pipeline = load_pipeline(args, dtype=dtype, **({"safety_checker": None} if args.model_kind == "sd" else {}))
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(accelerator.device)
         for start in tqdm(range(0, len(mine), args.sample_batch_size), desc="Generating class images",
@@ -1147,9 +1296,24 @@ def load_sdxl_text_models(args, load):
     return tokenizers, text_encoders
 
 
+def load_flux_models(args, load):
+    """FLUX.1's (FlowMatchEulerDiscreteScheduler, [CLIP tokenizer, T5 tokenizer], [CLIPTextModel, T5EncoderModel],
+    vae, FluxTransformer2DModel)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    noise_scheduler = load("scheduler", FlowMatchEulerDiscreteScheduler.from_pretrained)
+    tokenizers = [load(part, AutoTokenizer.from_pretrained) for part in ("tokenizer", "tokenizer_2")]
+    text_encoders = [load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant),
+                     load("text_encoder_2", T5EncoderModel.from_pretrained, variant=args.variant)]
+    transformer = load("transformer", FluxTransformer2DModel.from_pretrained, variant=args.variant)
+    return noise_scheduler, tokenizers, text_encoders, common.load_vae(args), transformer
+
+
 def load_models(args):
-    """(noise_scheduler, [tokenizer(s)], [text encoder(s)], vae or None, unet): SD has one tokenizer and text encoder,
-    SDXL two. Load errors are InputErrors naming the part."""
+    """(noise_scheduler, [tokenizer(s)], [text encoder(s)], vae or None, denoiser): SD has one tokenizer and text
+    encoder and a UNet, SDXL two encoders, FLUX.1 CLIP and T5 and a transformer. Load errors are InputErrors naming
+    the part."""
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -1162,6 +1326,8 @@ def load_models(args):
         except Exception as error:
             raise InputError(f"{flag} {source!r}: cannot load {part}/ ({common.first_line(error)})") from None
 
+    if args.flux:
+        return load_flux_models(args, load)
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
     if args.sdxl:
         tokenizers, text_encoders = load_sdxl_text_models(args, load)
@@ -1210,38 +1376,59 @@ def load_models(args):
     return noise_scheduler, [tokenizer], [text_encoder], vae, unet
 
 
-def add_lora_adapters(args, unet, text_encoders):
-    """LoRA on the UNet's attention projections (and the text encoder's with --train_text_encoder); every other
-    weight stays frozen. Gaussian init: A random, B zero, so training starts from the base model's output."""
+def add_lora_adapters(args, denoiser, text_encoders):
+    """LoRA on the UNet's attention projections or FLUX.1's attention and feed-forward ones (--lora_layers: those
+    layers), and on the CLIP text encoder(s) with --train_text_encoder (FLUX.1's T5 stays frozen, as upstream);
+    every other weight stays frozen. Gaussian init: A random, B zero, so training starts from the base model's
+    output."""
     from peft import LoraConfig
 
     def config(targets):
-        return LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=args.lora_dropout, use_dora=args.use_dora,
-                          init_lora_weights="gaussian", target_modules=targets)
+        return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          use_dora=args.use_dora, init_lora_weights="gaussian", target_modules=targets)
 
-    unet.add_adapter(config(UNET_LORA_TARGETS))
+    targets = args.lora_targets or (FLUX_LORA_TARGETS if args.flux else UNET_LORA_TARGETS)
+    try:
+        denoiser.add_adapter(config(targets))
+    except ValueError as error:  # a --lora_layers name the config check could not see (a hub model offline)
+        raise InputError(f"--lora_layers {args.lora_layers!r}: {common.first_line(error)}") from None
     if args.train_text_encoder:
-        for text_encoder in text_encoders:  # SDXL: both
+        for text_encoder in trainable_text_encoders(args, text_encoders):
             text_encoder.add_adapter(config(TEXT_ENCODER_LORA_TARGETS))
 
 
-def lora_pipeline_class(sdxl):
-    """The pipeline class whose LoRA loader writes and reads the file: SD's, or SDXL's (text_encoder_2 too)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+def trainable_text_encoders(args, text_encoders):
+    """The text encoders --train_text_encoder adapts: SD's one, SDXL's two, FLUX.1's CLIP (not T5, as upstream)."""
+    return text_encoders[:1] if args.flux else text_encoders
 
 
-def save_lora_weights(folder, unet, text_encoders, sdxl=False):
-    """`folder/pytorch_lora_weights.safetensors` in diffusers' format (`unet.*`, `text_encoder.*`, SDXL
-    `text_encoder_2.*` keys) with the adapter configs as metadata, which `pipe.load_lora_weights(folder)` reads.
-    `text_encoders`: the trained ones (none without --train_text_encoder)."""
+def lora_pipeline_class(model_kind):
+    """The pipeline class whose LoRA loader writes and reads the file: SD's, SDXL's (text_encoder_2 too) or FLUX.1's
+    (transformer)."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}[model_kind]
+
+
+def denoiser_prefix(model_kind):
+    """The LoRA file's key prefix of the UNet / transformer."""
+    return "transformer" if model_kind == "flux" else "unet"
+
+
+def save_lora_weights(folder, denoiser, text_encoders, model_kind="sd", dtype=None):
+    """`folder/pytorch_lora_weights.safetensors` in diffusers' format (`unet.*` or FLUX.1 `transformer.*`,
+    `text_encoder.*`, SDXL `text_encoder_2.*` keys) with the adapter configs (rank, alpha, targets) as metadata,
+    which `pipe.load_lora_weights(folder)` reads. `text_encoders`: the trained ones (none without
+    --train_text_encoder). `dtype`: the weights' dtype in the file (default: as trained, fp32)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     def layers(model):
         # No embedding layer is adapted; saying so spares peft a hub lookup for the base model's vocabulary size.
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)
+        # Upstream's SD scripts write diffusers' `lora.down`/`lora.up` names, its Flux script peft's lora_A/lora_B.
+        state = state if model_kind == "flux" else convert_state_dict_to_diffusers(state)
+        return state if dtype is None else {key: value.to(dtype) for key, value in state.items()}
 
     def text_encoder_layers(model):
         # DoRA: diffusers' text-encoder loader hands the keys to peft, which looks for the magnitude vector's
@@ -1249,11 +1436,13 @@ def save_lora_weights(folder, unet, text_encoders, sdxl=False):
         return {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value
                 for key, value in layers(model).items()}
 
-    parts = {"unet_lora_layers": layers(unet), "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+    prefix = denoiser_prefix(model_kind)
+    parts = {f"{prefix}_lora_layers": layers(denoiser),
+             f"{prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
     for prefix, model in zip(TEXT_ENCODER_PREFIXES, text_encoders or []):
         parts[f"{prefix}_lora_layers"] = text_encoder_layers(model)
         parts[f"{prefix}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    lora_pipeline_class(sdxl).save_lora_weights(folder, **parts)
+    lora_pipeline_class(model_kind).save_lora_weights(folder, **parts)
 
 
 def save_kohya_weights(folder, unet, text_encoders, sdxl=False):
@@ -1298,20 +1487,23 @@ def save_kohya_weights(folder, unet, text_encoders, sdxl=False):
     os.replace(path + ".partial", path)
 
 
-def load_lora_weights(folder, unet, text_encoders, sdxl=False):
-    """Restore the adapters saved by save_lora_weights into `unet` (and the trained `text_encoders`), exactly."""
+def load_lora_weights(folder, denoiser, text_encoders, model_kind="sd"):
+    """Restore the adapters saved by save_lora_weights into `denoiser` (and the trained `text_encoders`), exactly."""
     from diffusers.training_utils import _set_state_dict_into_text_encoder
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state_dict, _ = lora_pipeline_class(sdxl).lora_state_dict(folder, weight_name=LORA_WEIGHTS_NAME)
-    unet_state = convert_unet_state_dict_to_peft(
-        {key[len("unet."):]: value for key, value in state_dict.items() if key.startswith("unet.")}
+    pipeline_class, prefix = lora_pipeline_class(model_kind), denoiser_prefix(model_kind) + "."
+    state_dict = pipeline_class.lora_state_dict(folder, weight_name=LORA_WEIGHTS_NAME)
+    state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # SD/SDXL also return alphas
+    denoiser_state = convert_unet_state_dict_to_peft(
+        {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     )
-    incompatible = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
+    incompatible = set_peft_model_state_dict(denoiser, denoiser_state, adapter_name="default")
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
-        raise InputError(f"{folder}/{LORA_WEIGHTS_NAME}: unexpected LoRA keys for the UNet ({unexpected[0]}, ...)")
+        raise InputError(f"{folder}/{LORA_WEIGHTS_NAME}: unexpected LoRA keys for the {prefix[:-1]} "
+                         f"({unexpected[0]}, ...)")
     for prefix, text_encoder in zip(TEXT_ENCODER_PREFIXES, text_encoders or []):
         _set_state_dict_into_text_encoder(state_dict, prefix=f"{prefix}.", text_encoder=text_encoder)
 
@@ -1360,28 +1552,22 @@ def build_optimizer(args, groups):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype, scaling_factor):
+def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype, latent_scaling):
     """The DreamBooth loss of one batch: the diffusion loss of the instance half plus, with prior preservation,
-    --prior_loss_weight times that of the class half. Latents come from the VAE, or from the cache (--cache_latents).
-    Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    unet_config = getattr(unet, "module", unet).config  # through a DDP wrapper
-    with torch.no_grad():
-        if "latent_dist" in batch:
-            latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
-            latents = latent_dist.sample(generator=generator).float() * scaling_factor
-        elif vae is not None:
-            pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (common.sdxl_vae_dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * scaling_factor
-        else:
-            latents = batch["pixel_values"].to(weight_dtype).float()  # DeepFloyd IF: pixel space
+    --prior_loss_weight times that of the class half (FLUX.1: the flow-matching loss, flux_loss). Latents come from
+    the VAE, or from the cache (--cache_latents). Every random draw (latent sampling, noise, timesteps) comes from
+    `generator`, so a resumed run repeats it. `unet`: the UNet, or FLUX.1's transformer."""
+    latents = batch_latents(vae, batch, generator, weight_dtype, *latent_scaling)
     if "prompt_embeds" in batch:
         encoder_hidden_states, pooled = batch["prompt_embeds"], batch.get("pooled_prompt_embeds")
     else:
         # With --train_text_encoder the LoRA layers need the graph; otherwise nothing in the encoder requires grad.
         encoder_hidden_states, pooled = encode_prompts(args, text_encoders, batch)
+    if args.flux:
+        return flux_loss(unet, noise_scheduler, latents, encoder_hidden_states, pooled, batch.get("mask"), generator,
+                         args, weight_dtype)
 
+    unet_config = getattr(unet, "module", unet).config  # through a DDP wrapper
     noise = common.sample_noise(latents, generator)
     timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
                                         latents.device)
@@ -1407,6 +1593,63 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
     weights = snr_weights(args, noise_scheduler, torch.chunk(timesteps, 2, dim=0)[0])
     return diffusion_loss(model_pred, target, weights, mask) + args.prior_loss_weight * diffusion_loss(
         model_pred_prior, target_prior, None, mask_prior)
+
+
+def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_factor=None):
+    """The batch's latents, (sample - shift_factor) * scaling_factor (FLUX.1's VAE has a shift, SD's none), drawn
+    from the cached latent distribution or the VAE's, or the pixels themselves (DeepFloyd IF: pixel space)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    with torch.no_grad():
+        if "latent_dist" in batch:
+            latents = DiagonalGaussianDistribution(batch["latent_dist"]).sample(generator=generator).float()
+        elif vae is not None:
+            pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (common.sdxl_vae_dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
+        else:
+            return batch["pixel_values"].to(weight_dtype).float()
+        if shift_factor:
+            latents = latents - shift_factor
+        return latents * scaling_factor
+
+
+def flux_loss(transformer, noise_scheduler, latents, prompt_embeds, pooled, mask, generator, args, weight_dtype):
+    """FLUX.1's flow-matching loss, as upstream's train_dreambooth_lora_flux.py computes it: timesteps drawn by
+    --weighting_scheme, the latents moved toward noise by the scheduler's sigma (common.flow_matching_inputs), packed
+    2x2 into transformer tokens with their image ids as FluxPipeline packs them, the velocity predicted with
+    --guidance_scale in the guidance embedding (FLUX.1 [dev]; none for a transformer without one), unpacked, and the
+    weighted squared error (common.flow_matching_loss), plus --prior_loss_weight times the class half's."""
+    from diffusers import FluxPipeline
+
+    batch_size, channels, height, width = latents.shape
+    noise = common.sample_noise(latents, generator)
+    timesteps, sigmas = common.sample_flow_matching_sigmas(
+        noise_scheduler, batch_size, args.weighting_scheme, generator, latents.device, args.logit_mean, args.logit_std,
+        args.mode_scale)
+    noisy_latents, target = common.flow_matching_inputs(latents, noise, sigmas)
+    packed = FluxPipeline._pack_latents(noisy_latents, batch_size, channels, height, width)
+    image_ids = FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, latents.device,
+                                                       weight_dtype)
+    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=weight_dtype)
+    config = getattr(transformer, "module", transformer).config  # through a DDP wrapper
+    guidance = torch.full((batch_size,), args.guidance_scale, device=latents.device) if config.guidance_embeds \
+        else None
+    prediction = transformer(
+        hidden_states=packed.to(weight_dtype), timestep=timesteps / 1000, guidance=guidance,
+        pooled_projections=pooled.to(weight_dtype), encoder_hidden_states=prompt_embeds.to(weight_dtype),
+        txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+    # Back to (batch, channels, height, width) latents: _unpack_latents takes pixel sizes and the VAE's factor; the
+    # latent sizes with factor 1 say the same.
+    prediction = FluxPipeline._unpack_latents(prediction, height, width, vae_scale_factor=1)
+    if not args.with_prior_preservation:
+        return common.flow_matching_loss(prediction, target, sigmas, args.weighting_scheme, mask)
+    # Each half weighted by its own sigmas (upstream weights the class half with the whole batch's, which only
+    # broadcasts at batch size 1).
+    halves = [torch.chunk(value, 2, dim=0) if value is not None else (None, None)
+              for value in (prediction, target, sigmas, mask)]
+    instance, prior = [[half[i] for half in halves] for i in (0, 1)]
+    return common.flow_matching_loss(*instance[:3], args.weighting_scheme, instance[3]) + \
+        args.prior_loss_weight * common.flow_matching_loss(*prior[:3], args.weighting_scheme, prior[3])
 
 
 def diffusion_loss(prediction, target, weights, mask):
@@ -1443,11 +1686,11 @@ def snr_weights(args, noise_scheduler, timesteps):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def validation_components(unet, tokenizers, text_encoders, vae):
-    """The pipeline components the training run supplies: the UNet, the tokenizers and text encoders (None once the
-    embeddings are precomputed or cached; SDXL: `_2` ones too) and the VAE unless it was dropped (--cache_latents;
-    the pipeline loads it again)."""
-    components = {"unet": unet}
+def validation_components(args, unet, tokenizers, text_encoders, vae):
+    """The pipeline components the training run supplies: the UNet (FLUX.1: transformer), the tokenizers and text
+    encoders (None once the embeddings are precomputed or cached; SDXL, FLUX.1: `_2` ones too) and the VAE unless it
+    was dropped (--cache_latents; the pipeline loads it again)."""
+    components = {denoiser_prefix(args.model_kind): unet}
     for index, tokenizer in enumerate(tokenizers):
         suffix = f"_{index + 1}" if index else ""
         components[f"tokenizer{suffix}"] = tokenizer
@@ -1462,6 +1705,9 @@ def validation_pipeline(args, **components):
     from diffusers import DPMSolverMultistepScheduler
 
     pipeline = load_pipeline(args, **components)
+    pipeline.set_progress_bar_config(disable=True)
+    if args.flux:
+        return pipeline  # its own flow-matching Euler scheduler
     scheduler_args = {}
     variance_type = pipeline.scheduler.config.get("variance_type")
     if variance_type is not None:
@@ -1469,7 +1715,6 @@ def validation_pipeline(args, **components):
         scheduler_args["variance_type"] = "fixed_small" if variance_type in ("learned", "learned_range") \
             else variance_type
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config, **scheduler_args)
-    pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
@@ -1485,11 +1730,14 @@ def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddi
     if prompt_embeddings is not None:  # the text encoders were freed (--pre_compute_text_embeddings)
         # prompt_embeds (SDXL: and pooled_prompt_embeds), and their negative_ counterparts from the empty prompt.
         positive = embedding_inputs(prompt_embeddings[args.validation_prompt])
-        negative = embedding_inputs(prompt_embeddings[""])
         prompt = {key: value[None].to(accelerator.device) for key, value in positive.items()}
-        prompt.update({f"negative_{key}": value[None].to(accelerator.device) for key, value in negative.items()})
+        if not args.flux:  # FLUX.1 [dev] is guidance-distilled: no negative prompt
+            negative = embedding_inputs(prompt_embeddings[""])
+            prompt.update({f"negative_{key}": value[None].to(accelerator.device) for key, value in negative.items()})
     else:
         prompt = {"prompt": args.validation_prompt}
+        if args.flux:  # the T5 length trained with
+            prompt["max_sequence_length"] = args.max_sequence_length
     images = []
     if mine:
         pipeline.to(accelerator.device)
@@ -1554,7 +1802,7 @@ def write_model_card(args, global_step, images):
     if images:
         shown = "\n".join(f"![validation {i}](./validation/final/{i:02d}.png)" for i in range(len(images)))
         gallery = f"Images for `{args.validation_prompt}` from the final weights:\n\n{shown}\n"
-    pipeline_class = lora_pipeline_class(args.sdxl).__name__
+    pipeline_class = lora_pipeline_class(args.model_kind).__name__
     description = f"""
 # DreamBooth LoRA for {args.pretrained_model_name_or_path}
 
@@ -1583,16 +1831,17 @@ image = pipeline({args.instance_prompt!r}).images[0]
 | resolution, center crop | {args.resolution}, {args.center_crop} |
 | batch size per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
 | learning rate, scheduler, warmup | {args.learning_rate}, {args.lr_scheduler}, {args.lr_warmup_steps} |
-| LoRA rank, dropout, DoRA | {args.rank}, {args.lora_dropout}, {args.use_dora} |
+| LoRA rank, alpha, dropout, DoRA | {args.rank}, {args.lora_alpha}, {args.lora_dropout}, {args.use_dora} |
 | optimizer | {args.optimizer} |
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 """
-    family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
+    family = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "flux": "flux"}[args.model_kind]
     tags = ["text-to-image", "diffusers", "dora" if args.use_dora else "lora", "diffusers-training", family,
-            f"{family}-diffusers"]
+            f"{family}-diffusers"] + (["template:sd-lora"] if args.flux else [])
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
-    license_name = "openrail++" if args.sdxl else "creativeml-openrail-m"
+    # FLUX.1 [dev]'s own non-commercial license is "other" on the hub, as upstream's card says.
+    license_name = {"sd": "creativeml-openrail-m", "sdxl": "openrail++", "flux": "other"}[args.model_kind]
     card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model, license=license_name,
                               instance_prompt=args.instance_prompt, inference=True)
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
@@ -1705,21 +1954,23 @@ def main(argv=None):
     # generation happens in some runs and not in others).
     torch.manual_seed(common.derive_seed(run_state.seed, LORA_INIT_STREAM))
     add_lora_adapters(args, unet, text_encoders)
-    trained_models = [unet] + (text_encoders if args.train_text_encoder else [])
+    trained_models = [unet] + (trainable_text_encoders(args, text_encoders) if args.train_text_encoder else [])
     cast_training_params(trained_models, dtype=torch.float32)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            for text_encoder in text_encoders:
-                text_encoder.gradient_checkpointing_enable()
+        for text_encoder in trained_models[1:]:
+            text_encoder.gradient_checkpointing_enable()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # The items do not depend on the run seed, so the caches can be filled before a resumed run loads its state.
     prompt_embeddings = None
-    if args.pre_compute_text_embeddings or args.cache_text_embeddings:
+    # FLUX.1's frozen text encoders (T5-XXL alone is 9 GB in bf16) encode the prompts once and leave memory, as
+    # upstream's Flux script does with its instance prompt.
+    encode_once = args.flux and not args.train_text_encoder
+    if args.pre_compute_text_embeddings or args.cache_text_embeddings or encode_once:
         # Every prompt a batch or a validation image can use, encoded once; then the text encoder is freed. With
         # --cache_text_embeddings the embeddings are kept on disk and reused by later runs.
         prompts = [prompt for _, prompt in instance_items + class_items]
@@ -1733,9 +1984,11 @@ def main(argv=None):
         else:
             prompt_embeddings = precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args)
         text_encoders = None
-    scaling_factor = vae.config.scaling_factor if vae is not None else 1.0
+    # FLUX.1's VAE also shifts its latents; DeepFloyd IF has no VAE.
+    latent_scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)) if vae is not None \
+        else (1.0, None)
     train_dataset = DreamBoothDataset(
-        instance_items, class_items, PromptInputs(tokenizers, args.tokenizer_max_length, prompt_embeddings), args,
+        instance_items, class_items, PromptInputs(tokenizers, prompt_lengths(args), prompt_embeddings), args,
         run_state, buckets=buckets, masks=masks, caption_dropout=args.proportion_empty_prompts,
     )
     if buckets is not None:
@@ -1782,12 +2035,12 @@ def main(argv=None):
         # A checkpoint holds what is trained, as the final output does (usable by itself with load_lora_weights);
         # the frozen base weights are not copied.
         if accelerator.is_main_process:
-            save_lora_weights(output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.sdxl)
+            save_lora_weights(output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.model_kind)
         weights.clear()
 
     def load_model_hook(models, input_dir):
         models.clear()  # the frozen weights come from the base model; only the adapters are restored
-        load_lora_weights(input_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.sdxl)
+        load_lora_weights(input_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.model_kind)
         cast_training_params(trained_models, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -1798,7 +2051,7 @@ def main(argv=None):
     )
     unet = trained_models[0]
     if args.train_text_encoder:
-        text_encoders = trained_models[1:]
+        text_encoders = trained_models[1:] + text_encoders[len(trained_models) - 1:]  # FLUX.1's T5 stays as it was
 
     global_step = common.resume_from_checkpoint(accelerator, args, run_state)
 
@@ -1853,7 +2106,7 @@ def main(argv=None):
                                                  accelerator.process_index))
             with accelerator.accumulate(*trained_models):
                 loss = training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype,
-                                     scaling_factor)
+                                     latent_scaling)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
@@ -1891,7 +2144,7 @@ def main(argv=None):
             # The models being trained, in eval mode (no LoRA dropout). A pipeline without a VAE (DeepFloyd IF) has
             # no vae component to pass; one dropped after --cache_latents is loaded again for the validation.
             components = validation_components(
-                accelerator.unwrap_model(unet), tokenizers,
+                args, accelerator.unwrap_model(unet), tokenizers,
                 [accelerator.unwrap_model(model) for model in text_encoders] if text_encoders else None, vae)
             for model in trained_models:
                 model.eval()
@@ -1908,20 +2161,26 @@ def main(argv=None):
     progress_bar.close()
 
     if accelerator.is_main_process:
-        save_lora_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.sdxl)
+        # Upstream's Flux script saves in the training precision unless told to upcast; the SD scripts save fp32.
+        saved_dtype = weight_dtype if args.flux and not args.upcast_before_saving else None
+        save_lora_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.model_kind,
+                          dtype=saved_dtype)
         logger.info(f"Saved {os.path.join(args.output_dir, LORA_WEIGHTS_NAME)}")
         if args.output_kohya_format:
             if args.use_dora:
                 logger.warning(f"{KOHYA_WEIGHTS_NAME}: diffusers' load_lora_weights skips the DoRA magnitudes "
                                "(dora_scale) of kohya files; use the diffusers file there")
-            save_kohya_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.sdxl)
+            save_kohya_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(),
+                               args.sdxl)
             logger.info(f"Saved {os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)}")
     accelerator.wait_for_everyone()
 
     # A last round of validation images from a fresh base pipeline with the saved LoRA file loaded: what users get.
     final_images = None
     if args.validation_prompt and args.num_validation_images:
-        pipeline = validation_pipeline(args, dtype=weight_dtype)
+        # FLUX.1 with its prompts encoded once: the text encoders (T5 above all) need not load again.
+        unused = {"text_encoder": None, "text_encoder_2": None} if args.flux and prompt_embeddings is not None else {}
+        pipeline = validation_pipeline(args, dtype=weight_dtype, **unused)
         pipeline.load_lora_weights(args.output_dir, weight_name=LORA_WEIGHTS_NAME)
         final_images = generate_validation_images(accelerator, pipeline, args, run_state.seed, prompt_embeddings)
         del pipeline
