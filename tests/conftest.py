@@ -103,6 +103,14 @@ def tiny_sdxl(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    """A tiny random FLUX.1-dev pipeline (tests/tiny_sd.build_tiny_flux), built once per test module."""
+    from tiny_sd import build_tiny_flux
+
+    return build_tiny_flux(str(tmp_path_factory.mktemp("tiny_flux")))
+
+
+@pytest.fixture(scope="module")
 def other_vae(tiny_sdxl, tmp_path_factory):
     """A VAE folder (as --pretrained_vae_model_name_or_path takes it) with other weights than the pipeline's."""
     import torch

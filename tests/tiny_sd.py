@@ -136,9 +136,72 @@ def build_tiny_sdxl(folder, seed=0):
     return folder
 
 
+def write_t5_tokenizer(folder):
+    """A T5 tokenizer (Unigram over sentencepiece-style pieces, as T5's spiece.model holds) made locally: <pad>=0,
+    </s>=1, <unk>=2, "▁word" for every word in WORDS, and every letter and digit both word-initial and inside a word,
+    so that any plain prompt tokenizes without <unk>. Appends </s>; model_max_length 512 as T5-XXL's."""
+    from transformers import T5TokenizerFast
+
+    characters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + word, -1.0) for word in WORDS]
+    vocab += [("▁" + character, -5.0) for character in characters] + [(character, -6.0) for character in characters]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_flux(folder, seed=0):
+    """A tiny random FLUX.1-dev pipeline in `folder` (returned): the layout of black-forest-labs/FLUX.1-dev
+    (tokenizer/ CLIP, tokenizer_2/ T5, text_encoder/ CLIPTextModel, text_encoder_2/ T5EncoderModel, vae/ with a shift
+    factor, transformer/ FluxTransformer2DModel with guidance embeddings, scheduler/ FlowMatchEulerDiscreteScheduler
+    with FLUX.1-dev's dynamic shifting), as small as the SD one: latents are 1/8 of the image with 4 channels, packed
+    2x2 into 16 transformer channels, so the resolution must be a multiple of 16."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer_2 = write_t5_tokenizer(os.path.join(folder, "tokenizer_2"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, projection_dim=32,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        decoder_start_token_id=tokenizer_2.pad_token_id, pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.0609, scaling_factor=1.5035,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * 2 * 2, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=text_encoder_2.config.d_model,
+        pooled_projection_dim=text_encoder.config.hidden_size, guidance_embeds=True, axes_dims_rope=[4, 4, 8],
+    )
+    # FLUX.1-dev's scheduler_config.json.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipeline = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
     import sys
 
     build = build_tiny_sdxl if "--sdxl" in sys.argv else build_tiny_sd
     folders = [arg for arg in sys.argv[1:] if arg != "--sdxl"]
     print(build(folders[0] if folders else "tiny-sd"))
+

@@ -1,0 +1,312 @@
+"""train_dreambooth_lora.py on a FLUX.1 base model (tests/tiny_sd.build_tiny_flux): upstream
+train_dreambooth_lora_flux.py's command line, prior preservation with class images from the Flux pipeline, CLIP LoRA
+(T5 frozen), --lora_layers, --rank / --lora_alpha in the file's metadata, exact resume (with accumulation, with the
+feature caches, on 2 processes), SIGTERM, and the one-line errors of the Flux flags.
+
+Resolution 32 (a multiple of 16: 4x4 latents, 2x2 tokens). Few launches, each read by several checks: the file costs
+about 3 minutes of one CPU."""
+
+import os
+import re
+import shutil
+import signal
+
+import pytest
+import torch
+from helpers import (
+    assert_one_line_error,
+    checkpoints,
+    fail_in_process,
+    launch,
+    send_signal_and_wait,
+    snapshot,
+    start_python,
+    train,
+    wait_for_path,
+)
+from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
+from test_dreambooth_lora import tiny_sd  # noqa: F401 (module fixture: the SD model of the Flux-only flag case)
+
+SCRIPT = "train_dreambooth_lora.py"
+RESOLUTION = 32
+
+
+def _images(count, seed=0):
+    from conftest import _shape_images
+
+    return _shape_images(count, seed)
+
+
+@pytest.fixture(scope="module")
+def instance_folder(tmp_path_factory):
+    """3 non-square images (24 x 20..22): at batch 1, 3 batches per epoch."""
+    folder = tmp_path_factory.mktemp("instance")
+    for index, image in enumerate(_images(3)):
+        image.save(folder / f"dog_{index}.png")
+    return str(folder)
+
+
+def flux_args(model, data, output_dir, **overrides):
+    return base_args(model, data, output_dir, **{"resolution": RESOLUTION, **overrides})
+
+
+def _flux_pipeline(model):
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(model)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def render(pipeline, prompt=INSTANCE_PROMPT):
+    return pipeline(prompt, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def assert_trained_between(earlier, later):
+    """Steps between two LoRA files changed the weights (so that a resume which trained nothing cannot pass)."""
+    a, b = lora(earlier), lora(later)
+    assert a.keys() == b.keys() and any(not torch.equal(a[key], b[key]) for key in a), (earlier, later)
+
+
+def parts(weights):
+    """The models a LoRA file trains: the first part of its keys (transformer, text_encoder, ...)."""
+    return {key.split(".")[0] for key in weights}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The upstream command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_upstream_flux_command_runs_unchanged(tiny_flux, instance_folder, tmp_path):
+    """The train_dreambooth_lora_flux.py README command (Prodigy at lr 1, guidance 1, accumulation 4, wandb) with the
+    tiny model and no --mixed_precision (CPU); only --resolution (512 -> 32) and --max_train_steps (500 -> 2) are
+    shrunk, and --validation_inference_steps=2 (ours) keeps the 4 + 4 validation images, at the pipeline's default
+    1024 px, to seconds. wandb runs offline."""
+    out = str(tmp_path / "trained-flux")
+    result = launch(SCRIPT, [
+        f"--pretrained_model_name_or_path={tiny_flux}", f"--instance_data_dir={instance_folder}",
+        f"--output_dir={out}", "--instance_prompt=a photo of sks dog", "--resolution=32", "--train_batch_size=1",
+        "--guidance_scale=1", "--gradient_accumulation_steps=4", "--optimizer=prodigy", "--learning_rate=1.",
+        "--report_to=wandb", "--lr_scheduler=constant", "--lr_warmup_steps=0", "--max_train_steps=2",
+        "--validation_prompt=A photo of sks dog in a bucket", "--validation_epochs=25", "--seed=0",
+        "--validation_inference_steps=2",
+    ], cwd=str(tmp_path))
+    assert "2 steps in all, batch 1 per device, total batch 4" in result.stderr
+    weights = lora(out)
+    assert parts(weights) == {"transformer"}
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    from PIL import Image
+
+    for name in ("epoch_0000", "final"):  # --num_validation_images defaults to 4
+        files = sorted(os.listdir(os.path.join(out, "validation", name)))
+        assert len(files) == 4, (name, files)
+        # No --validation_height/--validation_width: FluxPipeline's default size.
+        with Image.open(os.path.join(out, "validation", name, files[0])) as image:
+            assert image.size == (1024, 1024)
+    assert os.path.isdir(tmp_path / "wandb")
+    with open(os.path.join(out, "README.md")) as file:
+        card = file.read()
+    assert "FluxPipeline.from_pretrained" in card and "\n- flux\n" in card
+    # Upstream Flux's LoRA defaults: rank 4, alpha 4 (SD's alpha would be --rank), in the file's metadata.
+    from diffusers import FluxPipeline
+
+    _, metadata = FluxPipeline.lora_state_dict(out, return_lora_metadata=True)
+    assert (metadata["transformer.r"], metadata["transformer.lora_alpha"]) == (4, 4)
+
+    pipeline = _flux_pipeline(tiny_flux)
+    base = render(pipeline)
+    pipeline.load_lora_weights(out)
+    assert not (render(pipeline) == base).all()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prior preservation, CLIP LoRA, --lora_layers, rank and alpha, rotation, exact resume
+# --------------------------------------------------------------------------------------------------------------------
+
+# 2 class images generated by the Flux pipeline; batch 1 (3 steps per epoch, so checkpoint-2 is mid-epoch), 4 steps,
+# a checkpoint every 2 of which only the newest is kept.
+PRIOR_SETTINGS = {"with_prior_preservation": True, "class_prompt": CLASS_PROMPT, "num_class_images": 2,
+                  "sample_batch_size": 2, "train_text_encoder": True, "lora_layers": "attn.to_k,attn.to_q",
+                  "rank": 4, "lora_alpha": 8, "weighting_scheme": "logit_normal", "max_train_steps": 4,
+                  "checkpointing_steps": 2, "checkpoints_total_limit": 1}
+
+
+@pytest.fixture(scope="module")
+def prior_run(tiny_flux, instance_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux_prior")
+    out, class_dir = str(root / "out"), str(root / "class")
+    result = train(SCRIPT, flux_args(tiny_flux, instance_folder, out, class_data_dir=class_dir, **PRIOR_SETTINGS))
+    return {"out": out, "class_dir": class_dir, "result": result}
+
+
+def test_prior_preservation_clip_lora_layers_rank_and_alpha_load_into_the_flux_pipeline(tiny_flux, prior_run):
+    out, result = prior_run["out"], prior_run["result"]
+    assert "2 class images (2 generated this run)" in result.stderr
+    assert len(os.listdir(prior_run["class_dir"])) == 2
+    assert checkpoints(out) == {"checkpoint-4"}
+    assert_same_lora(os.path.join(out, "checkpoint-4"), out)
+
+    # The transformer's attn.to_k / attn.to_q only (in the double- and the single-stream block), and CLIP; T5 frozen.
+    weights = lora(out)
+    assert parts(weights) == {"transformer", "text_encoder"}
+    modules = {key.split(".lora_")[0] for key in weights if key.startswith("transformer.")}
+    assert modules == {f"transformer.{block}.0.attn.{name}" for block in ("transformer_blocks",
+                                                                          "single_transformer_blocks")
+                       for name in ("to_k", "to_q")}
+    # Rank 4 everywhere; alpha 8 in the file's adapter metadata, so that loading scales by 8 / 4.
+    assert {min(tensor.shape) for tensor in weights.values()} == {4}
+    from diffusers import FluxPipeline
+
+    _, metadata = FluxPipeline.lora_state_dict(out, return_lora_metadata=True)
+    assert metadata["transformer.r"] == 4 and metadata["transformer.lora_alpha"] == 8
+
+    pipeline = _flux_pipeline(tiny_flux)
+    base = render(pipeline)
+    pipeline.load_lora_weights(out)
+    assert not (render(pipeline) == base).all()
+    config = next(iter(pipeline.transformer.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert any("lora_" in name for name, _ in pipeline.text_encoder.named_parameters())
+    assert not any("lora_" in name for name, _ in pipeline.text_encoder_2.named_parameters())
+
+
+def test_flux_exact_resume_with_clip_lora_and_prior_preservation(tiny_flux, instance_folder, prior_run, tmp_path):
+    """The first 2 steps of prior_run (class images reused), their checkpoint-2 resumed in a fresh folder to step 4
+    == prior_run, bit for bit; rotation there too leaves checkpoint-4 only."""
+    settings = dict(PRIOR_SETTINGS, class_data_dir=prior_run["class_dir"])
+    half = str(tmp_path / "half")
+    result = train(SCRIPT, flux_args(tiny_flux, instance_folder, half, **dict(settings, max_train_steps=2)))
+    assert "(0 generated this run)" in result.stderr
+    assert checkpoints(half) == {"checkpoint-2"}
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(half, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = train(SCRIPT, flux_args(tiny_flux, instance_folder, resumed, resume_from_checkpoint="latest",
+                                     **settings))
+    assert f"Resuming from {os.path.join(resumed, 'checkpoint-2')}" in result.stderr
+    assert checkpoints(resumed) == {"checkpoint-4"}
+    for folder in ("checkpoint-4", "."):
+        assert_same_lora(os.path.join(prior_run["out"], folder), os.path.join(resumed, folder))
+    assert_trained_between(os.path.join(half, "checkpoint-2"), resumed)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Accumulation, the feature caches, exact resume
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_flux_caches_equal_fresh_encodings_and_resume_exactly_with_accumulation(tiny_flux, instance_folder, tmp_path):
+    """Accumulation 2, center crops, 4 steps, checkpoints at 2 and 4:
+    - --cache_latents --cache_text_embeddings (VAE latents; T5 hidden states and CLIP pooled embeddings) train
+      exactly like the uncached run (which also encodes its prompts once, before training);
+    - the uncached run's checkpoint-2 resumed in a fresh folder, from the filled caches, ends bit for bit like it."""
+    settings = {"center_crop": True, "gradient_accumulation_steps": 2, "max_train_steps": 4,
+                "checkpointing_steps": 2}
+    cache = str(tmp_path / "cache")
+    cached_flags = {"cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": cache}
+    fresh = str(tmp_path / "fresh")
+    train(SCRIPT, flux_args(tiny_flux, instance_folder, fresh, **settings))
+    assert checkpoints(fresh) == {"checkpoint-2", "checkpoint-4"}
+    assert parts(lora(fresh)) == {"transformer"}
+
+    cached = str(tmp_path / "cached")
+    result = train(SCRIPT, flux_args(tiny_flux, instance_folder, cached, **settings, **cached_flags))
+    assert "latents: 0 of 3 cached" in result.stderr
+    assert re.search(r"text_embeddings: 0 of [1-9]", result.stderr), result.stderr[-3000:]
+    for folder in ("checkpoint-2", "."):
+        assert_same_lora(os.path.join(fresh, folder), os.path.join(cached, folder))
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(fresh, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = train(SCRIPT, flux_args(tiny_flux, instance_folder, resumed, resume_from_checkpoint="latest",
+                                     **settings, **cached_flags))
+    assert "latents: 3 of 3 cached" in result.stderr
+    assert re.search(r"text_embeddings: ([1-9]\d*) of \1 cached", result.stderr), result.stderr[-3000:]
+    for folder in ("checkpoint-4", "."):
+        assert_same_lora(os.path.join(fresh, folder), os.path.join(resumed, folder))
+    assert_trained_between(os.path.join(fresh, "checkpoint-2"), fresh)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2 processes, SIGTERM
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_flux_two_processes_resume_exactly(tiny_flux, instance_folder, tmp_path):
+    """CPU DDP over gloo: 4 steps with a checkpoint every 2; checkpoint-2 resumed on 2 processes in another folder
+    == the straight 2-process run, bit for bit; the processes exit cleanly."""
+    settings = {"max_train_steps": 4, "checkpointing_steps": 2}
+    straight = str(tmp_path / "straight")
+    result = launch(SCRIPT, flux_args(tiny_flux, instance_folder, straight, **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert "total batch 2" in result.stderr
+    assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
+    assert set(os.listdir(os.path.join(straight, "checkpoint-2"))) >= {"random_states_0.pkl", "random_states_1.pkl"}
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = launch(SCRIPT, flux_args(tiny_flux, instance_folder, resumed, resume_from_checkpoint="checkpoint-2",
+                                      **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    for folder in ("checkpoint-4", "."):
+        assert_same_lora(os.path.join(straight, folder), os.path.join(resumed, folder))
+    assert_trained_between(os.path.join(straight, "checkpoint-2"), straight)
+
+
+def test_flux_sigterm_saves_a_checkpoint_and_exits_143(tiny_flux, instance_folder, tmp_path):
+    """SIGTERM mid-run (accumulation 2, CLIP LoRA): the current optimizer step ends, a checkpoint of it is saved and
+    named, the exit status is 143, and no final weights are written."""
+    steps = 500
+    out = str(tmp_path / "out")
+    process = start_python(SCRIPT, flux_args(tiny_flux, instance_folder, out, gradient_accumulation_steps=2,
+                                             train_text_encoder=True, max_train_steps=steps, checkpointing_steps=2))
+    wait_for_path(os.path.join(out, "checkpoint-2"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert "Received SIGTERM" in stderr
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(out))
+    assert 2 <= stop_step < steps, "the signal arrived after the run had finished: the test needs more steps"
+    assert os.path.join(out, f"checkpoint-{stop_step}") in stderr
+    assert "Continue with --resume_from_checkpoint latest" in stdout
+    assert parts(lora(os.path.join(out, f"checkpoint-{stop_step}"))) == {"transformer", "text_encoder"}
+    assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, before any model loads, output_dir untouched
+# --------------------------------------------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "unknown weighting scheme": ({"weighting_scheme": "bogus"}, ["--weighting_scheme", "bogus"]),
+    "lora layer matching no module": ({"lora_layers": "no_such_module"}, ["--lora_layers", "no_such_module"]),
+    "T5 sequence over 512": ({"max_sequence_length": 1000}, ["--max_sequence_length", "512"]),
+    "SD-only flag on Flux": ({"snr_gamma": 5}, ["--snr_gamma", "FLUX"]),
+    "DoRA on Flux": ({"use_dora": True}, ["--use_dora", "FLUX"]),
+    "kohya copy on Flux": ({"output_kohya_format": True}, ["--output_kohya_format", "FLUX"]),
+    "resolution not a multiple of 16": ({"resolution": 40}, ["--resolution", "16"]),
+    "bucket side not a multiple of 16": ({"aspect_ratio_buckets": "32,32;32,40"}, ["32,40", "16"]),
+    "Flux-only flag on SD": ({"guidance_scale": 3.5, "model": "tiny_sd"}, ["--guidance_scale", "FLUX"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_flux_bad_input_gets_one_line_error(case, tiny_flux, instance_folder, request, tmp_path, capsys):
+    """SPEC §7 for the Flux flags (checked on the model's config, before any weights load): one line naming the
+    flag, exit status 2, no traceback, an existing output_dir left as it was."""
+    overrides, expected = BAD_INPUTS[case]
+    overrides = dict(overrides)
+    model = request.getfixturevalue(overrides.pop("model", "tiny_flux"))
+    out = tmp_path / "existing_output"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    before = snapshot(str(out))
+    status, stderr = fail_in_process("train_dreambooth_lora",
+                                     flux_args(model, instance_folder, str(out), **overrides), capsys)
+    assert status == 2
+    assert_one_line_error(status, stderr, expected)
+    assert snapshot(str(out)) == before
