@@ -181,6 +181,9 @@ def check_pipeline_folder(path, parts):
     check_local_or_hub_id("--pretrained_model_name_or_path", path)
     if os.path.isdir(path):
         missing = [part for part in parts if not os.path.isdir(os.path.join(path, part))]
+        if "unet" in missing and is_flux_model(path):
+            raise InputError(f"--pretrained_model_name_or_path {path!r} is a FLUX.1 model, which only "
+                             "train_dreambooth_lora.py trains (FLUX.1 LoRA); this script trains SD and SDXL UNets")
         if missing:
             raise InputError(
                 f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "

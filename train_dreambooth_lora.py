@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DreamBooth with LoRA: teach a Stable Diffusion (or SDXL) pipeline a subject from a few images, training only
+"""DreamBooth with LoRA: teach a Stable Diffusion (SDXL, FLUX.1) pipeline a subject from a few images, training only
 low-rank adapters (peft) on the UNet's attention projections and, optionally, on the text encoder(s).
 
 A drop-in replacement for diffusers' `examples/dreambooth/train_dreambooth_lora.py`: the same flags and defaults, the
@@ -23,6 +23,15 @@ penultimate hidden states, text_encoder_2's pooled embedding and time ids from e
 `--pretrained_vae_model_name_or_path`; upstream SDXL's defaults for flags left out (resolution 1024, weight decay 1e-4,
 text-encoder learning rate 5e-6 and weight decay 1e-3). The SDXL-aware parts are load_models, encode_prompts,
 added_conditions and validation_components.
+
+A FLUX.1 base model (train_common.is_flux_model: a Flux pipeline, a FluxTransformer2DModel in transformer/) switches
+the script to upstream's `train_dreambooth_lora_flux.py`, whose command line works unchanged: LoRA on the transformer's
+attention and feed-forward projections (--lora_layers, --rank, --lora_alpha) and, with --train_text_encoder, on CLIP
+(T5 stays frozen); trained by flow matching (flux_loss: --weighting_scheme, --guidance_scale, the shared
+train_common.sample_flow_matching_sigmas / flow_matching_inputs / flow_matching_loss); conditioned on T5's hidden states
+(--max_sequence_length) and CLIP's pooled embedding; `transformer.*` keys for FluxPipeline.load_lora_weights. Its
+prompts are encoded once and the text encoders freed unless the CLIP LoRA trains. The Flux-aware parts are
+validate_flux_args, load_flux_models, encode_prompts, flux_loss and validation_components.
 
 The flags of upstream's SDXL script work on SD models too: instance images from a dataset (`--dataset_name`,
 `--image_column`, `--caption_column` prompts, `--repeats`, `--random_flip`), DoRA (`--use_dora`), Prodigy
@@ -270,6 +279,8 @@ def parse_args(argv=None):
         help="FLUX.1: T5 prompt tokens (padded and truncated to this); default 512, its maximum.")
     add("--upcast_before_saving", action="store_true",
         help="FLUX.1: save the final LoRA weights in fp32 instead of the mixed-precision dtype (as upstream).")
+    add("--enable_npu_flash_attention", action="store_true",
+        help="FLUX.1 on Ascend NPUs: the transformer's attention through torch_npu's flash attention (upstream's flag).")
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
     # Additions
     add("--logging_steps", type=int, default=10,
@@ -306,7 +317,8 @@ MODEL_DEFAULTS = {
              "guidance_scale": 3.5, "weighting_scheme": "none", "max_sequence_length": 512},
 }
 # The flags only upstream's Flux script has: refused on SD and SDXL models when given.
-FLUX_ONLY_FLAGS = ("guidance_scale", "weighting_scheme", "max_sequence_length", "upcast_before_saving")
+FLUX_ONLY_FLAGS = ("guidance_scale", "weighting_scheme", "max_sequence_length", "upcast_before_saving",
+                   "enable_npu_flash_attention")
 
 
 def validate_args(args):
@@ -472,6 +484,8 @@ def validate_flux_args(args):
         if given:
             raise InputError(f"{flag} cannot apply to the FLUX.1 model {args.pretrained_model_name_or_path!r}: "
                              f"{reason}")
+    if args.enable_npu_flash_attention:
+        common.require_package("torch_npu", "--enable_npu_flash_attention", "it runs on Ascend NPUs with torch_npu")
     if args.max_sequence_length is not None and args.max_sequence_length > FLUX_MAX_SEQUENCE_LENGTH:
         raise InputError(f"--max_sequence_length {args.max_sequence_length} is over {FLUX_MAX_SEQUENCE_LENGTH}, the "
                          "most T5 prompt tokens FLUX.1 takes (FluxPipeline's limit)")
@@ -894,8 +908,9 @@ class PromptInputs:
     output computed once per distinct prompt (`embeddings`: a dict, or a CachedPromptEmbeddings reading the disk
     cache). `max_lengths`: each tokenizer's padded length (None: its model_max_length), from prompt_lengths."""
 
-    def __init__(self, tokenizers, max_lengths, embeddings=None):
-        self.tokenizers, self.max_lengths, self.embeddings = tokenizers, max_lengths, embeddings
+    def __init__(self, tokenizers, max_lengths=None, embeddings=None):
+        self.tokenizers, self.embeddings = tokenizers, embeddings
+        self.max_lengths = max_lengths or (None,) * len(tokenizers or ())
 
     def __call__(self, prompt):
         if self.embeddings is not None:
@@ -1958,6 +1973,8 @@ def main(argv=None):
     cast_training_params(trained_models, dtype=torch.float32)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
+    if args.enable_npu_flash_attention:
+        unet.set_attention_backend("_native_npu")  # upstream's switch
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for text_encoder in trained_models[1:]:

@@ -364,7 +364,8 @@ def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos",
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False,
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
-                "random_flip": False, "snr_gamma": None, "sdxl": False, "buckets": None}
+                "random_flip": False, "snr_gamma": None, "sdxl": False, "flux": False, "model_kind": "sd",
+                "buckets": None}
     defaults.update(values)
     return argparse.Namespace(**defaults)
 
@@ -427,7 +428,7 @@ def test_precomputed_embeddings_follow_mask_and_max_length(tiny_sd, tokenizer):
     # The dataset hands the precomputed embeddings instead of token ids.
     inputs = script.PromptInputs([tokenizer], None, plain)(CLASS_PROMPT)
     assert list(inputs) == ["prompt_embeds"] and torch.equal(inputs["prompt_embeds"], plain[CLASS_PROMPT])
-    assert script.PromptInputs([tokenizer], 12)(CLASS_PROMPT)["input_ids"].shape == (12,)
+    assert script.PromptInputs([tokenizer], (12,))(CLASS_PROMPT)["input_ids"].shape == (12,)
 
 
 class _OneProcess:
@@ -465,8 +466,8 @@ def test_cached_latents_and_prompts_equal_fresh_encodings(tiny_sd, instance_fold
     latent_cache = script.cache_latents(_OneProcess(), vae, [path for path, _ in items + class_items], args,
                                         torch.float32)
     embeddings = script.cache_text_embeddings(_OneProcess(), [text_encoder], [tokenizer], prompts, args, torch.float32)
-    fresh = script.DreamBoothDataset(items, class_items, script.PromptInputs([tokenizer], 16), args, RunState(0))
-    cached = script.DreamBoothDataset(items, class_items, script.PromptInputs([tokenizer], 16, embeddings), args,
+    fresh = script.DreamBoothDataset(items, class_items, script.PromptInputs([tokenizer], (16,)), args, RunState(0))
+    cached = script.DreamBoothDataset(items, class_items, script.PromptInputs([tokenizer], (16,), embeddings), args,
                                       RunState(0))
     cached.use_latent_cache(*latent_cache)
     precomputed = script.precompute_prompt_embeddings([text_encoder], [tokenizer], prompts, args)
@@ -519,7 +520,7 @@ def loss_inputs(tiny_sd, tokenizer):
 def _loss(inputs, **flags):
     return _script().training_loss(inputs["unet"], inputs["vae"], [inputs["text_encoder"]], inputs["scheduler"],
                                    inputs["batch"], torch.Generator().manual_seed(7), _namespace(**flags),
-                                   torch.float32, inputs["vae"].config.scaling_factor).item()
+                                   torch.float32, (inputs["vae"].config.scaling_factor, None)).item()
 
 
 def test_prior_loss_is_added_with_its_weight(loss_inputs):
@@ -541,7 +542,8 @@ def test_upstream_defaults_and_config_file(yaml_file):
     args = script.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                               "--instance_prompt", "p"])
     # --resolution and --adam_weight_decay follow the base model (SD 512 and 1e-2; see the flags tests).
-    defaults = {"output_dir": "lora-dreambooth-model", "resolution": None, "train_batch_size": 4, "learning_rate": 5e-4,
+    # --output_dir and --learning_rate too (None here; validate_args gives SD lora-dreambooth-model and 5e-4).
+    defaults = {"output_dir": None, "resolution": None, "train_batch_size": 4, "learning_rate": None,
                 "num_train_epochs": 1, "checkpointing_steps": 500, "validation_epochs": 50, "num_validation_images": 4,
                 "lr_scheduler": "constant", "lr_warmup_steps": 500, "mixed_precision": None, "rank": 4,
                 "lora_dropout": 0.0, "prior_loss_weight": 1.0, "num_class_images": 100, "sample_batch_size": 4,

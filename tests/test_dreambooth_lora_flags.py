@@ -81,7 +81,7 @@ def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos", "random_flip": False,
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False, "snr_gamma": None,
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
-                "sdxl": False, "instance_prompt": INSTANCE_PROMPT, "dataset_name": None, "instance_data_dir": None,
+                "sdxl": False, "flux": False, "model_kind": "sd", "lora_targets": None, "instance_prompt": INSTANCE_PROMPT, "dataset_name": None, "instance_data_dir": None,
                 "dataset_config_name": None, "cache_dir": None, "image_column": "image", "caption_column": None,
                 "repeats": 1, "buckets": None, "masked_loss": False, "mask_column": None}
     defaults.update(values)
@@ -264,7 +264,8 @@ def test_kohya_file_renders_like_the_diffusers_file_unet_and_text_encoder(tiny_s
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
     torch.manual_seed(0)
-    script.add_lora_adapters(_namespace(rank=4, lora_dropout=0.0, use_dora=False, train_text_encoder=True), unet,
+    script.add_lora_adapters(_namespace(rank=4, lora_alpha=4, lora_dropout=0.0, use_dora=False,
+                                        train_text_encoder=True), unet,
                              [text_encoder])
     with torch.no_grad():
         for model in (unet, text_encoder):
@@ -386,7 +387,7 @@ def test_snr_gamma_weights_the_instance_loss_only(tiny_sd, monkeypatch):
         drawn.clear()
         with torch.no_grad():
             return script.training_loss(unet, vae, [text_encoder], scheduler, batch, torch.Generator().manual_seed(7),
-                                        _namespace(**flags), torch.float32, vae.config.scaling_factor).item()
+                                        _namespace(**flags), torch.float32, (vae.config.scaling_factor, None)).item()
 
     plain = loss()
     weighted = loss(snr_gamma=GAMMA)
@@ -449,16 +450,20 @@ def test_upstream_sdxl_flag_defaults_and_warnings(recwarn):
     assert {key: getattr(args, key) for key in defaults} == defaults
     # Flags left out take the default of the upstream script matching the base model (SD / SDXL).
     assert script.MODEL_DEFAULTS == {
-        False: {"resolution": 512, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
-                "adam_weight_decay_text_encoder": None},
-        True: {"resolution": 1024, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
-               "adam_weight_decay_text_encoder": 1e-3}}
+        "sd": {"resolution": 512, "learning_rate": 5e-4, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
+               "adam_weight_decay_text_encoder": None, "output_dir": "lora-dreambooth-model"},
+        "sdxl": {"resolution": 1024, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+                 "adam_weight_decay_text_encoder": 1e-3, "output_dir": "lora-dreambooth-model"},
+        "flux": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+                 "adam_weight_decay_text_encoder": 1e-3, "output_dir": "flux-dreambooth-lora", "lora_alpha": 4,
+                 "guidance_scale": 3.5, "weighting_scheme": "none", "max_sequence_length": 512}}
     for text, value in (("False", False), ("0", False), ("true", True), ("1", True)):
         assert script.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
                                   "--instance_prompt", "p", "--prodigy_decouple", text]).prodigy_decouple is value
 
     # As upstream: --use_8bit_adam is ignored with prodigy, a low learning rate and --text_encoder_lr are warned about.
     args.optimizer, args.use_8bit_adam, args.train_text_encoder, args.text_encoder_lr = "Prodigy", True, True, 1e-5
+    args.learning_rate = 5e-4  # validate_args' SD default
     script.validate_optimizer_args(args)
     messages = " | ".join(str(warning.message) for warning in recwarn)
     assert args.optimizer == "prodigy"

@@ -234,7 +234,7 @@ def test_sdxl_precomputed_embeddings_hold_both_encoders_and_the_pooled_embedding
     pooled_prompt_embeds."""
     script = _script()
     pipeline = _sdxl_pipeline(tiny_sdxl)
-    args = argparse.Namespace(sdxl=True, tokenizer_max_length=None)
+    args = argparse.Namespace(sdxl=True, flux=False, tokenizer_max_length=None)
     embeddings = script.precompute_prompt_embeddings([pipeline.text_encoder, pipeline.text_encoder_2],
                                                      [pipeline.tokenizer, pipeline.tokenizer_2],
                                                      [INSTANCE_PROMPT, CLASS_PROMPT, INSTANCE_PROMPT], args)
