@@ -280,7 +280,7 @@ def parse_args(argv=None):
     add("--upcast_before_saving", action="store_true",
         help="FLUX.1: save the final LoRA weights in fp32 instead of the mixed-precision dtype (as upstream).")
     add("--enable_npu_flash_attention", action="store_true",
-        help="FLUX.1 on Ascend NPUs: the transformer's attention through torch_npu's flash attention (upstream's flag).")
+        help="FLUX.1 on Ascend NPUs: the transformer's attention by torch_npu's flash attention (upstream's flag).")
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
     # Additions
     add("--logging_steps", type=int, default=10,

@@ -81,7 +81,8 @@ def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos", "random_flip": False,
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False, "snr_gamma": None,
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
-                "sdxl": False, "flux": False, "model_kind": "sd", "lora_targets": None, "instance_prompt": INSTANCE_PROMPT, "dataset_name": None, "instance_data_dir": None,
+                "sdxl": False, "flux": False, "model_kind": "sd", "lora_targets": None,
+                "instance_prompt": INSTANCE_PROMPT, "dataset_name": None, "instance_data_dir": None,
                 "dataset_config_name": None, "cache_dir": None, "image_column": "image", "caption_column": None,
                 "repeats": 1, "buckets": None, "masked_loss": False, "mask_column": None}
     defaults.update(values)
