@@ -377,7 +377,13 @@ def validate_args(args):
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise InputError("--train_text_encoder cannot be used with --pre_compute_text_embeddings")
     if args.cache_latents and not args.center_crop:
-        raise InputError("--cache_latents needs --center_crop: a random crop changes every epoch and cannot be cached")
+        if not args.flux:
+            raise InputError("--cache_latents needs --center_crop: a random crop changes every epoch and cannot be "
+                             "cached")
+        # Upstream's Flux script caches one crop per image, made once; its command lines use --cache_latents alone.
+        warnings.warn("--cache_latents without --center_crop: the latents of centre crops are cached (a random crop "
+                      "changes every epoch)", stacklevel=1)
+        args.center_crop = True
     if args.train_text_encoder and args.cache_text_embeddings:
         raise InputError("--cache_text_embeddings cannot be used with --train_text_encoder: the text encoder trains, "
                          "so its embeddings change every step")
@@ -908,13 +914,16 @@ class PromptInputs:
     output computed once per distinct prompt (`embeddings`: a dict, or a CachedPromptEmbeddings reading the disk
     cache). `max_lengths`: each tokenizer's padded length (None: its model_max_length), from prompt_lengths."""
 
-    def __init__(self, tokenizers, max_lengths=None, embeddings=None):
-        self.tokenizers, self.embeddings = tokenizers, embeddings
+    def __init__(self, tokenizers, max_lengths=None, embeddings=None, t5_states=None):
+        self.tokenizers, self.embeddings, self.t5_states = tokenizers, embeddings, t5_states
         self.max_lengths = max_lengths or (None,) * len(tokenizers or ())
 
     def __call__(self, prompt):
         if self.embeddings is not None:
             return embedding_inputs(self.embeddings[prompt])
+        if self.t5_states is not None:  # FLUX.1 training CLIP: its token ids, and T5's states computed once
+            input_ids = tokenize_prompt(self.tokenizers[0], [prompt], self.max_lengths[0]).input_ids[0]
+            return {"input_ids": input_ids, "t5_states": self.t5_states[prompt]}
         if len(self.tokenizers) == 2:  # SDXL: two CLIP tokenizers; FLUX.1: CLIP and T5
             input_ids, input_ids_2 = [tokenize_prompt(tokenizer, [prompt], length).input_ids[0]
                                       for tokenizer, length in zip(self.tokenizers, self.max_lengths)]
@@ -1071,6 +1080,8 @@ def encode_prompts(args, text_encoders, inputs):
     if args.flux:
         clip, t5 = text_encoders
         pooled = clip(inputs["input_ids"], output_hidden_states=False).pooler_output
+        if "t5_states" in inputs:  # precompute_t5_states
+            return inputs["t5_states"], pooled
         return t5(inputs["input_ids_2"], output_hidden_states=False)[0], pooled
     if args.sdxl:
         return common.encode_prompt_sdxl(text_encoders, [inputs["input_ids"], inputs["input_ids_2"]])
@@ -1096,6 +1107,26 @@ def precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args):
             hidden, pooled = encode_prompts(args, text_encoders, inputs)
             embeddings[prompt] = prompt_embeddings_of(hidden[0].cpu(), None if pooled is None else pooled[0].cpu())
     return embeddings
+
+
+def precompute_t5_states(t5, tokenizer, prompts, args):
+    """{prompt: FLUX.1's T5 hidden states on the CPU} for each distinct prompt, encoded once (T5 is frozen even when
+    --train_text_encoder trains CLIP)."""
+    states = {}
+    with torch.no_grad():
+        for prompt in dict.fromkeys(prompts):
+            input_ids = tokenize_prompt(tokenizer, [prompt], args.max_sequence_length).input_ids.to(t5.device)
+            states[prompt] = t5(input_ids, output_hidden_states=False)[0][0].cpu()
+    return states
+
+
+def flux_validation_embeddings(pipeline, t5_states, prompt):
+    """{prompt: embeddings} for a FLUX.1 validation pipeline without T5: its precomputed states and the pooled
+    embedding of the pipeline's (trained) CLIP."""
+    with torch.no_grad():
+        input_ids = tokenize_prompt(pipeline.tokenizer, [prompt]).input_ids.to(pipeline.text_encoder.device)
+        pooled = pipeline.text_encoder(input_ids, output_hidden_states=False).pooler_output[0]
+    return {prompt: {"prompt_embeds": t5_states[prompt], "pooled_prompt_embeds": pooled}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1987,25 +2018,32 @@ def main(argv=None):
     # FLUX.1's frozen text encoders (T5-XXL alone is 9 GB in bf16) encode the prompts once and leave memory, as
     # upstream's Flux script does with its instance prompt.
     encode_once = args.flux and not args.train_text_encoder
+    # Every prompt a batch or a validation image can use ("" is also the negative prompt of classifier-free guidance
+    # and every dropped instance prompt).
+    prompts = [prompt for _, prompt in instance_items + class_items]
+    prompts += ([args.validation_prompt, ""] if args.validation_prompt is not None else []) + \
+        ([""] if args.proportion_empty_prompts else [])
+    t5_states = None
     if args.pre_compute_text_embeddings or args.cache_text_embeddings or encode_once:
-        # Every prompt a batch or a validation image can use, encoded once; then the text encoder is freed. With
-        # --cache_text_embeddings the embeddings are kept on disk and reused by later runs.
-        prompts = [prompt for _, prompt in instance_items + class_items]
-        if args.validation_prompt is not None:
-            prompts += [args.validation_prompt, ""]  # "" is the negative prompt of classifier-free guidance
-        if args.proportion_empty_prompts:
-            prompts.append("")  # the dropped instance prompts: encoded once like the others
+        # Encoded once; then the text encoders are freed. With --cache_text_embeddings the embeddings are kept on disk
+        # and reused by later runs.
         if args.cache_text_embeddings:
             prompt_embeddings = cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
                                                       weight_dtype)
         else:
             prompt_embeddings = precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args)
         text_encoders = None
+    elif args.flux:
+        # --train_text_encoder trains CLIP's LoRA; T5 stays frozen, so its states are computed once and it leaves
+        # memory (upstream keeps it loaded).
+        t5_states = precompute_t5_states(text_encoders[1], tokenizers[1], prompts, args)
+        text_encoders = [text_encoders[0], None]
+        logger.info(f"T5 encoded the {len(t5_states)} distinct prompts once and left memory; CLIP's LoRA trains")
     # FLUX.1's VAE also shifts its latents; DeepFloyd IF has no VAE.
     latent_scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)) if vae is not None \
         else (1.0, None)
     train_dataset = DreamBoothDataset(
-        instance_items, class_items, PromptInputs(tokenizers, prompt_lengths(args), prompt_embeddings), args,
+        instance_items, class_items, PromptInputs(tokenizers, prompt_lengths(args), prompt_embeddings, t5_states), args,
         run_state, buckets=buckets, masks=masks, caption_dropout=args.proportion_empty_prompts,
     )
     if buckets is not None:
@@ -2162,14 +2200,17 @@ def main(argv=None):
             # no vae component to pass; one dropped after --cache_latents is loaded again for the validation.
             components = validation_components(
                 args, accelerator.unwrap_model(unet), tokenizers,
-                [accelerator.unwrap_model(model) for model in text_encoders] if text_encoders else None, vae)
+                [model and accelerator.unwrap_model(model) for model in text_encoders] if text_encoders else None, vae)
             for model in trained_models:
                 model.eval()
             pipeline = validation_pipeline(args, **components)
             if args.cache_latents:
                 pipeline.vae.to(dtype=common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path)
                                 if args.sdxl else weight_dtype)
-            images = generate_validation_images(accelerator, pipeline, args, run_state.seed, prompt_embeddings)
+            embeddings = prompt_embeddings
+            if t5_states is not None:  # FLUX.1 with T5 freed: the trained CLIP's pooled embedding beside T5's states
+                embeddings = flux_validation_embeddings(pipeline, t5_states, args.validation_prompt)
+            images = generate_validation_images(accelerator, pipeline, args, run_state.seed, embeddings)
             del pipeline
             if accelerator.is_main_process:
                 folder = log_validation_images(accelerator, images, f"epoch_{epoch:04d}", epoch, global_step, args)

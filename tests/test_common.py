@@ -207,6 +207,59 @@ def make_checkpoints(folder, *names):
         open(os.path.join(folder, name, "state.bin"), "w").write(name)
 
 
+def test_flow_matching_draws_upstreams_timesteps_sigmas_inputs_and_weighted_loss():
+    """FLUX.1's flow matching as upstream's train_dreambooth_lora_flux.py computes it, from a restorable generator:
+    u from compute_density_for_timestep_sampling -> index into the scheduler's timesteps -> the sigma of that timestep
+    (upstream looks it up by value), x = (1 - sigma) latents + sigma noise, target noise - latents, and the per-sample
+    mean of compute_loss_weighting_for_sd3's weights times the squared error."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # shifted training sigmas, as FLUX.1 [schnell]'s
+    latents, noise, prediction = (torch.randn(4, 4, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    for scheme in common.FLOW_WEIGHTING_SCHEMES:
+        timesteps, sigmas = common.sample_flow_matching_sigmas(scheduler, 4, scheme, torch.Generator().manual_seed(5),
+                                                               "cpu", 0.0, 1.0, 1.29)
+        again = common.sample_flow_matching_sigmas(scheduler, 4, scheme, torch.Generator().manual_seed(5), "cpu")
+        assert torch.equal(timesteps, again[0]) and torch.equal(sigmas, again[1])
+        u = compute_density_for_timestep_sampling(scheme, 4, 0.0, 1.0, 1.29, generator=torch.Generator().manual_seed(5))
+        expected_timesteps = scheduler.timesteps[(u * 1000).long()]
+        expected_sigmas = torch.stack([scheduler.sigmas[(scheduler.timesteps == t).nonzero().item()]
+                                       for t in expected_timesteps]).reshape(4, 1, 1, 1)
+        assert torch.equal(timesteps, expected_timesteps) and torch.equal(sigmas, expected_sigmas)
+
+        noisy, target = common.flow_matching_inputs(latents, noise, sigmas)
+        assert torch.equal(noisy, (1.0 - sigmas) * latents + sigmas * noise) and torch.equal(target, noise - latents)
+        weighting = compute_loss_weighting_for_sd3(scheme, sigmas)
+        upstream = torch.mean((weighting * (prediction - target) ** 2).reshape(4, -1), 1).mean()
+        loss = common.flow_matching_loss(prediction, target, sigmas, scheme)
+        torch.testing.assert_close(loss, upstream, rtol=1e-6, atol=0)
+        ones = torch.ones(4, 1, 6, 6)
+        assert torch.equal(common.flow_matching_loss(prediction, target, sigmas, scheme, mask=ones), loss)
+    # The schemes differ: logit_normal concentrates timesteps mid-way, sigma_sqrt and cosmap weight the loss.
+    uniform = common.sample_flow_matching_sigmas(scheduler, 4000, "none", torch.Generator().manual_seed(0), "cpu")[1]
+    logit = common.sample_flow_matching_sigmas(scheduler, 4000, "logit_normal", torch.Generator().manual_seed(0),
+                                               "cpu")[1]
+    assert logit.std() < uniform.std()
+
+
+def test_flux_is_detected_from_the_pipeline_class_or_the_transformer(tmp_path):
+    from helpers import write_json
+
+    flux = tmp_path / "flux"
+    (flux / "transformer").mkdir(parents=True)
+    write_json(str(flux / "model_index.json"), {"_class_name": "FluxPipeline"})
+    assert common.is_flux_model(str(flux)) and not common.is_sdxl_model(str(flux))
+    (flux / "model_index.json").unlink()
+    assert not common.is_flux_model(str(flux))
+    write_json(str(flux / "transformer" / "config.json"), {"_class_name": "FluxTransformer2DModel"})
+    assert common.is_flux_model(str(flux))
+    assert not common.is_flux_model(str(tmp_path / "missing"))
+    # An SD script given a FLUX.1 folder names the one script that trains it.
+    with pytest.raises(common.InputError, match="is a FLUX.1 model, which only train_dreambooth_lora.py trains"):
+        common.check_pipeline_folder(str(flux), ("tokenizer", "unet"))
+
+
 def test_latest_ignores_partial_and_unrelated_folders(tmp_path):
     folder = str(tmp_path)
     assert common.resolve_resume_checkpoint(folder, "latest") is None

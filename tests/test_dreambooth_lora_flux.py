@@ -144,6 +144,8 @@ def prior_run(tiny_flux, instance_folder, tmp_path_factory):
 def test_prior_preservation_clip_lora_layers_rank_and_alpha_load_into_the_flux_pipeline(tiny_flux, prior_run):
     out, result = prior_run["out"], prior_run["result"]
     assert "2 class images (2 generated this run)" in result.stderr
+    # CLIP trains; the frozen T5 encoded the instance and class prompts once and left memory.
+    assert "T5 encoded the 2 distinct prompts once and left memory" in result.stderr
     assert len(os.listdir(prior_run["class_dir"])) == 2
     assert checkpoints(out) == {"checkpoint-4"}
     assert_same_lora(os.path.join(out, "checkpoint-4"), out)
@@ -200,8 +202,9 @@ def test_flux_exact_resume_with_clip_lora_and_prior_preservation(tiny_flux, inst
 
 def test_flux_caches_equal_fresh_encodings_and_resume_exactly_with_accumulation(tiny_flux, instance_folder, tmp_path):
     """Accumulation 2, center crops, 4 steps, checkpoints at 2 and 4:
-    - --cache_latents --cache_text_embeddings (VAE latents; T5 hidden states and CLIP pooled embeddings) train
-      exactly like the uncached run (which also encodes its prompts once, before training);
+    - --cache_latents --cache_text_embeddings (VAE latents; T5 hidden states and CLIP pooled embeddings), given
+      without --center_crop as upstream's command lines give them, train exactly like the uncached run with
+      --center_crop (which also encodes its prompts once, before training);
     - the uncached run's checkpoint-2 resumed in a fresh folder, from the filled caches, ends bit for bit like it."""
     settings = {"center_crop": True, "gradient_accumulation_steps": 2, "max_train_steps": 4,
                 "checkpointing_steps": 2}
@@ -212,8 +215,11 @@ def test_flux_caches_equal_fresh_encodings_and_resume_exactly_with_accumulation(
     assert checkpoints(fresh) == {"checkpoint-2", "checkpoint-4"}
     assert parts(lora(fresh)) == {"transformer"}
 
+    # Upstream's Flux command lines give --cache_latents without --center_crop: centre crops are cached, said once.
     cached = str(tmp_path / "cached")
-    result = train(SCRIPT, flux_args(tiny_flux, instance_folder, cached, **settings, **cached_flags))
+    result = train(SCRIPT, flux_args(tiny_flux, instance_folder, cached, **{**settings, "center_crop": False},
+                                     **cached_flags))
+    assert "the latents of centre crops are cached" in result.stderr
     assert "latents: 0 of 3 cached" in result.stderr
     assert re.search(r"text_embeddings: 0 of [1-9]", result.stderr), result.stderr[-3000:]
     for folder in ("checkpoint-2", "."):
@@ -310,3 +316,47 @@ def test_flux_bad_input_gets_one_line_error(case, tiny_flux, instance_folder, re
     assert status == 2
     assert_one_line_error(status, stderr, expected)
     assert snapshot(str(out)) == before
+
+
+def test_flux_prompt_conditioning_is_the_pipelines(tiny_flux):
+    """What the transformer trains on is what FluxPipeline.encode_prompt gives at inference: T5's last hidden state
+    at --max_sequence_length tokens and CLIP's pooled output, from token ids (every step, CLIP training) or encoded
+    once (the default, --pre_compute_text_embeddings) or T5 alone once (CLIP training)."""
+    import argparse
+
+    import train_dreambooth_lora as script
+
+    pipeline = _flux_pipeline(tiny_flux)
+    args = argparse.Namespace(flux=True, sdxl=False, max_sequence_length=16, tokenizer_max_length=None)
+    tokenizers, text_encoders = [pipeline.tokenizer, pipeline.tokenizer_2], [pipeline.text_encoder,
+                                                                              pipeline.text_encoder_2]
+    with torch.no_grad():  # as FluxPipeline.__call__ runs it (T5's attention takes another kernel with autograd)
+        expected_embeds, expected_pooled, _ = pipeline.encode_prompt(INSTANCE_PROMPT, None, max_sequence_length=16)
+    inputs = script.PromptInputs(tokenizers, script.prompt_lengths(args))(INSTANCE_PROMPT)
+    assert inputs["input_ids"].shape == (77,) and inputs["input_ids_2"].shape == (16,)
+    with torch.no_grad():
+        embeds, pooled = script.encode_prompts(args, text_encoders, {key: value[None] for key, value in inputs.items()})
+    assert torch.equal(embeds, expected_embeds) and torch.equal(pooled, expected_pooled)
+    once = script.precompute_prompt_embeddings(text_encoders, tokenizers, [INSTANCE_PROMPT], args)[INSTANCE_PROMPT]
+    assert torch.equal(once["prompt_embeds"], expected_embeds[0])
+    assert torch.equal(once["pooled_prompt_embeds"], expected_pooled[0])
+    t5_states = script.precompute_t5_states(pipeline.text_encoder_2, pipeline.tokenizer_2, [INSTANCE_PROMPT], args)
+    inputs = script.PromptInputs(tokenizers, script.prompt_lengths(args), t5_states=t5_states)(INSTANCE_PROMPT)
+    with torch.no_grad():
+        embeds, pooled = script.encode_prompts(args, [pipeline.text_encoder, None],
+                                               {key: value[None] for key, value in inputs.items()})
+    assert torch.equal(embeds, expected_embeds) and torch.equal(pooled, expected_pooled)
+
+
+def test_lora_layers_take_short_names_and_full_module_paths(tiny_flux, instance_folder):
+    """--lora_layers as upstream's examples write it: short names matching every block's layer ("to_k") or one
+    module's full path ("single_transformer_blocks.0.attn.to_k"), checked on the transformer's config."""
+    import train_dreambooth_lora as script
+
+    for layers, targets in (("to_k, to_q", ["to_k", "to_q"]),
+                            ("single_transformer_blocks.0.attn.to_k", ["single_transformer_blocks.0.attn.to_k"])):
+        args = script.parse_args(["--pretrained_model_name_or_path", tiny_flux, "--instance_data_dir", instance_folder,
+                                  "--instance_prompt", INSTANCE_PROMPT, "--lora_layers", layers])
+        script.validate_args(args)
+        assert args.lora_targets == targets and args.flux and args.lora_alpha == 4
+        assert (args.learning_rate, args.output_dir, args.guidance_scale) == (1e-4, "flux-dreambooth-lora", 3.5)
