@@ -360,3 +360,14 @@ def test_lora_layers_take_short_names_and_full_module_paths(tiny_flux, instance_
         script.validate_args(args)
         assert args.lora_targets == targets and args.flux and args.lora_alpha == 4
         assert (args.learning_rate, args.output_dir, args.guidance_scale) == (1e-4, "flux-dreambooth-lora", 3.5)
+
+
+def test_bf16_training_saves_in_bf16_unless_upcast_before_saving(tiny_flux, instance_folder, tmp_path):
+    """As upstream's Flux script: with --mixed_precision bf16 the final LoRA file is written in bf16 (checkpoints keep
+    the fp32 weights they resume from), and --upcast_before_saving writes it in fp32. bf16 autocast runs on CPU."""
+    for upcast, final_dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        out = str(tmp_path / f"upcast_{upcast}")
+        train(SCRIPT, flux_args(tiny_flux, instance_folder, out, max_train_steps=1, checkpointing_steps=1,
+                                mixed_precision="bf16", upcast_before_saving=upcast))
+        assert {value.dtype for value in lora(out).values()} == {final_dtype}
+        assert {value.dtype for value in lora(os.path.join(out, "checkpoint-1")).values()} == {torch.float32}
