@@ -574,6 +574,8 @@ BAD_ARGUMENTS = {
     "prior preservation without class prompt": ({"with_prior_preservation": True, "class_data_dir": "{empty}"},
                                                 "--class_prompt"),
     "resolution not a multiple of 8": ({"resolution": 60}, "multiple of 8"),
+    "lora_layers naming no UNet layer": ({"lora_layers": "to_k,no_such_layer"},
+                                         "--lora_layers: 'no_such_layer' names no Linear or Conv2d layer of the UNet"),
     "max_train_steps 0": ({"max_train_steps": 0}, "--max_train_steps"),
     "checkpointing_steps 0": ({"checkpointing_steps": 0}, "--checkpointing_steps"),
     "gradient_accumulation_steps 0": ({"gradient_accumulation_steps": 0}, "--gradient_accumulation_steps"),

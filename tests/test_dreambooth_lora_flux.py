@@ -149,6 +149,10 @@ def test_prior_preservation_clip_lora_layers_rank_and_alpha_load_into_the_flux_p
     assert len(os.listdir(prior_run["class_dir"])) == 2
     assert checkpoints(out) == {"checkpoint-4"}
     assert_same_lora(os.path.join(out, "checkpoint-4"), out)
+    # Upstream Flux's defaults: the transformer at weight decay 1e-4, CLIP at 5e-6 and 1e-3.
+    optimizer = torch.load(os.path.join(out, "checkpoint-4", "optimizer.bin"), weights_only=False)
+    assert [(group["lr"], group["weight_decay"]) for group in optimizer["param_groups"]] == [(1e-3, 1e-4),
+                                                                                             (5e-6, 1e-3)]
 
     # The transformer's attn.to_k / attn.to_q only (in the double- and the single-stream block), and CLIP; T5 frozen.
     weights = lora(out)
@@ -242,14 +246,23 @@ def test_flux_caches_equal_fresh_encodings_and_resume_exactly_with_accumulation(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_flux_two_processes_resume_exactly(tiny_flux, instance_folder, tmp_path):
-    """CPU DDP over gloo: 4 steps with a checkpoint every 2; checkpoint-2 resumed on 2 processes in another folder
-    == the straight 2-process run, bit for bit; the processes exit cleanly."""
-    settings = {"max_train_steps": 4, "checkpointing_steps": 2}
+# Mixed-aspect images (conftest.mixed_aspect_folder) in three buckets whose sides are multiples of 16.
+FLUX_BUCKETS = "32,48;48,32;32,32"
+
+
+def test_flux_two_processes_resume_exactly(tiny_flux, mixed_aspect_folder, tmp_path):
+    """CPU DDP over gloo, on real-dataset settings (SPEC §9): aspect-ratio buckets, the masked loss and caption
+    dropout. 4 steps (6 images: 3 steps per epoch, so the run crosses an epoch) with a checkpoint every 2;
+    checkpoint-2 resumed on 2 processes in another folder == the straight 2-process run, bit for bit; the processes
+    exit cleanly."""
+    settings = {"max_train_steps": 4, "checkpointing_steps": 2, "aspect_ratio_buckets": FLUX_BUCKETS,
+                "masked_loss": True, "proportion_empty_prompts": 0.5}
+    instance_folder = mixed_aspect_folder
     straight = str(tmp_path / "straight")
     result = launch(SCRIPT, flux_args(tiny_flux, instance_folder, straight, **settings), num_processes=2)
     assert "terminate called" not in result.stderr
     assert "total batch 2" in result.stderr
+    assert "32x32: 2, 32x48: 2, 48x32: 2" in result.stderr
     assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
     assert set(os.listdir(os.path.join(straight, "checkpoint-2"))) >= {"random_states_0.pkl", "random_states_1.pkl"}
 
@@ -371,3 +384,37 @@ def test_bf16_training_saves_in_bf16_unless_upcast_before_saving(tiny_flux, inst
                                 mixed_precision="bf16", upcast_before_saving=upcast))
         assert {value.dtype for value in lora(out).values()} == {final_dtype}
         assert {value.dtype for value in lora(os.path.join(out, "checkpoint-1")).values()} == {torch.float32}
+
+
+def test_flux_loss_uses_the_guidance_embedding_where_the_transformer_has_one(tiny_flux):
+    """--guidance_scale reaches FLUX.1 [dev]'s guidance embedding (another scale, another loss, with the same draws);
+    a transformer without one (FLUX.1 [schnell]) gets none; the same generator state repeats the loss exactly, and
+    the prior-preservation loss is the instance half's loss plus --prior_loss_weight times the class half's."""
+    import argparse
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    import train_dreambooth_lora as script
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_flux, subfolder="scheduler")
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    embeds, pooled = torch.randn(2, 8, 32), torch.randn(2, 32)
+
+    def loss(model, guidance_scale=3.5, prior_loss_weight=None):
+        args = argparse.Namespace(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                  guidance_scale=guidance_scale, with_prior_preservation=prior_loss_weight is not None,
+                                  prior_loss_weight=prior_loss_weight)
+        with torch.no_grad():
+            return script.flux_loss(model, scheduler, latents, embeds, pooled, None, torch.Generator().manual_seed(3),
+                                    args, torch.float32)
+
+    assert torch.equal(loss(transformer), loss(transformer))
+    assert not torch.equal(loss(transformer), loss(transformer, guidance_scale=1.0))
+    schnell = FluxTransformer2DModel.from_config({**transformer.config, "guidance_embeds": False})
+    assert torch.equal(loss(schnell), loss(schnell, guidance_scale=1.0))
+    # With uniform weights the whole batch's loss is the mean of its two halves' (instance, class): weight 1 gives
+    # their sum, twice the mean, and a smaller weight takes part of the class half's away.
+    whole = loss(transformer)
+    torch.testing.assert_close(loss(transformer, prior_loss_weight=1.0), 2 * whole)
+    assert loss(transformer, prior_loss_weight=0.5) < loss(transformer, prior_loss_weight=1.0)
