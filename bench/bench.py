@@ -29,6 +29,17 @@ The `_mixed` rows (text_to_image_mixed, text_to_image_sdxl_mixed, dreambooth_lor
 data set (landscape, portrait and square images), squared as usual (base, cached) or in three aspect-ratio buckets
 of the same pixel count (buckets, buckets_cached), so the table shows what bucketing costs per step and in memory.
 
+The `dreambooth_lora_flux` row trains train_dreambooth_lora.py (base, cached) on a FLUX.1-shaped pipeline: a small
+Flux transformer (2 double-stream and 4 single-stream blocks, 4 heads of 32, guidance-embedded), a 64-wide CLIP text
+encoder for the pooled embedding and a 64-wide T5 encoder for the text tokens, the bench VAE's shape with 4 latent
+channels (16x16 latents packed 2x2 into 64 tokens of 16 channels), with the dreambooth row's flags plus
+--max_sequence_length 64: T5 prompts of 64 tokens rather than upstream's 512, so that the text encoding is a real
+cost without dominating a model this small. Its floor is the transformer with the script's default LoRA (every
+attention and feed-forward projection of the double-stream blocks, q/k/v of the single-stream ones; rank 4, alpha 4)
+on a fixed packed batch with T5 embeddings of 64 tokens, the pooled embedding, position ids and the guidance. This
+transformer's own step is about a fifth of the SD UNet's, so a fixed per-step cost of the script weighs about five
+times as much in its overhead percentage.
+
     python bench/bench.py                                   # every script, its default variants, 40 steps
     python bench/bench.py --scripts controlnet --variants base,set_grads_to_none --steps 10
     git worktree add /tmp/before a736386 && python bench/bench.py --rounds 3 --baseline_repo /tmp/before
@@ -66,6 +77,16 @@ PLACEHOLDER_TOKEN = "<cat-toy>"
 # Exactly what train_dreambooth_lora.py adds to the UNet (LoraConfig target_modules; r = lora_alpha = --rank 4).
 DREAMBOOTH_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 DREAMBOOTH_LORA_RANK = 4
+# The Flux row (dreambooth_lora_flux): T5 prompt length given to the script (--max_sequence_length; upstream's default
+# is 512), and exactly what train_dreambooth_lora.py adds to the Flux transformer by default (--lora_layers left out:
+# these targets, r = --rank 4, lora_alpha = its Flux default 4), and the guidance it feeds a guidance-distilled
+# transformer (--guidance_scale default).
+FLUX_MAX_SEQUENCE_LENGTH = 64
+FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2"]
+FLUX_LORA_ALPHA = 4
+FLUX_GUIDANCE_SCALE = 3.5
 FLOOR_WARMUP_STEPS = 3
 MAX_GRAD_NORM = 1.0
 
@@ -168,6 +189,73 @@ def build_bench_sdxl_model(folder):
     StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+    ).save_pretrained(folder)
+
+
+def write_t5_tokenizer(folder, model_max_length=512):
+    """A T5 tokenizer made locally (no hub): a `tokenizers` Unigram model over T5's special tokens (<pad> 0, </s> 1,
+    <unk> 2), a whole-word piece for each word of the bench's prompts and single letters for anything else, with T5's
+    Metaspace pre-tokenizer and `</s>` appended, wrapped in transformers' T5TokenizerFast and saved (tokenizer.json);
+    model_max_length 512 as FLUX.1's, so the script's --max_sequence_length check sees a real limit."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = dict.fromkeys(INSTANCE_PROMPT.split() + "a photo of make it".split() + sorted(COLOURS) + list(SHAPES))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + word, -2.0) for word in words]
+    vocab += [(chr(code), -5.0) for code in range(ord("a"), ord("z") + 1)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, extra_ids=0, model_max_length=model_max_length,
+                                eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_bench_flux_model(folder):
+    """A random FLUX.1-layout pipeline (FluxPipeline: tokenizer/ + text_encoder/ a CLIPTextModel whose pooled output
+    conditions the transformer, tokenizer_2/ + text_encoder_2/ a T5EncoderModel whose hidden states are its text
+    tokens, vae/, transformer/, scheduler/ FlowMatchEulerDiscreteScheduler) with a small Flux-shaped transformer:
+    2 double-stream and 4 single-stream blocks, 4 heads of 32 (rope axes 4+14+14), guidance-embedded as FLUX.1-dev,
+    16 input channels = the VAE's 4 latent channels packed 2x2 (128 px -> 16x16 latents -> 64 tokens). The text
+    encoders are 64 wide, 4 layers; the VAE is the SD bench model's shape with Flux's shift and scaling factors."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
+    from tiny_sd import write_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = write_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer_2 = write_t5_tokenizer(os.path.join(folder, "tokenizer_2"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_attention_heads=4,
+        num_hidden_layers=4, max_position_embeddings=TEXT_LENGTH, projection_dim=64,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=64, d_kv=16, d_ff=256, num_layers=4, num_heads=4,
+        feed_forward_proj="gated-gelu", pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id, is_encoder_decoder=False, use_cache=False,
+    ))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 14, 14),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, transformer=transformer,
     ).save_pretrained(folder)
 
 
@@ -309,6 +397,14 @@ MIXED_ROWS = {
 }
 MIXED_ROWS["text_to_image_sdxl_mixed"] = {**MIXED_ROWS["text_to_image_mixed"], "model": "sdxl"}
 SCRIPTS.update(MIXED_ROWS)
+# The Flux row: train_dreambooth_lora.py (it trains Flux when the model folder is a FluxPipeline) with the dreambooth
+# row's flags on the bench Flux pipeline, T5 prompts of FLUX_MAX_SEQUENCE_LENGTH tokens ("extra_flags": flags of this
+# row only). Its floor is its own (FLOORS), not the SD row's.
+FLUX_ROWS = {
+    "dreambooth_lora_flux": {**SD_SCRIPTS["dreambooth_lora"], "model": "flux",
+                             "extra_flags": ["--max_sequence_length", str(FLUX_MAX_SEQUENCE_LENGTH)]},
+}
+SCRIPTS.update(FLUX_ROWS)
 
 
 def base_script(script):
@@ -375,7 +471,8 @@ def script_command(repo, script, model, data_dir, output_dir, steps, extra_flags
         "--output_dir", output_dir, "--resolution", str(RESOLUTION), "--train_batch_size", str(BATCH_SIZE),
         "--seed", "0", "--mixed_precision", "no", "--max_train_steps", str(steps),
         "--logging_steps", str(logging_interval(steps)), "--checkpointing_steps", "1000000",
-        "--report_to", "tensorboard", "--lr_warmup_steps", "0", *extra_flags,
+        "--report_to", "tensorboard", "--lr_warmup_steps", "0", *SCRIPTS[script].get("extra_flags", []),
+        *extra_flags,
     ]
 
 
@@ -673,13 +770,56 @@ def floor_textual_inversion(model, device):
     return embeddings, loss
 
 
-# One floor function per SD row; a `_sdxl` row uses its SD row's (each works on both models).
+def floor_dreambooth_lora_flux(model, device):
+    """Only LoRA adapters on the Flux transformer train (the script's default targets in every double- and
+    single-stream block, rank 4, alpha 4); the base weights are frozen. The batch is what the script feeds it: the
+    16x16 latents packed 2x2 into 64 tokens of 16 channels, T5 hidden states (FLUX_MAX_SEQUENCE_LENGTH tokens), the
+    CLIP pooled embedding, the image and text position ids, a flow-matching timestep in [0, 1) and the guidance."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=FLUX_LORA_ALPHA,
+                                       init_lora_weights="gaussian", target_modules=FLUX_LORA_TARGETS))
+    transformer.train()
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    packed_side = RESOLUTION // 8 // 2
+    tokens, channels = packed_side * packed_side, config.in_channels
+    image_ids = torch.zeros(packed_side, packed_side, 3)
+    image_ids[..., 1] = torch.arange(packed_side)[:, None]
+    image_ids[..., 2] = torch.arange(packed_side)[None, :]
+    batch = {
+        "hidden_states": torch.randn(BATCH_SIZE, tokens, channels, generator=generator),
+        "target": torch.randn(BATCH_SIZE, tokens, channels, generator=generator),
+        "encoder_hidden_states": torch.randn(BATCH_SIZE, FLUX_MAX_SEQUENCE_LENGTH, config.joint_attention_dim,
+                                             generator=generator),
+        "pooled_projections": torch.randn(BATCH_SIZE, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.rand(BATCH_SIZE, generator=generator),
+        "img_ids": image_ids.reshape(tokens, 3),
+        "txt_ids": torch.zeros(FLUX_MAX_SEQUENCE_LENGTH, 3),
+        "guidance": torch.full((BATCH_SIZE,), FLUX_GUIDANCE_SCALE) if config.guidance_embeds else None,
+    }
+    batch = {key: None if value is None else value.to(device) for key, value in batch.items()}
+    inputs = {key: value for key, value in batch.items() if key != "target"}
+    trained = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+
+    def loss():
+        return mse(transformer(**inputs, return_dict=False)[0], batch)
+    return trained, loss
+
+
+# One floor function per SD row; a `_sdxl` row uses its SD row's (each works on both models). The Flux row has its
+# own.
 FLOORS = {
     "text_to_image": floor_text_to_image,
     "dreambooth_lora": floor_dreambooth_lora,
     "controlnet": floor_controlnet,
     "instruct_pix2pix": floor_instruct_pix2pix,
     "textual_inversion": floor_textual_inversion,
+    "dreambooth_lora_flux": floor_dreambooth_lora_flux,
 }
 
 
@@ -819,6 +959,9 @@ def main():
     if any(SCRIPTS[script].get("model") == "sdxl" for script in args.scripts):
         args.models["sdxl"] = ensure_built(os.path.join(args.work_dir, "model-sdxl"), build_bench_sdxl_model,
                                            "bench SDXL pipeline")
+    if any(SCRIPTS[script].get("model") == "flux" for script in args.scripts):
+        args.models["flux"] = ensure_built(os.path.join(args.work_dir, "model-flux"), build_bench_flux_model,
+                                           "bench Flux pipeline")
     args.data = ensure_built(os.path.join(args.work_dir, "data"), build_datasets, "datasets")
     if any(script in MIXED_ROWS for script in args.scripts):
         ensure_built(args.data + "-mixed", build_mixed_dataset, "mixed-aspect data set")
