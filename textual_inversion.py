@@ -19,7 +19,7 @@ which holds the original matrix frozen and the new rows as the only trainable pa
 stays bit-identical by construction, the optimizer state is a few vectors (not the whole vocabulary), and a checkpoint
 only needs the new rows.
 
-SDXL (`textual_inversion_sdxl.py`'s command line, unchanged): an SDXL base model (train_common.is_sdxl_model) adds
+SDXL (`textual_inversion_sdxl.py`'s command line, unchanged): an SDXL base model (families.is_sdxl_model) adds
 the tokens to both tokenizers and both text encoders, each initialised from the initializer token in that encoder,
 and trains the new rows of both; the UNet is conditioned as SDXL is (both encoders' penultimate hidden states, the
 pooled embedding and each image's time ids from its real original size and crop). Outputs: learned_embeds.safetensors
@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-import train_common as common
-from train_common import InputError
+from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
+from trainkit.cli import InputError
 
-# Independent random streams, derived from the run seed (see train_common.derive_seed).
+# Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, VALIDATION_STREAM = 1, 2, 3, 4
 LR_SCHEDULERS = (
     "linear",
@@ -92,7 +92,7 @@ STYLE_TEMPLATES = [
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description="Learn new token embeddings (textual inversion) for Stable Diffusion.")
+    parser = cli.ArgumentParser(description="Learn new token embeddings (textual inversion) for Stable Diffusion.")
     add = parser.add_argument
     # What is learned (upstream)
     add("--placeholder_token", type=str, required=True,
@@ -169,8 +169,8 @@ def parse_args(argv=None):
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
     # Additions: aspect-ratio buckets and validation size, masked loss (SPEC §9; textual inversion trains on caption
     # templates, so there is no caption dropout: an empty prompt would drop the placeholder token)
-    common.add_bucket_arguments(parser)
-    common.add_mask_arguments(parser, column=False)
+    bucketing.add_bucket_arguments(parser)
+    bucketing.add_mask_arguments(parser, column=False)
     add("--max_grad_norm", type=float, default=1.0,
         help="Clip the gradient norm of the learned embeddings to this value.")
     add("--validation_inference_steps", type=int, default=25, help="Denoising steps for validation images.")
@@ -184,9 +184,9 @@ def parse_args(argv=None):
         help="Where --cache_latents keeps its files (default: $DIFFUSION_TRAINING_CACHE or "
              "~/.cache/diffusion-training). Entries are keyed by the images, VAE weights, resolution and transforms, "
              "so one folder serves any number of runs; deleting it is always safe.")
-    args = common.parse_args_with_config(parser, argv)
+    args = cli.parse_args_with_config(parser, argv)
     if args.feature_cache_dir is None:
-        args.feature_cache_dir = common.default_feature_cache_dir()
+        args.feature_cache_dir = feature_cache.default_feature_cache_dir()
     return args
 
 
@@ -196,14 +196,14 @@ def validate_args(args):
     Returns the tokenizer. Raises InputError."""
     if args.num_vectors < 1:
         raise InputError(f"--num_vectors must be >= 1, got {args.num_vectors}")
-    common.require_positive(
+    cli.require_positive(
         args, "repeats", "resolution", "train_batch_size", "num_train_epochs", "max_train_steps",
         "gradient_accumulation_steps", "learning_rate", "lr_num_cycles", "save_steps", "checkpointing_steps",
         "checkpoints_total_limit", "num_validation_images", "validation_steps", "validation_epochs",
         "validation_inference_steps", "logging_steps", "max_grad_norm",
     )
-    common.require_multiple_of_8("--resolution", args.resolution)
-    common.check_bucket_flags(args)
+    cli.require_multiple_of_8("--resolution", args.resolution)
+    bucketing.check_bucket_flags(args)
     if args.cache_latents and args.buckets is not None and not args.center_crop:
         raise InputError("--cache_latents with aspect-ratio buckets needs --center_crop: a random crop of the bucket "
                          "changes every epoch and cannot be cached")
@@ -222,8 +222,8 @@ def validate_args(args):
 
     if not os.path.isdir(args.train_data_dir):
         raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
-    if not any(common.image_files(args.train_data_dir)):
-        extensions = ", ".join(common.IMAGE_EXTENSIONS)
+    if not any(cli.image_files(args.train_data_dir)):
+        extensions = ", ".join(cli.IMAGE_EXTENSIONS)
         raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
     args.sdxl = _check_model_path(args)
     if args.tokenizer_name is not None:
@@ -232,13 +232,13 @@ def validate_args(args):
                 f"--tokenizer_name cannot apply to the SDXL model {args.pretrained_model_name_or_path!r}: it has two "
                 "tokenizers (tokenizer/ and tokenizer_2/) and the tokens are added to both"
             )
-        common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
+        cli.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
     if args.pretrained_vae_model_name_or_path is not None:
-        common.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
+        cli.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
 
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
-    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    args.resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if args.resume_path is not None:
         _check_checkpoint_matches(args)
 
@@ -247,11 +247,11 @@ def validate_args(args):
             f"--report_to {args.report_to} with --hub_token would expose the token in the run; use `hf auth login`"
         )
     if args.report_to == "wandb":
-        common.require_package("wandb", "--report_to wandb", "pip install wandb")
+        cli.require_package("wandb", "--report_to wandb", "pip install wandb")
     if args.report_to == "comet_ml":
-        common.require_package("comet_ml", "--report_to comet_ml", "pip install comet_ml")
+        cli.require_package("comet_ml", "--report_to comet_ml", "pip install comet_ml")
     if args.use_8bit_adam:
-        common.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
+        cli.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
 
@@ -269,10 +269,10 @@ def validate_args(args):
 def _check_model_path(args):
     """Whether the base model is SDXL, once its folder is known to hold the parts it needs."""
     path = args.pretrained_model_name_or_path
-    common.check_local_or_hub_id("--pretrained_model_name_or_path", path)
-    sdxl = common.is_sdxl_model(path, args.revision)
+    cli.check_local_or_hub_id("--pretrained_model_name_or_path", path)
+    sdxl = families.is_sdxl_model(path, args.revision)
     if os.path.isdir(path):
-        parts = common.SDXL_PIPELINE_PARTS if sdxl else MODEL_SUBFOLDERS
+        parts = families.SDXL_PIPELINE_PARTS if sdxl else MODEL_SUBFOLDERS
         missing = [name for name in parts if not os.path.isdir(os.path.join(path, name))]
         if missing:
             missing = ", ".join(f"{name}/" for name in missing)
@@ -321,7 +321,7 @@ def load_tokenizers(args):
             tokenizers.append(CLIPTokenizer.from_pretrained(source, revision=args.revision, **kwargs))
         except Exception as error:
             what = subfolder or "tokenizer"
-            raise InputError(f"{flag} {source!r}: cannot load the {what} ({common.first_line(error)})") from None
+            raise InputError(f"{flag} {source!r}: cannot load the {what} ({cli.first_line(error)})") from None
     return tokenizers
 
 
@@ -358,13 +358,13 @@ def readable_images(folder):
     """(the images of `folder` that decode, a warning naming each one that does not): a bad file is skipped up front
     instead of crashing the run mid-way."""
     readable, skipped = [], []
-    for path in common.image_files(folder):
+    for path in cli.image_files(folder):
         try:
             with Image.open(path) as image:
                 image.load()
             readable.append(path)
         except Exception as error:
-            skipped.append(f"Skipping unreadable image {path} ({common.first_line(error)})")
+            skipped.append(f"Skipping unreadable image {path} ({cli.first_line(error)})")
     if not readable:
         raise InputError(f"--train_data_dir {folder!r}: none of the {len(skipped)} images can be read")
     return readable, skipped
@@ -375,20 +375,20 @@ def check_masks(paths, folder):
     mask (that file, or an alpha channel). Returns the images without one: they train at full weight."""
     unmasked = []
     for path in paths:
-        mask_path = common.mask_path_for(path)
+        mask_path = bucketing.mask_path_for(path)
         if os.path.isfile(mask_path):
             width, height = oriented_size(path)
             try:
-                mask_height, mask_width = common.image_size({"path": mask_path})
+                mask_height, mask_width = bucketing.image_size({"path": mask_path})
             except Exception as error:
-                reason = common.first_line(error)
+                reason = cli.first_line(error)
                 raise InputError(f"--masked_loss: cannot read the mask {mask_path} ({reason})") from None
             if (mask_width, mask_height) != (width, height):
                 raise InputError(f"--masked_loss: the mask {mask_path} is {mask_width}x{mask_height} but its image "
                                  f"{path} is {width}x{height}; a mask must have its image's size")
         else:
             with Image.open(path) as image:  # the mode is in the header: nothing is decoded
-                if not common.has_alpha(image):
+                if not bucketing.has_alpha(image):
                     unmasked.append(path)
     if len(unmasked) == len(paths):
         raise InputError(f"--masked_loss: no image in --train_data_dir {folder!r} has a mask (looked for "
@@ -407,12 +407,12 @@ def _load_rgb(path):
 def _load_mask(path):
     """The loss mask of an image as an 'L' image of its displayed size: `name.mask.png` beside it, else its alpha
     channel; None when it has neither (it then trains at full weight)."""
-    mask_path = common.mask_path_for(path)
+    mask_path = bucketing.mask_path_for(path)
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         if os.path.isfile(mask_path):
-            return common.load_mask(image, mask_path, name=path)
-        return common.load_mask(image, name=path) if common.has_alpha(image) else None
+            return bucketing.load_mask(image, mask_path, name=path)
+        return bucketing.load_mask(image, name=path) if bucketing.has_alpha(image) else None
 
 
 def oriented_size(path):
@@ -466,8 +466,8 @@ class BucketFraming:
 
     def frame(self, width, height, generator):
         target_height, target_width = self.target(width, height)
-        cover = common.cover_size(width, height, target_height, target_width)
-        top, left = common.crop_origin(*cover, target_height, target_width, self.center_crop, generator)
+        cover = bucketing.cover_size(width, height, target_height, target_width)
+        top, left = bucketing.crop_origin(*cover, target_height, target_width, self.center_crop, generator)
         return Framing(None, cover, (left, top, left + target_width, top + target_height), (top, left),
                        (target_height, target_width))
 
@@ -508,14 +508,14 @@ def latent_mask(mask, framing, flip):
     mask = apply_framing(mask, framing, Image.BILINEAR)
     if flip:
         mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
-    return common.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
+    return bucketing.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
 
 
 class TextualInversionDataset(torch.utils.data.Dataset):
     """Each image `--repeats` times (sample i is image i mod N), each sample with a caption template holding the
     placeholder tokens.
 
-    Indexed by (epoch, index) from common.EpochSampler or common.BucketBatchSampler: the template, the crop (random
+    Indexed by (epoch, index) from randomness.EpochSampler or bucketing.BucketBatchSampler: the template, the crop (random
     only with buckets and without --center_crop) and the flip depend only on the run seed, the epoch and the sample
     index, so they are the same on resume and with any number of workers.
 
@@ -556,9 +556,9 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         image_index = index % len(self.paths)
-        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         template = self.templates[int(torch.randint(len(self.templates), (1,), generator=generator))]
-        ids = common.tokenize_prompts(self.tokenizers, template.format(self.placeholder_text))
+        ids = families.tokenize_prompts(self.tokenizers, template.format(self.placeholder_text))
         width, height = self.sizes[image_index]
         framing = self.framing.frame(width, height, generator)
         flip = torch.rand(1, generator=generator).item() < 0.5
@@ -580,14 +580,14 @@ class TextualInversionDataset(torch.utils.data.Dataset):
 
 
 def training_dataloader(train_dataset, args, run_state, pin_memory):
-    """(data loader, its sampler): shuffled samples in batches of --train_batch_size (common.EpochSampler), or with
-    aspect-ratio buckets in batches that each hold one bucket (common.BucketBatchSampler, which yields whole batches;
+    """(data loader, its sampler): shuffled samples in batches of --train_batch_size (randomness.EpochSampler), or with
+    aspect-ratio buckets in batches that each hold one bucket (bucketing.BucketBatchSampler, which yields whole batches;
     a bucket's last batch may be smaller, nothing is dropped)."""
     if args.buckets is None:
-        sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
+        sampler = randomness.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
         batching = {"batch_size": args.train_batch_size, "sampler": sampler}
     else:
-        sampler = common.BucketBatchSampler(train_dataset.targets(), args.train_batch_size, run_state, SHUFFLE_STREAM)
+        sampler = bucketing.BucketBatchSampler(train_dataset.targets(), args.train_batch_size, run_state, SHUFFLE_STREAM)
         batching = {"batch_sampler": sampler}
     loader = torch.utils.data.DataLoader(train_dataset, num_workers=args.dataloader_num_workers, pin_memory=pin_memory,
                                          **batching)
@@ -605,7 +605,7 @@ def _to_device(device, weight_dtype, model):
 def latent_cache_settings(vae, args, weight_dtype):
     """What every entry of the latent cache depends on. With buckets the resolution is not among them: each entry's
     key holds its bucket (latent_cache_key), so new bucket settings recompute only the images whose bucket changed."""
-    settings = {"vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "interpolation": "bicubic",
+    settings = {"vae": feature_cache.model_fingerprint(vae), "dtype": str(weight_dtype), "interpolation": "bicubic",
                 "flip": True, "preprocess": "textual_inversion: EXIF orientation, RGB, [-1, 1]"}
     if args.buckets is None:
         settings["resolution"] = args.resolution
@@ -620,21 +620,21 @@ def latent_cache_settings(vae, args, weight_dtype):
 def latent_cache_key(path, target, args):
     """An image's entry: its file; with buckets also the (height, width) it trains at; with --masked_loss also its
     mask file (an alpha channel is part of the image)."""
-    key = common.image_fingerprint({"path": path})
+    key = feature_cache.image_fingerprint({"path": path})
     parts = []
     if args.buckets is not None:
         parts += list(target)
     if args.masked_loss:
-        mask_path = common.mask_path_for(path)
-        parts.append(common.image_fingerprint({"path": mask_path}) if os.path.isfile(mask_path) else "no mask file")
-    return common.fingerprint(key, *parts) if parts else key
+        mask_path = bucketing.mask_path_for(path)
+        parts.append(feature_cache.image_fingerprint({"path": mask_path}) if os.path.isfile(mask_path) else "no mask file")
+    return feature_cache.fingerprint(key, *parts) if parts else key
 
 
 def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     """Fill the latent cache for every image (one entry per file at its training size, holding both orientations,
     and with --masked_loss both orientations of its latent-grid mask; the missing ones split across ranks) and switch
     the dataset to it."""
-    cache = common.FeatureCache(args.feature_cache_dir, "latents", latent_cache_settings(vae, args, weight_dtype))
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents", latent_cache_settings(vae, args, weight_dtype))
     framings = {path: train_dataset.framing.frame(*size, None)  # a centre crop or none: nothing is drawn
                 for path, size in zip(train_dataset.paths, train_dataset.sizes)}
     cache_keys = [latent_cache_key(path, framings[path].target, args) for path in train_dataset.paths]
@@ -792,13 +792,13 @@ def generate_validation_images(accelerator, text_encoders, tokenizers, unet, vae
     if mine:
         if vae is None:
             # Dropped by --cache_latents: loaded again for the length of the validation.
-            vae = common.load_vae(args).to(accelerator.device, dtype=vae_dtype)
+            vae = families.load_vae(args).to(accelerator.device, dtype=vae_dtype)
         pipeline = validation_pipeline(text_encoders, tokenizers, unet, vae, noise_scheduler, args)
         pipeline.set_progress_bar_config(disable=True)
         for text_encoder in text_encoders:
             text_encoder.eval()
         for index in mine:
-            generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
+            generator = randomness.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(
                     args.validation_prompt, num_inference_steps=args.validation_inference_steps, generator=generator,
@@ -846,7 +846,7 @@ def save_full_pipeline(accelerator, text_encoders, embeddings, tokenizers, args)
         model.set_input_embeddings(embedding.as_embedding())
     parts = {**dict(zip(TEXT_ENCODER_NAMES, models)), **dict(zip(TOKENIZER_NAMES, tokenizers))}
     if args.pretrained_vae_model_name_or_path:
-        parts["vae"] = common.load_vae(args)
+        parts["vae"] = families.load_vae(args)
     pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
     pipeline = pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path, **parts, revision=args.revision, variant=args.variant,
@@ -930,9 +930,9 @@ def load_models(args):
                          for model_class, name in zip(classes, TEXT_ENCODER_NAMES)]
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common_kwargs)
     except Exception as error:
-        reason = common.first_line(error)
+        reason = cli.first_line(error)
         raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load the model ({reason})") from None
-    vae = common.load_vae(args)
+    vae = families.load_vae(args)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(
             f"--pretrained_model_name_or_path {source!r}: unsupported prediction type "
@@ -944,14 +944,14 @@ def load_models(args):
 def encode_batch(text_encoders, batch, args, weight_dtype):
     """The UNet's conditioning of a batch, with gradients into the new rows: (encoder_hidden_states, its
     added_cond_kwargs). SD: the text encoder's last hidden state, no added conditions. SDXL: both encoders
-    (train_common.encode_prompt_sdxl), the pooled embedding and each sample's time ids from its image's real original
+    (families.encode_prompt_sdxl), the pooled embedding and each sample's time ids from its image's real original
     size, its crop and the size it trains at (its bucket)."""
     if not args.sdxl:
         return text_encoders[0](batch["input_ids"])[0].to(dtype=weight_dtype), None
-    prompt_embeds, pooled = common.encode_prompt_sdxl(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
-    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"],
+    prompt_embeds, pooled = families.encode_prompt_sdxl(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
+    time_ids = families.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"],
                                     device=prompt_embeds.device, dtype=weight_dtype)
-    return prompt_embeds.to(weight_dtype), common.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
+    return prompt_embeds.to(weight_dtype), families.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
 
 
 def main(argv=None):
@@ -988,15 +988,15 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, diffusers, transformers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
     if args.sdxl and accelerator.state.deepspeed_plugin is not None:
         raise InputError(
             f"DeepSpeed cannot train the SDXL model {args.pretrained_model_name_or_path!r}: its two text encoders "
             "both train, and accelerate gives one model to a DeepSpeed engine; launch without DeepSpeed"
         )
-    preemption = common.PreemptionHandler(accelerator)
+    preemption = checkpointing.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.run_seed(args, accelerator))
+    run_state = randomness.RunState(randomness.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -1047,7 +1047,7 @@ def main(argv=None):
         eps=args.adam_epsilon,
     )
 
-    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+    steps_per_epoch = randomness.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
                                              args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -1092,17 +1092,17 @@ def main(argv=None):
     )
     # The frozen models only run forward: keep them in the mixed precision dtype (the SDXL VAE: sdxl_vae_dtype).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae_dtype = common.vae_dtype(args, weight_dtype)
+    vae_dtype = families.vae_dtype(args, weight_dtype)
     _to_device(accelerator.device, weight_dtype, unet)
 
-    global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+    global_step = checkpointing.resume_from_checkpoint(accelerator, args, run_state)
 
     # The VAE goes to the device, or fills the latent cache and leaves memory (validation loads it again).
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
         cache_latents(accelerator, train_dataset, vae, args, vae_dtype)
         vae = None
-        common.free_memory()
+        feature_cache.free_memory()
     else:
         _to_device(accelerator.device, vae_dtype, vae)
 
@@ -1128,7 +1128,7 @@ def main(argv=None):
         logger.info(f"Aspect-ratio buckets (height x width: images): {train_dataset.describe_buckets()}; "
                     f"{len(epoch_sampler)} batches an epoch")
 
-    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+    first_epoch, batches_to_skip = randomness.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
@@ -1137,7 +1137,7 @@ def main(argv=None):
     )
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
-    checkpointer = common.Checkpointer(
+    checkpointer = checkpointing.Checkpointer(
         accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
     )
     validation_paths = []
@@ -1150,9 +1150,9 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        common.set_epoch(loader, epoch_sampler, epoch)
+        randomness.set_epoch(loader, epoch_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
-            generator = common.make_generator(
+            generator = randomness.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             with accelerator.accumulate(*text_encoders):
@@ -1162,18 +1162,18 @@ def main(argv=None):
                     else:
                         latent_dist = vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist
                     latents = (latent_dist.sample(generator=generator) * scaling_factor).to(weight_dtype)
-                noise = common.sample_noise(latents, generator)
-                timesteps = common.sample_timesteps(
+                noise = objectives.sample_noise(latents, generator)
+                timesteps = objectives.sample_timesteps(
                     latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, latents.device
                 )
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 encoder_hidden_states, added_cond_kwargs = encode_batch(text_encoders, batch, args, weight_dtype)
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states,
                                   added_cond_kwargs=added_cond_kwargs).sample
-                target = common.loss_target(
+                target = objectives.loss_target(
                     noise_scheduler, noise_scheduler.config.prediction_type, latents, noise, timesteps
                 )
-                loss = common.diffusion_loss(model_pred, target, mask=batch.get("loss_mask"))
+                loss = objectives.diffusion_loss(model_pred, target, mask=batch.get("loss_mask"))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_([embedding.new_rows for embedding in embeddings], args.max_grad_norm)
@@ -1238,7 +1238,7 @@ def main(argv=None):
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*"],
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{checkpointing.PARTIAL_PREFIX}*"],
                 token=args.hub_token,
             )
     accelerator.wait_for_everyone()
@@ -1247,4 +1247,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import train_common as common
-from train_common import InputError
+from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
+from trainkit.cli import InputError
 
-# Independent random streams, derived from the run seed (see train_common.derive_seed).
+# Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM = 1, 2, 3, 4, 5
 PIPELINE_PARTS = ("text_encoder", "vae", "unet", "scheduler")
 # SD has the first tokenizer and text encoder only; SDXL both (its batches and caches carry the second's token ids and
@@ -70,7 +70,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description="Train a ControlNet for a Stable Diffusion or SDXL pipeline.")
+    parser = cli.ArgumentParser(description="Train a ControlNet for a Stable Diffusion or SDXL pipeline.")
     add = parser.add_argument
     # Models (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
@@ -187,13 +187,13 @@ def parse_args(argv=None):
              "or ~/.cache/diffusion-training). Entries are keyed by the images, captions, model weights, resolution "
              "and transforms, so one folder serves any number of runs; deleting it is always safe.")
     # Real datasets (SPEC §9): aspect-ratio buckets, --validation_height/_width, a loss mask per target image.
-    common.add_bucket_arguments(parser)
-    common.add_mask_arguments(parser, column=True)
-    args = common.parse_args_with_config(parser, argv)
+    bucketing.add_bucket_arguments(parser)
+    bucketing.add_mask_arguments(parser, column=True)
+    args = cli.parse_args_with_config(parser, argv)
     if args.feature_cache_dir is None:
-        args.feature_cache_dir = common.default_feature_cache_dir()
+        args.feature_cache_dir = feature_cache.default_feature_cache_dir()
     # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
-    args.sdxl = common.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    args.sdxl = families.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     for name, defaults in MODEL_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, defaults[args.sdxl])
@@ -202,15 +202,15 @@ def parse_args(argv=None):
 
 def validate_args(args):
     """Every check that needs no model or dataset loaded. Raises InputError."""
-    common.require_positive(
+    cli.require_positive(
         args, "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_steps",
         "num_validation_images", "validation_inference_steps", "logging_steps", "lr_num_cycles",
     )
-    common.require_multiple_of_8(
+    cli.require_multiple_of_8(
         "--resolution", args.resolution, why="the VAE and the ControlNet's conditioning encoder downsample by 8"
     )
-    common.check_bucket_flags(args)
+    bucketing.check_bucket_flags(args)
     if args.mask_column is not None and not args.masked_loss:
         raise InputError("--mask_column applies only with --masked_loss")
     if not 0 <= args.proportion_empty_prompts <= 1:
@@ -229,7 +229,7 @@ def validate_args(args):
                          "cannot be cached")
     if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
-    common.check_crop_flags(args)
+    families.check_crop_flags(args)
     if args.enable_npu_flash_attention:
         import importlib.util
 
@@ -237,13 +237,13 @@ def validate_args(args):
             raise InputError("--enable_npu_flash_attention needs an Ascend NPU and the torch_npu package")
     args.validation_pairs = validation_pairs(args)
 
-    parts = common.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS
+    parts = families.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS
     skipped = {"tokenizer": args.tokenizer_name, "vae": args.pretrained_vae_model_name_or_path}
-    common.check_pipeline_folder(args.pretrained_model_name_or_path, [p for p in parts if not skipped.get(p)])
+    cli.check_pipeline_folder(args.pretrained_model_name_or_path, [p for p in parts if not skipped.get(p)])
     for flag, path in (("--controlnet_model_name_or_path", args.controlnet_model_name_or_path),
                        ("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)):
         if path is not None:
-            common.check_local_or_hub_id(flag, path)
+            cli.check_local_or_hub_id(flag, path)
             if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
                 raise InputError(f"{flag} {path!r} is a folder without a config.json")
     unet_config = os.path.join(args.pretrained_model_name_or_path, "unet", "config.json")
@@ -254,7 +254,7 @@ def validate_args(args):
                                                      "--controlnet_model_name_or_path"),
                               read_json_config(unet_config, "--pretrained_model_name_or_path"))
     if args.tokenizer_name is not None:
-        common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
+        cli.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
 
     if args.dataset_name is None and args.train_data_dir is None:
         raise InputError(
@@ -263,13 +263,13 @@ def validate_args(args):
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise InputError("give only one of --dataset_name and --train_data_dir")
     if args.dataset_name is not None:
-        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
+        cli.check_local_or_hub_id("--dataset_name", args.dataset_name)
     elif not os.path.isdir(args.train_data_dir):
         raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
 
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
-    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    args.resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     reporters = {name.strip() for name in args.report_to.split(",")}
     if reporters & {"wandb", "all"}:
@@ -279,12 +279,12 @@ def validate_args(args):
                 "use `hf auth login` instead"
             )
         if "wandb" in reporters:
-            common.require_package("wandb", "--report_to wandb", "pip install wandb")
+            cli.require_package("wandb", "--report_to wandb", "pip install wandb")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
         except Exception as error:  # ImportError, or a broken native library raising at import
-            raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used ({common.first_line(error)}); "
+            raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used ({cli.first_line(error)}); "
                              "pip install bitsandbytes") from None
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
@@ -303,7 +303,7 @@ def read_json_config(path, flag):
         with open(path) as file:
             return json.load(file)
     except (OSError, ValueError) as error:
-        raise InputError(f"{flag}: cannot read {path!r} ({common.first_line(error)})") from None
+        raise InputError(f"{flag}: cannot read {path!r} ({cli.first_line(error)})") from None
 
 
 def check_controlnet_fits(args, controlnet_config, unet_config):
@@ -346,7 +346,7 @@ def validation_pairs(args):
     for path in images:
         if not os.path.isfile(path):
             raise InputError(f"--validation_image {path!r} does not exist")
-        if not common.is_readable_image({"path": path}):
+        if not cli.is_readable_image({"path": path}):
             raise InputError(f"--validation_image {path!r} is not a readable image")
     if len(prompts) == 1:
         prompts = prompts * len(images)
@@ -389,7 +389,7 @@ def load_controlnet_dataset(args):
         else:
             dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
     except Exception as error:  # datasets raises many types; the user needs the source and the reason
-        raise InputError(f"{flag} {source!r}: cannot load the dataset ({common.first_line(error)})") from None
+        raise InputError(f"{flag} {source!r}: cannot load the dataset ({cli.first_line(error)})") from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise InputError(f"{flag} {source!r} has no 'train' split (splits: {', '.join(dataset)})")
@@ -410,7 +410,7 @@ def load_controlnet_dataset(args):
         raise InputError(f"{flag} {source!r} holds no examples")
     for column in image_columns + ((mask_column,) if mask_column else ()):
         dataset = _paths_to_images(dataset, column, source)
-    return common.drop_unreadable_images(dataset, image_columns, flag, source)
+    return cli.drop_unreadable_images(dataset, image_columns, flag, source)
 
 
 def _paths_to_images(dataset, column, source):
@@ -480,7 +480,7 @@ def plan_rows(dataset, args, source):
         chunk = cells[start:start + 1000]
         for offset, image_cell in enumerate(chunk[args.image_column]):
             row = start + offset
-            size = common.image_size(image_cell)
+            size = bucketing.image_size(image_cell)
             names.append(image_cell.get("path") or f"row {row} of {source!r}")
             if buckets is not None:
                 targets.append(buckets.assign(*size))
@@ -502,17 +502,17 @@ def find_mask(image_cell, image_size, mask_cell, mask_column, image_name):
     if mask_column:
         if not mask_cell or not (mask_cell.get("bytes") or mask_cell.get("path")):
             return NO_MASK
-        found, mask_name = ("column", common.image_fingerprint(mask_cell)), \
+        found, mask_name = ("column", feature_cache.image_fingerprint(mask_cell)), \
             mask_cell.get("path") or f"the --mask_column {mask_column!r} cell of {image_name}"
     else:
         # Only an image read from a file has a folder to look in (a dataset's embedded image has just a name).
         path = None if image_cell.get("bytes") else image_cell.get("path")
-        mask_path = path and common.mask_path_for(path)
+        mask_path = path and bucketing.mask_path_for(path)
         if mask_path and os.path.isfile(mask_path):
             found, mask_name, mask_cell = ("file", mask_path), mask_path, {"path": mask_path}
         else:
             return ("alpha", "alpha") if _has_alpha_channel(image_cell) else NO_MASK
-    mask_size = common.image_size(mask_cell)
+    mask_size = bucketing.image_size(mask_cell)
     if mask_size != tuple(image_size):
         raise InputError(f"--masked_loss: the mask {mask_name} is {mask_size[1]}x{mask_size[0]} but its image "
                          f"{image_name} is {image_size[1]}x{image_size[0]}; a mask must have its image's size")
@@ -523,7 +523,7 @@ def _has_alpha_channel(cell):
     from io import BytesIO
 
     with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
-        return common.has_alpha(image)
+        return bucketing.has_alpha(image)
 
 
 def check_some_image_has_a_mask(masks, names, mask_column, source):
@@ -535,7 +535,7 @@ def check_some_image_has_a_mask(masks, names, mask_column, source):
              else "for name.mask.png beside each image name.png and for an alpha channel")
     if unmasked == len(masks):
         raise InputError(f"--masked_loss: no image of {source!r} has a loss mask (looked {where})")
-    common.logger.warning(f"--masked_loss: {unmasked} of {len(masks)} images of {source!r} have no loss mask (looked "
+    cli.logger.warning(f"--masked_loss: {unmasked} of {len(masks)} images of {source!r} have no loss mask (looked "
                           f"{where}) and train on every pixel, e.g. {names[masks.index(NO_MASK)]}")
 
 
@@ -549,7 +549,7 @@ def crop_geometry(width, height, target, crop_position):
     crop left, crop top) for `crop_position` = (x, y) in [0, 1] of the room left over (0.5, 0.5 = centre crop).
     For a square target the resize is the short side's to `target`, as it always was."""
     target_height, target_width = target_shape(target)
-    size = common.cover_size(width, height, target_height, target_width)
+    size = bucketing.cover_size(width, height, target_height, target_width)
     return size, round(crop_position[0] * (size[0] - target_width)), round(crop_position[1] * (size[1] - target_height))
 
 
@@ -598,7 +598,7 @@ def preprocess_mask(mask, target, crop_position, flip):
     """A loss mask ('L' image of its target image's size) -> (1, h, w) latent-pixel weights in [0, 1]: the target
     image's resize (bilinear, which keeps the values in range), crop and flip, then averaged over each 8x8 block."""
     pixels = np.asarray(resize_and_crop(mask, target, crop_position, flip, Image.BILINEAR, mode="L"), np.float32)
-    return common.mask_to_latents(torch.from_numpy(pixels / 255.0)[None], 8)
+    return bucketing.mask_to_latents(torch.from_numpy(pixels / 255.0)[None], 8)
 
 
 def preprocess_pair(image, conditioning_image, resolution, random_crop, random_flip, generator,
@@ -626,7 +626,7 @@ def pick_caption(caption, proportion_empty, generator):
 
 
 class ControlNetExamples(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from common.EpochSampler. Prompt dropout, caption choice, crop and flip depend only
+    """Indexed by (epoch, index) from randomness.EpochSampler. Prompt dropout, caption choice, crop and flip depend only
     on the run seed, the epoch and the sample index, so they are the same on resume and with any number of workers.
 
     With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
@@ -656,7 +656,7 @@ class ControlNetExamples(torch.utils.data.Dataset):
         return [self._row(index) for index in range(self.size)]
 
     def buckets_of_samples(self):
-        """The (height, width) each sample index trains at, for common.BucketBatchSampler."""
+        """The (height, width) each sample index trains at, for bucketing.BucketBatchSampler."""
         return [target_shape(self.plan.target(row)) for row in self.rows()]
 
     def use_latent_cache(self, cache, image_keys):
@@ -671,7 +671,7 @@ class ControlNetExamples(torch.utils.data.Dataset):
 
     def token_ids(self, caption):
         """One (max_length,) tensor of token ids per tokenizer."""
-        return [ids[0] for ids in common.tokenize_prompts(self.tokenizers, caption)]
+        return [ids[0] for ids in families.tokenize_prompts(self.tokenizers, caption)]
 
     def __len__(self):
         return self.size
@@ -681,7 +681,7 @@ class ControlNetExamples(torch.utils.data.Dataset):
             return index
         seed, indices = self._subset
         if seed != self.run_state.seed:
-            rng = np.random.default_rng(common.derive_seed(self.run_state.seed, SUBSET_STREAM))
+            rng = np.random.default_rng(randomness.derive_seed(self.run_state.seed, SUBSET_STREAM))
             order = rng.permutation(len(self.dataset))
             indices = order[: self.size].tolist()
             self._subset = (self.run_state.seed, indices)
@@ -689,7 +689,7 @@ class ControlNetExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         a = self.args
         row = self._row(index)
         example = self.dataset[row]
@@ -730,7 +730,7 @@ class ControlNetExamples(torch.utils.data.Dataset):
         if kind == "none":
             return Image.new("L", image.size, 255)
         mask = example[self.args.mask_column] if kind == "column" else where if kind == "file" else None
-        return common.load_mask(image, mask)
+        return bucketing.load_mask(image, mask)
 
 
 def all_captions(cells):
@@ -744,16 +744,16 @@ def all_captions(cells):
 
 def build_dataloader(train_dataset, args, run_state, pin_memory):
     """Batches of `train_batch_size` (epoch, index) samples in an order that depends only on the run seed and the
-    epoch: a shuffle of all samples (common.EpochSampler) or, with buckets, batches that each hold one bucket
-    (common.BucketBatchSampler, whose number of batches is the epoch's; a bucket's last batch may be smaller).
+    epoch: a shuffle of all samples (randomness.EpochSampler) or, with buckets, batches that each hold one bucket
+    (bucketing.BucketBatchSampler, whose number of batches is the epoch's; a bucket's last batch may be smaller).
     Returns (data loader, the sampler whose set_epoch the training loop calls)."""
     if args.buckets is None:
-        sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
+        sampler = randomness.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
         return torch.utils.data.DataLoader(
             train_dataset, batch_size=args.train_batch_size, sampler=sampler,
             num_workers=args.dataloader_num_workers, pin_memory=pin_memory,
         ), sampler
-    sampler = common.BucketBatchSampler(train_dataset.buckets_of_samples(), args.train_batch_size, run_state,
+    sampler = bucketing.BucketBatchSampler(train_dataset.buckets_of_samples(), args.train_batch_size, run_state,
                                         SHUFFLE_STREAM)
     return torch.utils.data.DataLoader(train_dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
                                        pin_memory=pin_memory), sampler
@@ -783,7 +783,7 @@ def latent_cache_key(image_key, plan, row):
     """An entry's key: the image's digest, with its bucket and its mask's digest where the run has them."""
     extra = ([list(plan.target(row))] if plan.targets is not None else []) + \
         ([plan.mask(row)[1]] if plan.masks is not None else [])
-    return common.fingerprint(image_key, *extra) if extra else image_key
+    return feature_cache.fingerprint(image_key, *extra) if extra else image_key
 
 
 def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
@@ -794,8 +794,8 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
 
     plan = train_dataset.plan
     interpolation = INTERPOLATION_MODES[args.image_interpolation_mode or "bilinear"]
-    cache = common.FeatureCache(args.feature_cache_dir, "latents", {
-        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), **latent_cache_settings(args, plan)})
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents", {
+        "vae": feature_cache.model_fingerprint(vae), "dtype": str(weight_dtype), **latent_cache_settings(args, plan)})
     rows = train_dataset.rows()
     # Decoded by the dataset's own image feature, as the uncached run decodes them.
     decoder = train_dataset.dataset.features[args.image_column]
@@ -805,7 +805,7 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     image_keys = {}
     for start in range(0, len(rows), 1000):
         chunk = rows[start:start + 1000]
-        image_keys.update((row, latent_cache_key(common.image_fingerprint(cell), plan, row))
+        image_keys.update((row, latent_cache_key(feature_cache.image_fingerprint(cell), plan, row))
                           for row, cell in zip(chunk, cells[chunk][args.image_column]))
 
     def encode_views(pixels):
@@ -851,23 +851,23 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
     """Fill the text-embedding cache for every caption of the rows this run trains on, and the empty prompt when
-    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries hold what `common.encode_prompt` returns
+    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries hold what `families.encode_prompt` returns
     (SDXL: both encoders' hidden states and the pooled embedding) and are keyed by token ids, so a different
     tokenizer is a miss too."""
     if not isinstance(text_encoders, (list, tuple)):
         text_encoders = [text_encoders]
-    settings = {name: common.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
-    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {**settings, "dtype": str(weight_dtype)})
+    settings = {name: feature_cache.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", {**settings, "dtype": str(weight_dtype)})
     rows = train_dataset.rows()
     captions = set(all_captions(train_dataset.dataset.select(rows)[args.caption_column]))
     if args.proportion_empty_prompts > 0:
         captions.add("")
     token_ids = {caption: train_dataset.token_ids(caption) for caption in sorted(captions)}
-    caption_keys = {caption: common.fingerprint(*(ids.tolist() for ids in per_tokenizer))
+    caption_keys = {caption: feature_cache.fingerprint(*(ids.tolist() for ids in per_tokenizer))
                     for caption, per_tokenizer in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = common.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
+        hidden_states, pooled = families.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
         return [{"hidden_states": states, "pooled_prompt_embeds": vector}
@@ -899,7 +899,7 @@ def load_models(args):
                                                       cache_dir=args.cache_dir)
         except Exception as error:
             raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load "
-                             f"({common.first_line(error)})") from None
+                             f"({cli.first_line(error)})") from None
     else:
         tokenizer = load_part(args, "tokenizer", AutoTokenizer.from_pretrained)
     tokenizers = [tokenizer]
@@ -908,7 +908,7 @@ def load_models(args):
     # Each frozen part loads outside ZeRO-3's partitioning (frozen_models_outside_zero3 does not nest).
     text_encoders = [load_frozen_part(args, part) for part in TEXT_ENCODERS[:len(tokenizers)]]
     vae = load_frozen_part(args, "vae")
-    with common.frozen_models_outside_zero3():
+    with distributed.frozen_models_outside_zero3():
         unet = load_part(args, "unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
 
     if args.prediction_type is not None:
@@ -927,7 +927,7 @@ def load_part(args, part, loader, **kwargs):
         return loader(source, subfolder=part, revision=args.revision, cache_dir=args.cache_dir, **kwargs)
     except Exception as error:
         raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ "
-                         f"({common.first_line(error)})") from None
+                         f"({cli.first_line(error)})") from None
 
 
 def load_frozen_part(args, part, device=None, dtype=None):
@@ -935,9 +935,9 @@ def load_frozen_part(args, part, device=None, dtype=None):
     validation after --cache_latents / --cache_text_embeddings dropped it (then on `device` in `dtype`)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    with common.frozen_models_outside_zero3():
+    with distributed.frozen_models_outside_zero3():
         if part == "vae":
-            model = common.load_vae(args)
+            model = families.load_vae(args)
         else:
             loader = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[part].from_pretrained
             model = load_part(args, part, loader, variant=args.variant)
@@ -956,7 +956,7 @@ def build_controlnet(args, unet):
     from diffusers import ControlNetModel
 
     if args.controlnet_model_name_or_path is None:
-        common.logger.info("Initialising the ControlNet from the UNet")
+        cli.logger.info("Initialising the ControlNet from the UNet")
         controlnet = ControlNetModel.from_unet(unet)
     else:
         try:
@@ -964,7 +964,7 @@ def build_controlnet(args, unet):
         except Exception as error:
             raise InputError(
                 f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path!r}: cannot load "
-                f"({common.first_line(error)})"
+                f"({cli.first_line(error)})"
             ) from None
         check_controlnet_fits(args, dict(controlnet.config), dict(unet.config))
     # Upstream refuses a half-precision ControlNet; the trained weights (and their optimizer states) must be fp32.
@@ -995,11 +995,11 @@ def added_conditions(batch, pooled_prompt_embeds, args):
     square), unless --crops_coords_top_left_h/_w are given (then they are the crop, as upstream)."""
     if pooled_prompt_embeds is None:
         return None
-    crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
+    crops = families.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
                                       args.crops_coords_top_left_w)
     target_sizes = batch.get("target_size", (args.resolution, args.resolution))
-    time_ids = common.sdxl_time_ids(batch["original_size"], crops, target_sizes, device=pooled_prompt_embeds.device)
-    return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+    time_ids = families.sdxl_time_ids(batch["original_size"], crops, target_sizes, device=pooled_prompt_embeds.device)
+    return families.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
 
 
 def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype,
@@ -1015,19 +1015,19 @@ def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, 
         if "latent_dist" in batch:
             latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
         else:
-            latent_dist = vae.encode(batch["pixel_values"].to(common.vae_dtype(args, weight_dtype))).latent_dist
+            latent_dist = vae.encode(batch["pixel_values"].to(families.vae_dtype(args, weight_dtype))).latent_dist
         latents = latent_dist.sample(generator=generator).float() * scaling_factor
         if "encoder_hidden_states" in batch:
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
             input_ids = [batch[key] for key in INPUT_IDS if key in batch]
-            encoder_hidden_states, pooled = common.encode_prompt(text_encoders, input_ids)
+            encoder_hidden_states, pooled = families.encode_prompt(text_encoders, input_ids)
     added_cond_kwargs = added_conditions(batch, pooled, args)
     unet_added_cond_kwargs = added_cond_kwargs and {key: value.to(weight_dtype)
                                                     for key, value in added_cond_kwargs.items()}
 
-    noise = common.sample_noise(latents, generator, args.noise_offset)
-    timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
+    noise = objectives.sample_noise(latents, generator, args.noise_offset)
+    timesteps = objectives.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
                                         latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
@@ -1043,12 +1043,12 @@ def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, 
     )[0]
 
     prediction_type = noise_scheduler.config.prediction_type
-    target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+    target = objectives.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
     weights = None
     if args.snr_gamma is not None:
-        weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
+        weights = objectives.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
     # --masked_loss: each latent pixel's error weighted by the mask (an all-ones mask is the plain loss exactly).
-    return common.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
+    return objectives.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1097,7 +1097,7 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoders
         # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
         weight_dtype = frozen_dtype(accelerator)
         if vae is None:
-            vae = load_frozen_part(args, "vae", accelerator.device, common.vae_dtype(args, weight_dtype))
+            vae = load_frozen_part(args, "vae", accelerator.device, families.vae_dtype(args, weight_dtype))
         text_encoders = text_encoders or [load_frozen_part(args, part, accelerator.device, weight_dtype)
                                           for part in TEXT_ENCODERS[:len(tokenizers)]]
         pipeline = validation_pipeline(args, noise_scheduler, vae=vae, unet=unet, controlnet=controlnet,
@@ -1108,7 +1108,7 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoders
         was_training = controlnet.training
         controlnet.eval()
         for pair, k in mine:
-            generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, pair, k)
+            generator = randomness.make_generator(accelerator.device, seed, VALIDATION_STREAM, pair, k)
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(
                     pairs[pair][0], image=conditioning[pair], num_inference_steps=args.validation_inference_steps,
@@ -1258,10 +1258,10 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
-    preemption = common.PreemptionHandler(accelerator)
+    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
+    preemption = checkpointing.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.run_seed(args, accelerator))
+    run_state = randomness.RunState(randomness.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -1296,7 +1296,7 @@ def main(argv=None):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(args, controlnet.parameters())
-    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+    steps_per_epoch = randomness.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
                                              args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -1316,7 +1316,7 @@ def main(argv=None):
         # A checkpoint is usable by itself: controlnet/ loads with ControlNetModel.from_pretrained. Every rank gathers
         # (ZeRO-3), the main process writes.
         for saved in models:
-            model = common.whole_model(accelerator, saved)
+            model = distributed.whole_model(accelerator, saved)
             if accelerator.is_main_process:
                 model.save_pretrained(os.path.join(output_dir, "controlnet"))
         weights.clear()  # the controlnet/ folder replaces accelerate's own copy of the weights
@@ -1335,23 +1335,23 @@ def main(argv=None):
     )
     unet.to(accelerator.device, dtype=weight_dtype)
 
-    global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+    global_step = checkpointing.resume_from_checkpoint(accelerator, args, run_state)
 
     # The frozen VAE and text encoder go to the device, or fill the cache (the rows trained on depend on the seed,
     # known only now for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, common.vae_dtype(args, weight_dtype))
+        cache_latents(accelerator, train_dataset, vae, args, families.vae_dtype(args, weight_dtype))
         vae = None
     else:
-        vae.to(accelerator.device, dtype=common.vae_dtype(args, weight_dtype))
+        vae.to(accelerator.device, dtype=families.vae_dtype(args, weight_dtype))
     if args.cache_text_embeddings:
         cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype)
         text_encoders = None
     else:
         for text_encoder in text_encoders:
             text_encoder.to(accelerator.device, dtype=weight_dtype)
-    common.free_memory()
+    feature_cache.free_memory()
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -1380,7 +1380,7 @@ def main(argv=None):
             logger.info(f"Saved validation images to {folder}")
         return logs
 
-    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+    first_epoch, batches_to_skip = randomness.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
@@ -1389,7 +1389,7 @@ def main(argv=None):
     )
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
-    checkpointer = common.Checkpointer(
+    checkpointer = checkpointing.Checkpointer(
         accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
     )
 
@@ -1400,9 +1400,9 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        common.set_epoch(loader, epoch_sampler, epoch)
+        randomness.set_epoch(loader, epoch_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
-            generator = common.make_generator(
+            generator = randomness.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             with accelerator.accumulate(controlnet):
@@ -1439,13 +1439,13 @@ def main(argv=None):
                 return stop_status
             # After the stop check: a preempted run saves and exits without waiting for validation images.
             if args.validation_pairs and global_step % args.validation_steps == 0:
-                validate(f"step_{global_step:06d}", common.whole_model(accelerator, controlnet))
+                validate(f"step_{global_step:06d}", distributed.whole_model(accelerator, controlnet))
             if global_step >= args.max_train_steps:
                 break
     progress_bar.close()
 
     # The final ControlNet: config.json + diffusion_pytorch_model.safetensors at the top of output_dir.
-    final_controlnet = common.whole_model(accelerator, controlnet)
+    final_controlnet = distributed.whole_model(accelerator, controlnet)
     if accelerator.is_main_process:
         final_controlnet.save_pretrained(args.output_dir)
         logger.info(f"Saved the ControlNet to {args.output_dir}")
@@ -1466,7 +1466,7 @@ def main(argv=None):
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*", "logs/*"],
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{checkpointing.PARTIAL_PREFIX}*", "logs/*"],
                 token=args.hub_token,
             )
     accelerator.wait_for_everyone()
@@ -1475,4 +1475,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

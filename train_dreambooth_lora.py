@@ -16,7 +16,7 @@ resumed runs; the VAE / text encoder then leave memory).
       --learning_rate=1e-4 --lr_scheduler="constant" --lr_warmup_steps=0 --max_train_steps=500 \\
       --validation_prompt="A photo of sks dog in a bucket" --validation_epochs=50 --seed="0"
 
-An SDXL base model (train_common.is_sdxl_model) switches the script to upstream's `train_dreambooth_lora_sdxl.py`,
+An SDXL base model (families.is_sdxl_model) switches the script to upstream's `train_dreambooth_lora_sdxl.py`,
 whose command line works unchanged: LoRA on the UNet and, with --train_text_encoder, on both text encoders
 (`text_encoder_2.*` keys, for StableDiffusionXLPipeline.load_lora_weights); the UNet is conditioned on both encoders'
 penultimate hidden states, text_encoder_2's pooled embedding and time ids from each image's real size and crop;
@@ -24,11 +24,11 @@ penultimate hidden states, text_encoder_2's pooled embedding and time ids from e
 text-encoder learning rate 5e-6 and weight decay 1e-3). The SDXL-aware parts are load_models, encode_prompts,
 added_conditions and validation_components.
 
-A FLUX.1 base model (train_common.is_flux_model: a Flux pipeline, a FluxTransformer2DModel in transformer/) switches
+A FLUX.1 base model (families.is_flux_model: a Flux pipeline, a FluxTransformer2DModel in transformer/) switches
 the script to upstream's `train_dreambooth_lora_flux.py`, whose command line works unchanged: LoRA on the transformer's
 attention and feed-forward projections (--lora_layers, --rank, --lora_alpha) and, with --train_text_encoder, on CLIP
 (T5 stays frozen); trained by flow matching (flux_loss: --weighting_scheme, --guidance_scale, the shared
-train_common.sample_flow_matching_sigmas / flow_matching_inputs / flow_matching_loss); conditioned on T5's hidden states
+objectives.sample_flow_matching_sigmas / flow_matching_inputs / flow_matching_loss); conditioned on T5's hidden states
 (--max_sequence_length) and CLIP's pooled embedding; `transformer.*` keys for FluxPipeline.load_lora_weights. Its
 prompts are encoded once and the text encoders freed unless the CLIP LoRA trains. The Flux-aware parts are
 validate_flux_args, load_flux_models, encode_prompts, flux_loss and validation_components.
@@ -55,10 +55,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-import train_common as common
-from train_common import InputError
+from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
+from trainkit.cli import InputError
 
-# Independent random streams, derived from the run seed (see train_common.derive_seed).
+# Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, DROPOUT_STREAM, VALIDATION_STREAM, CLASS_IMAGE_STREAM = 1, 2, 3, 4, 5, 6
 LORA_INIT_STREAM, CAPTION_DROPOUT_STREAM = 7, 8
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -116,7 +116,7 @@ def bool_value(text):
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description="DreamBooth LoRA training for Stable Diffusion.")
+    parser = cli.ArgumentParser(description="DreamBooth LoRA training for Stable Diffusion.")
     add = parser.add_argument
     # Model (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
@@ -173,8 +173,8 @@ def parse_args(argv=None):
         help="The share of instance prompts (or dataset captions) replaced by the empty prompt, drawn per sample from "
              "the run seed (upstream SDXL examples' flag; class prompts are kept). Default 0.")
     # Real datasets (SPEC §9): buckets apply to instance and class images alike; masks to instance images only.
-    common.add_bucket_arguments(parser)
-    common.add_mask_arguments(parser, column=True)
+    bucketing.add_bucket_arguments(parser)
+    bucketing.add_mask_arguments(parser, column=True)
     # Text encoder (upstream)
     add("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
     add("--pre_compute_text_embeddings", action="store_true",
@@ -269,7 +269,7 @@ def parse_args(argv=None):
     add("--guidance_scale", type=float, default=None,
         help="FLUX.1: the guidance the transformer's guidance embedding is given in training (FLUX.1 [dev] is "
              "guidance-distilled); default 3.5.")
-    add("--weighting_scheme", type=str, default=None, choices=common.FLOW_WEIGHTING_SCHEMES,
+    add("--weighting_scheme", type=str, default=None, choices=objectives.FLOW_WEIGHTING_SCHEMES,
         help="FLUX.1: how training timesteps are drawn and the loss weighted (diffusers' SD3/Flux helpers); "
              "default none: uniform timesteps and loss.")
     add("--logit_mean", type=float, default=0.0, help="FLUX.1: the mean of the logit_normal weighting scheme.")
@@ -298,9 +298,9 @@ def parse_args(argv=None):
         help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
              "or ~/.cache/diffusion-training). Entries are keyed by the images, prompts, model weights, resolution "
              "and transforms, so one folder serves any number of runs; deleting it is always safe.")
-    args = common.parse_args_with_config(parser, argv)
+    args = cli.parse_args_with_config(parser, argv)
     if args.feature_cache_dir is None:
-        args.feature_cache_dir = common.default_feature_cache_dir()
+        args.feature_cache_dir = feature_cache.default_feature_cache_dir()
     return args
 
 
@@ -324,14 +324,14 @@ FLUX_ONLY_FLAGS = ("guidance_scale", "weighting_scheme", "max_sequence_length", 
 def validate_args(args):
     """Every check that needs no model loaded. Raises InputError."""
     model = args.pretrained_model_name_or_path
-    args.flux = common.is_flux_model(model, args.revision)
-    args.sdxl = not args.flux and common.is_sdxl_model(model, args.revision)
+    args.flux = families.is_flux_model(model, args.revision)
+    args.sdxl = not args.flux and families.is_sdxl_model(model, args.revision)
     args.model_kind = "flux" if args.flux else "sdxl" if args.sdxl else "sd"
     if args.flux:
         validate_flux_args(args)
     else:
         # --tokenizer_name replaces the pipeline's tokenizer/.
-        common.check_pipeline_folder(model, REQUIRED_PARTS if args.tokenizer_name is None else REQUIRED_PARTS[1:])
+        cli.check_pipeline_folder(model, REQUIRED_PARTS if args.tokenizer_name is None else REQUIRED_PARTS[1:])
         for name in FLUX_ONLY_FLAGS:
             if getattr(args, name) not in (None, False):
                 raise InputError(f"--{name} applies to FLUX.1 models only (upstream's train_dreambooth_lora_flux.py); "
@@ -343,14 +343,14 @@ def validate_args(args):
             setattr(args, name, value)
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
-    common.require_positive(
+    cli.require_positive(
         args, "resolution", "train_batch_size", "sample_batch_size", "num_class_images", "num_train_epochs",
         "max_train_steps", "gradient_accumulation_steps", "learning_rate", "lr_num_cycles", "checkpointing_steps",
         "checkpoints_total_limit", "validation_epochs", "rank", "tokenizer_max_length", "logging_steps",
         "validation_inference_steps", "repeats", "snr_gamma", "text_encoder_lr", "lora_alpha", "max_sequence_length",
     )
-    common.require_multiple_of_8("--resolution", args.resolution)
-    common.check_bucket_flags(args)
+    cli.require_multiple_of_8("--resolution", args.resolution)
+    bucketing.check_bucket_flags(args)
     if args.flux:
         check_flux_sizes(args)
     check_lora_layers(args)
@@ -365,9 +365,9 @@ def validate_args(args):
         raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if args.class_labels_conditioning not in (None, "timesteps"):
         raise InputError(f"--class_labels_conditioning {args.class_labels_conditioning!r}: only 'timesteps' is known")
-    common.check_crop_flags(args)
+    families.check_crop_flags(args)
     if args.train_text_encoder:
-        common.check_compatible_versions("text-encoder LoRA")
+        cli.check_compatible_versions("text-encoder LoRA")
     if args.do_edm_style_training and not args.sdxl:
         # Upstream trains EDM-style (EDM preconditioning, Euler schedulers) only in its SDXL script.
         raise InputError("--do_edm_style_training applies to SDXL models only (as upstream's "
@@ -411,17 +411,17 @@ def validate_args(args):
         raise InputError(f"--cache_latents: --pretrained_model_name_or_path {model!r} has no vae/ (it trains in pixel "
                          "space): there are no latents to cache")
     if args.tokenizer_name is not None:
-        common.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
+        cli.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
     if args.pretrained_vae_model_name_or_path is not None:
-        common.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
+        cli.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
     validate_data_args(args)
     for path in args.validation_images or []:
-        if not common.is_readable_image({"path": path}):
+        if not cli.is_readable_image({"path": path}):
             raise InputError(f"--validation_images {path!r} is not a readable image")
 
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
-    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    args.resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if args.resume_path is not None:
         check_checkpoint_matches(args)
 
@@ -433,7 +433,7 @@ def validate_args(args):
                 "use `hf auth login` instead"
             )
         if "wandb" in reporters:
-            common.require_package("wandb", "--report_to wandb", "pip install wandb")
+            cli.require_package("wandb", "--report_to wandb", "pip install wandb")
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
 
@@ -447,7 +447,7 @@ def validate_args(args):
 def validate_sdxl_args(args):
     """An SDXL base model: its folder holds both tokenizers and text encoders, and the flags upstream's SDXL script
     lacks because they cannot apply to it are refused in one line naming the flag and the model."""
-    common.check_pipeline_folder(args.pretrained_model_name_or_path, common.SDXL_PIPELINE_PARTS)
+    cli.check_pipeline_folder(args.pretrained_model_name_or_path, families.SDXL_PIPELINE_PARTS)
     refused = {
         "--tokenizer_name": (args.tokenizer_name is not None, "it has two tokenizers, tokenizer/ and tokenizer_2/"),
         "--tokenizer_max_length": (args.tokenizer_max_length is not None, "SDXL prompts take 77 tokens"),
@@ -465,7 +465,7 @@ def validate_sdxl_args(args):
 def validate_flux_args(args):
     """A FLUX.1 base model: its folder holds both tokenizers, CLIP and T5 and a transformer, and the flags that cannot
     apply to it are refused in one line naming the flag and the model."""
-    common.check_pipeline_folder(args.pretrained_model_name_or_path, common.FLUX_PIPELINE_PARTS)
+    cli.check_pipeline_folder(args.pretrained_model_name_or_path, families.FLUX_PIPELINE_PARTS)
     refused = {
         "--snr_gamma": (args.snr_gamma is not None, "Min-SNR weights DDPM noise levels; FLUX.1 trains by flow "
                                                     "matching (see --weighting_scheme)"),
@@ -491,7 +491,7 @@ def validate_flux_args(args):
             raise InputError(f"{flag} cannot apply to the FLUX.1 model {args.pretrained_model_name_or_path!r}: "
                              f"{reason}")
     if args.enable_npu_flash_attention:
-        common.require_package("torch_npu", "--enable_npu_flash_attention", "it runs on Ascend NPUs with torch_npu")
+        cli.require_package("torch_npu", "--enable_npu_flash_attention", "it runs on Ascend NPUs with torch_npu")
     if args.max_sequence_length is not None and args.max_sequence_length > FLUX_MAX_SEQUENCE_LENGTH:
         raise InputError(f"--max_sequence_length {args.max_sequence_length} is over {FLUX_MAX_SEQUENCE_LENGTH}, the "
                          "most T5 prompt tokens FLUX.1 takes (FluxPipeline's limit)")
@@ -560,15 +560,15 @@ def validate_data_args(args):
                                  "--instance_prompt or name.txt files")
         if not os.path.isdir(args.instance_data_dir):
             raise InputError(f"--instance_data_dir {args.instance_data_dir!r} is not a folder")
-        if not any(common.image_files(args.instance_data_dir)):
-            extensions = ", ".join(common.IMAGE_EXTENSIONS)
+        if not any(cli.image_files(args.instance_data_dir)):
+            extensions = ", ".join(cli.IMAGE_EXTENSIONS)
             raise InputError(f"--instance_data_dir {args.instance_data_dir!r} holds no images ({extensions})")
     else:
-        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
+        cli.check_local_or_hub_id("--dataset_name", args.dataset_name)
 
 
 def validate_real_data_args(args):
-    """--proportion_empty_prompts, --masked_loss and --mask_column (the bucket flags: common.check_bucket_flags)."""
+    """--proportion_empty_prompts, --masked_loss and --mask_column (the bucket flags: bucketing.check_bucket_flags)."""
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.mask_column is not None:
@@ -594,7 +594,7 @@ def validate_optimizer_args(args):
     if args.optimizer not in OPTIMIZERS:
         raise InputError(f"--optimizer {args.optimizer!r} is not one of AdamW, prodigy")
     if args.optimizer == "prodigy":
-        common.require_package("prodigyopt", "--optimizer prodigy", "pip install prodigyopt")
+        cli.require_package("prodigyopt", "--optimizer prodigy", "pip install prodigyopt")
         if args.use_8bit_adam:
             warnings.warn("--use_8bit_adam is ignored with --optimizer prodigy (as upstream)", stacklevel=1)
         if args.learning_rate <= 0.1:
@@ -604,7 +604,7 @@ def validate_optimizer_args(args):
             warnings.warn("--text_encoder_lr is ignored with --optimizer prodigy: both models start from "
                           "--learning_rate (as upstream)", stacklevel=1)
     elif args.use_8bit_adam:
-        common.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
+        cli.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
 
 
 def check_checkpoint_matches(args):
@@ -643,8 +643,8 @@ def read_image_folder(folder, default_prompt):
     The prompt of `name.png` is the text of `name.txt` beside it, or `default_prompt`. A bad file is skipped up front
     instead of crashing the run mid-way."""
     items, skipped = [], []
-    for path in common.image_files(folder):
-        if not common.is_readable_image({"path": path}):
+    for path in cli.image_files(folder):
+        if not cli.is_readable_image({"path": path}):
             skipped.append(f"Skipping unreadable image {path}")
             continue
         prompt = default_prompt
@@ -685,7 +685,7 @@ def read_dataset_items(args):
         else:
             dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
     except Exception as error:  # datasets raises many types; the user needs the source and the reason
-        raise InputError(f"--dataset_name {source!r}: cannot load the dataset ({common.first_line(error)})") from None
+        raise InputError(f"--dataset_name {source!r}: cannot load the dataset ({cli.first_line(error)})") from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise InputError(f"--dataset_name {source!r} has no 'train' split (splits: {', '.join(dataset)})")
@@ -704,7 +704,7 @@ def read_dataset_items(args):
         raise InputError(f"--caption_column {args.caption_column!r} of {source!r} holds {caption_feature}, not text")
     if len(dataset) == 0:
         raise InputError(f"--dataset_name {source!r} holds no examples")
-    dataset = common.drop_unreadable_images(dataset, args.image_column, "--dataset_name", source)
+    dataset = cli.drop_unreadable_images(dataset, args.image_column, "--dataset_name", source)
     cells = dataset.cast_column(args.image_column, ImageFeature(decode=False))[args.image_column]
     captions = dataset[args.caption_column] if args.caption_column else [None] * len(dataset)
     masks = [None] * len(dataset)
@@ -814,10 +814,10 @@ def mask_source(image):
     channel (ALPHA), or nowhere (None)."""
     if isinstance(image, DatasetImage) and image.mask is not None:
         return image.mask
-    if not isinstance(image, DatasetImage) and os.path.isfile(common.mask_path_for(image)):
-        return common.mask_path_for(image)
+    if not isinstance(image, DatasetImage) and os.path.isfile(bucketing.mask_path_for(image)):
+        return bucketing.mask_path_for(image)
     with Image.open(image_file(image)) as opened:
-        return ALPHA if common.has_alpha(opened) else None
+        return ALPHA if bucketing.has_alpha(opened) else None
 
 
 def mask_name(image, source):
@@ -829,9 +829,9 @@ def mask_name(image, source):
 def check_mask_size(image, source):
     name = mask_name(image, source)
     try:
-        mask_size = common.image_size(image_cell(source))
+        mask_size = bucketing.image_size(image_cell(source))
     except Exception as error:  # PIL raises several types for a file that is not an image
-        raise InputError(f"--masked_loss: cannot read the mask {name} ({common.first_line(error)})") from None
+        raise InputError(f"--masked_loss: cannot read the mask {name} ({cli.first_line(error)})") from None
     image_size = displayed_size(image)
     if mask_size != image_size:
         raise InputError(f"--masked_loss: the mask {name} is {mask_size[1]}x{mask_size[0]} but its image is "
@@ -842,10 +842,10 @@ def load_image_and_mask(image, source):
     """(the RGB image as load_rgb returns it, its 'L' loss mask of the same size)."""
     opened = open_image(image)
     if source is ALPHA:
-        mask = common.load_mask(opened)
+        mask = bucketing.load_mask(opened)
     else:
         with Image.open(image_file(source)) as mask_image:
-            mask = common.load_mask(opened, mask_image.convert("L"), name=mask_name(image, source))
+            mask = bucketing.load_mask(opened, mask_image.convert("L"), name=mask_name(image, source))
     return opened.convert("RGB"), mask
 
 
@@ -857,7 +857,7 @@ def mask_tensor(mask):
 def cover_size(width, height, target_height, target_width):
     """(width, height) of the image resized, aspect kept, to the smallest size covering the target, sides truncated
     as torchvision's Resize (upstream's transform) truncates them: for a square target, the short side resized to it.
-    (common.cover_size rounds instead, which would change today's square crops.)"""
+    (bucketing.cover_size rounds instead, which would change today's square crops.)"""
     if target_width * height >= target_height * width:  # the width binds
         return target_width, max(target_height, int(height * target_width / width))
     return max(target_width, int(width * target_height / height)), target_height
@@ -947,7 +947,7 @@ def embedding_inputs(embeddings):
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from common.EpochSampler (or common.BucketBatchSampler). Sample i is instance image i
+    """Indexed by (epoch, index) from randomness.EpochSampler (or bucketing.BucketBatchSampler). Sample i is instance image i
     (mod their number) and, with prior preservation, class image i (mod theirs); an epoch covers the larger set.
     Random crops, flips and caption dropout depend only on the run seed, the epoch and the index, so they are the
     same on resume and with any number of workers.
@@ -1017,7 +1017,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                                                 random_flip, with_geometry=True, mask=mask)
             example = {"pixel_values": pixels}
             if mask is not None:
-                example["mask"] = common.mask_to_latents(geometry.pop("mask"), 8)
+                example["mask"] = bucketing.mask_to_latents(geometry.pop("mask"), 8)
             if self.sdxl:  # SDXL's time ids come from each sample's real size and crop, and its size
                 example.update(geometry)
         if self.masks is not None and "mask" not in example:
@@ -1029,12 +1029,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         changes no crop, flip or noise)."""
         if not self.caption_dropout:
             return prompt
-        generator = common.make_generator("cpu", self.run_state.seed, CAPTION_DROPOUT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, CAPTION_DROPOUT_STREAM, epoch, index)
         return "" if torch.rand(1, generator=generator).item() < self.caption_dropout else prompt
 
     def __getitem__(self, key):
         epoch, index = key
-        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         size = self.target_size(index)
         image, prompt = self.instance_items[index % len(self.instance_items)]
         # Upstream flips instance images only; class images keep the base model's own framing.
@@ -1075,7 +1075,7 @@ def encode_prompt(text_encoder, input_ids, attention_mask, use_attention_mask):
 def encode_prompts(args, text_encoders, inputs):
     """(prompt_embeds, pooled_prompt_embeds) of a batch of PromptInputs: SD: the text encoder's last hidden state and
     no pooled embedding; SDXL: both encoders' penultimate hidden states and text_encoder_2's pooled embedding
-    (common.encode_prompt_sdxl); FLUX.1: T5's last hidden state and CLIP's pooled output, as
+    (families.encode_prompt_sdxl); FLUX.1: T5's last hidden state and CLIP's pooled output, as
     FluxPipeline.encode_prompt computes them."""
     if args.flux:
         clip, t5 = text_encoders
@@ -1084,7 +1084,7 @@ def encode_prompts(args, text_encoders, inputs):
             return inputs["t5_states"], pooled
         return t5(inputs["input_ids_2"], output_hidden_states=False)[0], pooled
     if args.sdxl:
-        return common.encode_prompt_sdxl(text_encoders, [inputs["input_ids"], inputs["input_ids_2"]])
+        return families.encode_prompt_sdxl(text_encoders, [inputs["input_ids"], inputs["input_ids_2"]])
     return encode_prompt(text_encoders[0], inputs["input_ids"], inputs["attention_mask"],
                          args.text_encoder_use_attention_mask), None
 
@@ -1147,7 +1147,7 @@ def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
     random_flip, bucketed = args.random_flip, args.buckets is not None
     square = (args.resolution, args.resolution)
     views = [view if isinstance(view, LatentView) else LatentView(view, square) for view in views]
-    config = {"vae": common.model_fingerprint(vae), "dtype": str(vae.dtype)}
+    config = {"vae": feature_cache.model_fingerprint(vae), "dtype": str(vae.dtype)}
     config.update({"sizes": "aspect-ratio buckets, one per entry"} if bucketed else {"resolution": args.resolution})
     config.update({"interpolation": args.image_interpolation_mode, "crop": "center", "flip": random_flip,
                    "exif_transpose": True})
@@ -1155,7 +1155,7 @@ def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
         config["geometry"] = True
     if masks is not None:
         config["mask"] = "latent grid, bilinear"
-    cache = common.FeatureCache(args.feature_cache_dir, "latents", config)
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents", config)
     masks = masks or {}
     image_keys = {view: latent_key(view, masks.get(view.image), bucketed) for view in dict.fromkeys(views)}
     interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
@@ -1184,9 +1184,9 @@ def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
         for entry, view, (_, geometry) in zip(entries, batch_views, prepared):
             mask = geometry.pop("mask", None)
             if mask is not None:
-                entry["mask"] = common.mask_to_latents(mask, 8)
+                entry["mask"] = bucketing.mask_to_latents(mask, 8)
                 if random_flip:
-                    entry["flipped_mask"] = common.mask_to_latents(mask.flip(-1), 8)
+                    entry["flipped_mask"] = bucketing.mask_to_latents(mask.flip(-1), 8)
             if args.sdxl:
                 (height, width), (top, left) = geometry["original_size"].tolist(), geometry["crop_top_left"].tolist()
                 entry.update(original_size=geometry["original_size"], crop_top_left=geometry["crop_top_left"])
@@ -1202,11 +1202,11 @@ def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
 def latent_key(view, mask_source, bucketed):
     """An entry's key: the image's fingerprint (today's key), with buckets its bucket, with a mask file the mask's
     fingerprint (an alpha channel is part of the image's)."""
-    key = common.image_fingerprint(image_cell(view.image))
+    key = feature_cache.image_fingerprint(image_cell(view.image))
     parts = list(view.size) if bucketed else []
     if mask_source is not None and mask_source is not ALPHA:
-        parts.append(common.image_fingerprint(image_cell(mask_source)))
-    return common.fingerprint(key, *parts) if parts else key
+        parts.append(feature_cache.image_fingerprint(image_cell(mask_source)))
+    return feature_cache.fingerprint(key, *parts) if parts else key
 
 
 class CachedPromptEmbeddings:
@@ -1226,18 +1226,18 @@ def cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
     --pre_compute_text_embeddings, computed once across runs. Entries are keyed by the token ids (and attention mask),
     so a different tokenizer or --tokenizer_max_length is a miss too; SDXL entries hold the pooled embedding too."""
     config = {
-        "text_encoder": common.model_fingerprint(text_encoders[0]), "dtype": str(weight_dtype),
+        "text_encoder": feature_cache.model_fingerprint(text_encoders[0]), "dtype": str(weight_dtype),
         "max_length": args.tokenizer_max_length or tokenizers[0].model_max_length,
         "attention_mask": args.text_encoder_use_attention_mask,
     }
     if len(text_encoders) == 2:  # SDXL, FLUX.1
-        config["text_encoder_2"] = common.model_fingerprint(text_encoders[1])
+        config["text_encoder_2"] = feature_cache.model_fingerprint(text_encoders[1])
     if args.flux:
         config.update(encoding="flux: T5 last hidden state, CLIP pooled", max_length_2=args.max_sequence_length)
-    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", config)
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", config)
     prompt_inputs = PromptInputs(tokenizers, prompt_lengths(args))
     inputs = {prompt: prompt_inputs(prompt) for prompt in dict.fromkeys(prompts)}
-    keys = {prompt: common.fingerprint(*[value.tolist() for value in tokens.values()])
+    keys = {prompt: feature_cache.fingerprint(*[value.tolist() for value in tokens.values()])
             for prompt, tokens in inputs.items()}
 
     def encode(batch):
@@ -1274,7 +1274,7 @@ def generate_class_images(accelerator, args, seed, logger):
         for name in os.listdir(folder):  # left by an interrupted run: never renamed, so never complete
             if name.endswith(".jpg.partial"):
                 os.remove(os.path.join(folder, name))
-        existing[0] = sum(common.is_readable_image({"path": path}) for path in common.image_files(folder))
+        existing[0] = sum(cli.is_readable_image({"path": path}) for path in cli.image_files(folder))
     if accelerator.num_processes > 1:
         broadcast_object_list(existing, from_process=0)  # every rank must agree on what is missing
     existing = existing[0]
@@ -1293,7 +1293,7 @@ def generate_class_images(accelerator, args, seed, logger):
         for start in tqdm(range(0, len(mine), args.sample_batch_size), desc="Generating class images",
                           disable=not accelerator.is_local_main_process):
             indices = mine[start:start + args.sample_batch_size]
-            generators = [common.make_generator(accelerator.device, seed, CLASS_IMAGE_STREAM, i) for i in indices]
+            generators = [randomness.make_generator(accelerator.device, seed, CLASS_IMAGE_STREAM, i) for i in indices]
             with torch.no_grad():
                 images = pipeline([args.class_prompt] * len(indices), generator=generators).images
             for index, image in zip(indices, images):
@@ -1319,7 +1319,7 @@ def load_pipeline(args, **kwargs):
     from diffusers import DiffusionPipeline
 
     if args.pretrained_vae_model_name_or_path is not None and kwargs.get("vae") is None:
-        kwargs["vae"] = common.load_vae(args)
+        kwargs["vae"] = families.load_vae(args)
         if kwargs.get("dtype") is not None:
             kwargs["vae"].to(dtype=kwargs["dtype"])
     try:
@@ -1327,7 +1327,7 @@ def load_pipeline(args, **kwargs):
             args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **kwargs
         )
     except Exception as error:
-        reason = common.first_line(error)
+        reason = cli.first_line(error)
         raise InputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: "
                          f"cannot load the pipeline ({reason})") from None
 
@@ -1353,7 +1353,7 @@ def load_flux_models(args, load):
     text_encoders = [load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant),
                      load("text_encoder_2", T5EncoderModel.from_pretrained, variant=args.variant)]
     transformer = load("transformer", FluxTransformer2DModel.from_pretrained, variant=args.variant)
-    return noise_scheduler, tokenizers, text_encoders, common.load_vae(args), transformer
+    return noise_scheduler, tokenizers, text_encoders, families.load_vae(args), transformer
 
 
 def load_models(args):
@@ -1370,14 +1370,14 @@ def load_models(args):
         try:
             return loader(source, subfolder=part, revision=args.revision, **kwargs)
         except Exception as error:
-            raise InputError(f"{flag} {source!r}: cannot load {part}/ ({common.first_line(error)})") from None
+            raise InputError(f"{flag} {source!r}: cannot load {part}/ ({cli.first_line(error)})") from None
 
     if args.flux:
         return load_flux_models(args, load)
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
     if args.sdxl:
         tokenizers, text_encoders = load_sdxl_text_models(args, load)
-        vae = common.load_vae(args)
+        vae = families.load_vae(args)
         unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
         return noise_scheduler, tokenizers, text_encoders, vae, unet
     if args.tokenizer_name is not None:
@@ -1386,7 +1386,7 @@ def load_models(args):
                                                                    use_fast=False)
         except Exception as error:
             raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load the tokenizer "
-                             f"({common.first_line(error)})") from None
+                             f"({cli.first_line(error)})") from None
     else:
         tokenizer = load("tokenizer", transformers.AutoTokenizer.from_pretrained, use_fast=False)
     # The text encoder class is the one its config names (CLIP for SD, T5 for DeepFloyd IF), as upstream.
@@ -1406,7 +1406,7 @@ def load_models(args):
     # A model without a VAE (DeepFloyd IF) trains in pixel space, as upstream; a latent-space UNet needs one.
     vae, vae_problem = None, f"{flag} {source!r}: no vae/ for a latent-space UNet"
     if args.pretrained_vae_model_name_or_path is not None:
-        vae = common.load_vae(args)
+        vae = families.load_vae(args)
     elif not os.path.isdir(source) or os.path.isdir(os.path.join(source, "vae")):
         try:
             vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
@@ -1437,7 +1437,7 @@ def add_lora_adapters(args, denoiser, text_encoders):
     try:
         denoiser.add_adapter(config(targets))
     except ValueError as error:  # a --lora_layers name the config check could not see (a hub model offline)
-        raise InputError(f"--lora_layers {args.lora_layers!r}: {common.first_line(error)}") from None
+        raise InputError(f"--lora_layers {args.lora_layers!r}: {cli.first_line(error)}") from None
     if args.train_text_encoder:
         for text_encoder in trainable_text_encoders(args, text_encoders):
             text_encoder.add_adapter(config(TEXT_ENCODER_LORA_TARGETS))
@@ -1614,8 +1614,8 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
                          args, weight_dtype)
 
     unet_config = getattr(unet, "module", unet).config  # through a DDP wrapper
-    noise = common.sample_noise(latents, generator)
-    timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
+    noise = objectives.sample_noise(latents, generator)
+    timesteps = objectives.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
                                         latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     if unet_config.in_channels == latents.shape[1] * 2:
@@ -1628,7 +1628,7 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
         model_pred, _ = torch.chunk(model_pred, 2, dim=1)  # a learned variance is not trained here (upstream)
 
     prediction_type = noise_scheduler.config.prediction_type
-    target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+    target = objectives.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
     mask = batch.get("mask")  # --masked_loss: (batch, 1, h, w) latent-pixel weights
     if not args.with_prior_preservation:
         return diffusion_loss(model_pred, target, snr_weights(args, noise_scheduler, timesteps), mask)
@@ -1650,7 +1650,7 @@ def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_fac
         if "latent_dist" in batch:
             latents = DiagonalGaussianDistribution(batch["latent_dist"]).sample(generator=generator).float()
         elif vae is not None:
-            pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (common.sdxl_vae_dtype)
+            pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (families.sdxl_vae_dtype)
             latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
         else:
             return batch["pixel_values"].to(weight_dtype).float()
@@ -1661,18 +1661,18 @@ def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_fac
 
 def flux_loss(transformer, noise_scheduler, latents, prompt_embeds, pooled, mask, generator, args, weight_dtype):
     """FLUX.1's flow-matching loss, as upstream's train_dreambooth_lora_flux.py computes it: timesteps drawn by
-    --weighting_scheme, the latents moved toward noise by the scheduler's sigma (common.flow_matching_inputs), packed
+    --weighting_scheme, the latents moved toward noise by the scheduler's sigma (objectives.flow_matching_inputs), packed
     2x2 into transformer tokens with their image ids as FluxPipeline packs them, the velocity predicted with
     --guidance_scale in the guidance embedding (FLUX.1 [dev]; none for a transformer without one), unpacked, and the
-    weighted squared error (common.flow_matching_loss), plus --prior_loss_weight times the class half's."""
+    weighted squared error (objectives.flow_matching_loss), plus --prior_loss_weight times the class half's."""
     from diffusers import FluxPipeline
 
     batch_size, channels, height, width = latents.shape
-    noise = common.sample_noise(latents, generator)
-    timesteps, sigmas = common.sample_flow_matching_sigmas(
+    noise = objectives.sample_noise(latents, generator)
+    timesteps, sigmas = objectives.sample_flow_matching_sigmas(
         noise_scheduler, batch_size, args.weighting_scheme, generator, latents.device, args.logit_mean, args.logit_std,
         args.mode_scale)
-    noisy_latents, target = common.flow_matching_inputs(latents, noise, sigmas)
+    noisy_latents, target = objectives.flow_matching_inputs(latents, noise, sigmas)
     packed = FluxPipeline._pack_latents(noisy_latents, batch_size, channels, height, width)
     image_ids = FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, latents.device,
                                                        weight_dtype)
@@ -1688,21 +1688,21 @@ def flux_loss(transformer, noise_scheduler, latents, prompt_embeds, pooled, mask
     # latent sizes with factor 1 say the same.
     prediction = FluxPipeline._unpack_latents(prediction, height, width, vae_scale_factor=1)
     if not args.with_prior_preservation:
-        return common.flow_matching_loss(prediction, target, sigmas, args.weighting_scheme, mask)
+        return objectives.flow_matching_loss(prediction, target, sigmas, args.weighting_scheme, mask)
     # Each half weighted by its own sigmas (upstream weights the class half with the whole batch's, which only
     # broadcasts at batch size 1).
     halves = [torch.chunk(value, 2, dim=0) if value is not None else (None, None)
               for value in (prediction, target, sigmas, mask)]
     instance, prior = [[half[i] for half in halves] for i in (0, 1)]
-    return common.flow_matching_loss(*instance[:3], args.weighting_scheme, instance[3]) + \
-        args.prior_loss_weight * common.flow_matching_loss(*prior[:3], args.weighting_scheme, prior[3])
+    return objectives.flow_matching_loss(*instance[:3], args.weighting_scheme, instance[3]) + \
+        args.prior_loss_weight * objectives.flow_matching_loss(*prior[:3], args.weighting_scheme, prior[3])
 
 
 def diffusion_loss(prediction, target, weights, mask):
-    """common.diffusion_loss, given the mask only when there is one (--masked_loss): the unmasked call stays today's."""
+    """objectives.diffusion_loss, given the mask only when there is one (--masked_loss): the unmasked call stays today's."""
     if mask is None:
-        return common.diffusion_loss(prediction, target, weights)
-    return common.diffusion_loss(prediction, target, weights, mask=mask)
+        return objectives.diffusion_loss(prediction, target, weights)
+    return objectives.diffusion_loss(prediction, target, weights, mask=mask)
 
 
 def added_conditions(args, pooled, batch, weight_dtype):
@@ -1711,19 +1711,19 @@ def added_conditions(args, pooled, batch, weight_dtype):
     older upstream versions, win where given) at the size each sample trains at (its bucket, or --resolution)."""
     if not args.sdxl:
         return None
-    crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
+    crops = families.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
                                       args.crops_coords_top_left_w)
     target_size = batch.get("target_size", (args.resolution, args.resolution))
-    time_ids = common.sdxl_time_ids(batch["original_size"], crops, target_size, device=pooled.device,
+    time_ids = families.sdxl_time_ids(batch["original_size"], crops, target_size, device=pooled.device,
                                     dtype=weight_dtype)
-    return common.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
+    return families.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
 
 
 def snr_weights(args, noise_scheduler, timesteps):
     """Per-sample Min-SNR-gamma weights with --snr_gamma, otherwise None (a plain mean)."""
     if args.snr_gamma is None:
         return None
-    return common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma,
+    return objectives.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma,
                                        noise_scheduler.config.prediction_type)
 
 
@@ -1788,7 +1788,7 @@ def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddi
     if mine:
         pipeline.to(accelerator.device)
         for index in mine:
-            generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
+            generator = randomness.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
             extra = {"image": load_rgb(args.validation_images[index])} if args.validation_images else {}
             extra.update(validation_size(args))
             with torch.no_grad(), accelerator.autocast():
@@ -1902,15 +1902,15 @@ image = pipeline({args.instance_prompt!r}).images[0]
 
 def make_train_dataloader(dataset, args, run_state, accelerator):
     """(the data loader, its sampler): batches of --train_batch_size in a shuffle of the run seed and the epoch, or,
-    with aspect-ratio buckets, batches that each hold one bucket's samples (common.BucketBatchSampler), so that
+    with aspect-ratio buckets, batches that each hold one bucket's samples (bucketing.BucketBatchSampler), so that
     their tensors stack; len(loader) is the number of batches either way."""
     loader_args = {"collate_fn": collate_examples, "num_workers": args.dataloader_num_workers,
                    "pin_memory": accelerator.device.type == "cuda"}
     if args.buckets is None:
-        sampler = common.EpochSampler(len(dataset), run_state, SHUFFLE_STREAM)
+        sampler = randomness.EpochSampler(len(dataset), run_state, SHUFFLE_STREAM)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, **loader_args)
     else:
-        sampler = common.BucketBatchSampler(dataset.buckets_of_samples(), args.train_batch_size, run_state,
+        sampler = bucketing.BucketBatchSampler(dataset.buckets_of_samples(), args.train_batch_size, run_state,
                                             SHUFFLE_STREAM)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_args)
     return loader, sampler
@@ -1960,14 +1960,14 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
     if args.train_text_encoder and accelerator.state.deepspeed_plugin is not None:
         # accelerate hands one model to a DeepSpeed engine; the UNet and text encoder LoRA would need two.
         raise InputError("--train_text_encoder trains two models, which accelerate cannot give to one DeepSpeed "
                          "engine: drop the flag or launch without DeepSpeed")
-    preemption = common.PreemptionHandler(accelerator)
+    preemption = checkpointing.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.run_seed(args, accelerator))
+    run_state = randomness.RunState(randomness.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
     for warning in skipped:
@@ -1995,10 +1995,10 @@ def main(argv=None):
             if weight_dtype != torch.float32:
                 model.to(dtype=weight_dtype)
     if args.sdxl:
-        vae.to(dtype=common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path))
+        vae.to(dtype=families.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path))
     # The initial LoRA weights depend on the run seed only, not on what drew from the global RNG before (class-image
     # generation happens in some runs and not in others).
-    torch.manual_seed(common.derive_seed(run_state.seed, LORA_INIT_STREAM))
+    torch.manual_seed(randomness.derive_seed(run_state.seed, LORA_INIT_STREAM))
     add_lora_adapters(args, unet, text_encoders)
     trained_models = [unet] + (trainable_text_encoders(args, text_encoders) if args.train_text_encoder else [])
     cast_training_params(trained_models, dtype=torch.float32)
@@ -2058,7 +2058,7 @@ def main(argv=None):
         train_dataset.use_latent_cache(*cache_latents(accelerator, vae, train_dataset.latent_views(), args,
                                                       weight_dtype, masks))
         vae = None  # validation loads it again
-    common.free_memory()
+    feature_cache.free_memory()
     train_dataloader, train_sampler = make_train_dataloader(train_dataset, args, run_state, accelerator)
 
     if args.scale_lr:
@@ -2067,7 +2067,7 @@ def main(argv=None):
     text_encoder_params = [p for model in trained_models[1:] for p in model.parameters() if p.requires_grad]
     params_to_optimize = unet_params + text_encoder_params
     optimizer = build_optimizer(args, parameter_groups(args, unet_params, text_encoder_params))
-    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+    steps_per_epoch = randomness.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
                                              args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -2108,7 +2108,7 @@ def main(argv=None):
     if args.train_text_encoder:
         text_encoders = trained_models[1:] + text_encoders[len(trained_models) - 1:]  # FLUX.1's T5 stays as it was
 
-    global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+    global_step = checkpointing.resume_from_checkpoint(accelerator, args, run_state)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -2129,7 +2129,7 @@ def main(argv=None):
         f"total batch {total_batch_size}"
     )
 
-    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+    first_epoch, batches_to_skip = randomness.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
@@ -2138,7 +2138,7 @@ def main(argv=None):
     )
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
-    checkpointer = common.Checkpointer(
+    checkpointer = checkpointing.Checkpointer(
         accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
     )
 
@@ -2150,14 +2150,14 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        common.set_epoch(loader, train_sampler, epoch)
+        randomness.set_epoch(loader, train_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
-            generator = common.make_generator(
+            generator = randomness.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             # LoRA dropout draws from the global RNG, which data loading and resuming also touch: reseed it from the
             # batch's place in the run so that a resumed run drops exactly what the uninterrupted one did.
-            torch.manual_seed(common.derive_seed(run_state.seed, DROPOUT_STREAM, epoch, batch_index,
+            torch.manual_seed(randomness.derive_seed(run_state.seed, DROPOUT_STREAM, epoch, batch_index,
                                                  accelerator.process_index))
             with accelerator.accumulate(*trained_models):
                 loss = training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype,
@@ -2205,7 +2205,7 @@ def main(argv=None):
                 model.eval()
             pipeline = validation_pipeline(args, **components)
             if args.cache_latents:
-                pipeline.vae.to(dtype=common.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path)
+                pipeline.vae.to(dtype=families.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path)
                                 if args.sdxl else weight_dtype)
             embeddings = prompt_embeddings
             if t5_states is not None:  # FLUX.1 with T5 freed: the trained CLIP's pooled embedding beside T5's states
@@ -2253,7 +2253,7 @@ def main(argv=None):
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*", "logs/*"],
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{checkpointing.PARTIAL_PREFIX}*", "logs/*"],
                 token=args.hub_token,
             )
     accelerator.wait_for_everyone()
@@ -2262,4 +2262,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import train_common as common
-from train_common import InputError
+from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
+from trainkit.cli import InputError
 
-# Independent random streams, derived from the run seed (see train_common.derive_seed).
+# Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, DROPOUT_STREAM = 1, 2, 3, 4, 5, 6
 EMPTY_PROMPT_STREAM = 7  # --proportion_empty_prompts: its own draws, so the other draws do not move with it
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -72,7 +72,7 @@ URL_PREFIXES = ("http://", "https://")
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description="Fine-tune a Stable Diffusion UNet for InstructPix2Pix image editing.")
+    parser = cli.ArgumentParser(description="Fine-tune a Stable Diffusion UNet for InstructPix2Pix image editing.")
     add = parser.add_argument
     # Model (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
@@ -192,15 +192,15 @@ def parse_args(argv=None):
              "--conditioning_dropout_prob (upstream's name, from the SDXL examples).")
     # Real datasets (SPEC §9): aspect-ratio buckets (chosen from the original image; the edited image follows it),
     # validation size, masked loss (the edited image's mask: the loss is on its latents)
-    common.add_bucket_arguments(parser)
-    common.add_mask_arguments(parser, column=True)
-    args = common.parse_args_with_config(parser, argv)
+    bucketing.add_bucket_arguments(parser)
+    bucketing.add_mask_arguments(parser, column=True)
+    args = cli.parse_args_with_config(parser, argv)
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     if args.feature_cache_dir is None:
-        args.feature_cache_dir = common.default_feature_cache_dir()
+        args.feature_cache_dir = feature_cache.default_feature_cache_dir()
     # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
-    args.sdxl = common.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    args.sdxl = families.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     for name, defaults in MODEL_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, defaults[args.sdxl])
@@ -209,13 +209,13 @@ def parse_args(argv=None):
 
 def validate_args(args):
     """Every check that needs no model or dataset loaded. Raises InputError."""
-    common.require_positive(
+    cli.require_positive(
         args, "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
         "validation_steps", "num_validation_images", "logging_steps", "validation_inference_steps",
     )
-    common.require_multiple_of_8("--resolution", args.resolution)
-    common.check_bucket_flags(args)
+    cli.require_multiple_of_8("--resolution", args.resolution)
+    bucketing.check_bucket_flags(args)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}")
     if args.mask_column is not None and not args.masked_loss:
@@ -237,26 +237,26 @@ def validate_args(args):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
     check_validation_args(args)
 
-    common.check_pipeline_folder(args.pretrained_model_name_or_path,
-                                 common.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS)
+    cli.check_pipeline_folder(args.pretrained_model_name_or_path,
+                                 families.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS)
     for name in SDXL_FLAGS if not args.sdxl else ():
         if getattr(args, name) is not None:
             raise InputError(f"--{name} applies to SDXL only; {args.pretrained_model_name_or_path!r} is a Stable "
                              "Diffusion model")
     if args.pretrained_vae_model_name_or_path is not None:
-        common.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
+        cli.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
     if args.dataset_name is None and args.train_data_dir is None:
         raise InputError(
             "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (an imagefolder)"
         )
     if args.dataset_name is not None:
-        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
+        cli.check_local_or_hub_id("--dataset_name", args.dataset_name)
     elif not os.path.isdir(args.train_data_dir):
         raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
 
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
-    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    args.resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     reporters = {name.strip() for name in args.report_to.split(",")}
     if reporters & {"wandb", "all"}:
@@ -266,12 +266,12 @@ def validate_args(args):
                 "use `hf auth login` instead"
             )
         if "wandb" in reporters:
-            common.require_package("wandb", "--report_to wandb", "pip install wandb")
+            cli.require_package("wandb", "--report_to wandb", "pip install wandb")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
         except Exception as error:  # ImportError, or a broken native library raising at import
-            raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used ({common.first_line(error)}); "
+            raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used ({cli.first_line(error)}); "
                              "pip install bitsandbytes") from None
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
@@ -299,7 +299,7 @@ def check_validation_args(args):
         return
     if not os.path.isfile(source):
         raise InputError(f"{image_flag(args)} {source!r} does not exist (give a local image file or an http(s) URL)")
-    if not common.is_readable_image({"path": source}):
+    if not cli.is_readable_image({"path": source}):
         raise InputError(f"{image_flag(args)} {source!r} is not a readable image")
 
 
@@ -341,7 +341,7 @@ def load_edit_dataset(args):
         else:
             dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
     except Exception as error:  # datasets raises many types; the user needs the source and the reason
-        raise InputError(f"{flag} {source!r}: cannot load the dataset ({common.first_line(error)})") from None
+        raise InputError(f"{flag} {source!r}: cannot load the dataset ({cli.first_line(error)})") from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise InputError(f"{flag} {source!r} has no 'train' split (splits: {', '.join(dataset)})")
@@ -362,7 +362,7 @@ def load_edit_dataset(args):
     for column in image_columns(args) + ((masks,) if masks else ()):
         dataset = _paths_to_images(dataset, column, source)
     # A row without a mask trains on every pixel (see EditExamples.check_masks); its mask cell is not a bad image.
-    return common.drop_unreadable_images(dataset, image_columns(args), flag, source)
+    return cli.drop_unreadable_images(dataset, image_columns(args), flag, source)
 
 
 def _paths_to_images(dataset, column, source):
@@ -472,7 +472,7 @@ def preprocess_mask(mask, target, crop_position, flip):
     stay in [0, 1]), averaged to one weight per latent pixel: (1, height / 8, width / 8)."""
     target = as_target(target)
     mask = crop_and_flip(resize_to_cover(mask, target, Image.BILINEAR), target, crop_position, flip)
-    return common.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
+    return bucketing.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
 
 
 # Where a row's loss mask comes from (EditExamples.check_masks): the edited image's alpha channel, a `name.mask.png`
@@ -486,12 +486,12 @@ def load_loss_mask(source, edited, mask_image=None):
         return None
     kind, path = source
     if kind == ALPHA:
-        return common.load_mask(edited)
-    return common.load_mask(edited, path if kind == MASK_FILE else mask_image, name="the edited image")
+        return bucketing.load_mask(edited)
+    return bucketing.load_mask(edited, path if kind == MASK_FILE else mask_image, name="the edited image")
 
 
 class EditExamples(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from common.EpochSampler (or common.BucketBatchSampler). The crop, the flip and the
+    """Indexed by (epoch, index) from randomness.EpochSampler (or bucketing.BucketBatchSampler). The crop, the flip and the
     dropout draws depend only on the run seed, the epoch and the sample index, so they are the same on resume and
     with any number of workers or processes.
 
@@ -544,7 +544,7 @@ class EditExamples(torch.utils.data.Dataset):
             return index
         seed, indices = self._subset
         if seed != self.run_state.seed:
-            rng = np.random.default_rng(common.derive_seed(self.run_state.seed, SUBSET_STREAM))
+            rng = np.random.default_rng(randomness.derive_seed(self.run_state.seed, SUBSET_STREAM))
             indices = rng.permutation(len(self.dataset))[: self.size].tolist()
             self._subset = (self.run_state.seed, indices)
         return indices[index]
@@ -566,13 +566,13 @@ class EditExamples(torch.utils.data.Dataset):
 
     def sample_buckets(self):
         """Each sample's (height, width) bucket, from its original image's size (headers only), or None without
-        buckets: what common.BucketBatchSampler groups batches by."""
+        buckets: what bucketing.BucketBatchSampler groups batches by."""
         if self.buckets is None:
             return None
         seed, buckets = self._buckets
         if seed != self.run_state.seed:
             column = self.args.original_image_column
-            buckets = [self.buckets.assign(*common.image_size(cells[column]))
+            buckets = [self.buckets.assign(*bucketing.image_size(cells[column]))
                        for _, cells in self.undecoded([column])]
             self._buckets = (self.run_state.seed, buckets)
         return buckets
@@ -611,7 +611,7 @@ class EditExamples(torch.utils.data.Dataset):
     def dropout_draw(self, epoch, index):
         """u ~ U[0, 1) for the conditioning dropout of sample `index` in `epoch` (its own stream, so turning dropout
         on or off does not change the crops and flips)."""
-        generator = common.make_generator("cpu", self.run_state.seed, DROPOUT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, DROPOUT_STREAM, epoch, index)
         return torch.rand((), generator=generator)
 
     def drops_prompt(self, epoch, index):
@@ -619,7 +619,7 @@ class EditExamples(torch.utils.data.Dataset):
         stream: the crops, flips and conditioning dropout draws do not change with it)."""
         if not self.proportion_empty_prompts:
             return False
-        generator = common.make_generator("cpu", self.run_state.seed, EMPTY_PROMPT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, EMPTY_PROMPT_STREAM, epoch, index)
         return bool(torch.rand((), generator=generator) < self.proportion_empty_prompts)
 
     def __getitem__(self, key):
@@ -627,7 +627,7 @@ class EditExamples(torch.utils.data.Dataset):
         a = self.args
         row = self._row(index)
         example = self.dataset[row]
-        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         crop_position, flip = draw_augmentation(a.center_crop, a.random_flip, generator)
         target = self.target(index)
         item = {}
@@ -651,7 +651,7 @@ class EditExamples(torch.utils.data.Dataset):
             item.update(micro_conditioning(width, height, target, crop_position, flip))
         prompt = "" if self.drops_prompt(epoch, index) else example[a.edit_prompt_column] or ""
         if self.text_cache is None:
-            for name, ids in zip(INPUT_IDS, common.tokenize_prompts(self.tokenizers, prompt)):
+            for name, ids in zip(INPUT_IDS, families.tokenize_prompts(self.tokenizers, prompt)):
                 item[name] = ids[0]
         else:
             entry = self.text_cache.load(self.prompt_keys[prompt])
@@ -676,8 +676,8 @@ def find_mask(edited_cell, mask_cell, row, args):
     if mask_cell and (mask_cell.get("bytes") or mask_cell.get("path")):
         source, name = (MASK_CELL, None), f"--mask_column {mask_column(args)!r} row {row}"
     elif edited_cell.get("path") and not edited_cell.get("bytes") and os.path.isfile(
-            common.mask_path_for(edited_cell["path"])):
-        source = name = common.mask_path_for(edited_cell["path"])
+            bucketing.mask_path_for(edited_cell["path"])):
+        source = name = bucketing.mask_path_for(edited_cell["path"])
         source = (MASK_FILE, source)
     else:
         return (ALPHA, None) if alpha else None
@@ -694,9 +694,9 @@ def _image_header(cell, name):
 
     try:
         with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
-            return image.width, image.height, common.has_alpha(image)
+            return image.width, image.height, bucketing.has_alpha(image)
     except (OSError, ValueError) as error:
-        raise InputError(f"--masked_loss: cannot read {name} ({common.first_line(error)})") from None
+        raise InputError(f"--masked_loss: cannot read {name} ({cli.first_line(error)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -716,7 +716,7 @@ def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
     from datasets import Image as ImageFeature
 
     settings = {
-        "vae": common.model_fingerprint(vae), "dtype": str(vae_dtype), "resolution": args.resolution,
+        "vae": feature_cache.model_fingerprint(vae), "dtype": str(vae_dtype), "resolution": args.resolution,
         "interpolation": "bicubic", "crop": "center", "flip": args.random_flip,
         "preprocess": "instruct_pix2pix: RGB, short side resized, relative crop (0.5, 0.5), [-1, 1]",
     }
@@ -724,7 +724,7 @@ def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
         del settings["resolution"]
         settings["preprocess"] = "instruct_pix2pix: RGB, resized to cover the bucket in the key, relative crop (0.5, " \
                                  "0.5), [-1, 1]"
-    cache = common.FeatureCache(args.feature_cache_dir, "latents",
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents",
                                 {**settings, "original_size": True} if args.sdxl else settings)
     columns = image_columns(args)
     masks = train_dataset.check_masks()
@@ -736,7 +736,7 @@ def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
         for column in columns:
             mask = masks.get(row) if column == args.edited_image_column else None
             bucket = target if train_dataset.buckets is not None else None
-            key = latent_key(common.image_fingerprint(cells[column]), bucket,
+            key = latent_key(feature_cache.image_fingerprint(cells[column]), bucket,
                              mask_key(mask, cells.get(mask_column(args))))
             keys.append(key)
             inputs.setdefault(key, (row, column, target, mask))
@@ -788,7 +788,7 @@ def latent_key(image_key, bucket=None, mask=None):
     """A latent cache entry's key: the image's own (the square run's key, unchanged), with its bucket and its mask's
     key when there are."""
     parts = [*(bucket or ()), *(("mask", mask) if mask else ())]
-    return common.fingerprint(image_key, *parts) if parts else image_key
+    return feature_cache.fingerprint(image_key, *parts) if parts else image_key
 
 
 def mask_key(source, mask_cell):
@@ -798,7 +798,7 @@ def mask_key(source, mask_cell):
     kind, path = source
     if kind == ALPHA:
         return ALPHA
-    return common.image_fingerprint({"path": path} if kind == MASK_FILE else mask_cell)
+    return feature_cache.image_fingerprint({"path": path} if kind == MASK_FILE else mask_cell)
 
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, tokenizers, args, weight_dtype):
@@ -806,19 +806,19 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, tokenizers,
     (what conditioning dropout puts in place of a prompt), and switch the dataset to it. Entries are keyed by token
     ids, so a different tokenizer is a miss too; on SDXL they hold both encoders' hidden states and the pooled
     embedding. Returns the empty prompt's (hidden states (1, tokens, dim), pooled embedding or None) on the device."""
-    settings = {"text_encoder": common.model_fingerprint(text_encoders[0]), "dtype": str(weight_dtype)}
+    settings = {"text_encoder": feature_cache.model_fingerprint(text_encoders[0]), "dtype": str(weight_dtype)}
     if len(text_encoders) > 1:
-        settings["text_encoder_2"] = common.model_fingerprint(text_encoders[1])
-    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", settings)
+        settings["text_encoder_2"] = feature_cache.model_fingerprint(text_encoders[1])
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", settings)
     rows = train_dataset.rows()
     prompts = {prompt or "" for prompt in train_dataset.dataset.select(rows)[args.edit_prompt_column]} | {""}
-    token_ids = {prompt: [ids[0] for ids in common.tokenize_prompts(tokenizers, prompt)] for prompt in sorted(prompts)}
+    token_ids = {prompt: [ids[0] for ids in families.tokenize_prompts(tokenizers, prompt)] for prompt in sorted(prompts)}
     # SD's keys are those of the token ids alone, as before SDXL.
-    prompt_keys = {prompt: common.fingerprint(ids[0].tolist() if len(ids) == 1 else [i.tolist() for i in ids])
+    prompt_keys = {prompt: feature_cache.fingerprint(ids[0].tolist() if len(ids) == 1 else [i.tolist() for i in ids])
                    for prompt, ids in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = common.encode_prompt(text_encoders, [torch.stack(ids).to(accelerator.device)
+        hidden_states, pooled = families.encode_prompt(text_encoders, [torch.stack(ids).to(accelerator.device)
                                                             for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
@@ -852,17 +852,17 @@ def load_models(args):
         try:
             return loader(source, subfolder=part, **{"revision": args.revision, "cache_dir": args.cache_dir, **kwargs})
         except Exception as error:
-            reason = common.first_line(error)
+            reason = cli.first_line(error)
             raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({reason})") from None
 
     # Trained with DDPM noising whatever the pipeline samples with (SDXL ships EulerDiscreteScheduler), as upstream.
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
     tokenizers = [load(name, CLIPTokenizer.from_pretrained) for name in TOKENIZERS[:count]]
     encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
-    with common.frozen_models_outside_zero3():
+    with distributed.frozen_models_outside_zero3():
         text_encoders = [load(name, cls.from_pretrained, variant=args.variant)
                          for name, cls in zip(TEXT_ENCODERS[:count], encoder_classes)]
-        vae = common.load_vae(args)
+        vae = families.load_vae(args)
     unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"--pretrained_model_name_or_path {source!r}: the scheduler predicts "
@@ -872,9 +872,9 @@ def load_models(args):
 
 def vae_dtype(args, weight_dtype):
     """The dtype the VAE runs in: SD's in the frozen models' dtype; SDXL's own in --vae_precision (default fp32, where
-    train_common.sdxl_vae_dtype's upcast rule puts it), another VAE in the frozen models' dtype, as upstream."""
+    families.sdxl_vae_dtype's upcast rule puts it), another VAE in the frozen models' dtype, as upstream."""
     if not args.sdxl or args.vae_precision is None or args.pretrained_vae_model_name_or_path is not None:
-        return common.vae_dtype(args, weight_dtype)
+        return families.vae_dtype(args, weight_dtype)
     return VAE_PRECISIONS[args.vae_precision]
 
 
@@ -964,11 +964,11 @@ def added_conditions(batch, pooled_prompt_embeds, args):
     bucket, or --resolution square)."""
     if pooled_prompt_embeds is None:
         return None
-    crops = common.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
+    crops = families.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
                                       args.crops_coords_top_left_w)
     targets = batch.get("target_size", (args.resolution, args.resolution))
-    time_ids = common.sdxl_time_ids(batch["original_size"], crops, targets)
-    return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+    time_ids = families.sdxl_time_ids(batch["original_size"], crops, targets)
+    return families.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
 
 
 def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, vae_dtype, empty_prompt,
@@ -992,7 +992,7 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
         if "encoder_hidden_states" in batch:
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
-            encoder_hidden_states, pooled = common.encode_prompt(text_encoders, [batch[name] for name in INPUT_IDS
+            encoder_hidden_states, pooled = families.encode_prompt(text_encoders, [batch[name] for name in INPUT_IDS
                                                                         if name in batch])
         # Unscaled and deterministic (the mode), as the InstructPix2Pix pipelines encode the image they edit.
         original_latents = latent_dist("original").mode().float()
@@ -1002,8 +1002,8 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
             empty_prompt, pooled,
         )
 
-    noise = common.sample_noise(latents, generator, args.noise_offset)
-    timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
+    noise = objectives.sample_noise(latents, generator, args.noise_offset)
+    timesteps = objectives.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
                                         latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     model_input = torch.cat([noisy_latents, original_latents], dim=1)
@@ -1011,11 +1011,11 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
         batch, pooled, args), return_dict=False)[0]
 
     prediction_type = noise_scheduler.config.prediction_type
-    target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+    target = objectives.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
     weights = None
     if args.snr_gamma is not None:
-        weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
-    return common.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
+        weights = objectives.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
+    return objectives.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1043,7 +1043,7 @@ def load_validation_image(accelerator, args):
             loaded[0] = fit_for_validation(load_image(args.val_image_url), args.resolution, validation_size(args))
         except Exception as error:  # requests and PIL raise many types
             loaded[1] = (f"{image_flag(args)} {args.val_image_url!r}: cannot load the image "
-                         f"({common.first_line(error)})")
+                         f"({cli.first_line(error)})")
     if accelerator.num_processes > 1:
         broadcast_object_list(loaded, from_process=0)
     if loaded[1] is not None:
@@ -1087,7 +1087,7 @@ def generate_validation_images(accelerator, pipeline, image, args, seed):
     # sample size), so with --validation_height/--validation_width it is given the image's size.
     size = {"height": image.height, "width": image.width} if args.sdxl and validation_size(args) else {}
     for k in mine:
-        generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, k)
+        generator = randomness.make_generator(accelerator.device, seed, VALIDATION_STREAM, k)
         with torch.no_grad(), accelerator.autocast():
             edited = pipeline(
                 args.validation_prompt, image=image, num_inference_steps=args.validation_inference_steps,
@@ -1105,7 +1105,7 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoders, to
     """Validation images from the current weights (the EMA weights when --use_ema: swapped in, then the trained
     weights restored). A frozen model the cache made unnecessary (None) is loaded again for the length of the
     validation, in the dtype training would run it in."""
-    model = common.whole_model(accelerator, unet)  # every rank calls this function
+    model = distributed.whole_model(accelerator, unet)  # every rank calls this function
     if ema_unet is not None:
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
@@ -1114,7 +1114,7 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoders, to
     try:
         frozen = dict(zip(TOKENIZERS, tokenizers))
         if vae is not None or args.pretrained_vae_model_name_or_path is not None:
-            frozen["vae"] = vae if vae is not None else common.load_vae(args).to(accelerator.device)
+            frozen["vae"] = vae if vae is not None else families.load_vae(args).to(accelerator.device)
         frozen.update(zip(TEXT_ENCODERS, text_encoders or ()))
         pipeline = load_pipeline(args, unet=model, **frozen)
         weight_dtype = frozen_dtype(accelerator)
@@ -1138,7 +1138,7 @@ def pipeline_class(args):
 def load_pipeline(args, **components):
     """The base model's InstructPix2Pix pipeline (SD or SDXL) with `components` in place of its own."""
     extra = {} if args.sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    with common.frozen_models_outside_zero3():
+    with distributed.frozen_models_outside_zero3():
         return pipeline_class(args).from_pretrained(args.pretrained_model_name_or_path, **components, **extra,
                                               revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
 
@@ -1167,7 +1167,7 @@ def log_validation_images(accelerator, original, edited, name, epoch, global_ste
 
 
 def save_pipeline(model, ema_unet, args):
-    """Write the InstructPix2Pix pipeline (SD or SDXL) with the trained UNet `model` (from `common.whole_model`) to
+    """Write the InstructPix2Pix pipeline (SD or SDXL) with the trained UNet `model` (from `distributed.whole_model`) to
     --output_dir: the EMA weights in unet/ when --use_ema (the raw trained weights in unet_raw/), the trained UNet
     otherwise. The VAE (--pretrained_vae_model_name_or_path's if given) and text encoders are saved as loaded (not
     downcast)."""
@@ -1175,7 +1175,7 @@ def save_pipeline(model, ema_unet, args):
         model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    vae = {} if args.pretrained_vae_model_name_or_path is None else {"vae": common.load_vae(args)}
+    vae = {} if args.pretrained_vae_model_name_or_path is None else {"vae": families.load_vae(args)}
     load_pipeline(args, unet=model, **vae).save_pretrained(args.output_dir)
     if ema_unet is not None:
         ema_unet.restore(model.parameters())
@@ -1260,15 +1260,15 @@ edited = pipeline({example_prompt!r}, image=image, image_guidance_scale=1.5, gui
 def build_dataloader(train_dataset, args, run_state, accelerator):
     """(data loader, its sampler): batches of (epoch, index) keys in an order that depends only on the run seed and
     the epoch. Without buckets, a shuffle of all samples cut into --train_batch_size batches (accelerate splits each
-    across ranks); with buckets, batches of one bucket each (common.BucketBatchSampler: a bucket's remainder is a
+    across ranks); with buckets, batches of one bucket each (bucketing.BucketBatchSampler: a bucket's remainder is a
     smaller batch, nothing is dropped), shuffled across buckets, whole batches dealt round-robin to the ranks."""
     buckets = train_dataset.sample_buckets()
     loading = {"num_workers": args.dataloader_num_workers, "pin_memory": accelerator.device.type == "cuda"}
     if buckets is None:
-        sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
+        sampler = randomness.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
         return torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, sampler=sampler,
                                            **loading), sampler
-    sampler = common.BucketBatchSampler(buckets, args.train_batch_size, run_state, SHUFFLE_STREAM)
+    sampler = bucketing.BucketBatchSampler(buckets, args.train_batch_size, run_state, SHUFFLE_STREAM)
     return torch.utils.data.DataLoader(train_dataset, batch_sampler=sampler, **loading), sampler
 
 
@@ -1305,10 +1305,10 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
-    preemption = common.PreemptionHandler(accelerator)
+    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
+    preemption = checkpointing.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.run_seed(args, accelerator))
+    run_state = randomness.RunState(randomness.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -1341,7 +1341,7 @@ def main(argv=None):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(args, unet.parameters())
-    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+    steps_per_epoch = randomness.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
                                              args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -1359,7 +1359,7 @@ def main(argv=None):
         # A checkpoint is usable by itself: unet/ holds the trained (8-channel) weights, unet_ema/ the EMA. Every rank
         # gathers (ZeRO-3), the main process writes.
         for saved in models:
-            model = common.whole_model(accelerator, saved)
+            model = distributed.whole_model(accelerator, saved)
             if accelerator.is_main_process:
                 model.save_pretrained(os.path.join(output_dir, "unet"))
         if accelerator.is_main_process and ema_unet is not None:
@@ -1389,7 +1389,7 @@ def main(argv=None):
         elif not args.offload_ema:
             ema_unet.to(accelerator.device)
 
-    global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+    global_step = checkpointing.resume_from_checkpoint(accelerator, args, run_state)
 
     # The frozen models go to the device, or fill the cache (the rows trained on depend on the seed, known only now
     # for a resumed run) and leave memory; validation loads them again when it needs them.
@@ -1408,9 +1408,9 @@ def main(argv=None):
         for text_encoder in text_encoders:
             text_encoder.to(accelerator.device, dtype=weight_dtype)
         with torch.no_grad():
-            empty_prompt = common.encode_prompt(text_encoders, [ids.to(accelerator.device)
-                                                       for ids in common.tokenize_prompts(tokenizers, [""])])
-    common.free_memory()
+            empty_prompt = families.encode_prompt(text_encoders, [ids.to(accelerator.device)
+                                                       for ids in families.tokenize_prompts(tokenizers, [""])])
+    feature_cache.free_memory()
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -1440,7 +1440,7 @@ def main(argv=None):
                                           validation_image, args, run_state.seed)
         log_validation(name, epoch, edited)
 
-    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+    first_epoch, batches_to_skip = randomness.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
@@ -1449,7 +1449,7 @@ def main(argv=None):
     )
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
-    checkpointer = common.Checkpointer(
+    checkpointer = checkpointing.Checkpointer(
         accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
     )
 
@@ -1460,9 +1460,9 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        common.set_epoch(loader, train_sampler, epoch)
+        randomness.set_epoch(loader, train_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
-            generator = common.make_generator(
+            generator = randomness.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             with accelerator.accumulate(unet):
@@ -1516,7 +1516,7 @@ def main(argv=None):
         accelerator.wait_for_everyone()
     progress_bar.close()
 
-    final_unet = common.whole_model(accelerator, unet)
+    final_unet = distributed.whole_model(accelerator, unet)
     if accelerator.is_main_process:
         save_pipeline(final_unet, ema_unet, args)
         logger.info(f"Saved the InstructPix2Pix pipeline to {args.output_dir}")
@@ -1525,7 +1525,7 @@ def main(argv=None):
     # A last validation round from the pipeline as saved (what users will load), shown in the model card.
     final_images = None
     if validation_image is not None:
-        with common.frozen_models_outside_zero3():
+        with distributed.frozen_models_outside_zero3():
             saved = pipeline_class(args).from_pretrained(args.output_dir).to(accelerator.device)
         final_images = generate_validation_images(accelerator, saved, validation_image, args, run_state.seed)
         del saved
@@ -1539,7 +1539,7 @@ def main(argv=None):
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message=f"Step {global_step}",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*", "logs/*"],
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{checkpointing.PARTIAL_PREFIX}*", "logs/*"],
                 token=args.hub_token,
             )
     accelerator.wait_for_everyone()
@@ -1548,4 +1548,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

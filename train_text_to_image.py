@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import train_common as common
-from train_common import InputError
+from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
+from trainkit.cli import InputError
 
-# Independent random streams, derived from the run seed (see train_common.derive_seed).
+# Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, EMPTY_PROMPT_STREAM = 1, 2, 3, 4, 5, 6
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -70,7 +70,7 @@ MASK_FROM_ALPHA, MASK_FROM_COLUMN = "alpha channel", "mask column"
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description="Fine-tune a Stable Diffusion UNet on captioned images.")
+    parser = cli.ArgumentParser(description="Fine-tune a Stable Diffusion UNet on captioned images.")
     add = parser.add_argument
     # Model (upstream)
     add("--pretrained_model_name_or_path", type=str, required=True,
@@ -124,7 +124,7 @@ def parse_args(argv=None):
     add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (recommended 5.0).")
     add("--proportion_empty_prompts", type=float, default=0,
         help="Train this fraction of the examples with an empty caption (drawn per example and epoch).")
-    add("--timestep_bias_strategy", type=str, default="none", choices=common.TIMESTEP_BIAS_STRATEGIES,
+    add("--timestep_bias_strategy", type=str, default="none", choices=objectives.TIMESTEP_BIAS_STRATEGIES,
         help="Sample timesteps more (or less) often: the earlier or later --timestep_bias_portion of them, or "
              "[--timestep_bias_begin, --timestep_bias_end) for range.")
     add("--timestep_bias_multiplier", type=float, default=1.0,
@@ -189,15 +189,15 @@ def parse_args(argv=None):
              "or ~/.cache/diffusion-training). Entries are keyed by the images, captions, model weights, resolution "
              "and transforms, so one folder serves any number of runs; deleting it is always safe.")
     # Real datasets (SPEC §9): aspect-ratio buckets, validation size, masked loss
-    common.add_bucket_arguments(parser)
-    common.add_mask_arguments(parser, column=True)
-    args = common.parse_args_with_config(parser, argv)
+    bucketing.add_bucket_arguments(parser)
+    bucketing.add_mask_arguments(parser, column=True)
+    args = cli.parse_args_with_config(parser, argv)
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     if args.feature_cache_dir is None:
-        args.feature_cache_dir = common.default_feature_cache_dir()
+        args.feature_cache_dir = feature_cache.default_feature_cache_dir()
     # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
-    args.sdxl = common.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    args.sdxl = families.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     for name, defaults in MODEL_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, defaults[args.sdxl])
@@ -206,7 +206,7 @@ def parse_args(argv=None):
 
 def validate_args(args):
     """Every check that needs no model or dataset loaded. Raises InputError."""
-    common.require_positive(
+    cli.require_positive(
         args, "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
         "logging_steps", "validation_inference_steps", "dream_detail_preservation",
@@ -215,13 +215,13 @@ def validate_args(args):
                  "num_validation_images"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    common.require_multiple_of_8("--resolution", args.resolution)
-    common.check_bucket_flags(args)
+    cli.require_multiple_of_8("--resolution", args.resolution)
+    bucketing.check_bucket_flags(args)
     if args.mask_column is not None and not args.masked_loss:
         raise InputError("--mask_column applies only with --masked_loss")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
-    common.check_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_begin,
+    objectives.check_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_begin,
                                args.timestep_bias_end, args.timestep_bias_portion)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
@@ -240,11 +240,11 @@ def validate_args(args):
     if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
 
-    common.check_pipeline_folder(args.pretrained_model_name_or_path,
-                                 common.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS)
+    cli.check_pipeline_folder(args.pretrained_model_name_or_path,
+                                 families.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS)
     vae_path = args.pretrained_vae_model_name_or_path
     if vae_path is not None:
-        common.check_local_or_hub_id("--pretrained_vae_model_name_or_path", vae_path)
+        cli.check_local_or_hub_id("--pretrained_vae_model_name_or_path", vae_path)
         if os.path.isdir(vae_path) and not os.path.isfile(os.path.join(vae_path, "config.json")):
             raise InputError(f"--pretrained_vae_model_name_or_path {vae_path!r} is not a VAE folder (no config.json)")
     if args.dataset_name is None and args.train_data_dir is None:
@@ -252,20 +252,20 @@ def validate_args(args):
             "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (a folder of images)"
         )
     if args.dataset_name is not None:
-        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
+        cli.check_local_or_hub_id("--dataset_name", args.dataset_name)
     elif not os.path.isdir(args.train_data_dir):
         raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
-    elif not any(common.image_files(args.train_data_dir)):
-        extensions = ", ".join(common.IMAGE_EXTENSIONS)
+    elif not any(cli.image_files(args.train_data_dir)):
+        extensions = ", ".join(cli.IMAGE_EXTENSIONS)
         raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
     elif args.masked_loss:
         # A folder's masks are files: a missing or mis-sized one is reported before anything loads.
-        find_masks([{"path": path, "bytes": None} for path in common.image_files(args.train_data_dir)], None,
+        find_masks([{"path": path, "bytes": None} for path in cli.image_files(args.train_data_dir)], None,
                    f"--train_data_dir {args.train_data_dir!r}")
 
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
-    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    args.resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     reporters = {name.strip() for name in args.report_to.split(",")}
     if reporters & {"wandb", "all"}:
@@ -275,9 +275,9 @@ def validate_args(args):
                 "use `hf auth login` instead"
             )
         if "wandb" in reporters:
-            common.require_package("wandb", "--report_to wandb", "pip install wandb")
+            cli.require_package("wandb", "--report_to wandb", "pip install wandb")
     if args.use_8bit_adam:
-        common.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
+        cli.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
     if args.enable_npu_flash_attention:
         import importlib.util
 
@@ -325,7 +325,7 @@ def load_captioned_dataset(args):
     except InputError:
         raise
     except Exception as error:  # datasets raises many types; the user needs the source and the reason
-        raise InputError(f"{flag} {source!r}: cannot load the dataset ({common.first_line(error)})") from None
+        raise InputError(f"{flag} {source!r}: cannot load the dataset ({cli.first_line(error)})") from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise InputError(f"{flag} {source!r} has no 'train' split (splits: {', '.join(dataset)})")
@@ -345,7 +345,7 @@ def load_captioned_dataset(args):
     dataset = dataset.select_columns([column for _, column in wanted])
     if len(dataset) == 0:
         raise InputError(f"{flag} {source!r} holds no examples")
-    return common.drop_unreadable_images(dataset, args.image_column, flag, source)
+    return cli.drop_unreadable_images(dataset, args.image_column, flag, source)
 
 
 def _has_metadata(folder):
@@ -356,7 +356,7 @@ def _folder_with_text_captions(folder, image_column, caption_column):
     from datasets import Dataset, Features, Value
     from datasets import Image as ImageFeature
 
-    paths = list(common.image_files(folder))
+    paths = list(cli.image_files(folder))
     captions = []
     for path in paths:
         caption_file = os.path.splitext(path)[0] + ".txt"
@@ -367,7 +367,7 @@ def _folder_with_text_captions(folder, image_column, caption_column):
             captions.append("")
     uncaptioned = captions.count("")
     if uncaptioned:
-        common.logger.warning(f"{uncaptioned} of {len(paths)} images in {folder} have no caption (.txt): empty prompt")
+        cli.logger.warning(f"{uncaptioned} of {len(paths)} images in {folder} have no caption (.txt): empty prompt")
     features = Features({image_column: ImageFeature(), caption_column: Value("string")})
     return Dataset.from_dict({image_column: paths, caption_column: captions}, features=features)
 
@@ -389,7 +389,7 @@ def _check_caption_feature(feature, column, source):
 
 def resized_size(width, height, resolution):
     """(width, height) of an image resized so that its short side is `resolution`."""
-    return common.cover_size(width, height, resolution, resolution)
+    return bucketing.cover_size(width, height, resolution, resolution)
 
 
 # One preprocessed image: the pixels, SDXL's micro-conditioning (original (height, width), crop (top, left) in the
@@ -406,10 +406,10 @@ def preprocess_image(image, size, interpolation, center_crop, random_flip, gener
     target_height, target_width = (size, size) if isinstance(size, int) else size
     image = image.convert("RGB")
     original_size = (image.height, image.width)
-    resized = common.cover_size(image.width, image.height, target_height, target_width)
+    resized = bucketing.cover_size(image.width, image.height, target_height, target_width)
     image = image.resize(resized, resample=interpolation)
     width, height = image.size
-    top, left = common.crop_origin(width, height, target_height, target_width, center_crop, generator)
+    top, left = bucketing.crop_origin(width, height, target_height, target_width, center_crop, generator)
     box = (left, top, left + target_width, top + target_height)
     image = image.crop(box)
     flip = random_flip and torch.rand(1, generator=generator).item() < 0.5
@@ -427,7 +427,7 @@ def mask_weights(mask, resized, box, flip):
     mask = mask.resize(resized, resample=Image.BILINEAR).crop(box)
     if flip:
         mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
-    return common.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
+    return bucketing.mask_to_latents(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], 8)
 
 
 def survey_images(dataset, args):
@@ -449,14 +449,14 @@ def survey_images(dataset, args):
     for start in range(0, len(cells), 1000):
         chunk = cells.select_columns(columns)[start:start + 1000]
         if args.buckets is not None:
-            buckets += [args.buckets.assign(*common.image_size(cell)) for cell in chunk[args.image_column]]
+            buckets += [args.buckets.assign(*bucketing.image_size(cell)) for cell in chunk[args.image_column]]
         if args.masked_loss:
             masks += find_masks(chunk[args.image_column], chunk.get(args.mask_column), where, check_found=False)
     if args.masked_loss:
         _require_some_mask(masks, where, args.mask_column)
         unmasked = masks.count(None)
         if unmasked:
-            common.logger.warning(f"--masked_loss: {unmasked} of {len(masks)} images of {where} have no mask: "
+            cli.logger.warning(f"--masked_loss: {unmasked} of {len(masks)} images of {where} have no mask: "
                                   "trained on the whole image")
     return {"buckets": buckets or None, "masks": masks or None}
 
@@ -469,17 +469,17 @@ def find_masks(image_cells, mask_cells, where, check_found=True, mask_column=Non
     for index, cell in enumerate(image_cells):
         size = None
         mask_cell = mask_cells[index] if mask_cells is not None else None
-        mask_path = common.mask_path_for(cell["path"]) if cell.get("path") else None
+        mask_path = bucketing.mask_path_for(cell["path"]) if cell.get("path") else None
         if mask_cell and (mask_cell.get("bytes") or mask_cell.get("path")):
             source, mask_name = MASK_FROM_COLUMN, f"the --mask_column cell of row {index} ({mask_cell.get('path')})"
-            size = common.image_size(mask_cell)
+            size = bucketing.image_size(mask_cell)
         elif mask_path is not None and os.path.isfile(mask_path):
             source, mask_name = mask_path, mask_path
-            size = common.image_size({"path": mask_path, "bytes": None})
+            size = bucketing.image_size({"path": mask_path, "bytes": None})
         else:
             source = MASK_FROM_ALPHA if _has_alpha_channel(cell) else None
-        if size is not None and size != common.image_size(cell):
-            image_size = common.image_size(cell)
+        if size is not None and size != bucketing.image_size(cell):
+            image_size = bucketing.image_size(cell)
             raise InputError(f"--masked_loss: {mask_name} is {size[1]}x{size[0]} but its image "
                              f"{cell.get('path') or f'row {index}'} is {image_size[1]}x{image_size[0]}; a mask must "
                              "have its image's size")
@@ -495,7 +495,7 @@ def _has_alpha_channel(cell):
 
     try:
         with Image.open(BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
-            return common.has_alpha(image)
+            return bucketing.has_alpha(image)
     except Exception:
         return False
 
@@ -522,7 +522,7 @@ def pick_caption(caption, generator):
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from common.EpochSampler. The caption choice, crop and flip depend only on the run
+    """Indexed by (epoch, index) from randomness.EpochSampler. The caption choice, crop and flip depend only on the run
     seed, the epoch and the sample index, so they are the same on resume and with any number of workers.
 
     With `--max_train_samples` the subset is drawn from the run seed too, lazily: a resumed run learns its seed from
@@ -564,10 +564,10 @@ class CaptionedImages(torch.utils.data.Dataset):
         if source is None:
             return Image.new("L", image.size, 255)
         if source == MASK_FROM_ALPHA:
-            return common.load_mask(image)
+            return bucketing.load_mask(image)
         if source == MASK_FROM_COLUMN:
-            return common.load_mask(image, example[self.args.mask_column], name=f"row {row}")
-        return common.load_mask(image, source, name=source)
+            return bucketing.load_mask(image, example[self.args.mask_column], name=f"row {row}")
+        return bucketing.load_mask(image, source, name=source)
 
     def use_latent_cache(self, cache, image_keys):
         self.latent_cache, self.image_keys = cache, image_keys
@@ -579,7 +579,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def token_ids(self, caption):
         """One (max_length,) tensor of token ids per tokenizer."""
-        return [ids[0] for ids in common.tokenize_prompts(self.tokenizers, caption)]
+        return [ids[0] for ids in families.tokenize_prompts(self.tokenizers, caption)]
 
     def __len__(self):
         return self.size
@@ -589,7 +589,7 @@ class CaptionedImages(torch.utils.data.Dataset):
             return index
         seed, indices = self._subset
         if seed != self.run_state.seed:
-            rng = np.random.default_rng(common.derive_seed(self.run_state.seed, SUBSET_STREAM))
+            rng = np.random.default_rng(randomness.derive_seed(self.run_state.seed, SUBSET_STREAM))
             order = rng.permutation(len(self.dataset))
             indices = order[: self.size].tolist()
             self._subset = (self.run_state.seed, indices)
@@ -597,14 +597,14 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         a = self.args
         row = self._row(index)
         example = self.dataset[row]
         caption = pick_caption(example[a.caption_column], generator)
         if a.proportion_empty_prompts:
             # A stream of its own: the crops and flips stay those of a run without caption dropout.
-            drop = common.make_generator("cpu", self.run_state.seed, EMPTY_PROMPT_STREAM, epoch, index)
+            drop = randomness.make_generator("cpu", self.run_state.seed, EMPTY_PROMPT_STREAM, epoch, index)
             if torch.rand(1, generator=drop).item() < a.proportion_empty_prompts:
                 caption = ""
         item = {}
@@ -639,12 +639,12 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 def batch_order(train_dataset, args, run_state):
     """The DataLoader arguments that set the epoch's order: samples shuffled from (seed, epoch) in batches of
-    --train_batch_size, or with buckets whole batches of one bucket each (`common.BucketBatchSampler`). The run seed
-    is final here (`common.run_seed`), so a --max_train_samples subset's buckets are too."""
+    --train_batch_size, or with buckets whole batches of one bucket each (`bucketing.BucketBatchSampler`). The run seed
+    is final here (`randomness.run_seed`), so a --max_train_samples subset's buckets are too."""
     if args.buckets is None:
         return {"batch_size": args.train_batch_size,
-                "sampler": common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)}
-    return {"batch_sampler": common.BucketBatchSampler(train_dataset.sample_buckets(), args.train_batch_size,
+                "sampler": randomness.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)}
+    return {"batch_sampler": bucketing.BucketBatchSampler(train_dataset.sample_buckets(), args.train_batch_size,
                                                        run_state, SHUFFLE_STREAM)}
 
 
@@ -668,14 +668,14 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     and, with --masked_loss, its latent-grid loss mask; with --random_flip both orientations of each."""
     from datasets import Image as ImageFeature
 
-    cache = common.FeatureCache(args.feature_cache_dir, "latents", latent_cache_settings(vae, weight_dtype, args))
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents", latent_cache_settings(vae, weight_dtype, args))
     rows = train_dataset.rows()
     # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
     cells = train_dataset.dataset.cast_column(args.image_column, ImageFeature(decode=False))
     image_keys = {}
     for start in range(0, len(rows), 1000):
         chunk = rows[start:start + 1000]
-        image_keys.update(zip(chunk, map(common.image_fingerprint, cells[chunk][args.image_column])))
+        image_keys.update(zip(chunk, map(feature_cache.image_fingerprint, cells[chunk][args.image_column])))
     image_keys = latent_entry_keys(train_dataset, image_keys, args)
     interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
     decoder = ImageFeature()
@@ -700,7 +700,7 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
                 entry["loss_mask"] = item.mask
             if args.random_flip:
                 # The crop as preprocess_image reports it for a flipped image: its left edge seen in the mirror.
-                resized = common.cover_size(image.width, image.height, *target)
+                resized = bucketing.cover_size(image.width, image.height, *target)
                 top, left = item.crop_top_left
                 entry.update(flipped=parameters[count + i],
                              flipped_crop_top_left=torch.tensor((top, resized[0] - left - target[1])))
@@ -729,7 +729,7 @@ def latent_cache_settings(vae, weight_dtype, args):
     """What every latent entry depends on besides its image. Square runs without masks keep the settings (and so
     the entries) they always had."""
     settings = {
-        "vae": common.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
+        "vae": feature_cache.model_fingerprint(vae), "dtype": str(weight_dtype), "resolution": args.resolution,
         "interpolation": args.image_interpolation_mode, "crop": "center", "flip": args.random_flip,
         # Entries also hold the image's size and crop (SDXL's time ids); earlier entries did not.
         "entries": "latent_dist+size+crop",
@@ -760,32 +760,32 @@ def latent_entry_keys(train_dataset, image_keys, args):
         if train_dataset.masks is not None:
             source = train_dataset.masks[row]
             if source == MASK_FROM_COLUMN:
-                mask_key = common.image_fingerprint(mask_cells[row][args.mask_column])
+                mask_key = feature_cache.image_fingerprint(mask_cells[row][args.mask_column])
             elif source not in (None, MASK_FROM_ALPHA):
-                mask_key = common.image_fingerprint({"path": source, "bytes": None})
+                mask_key = feature_cache.image_fingerprint({"path": source, "bytes": None})
             else:
                 mask_key = source  # the alpha channel is part of the image's own fingerprint
-        keys[row] = common.fingerprint(image_key, train_dataset.target_size(row), mask_key)
+        keys[row] = feature_cache.fingerprint(image_key, train_dataset.target_size(row), mask_key)
     return keys
 
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
     """Fill the text-embedding cache for every caption of the rows this run trains on (and the empty caption with
-    --proportion_empty_prompts) and switch the dataset to it. Entries hold what `common.encode_prompt` returns (for SDXL both
+    --proportion_empty_prompts) and switch the dataset to it. Entries hold what `families.encode_prompt` returns (for SDXL both
     encoders' hidden states and the pooled embedding) and are keyed by token ids, so a different tokenizer is a miss
     too."""
-    settings = {name: common.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
-    cache = common.FeatureCache(args.feature_cache_dir, "text_embeddings", {**settings, "dtype": str(weight_dtype)})
+    settings = {name: feature_cache.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", {**settings, "dtype": str(weight_dtype)})
     rows = train_dataset.rows()
     captions = set(all_captions(train_dataset.dataset.select(rows)[args.caption_column]))
     if args.proportion_empty_prompts:
         captions.add("")
     token_ids = {caption: train_dataset.token_ids(caption) for caption in sorted(captions)}
-    caption_keys = {caption: common.fingerprint(*(ids.tolist() for ids in per_tokenizer))
+    caption_keys = {caption: feature_cache.fingerprint(*(ids.tolist() for ids in per_tokenizer))
                     for caption, per_tokenizer in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = common.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
+        hidden_states, pooled = families.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
         return [{"hidden_states": states, "pooled_prompt_embeds": vector}
@@ -816,18 +816,18 @@ def load_models(args):
         try:
             return loader(source, subfolder=part, **{**common_kwargs, **kwargs})
         except Exception as error:
-            reason = common.first_line(error)
+            reason = cli.first_line(error)
             raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({reason})") from None
 
     # Trained with DDPM noising whatever the pipeline samples with (SDXL ships EulerDiscreteScheduler), as upstream.
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
     count = 2 if args.sdxl else 1
     tokenizers = [load(part, CLIPTokenizer.from_pretrained) for part in TOKENIZERS[:count]]
-    with common.frozen_models_outside_zero3():
+    with distributed.frozen_models_outside_zero3():
         classes = (CLIPTextModel, CLIPTextModelWithProjection)
         text_encoders = [load(part, model_class.from_pretrained, variant=args.variant)
                          for part, model_class in zip(TEXT_ENCODERS[:count], classes)]
-        vae = common.load_vae(args)
+        vae = families.load_vae(args)
     unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
 
     if args.prediction_type is not None:
@@ -888,8 +888,8 @@ def added_conditions(batch, pooled_prompt_embeds, args):
         return None
     # The target size is each sample's bucket (the --resolution square without buckets).
     target_size = batch.get("target_size", (args.resolution, args.resolution))
-    time_ids = common.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
-    return common.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+    time_ids = families.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
+    return families.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
 
 
 def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, vae_dtype, scaling_factor,
@@ -914,16 +914,16 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
             input_ids = [batch[key] for key in INPUT_IDS if key in batch]
-            encoder_hidden_states, pooled = common.encode_prompt(text_encoders, input_ids)
+            encoder_hidden_states, pooled = families.encode_prompt(text_encoders, input_ids)
     added_cond_kwargs = added_conditions(batch, pooled, args)
 
-    noise = common.sample_noise(latents, generator, args.noise_offset)
-    timesteps = common.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
+    noise = objectives.sample_noise(latents, generator, args.noise_offset)
+    timesteps = objectives.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
                                         latents.device, timestep_weights)
-    noisy_latents = noise_scheduler.add_noise(latents, common.perturb_noise(noise, args.input_perturbation, generator),
+    noisy_latents = noise_scheduler.add_noise(latents, objectives.perturb_noise(noise, args.input_perturbation, generator),
                                               timesteps)
     prediction_type = noise_scheduler.config.prediction_type
-    target = common.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+    target = objectives.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
     if args.dream_training:
         # DREAM's extra forward pass calls the UNet with three arguments; SDXL's also needs its added conditions.
         noisy_latents, target = compute_dream_and_update_latents(
@@ -935,8 +935,8 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
                       return_dict=False)[0]
     weights = None
     if args.snr_gamma is not None:
-        weights = common.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
-    return common.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
+        weights = objectives.min_snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type)
+    return objectives.diffusion_loss(model_pred, target, weights, mask=batch.get("loss_mask"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -959,9 +959,9 @@ def validation_pipeline(args, **components):
     """The pretrained pipeline (SD or SDXL) with `components` (the trained UNet, the frozen models in memory) and
     the --pretrained_vae_model_name_or_path VAE if it is not among them."""
     extra = {} if args.sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    with common.frozen_models_outside_zero3():
+    with distributed.frozen_models_outside_zero3():
         if "vae" not in components and args.pretrained_vae_model_name_or_path:
-            components["vae"] = common.load_vae(args)
+            components["vae"] = families.load_vae(args)
         return pipeline_class(args).from_pretrained(
             args.pretrained_model_name_or_path, **components, **extra, revision=args.revision, variant=args.variant,
             cache_dir=args.cache_dir,
@@ -987,14 +987,14 @@ def generate_validation_images(accelerator, unet, vae, text_encoders, tokenizers
             if name not in frozen:
                 getattr(pipeline, name).to(accelerator.device, dtype=weight_dtype)
         if vae is None:
-            pipeline.vae.to(accelerator.device, dtype=common.vae_dtype(args, weight_dtype))
+            pipeline.vae.to(accelerator.device, dtype=families.vae_dtype(args, weight_dtype))
         pipeline.set_progress_bar_config(disable=True)
         if args.enable_xformers_memory_efficient_attention:
             pipeline.enable_xformers_memory_efficient_attention()
         was_training = unet.training
         unet.eval()
         for index in mine:
-            generator = common.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
+            generator = randomness.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(
                     prompts[index], num_inference_steps=args.validation_inference_steps, generator=generator,
@@ -1011,7 +1011,7 @@ def generate_validation_images(accelerator, unet, vae, text_encoders, tokenizers
 
 
 def validate_with_ema(accelerator, model, ema_unet, vae, text_encoders, tokenizers, args, seed):
-    """Validation images from the trained UNet `model` (from `common.whole_model`), or from the EMA weights when
+    """Validation images from the trained UNet `model` (from `distributed.whole_model`), or from the EMA weights when
     --use_ema (swapped in, then the trained weights restored). Every rank calls it."""
     if ema_unet is not None:
         ema_unet.store(model.parameters())
@@ -1044,15 +1044,15 @@ def log_validation_images(accelerator, images, name, epoch, global_step, args):
 
 def save_pipeline(model, ema_unet, args):
     """Write the StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) with the trained UNet `model` (from
-    `common.whole_model`) to --output_dir: the EMA weights in unet/ when --use_ema (the raw trained weights in
+    `distributed.whole_model`) to --output_dir: the EMA weights in unet/ when --use_ema (the raw trained weights in
     unet_raw/), the trained UNet otherwise. The VAE (--pretrained_vae_model_name_or_path's if given) and text
     encoders are saved as loaded (not downcast)."""
     if ema_unet is not None:
         model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    with common.frozen_models_outside_zero3():
-        custom_vae = {"vae": common.load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
+    with distributed.frozen_models_outside_zero3():
+        custom_vae = {"vae": families.load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
         pipeline = pipeline_class(args).from_pretrained(
             args.pretrained_model_name_or_path, unet=model, **custom_vae, revision=args.revision, variant=args.variant,
             cache_dir=args.cache_dir,
@@ -1166,10 +1166,10 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
-    preemption = common.PreemptionHandler(accelerator)
+    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
+    preemption = checkpointing.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.run_seed(args, accelerator))
+    run_state = randomness.RunState(randomness.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -1209,7 +1209,7 @@ def main(argv=None):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(args, unet.parameters())
-    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+    steps_per_epoch = randomness.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
                                              args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -1227,7 +1227,7 @@ def main(argv=None):
         # A checkpoint is usable by itself: unet/ holds the trained weights, unet_ema/ the EMA. Every rank gathers
         # (ZeRO-3), the main process writes.
         for saved in models:
-            model = common.whole_model(accelerator, saved)
+            model = distributed.whole_model(accelerator, saved)
             if accelerator.is_main_process:
                 model.save_pretrained(os.path.join(output_dir, "unet"))
         if accelerator.is_main_process and ema_unet is not None:
@@ -1257,24 +1257,24 @@ def main(argv=None):
         elif not args.offload_ema:
             ema_unet.to(accelerator.device)
 
-    global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+    global_step = checkpointing.resume_from_checkpoint(accelerator, args, run_state)
 
     # The frozen models go to the device, or fill the cache (the rows trained on depend on the seed, known only now
     # for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, common.vae_dtype(args, weight_dtype))
+        cache_latents(accelerator, train_dataset, vae, args, families.vae_dtype(args, weight_dtype))
         vae = None
     else:
-        vae.to(accelerator.device, dtype=common.vae_dtype(args, weight_dtype))
+        vae.to(accelerator.device, dtype=families.vae_dtype(args, weight_dtype))
     if args.cache_text_embeddings:
         cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype)
         text_encoders = None
     else:
         for text_encoder in text_encoders:
             text_encoder.to(accelerator.device, dtype=weight_dtype)
-    common.free_memory()
-    timestep_weights = common.timestep_bias_weights(
+    feature_cache.free_memory()
+    timestep_weights = objectives.timestep_bias_weights(
         args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps, args.timestep_bias_multiplier,
         args.timestep_bias_begin, args.timestep_bias_end, args.timestep_bias_portion,
     )
@@ -1299,7 +1299,7 @@ def main(argv=None):
         f"{args.max_train_steps} steps in all, batch {args.train_batch_size} per device, total batch {total_batch_size}"
     )
 
-    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+    first_epoch, batches_to_skip = randomness.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
@@ -1308,7 +1308,7 @@ def main(argv=None):
     )
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
-    checkpointer = common.Checkpointer(
+    checkpointer = checkpointing.Checkpointer(
         accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
     )
 
@@ -1319,14 +1319,14 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        common.set_epoch(loader, epoch_order, epoch)
+        randomness.set_epoch(loader, epoch_order, epoch)
         for batch_index, batch in enumerate(loader, start=start):
-            generator = common.make_generator(
+            generator = randomness.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
             with accelerator.accumulate(unet):
                 loss = training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args,
-                                     common.vae_dtype(args, weight_dtype), scaling_factor, timestep_weights)
+                                     families.vae_dtype(args, weight_dtype), scaling_factor, timestep_weights)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -1367,7 +1367,7 @@ def main(argv=None):
 
         # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
         if validation_prompts(args) and epoch % args.validation_epochs == 0:
-            images = validate_with_ema(accelerator, common.whole_model(accelerator, unet), ema_unet, vae,
+            images = validate_with_ema(accelerator, distributed.whole_model(accelerator, unet), ema_unet, vae,
                                        text_encoders, tokenizers, args, run_state.seed)
             if accelerator.is_main_process:
                 folder = log_validation_images(accelerator, images, f"epoch_{epoch:04d}", epoch, global_step, args)
@@ -1376,7 +1376,7 @@ def main(argv=None):
     progress_bar.close()
 
     # A last round of validation images from the final (EMA) weights, shown in the model card.
-    final_unet = common.whole_model(accelerator, unet)
+    final_unet = distributed.whole_model(accelerator, unet)
     final_images = None
     if validation_prompts(args):
         final_images = validate_with_ema(
@@ -1395,7 +1395,7 @@ def main(argv=None):
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message=f"Step {global_step}",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*", "logs/*"],
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{checkpointing.PARTIAL_PREFIX}*", "logs/*"],
                 token=args.hub_token,
             )
     accelerator.wait_for_everyone()
@@ -1404,4 +1404,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import train_common as common
-from train_common import InputError
+from trainkit import checkpointing, cli, distributed, objectives, randomness
+from trainkit.cli import InputError
 
-# Independent random streams, derived from the run seed (see train_common.derive_seed).
+# Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 LR_SCHEDULERS = (
@@ -39,7 +39,7 @@ LR_SCHEDULERS = (
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description="Train an unconditional DDPM on a set of images.")
+    parser = cli.ArgumentParser(description="Train an unconditional DDPM on a set of images.")
     add = parser.add_argument
     # Data (upstream)
     add("--dataset_name", type=str, default=None,
@@ -103,12 +103,12 @@ def parse_args(argv=None):
     add("--image_column", type=str, default="image", help="The dataset column that holds the images.")
     add("--logging_steps", type=int, default=10,
         help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
-    return common.parse_args_with_config(parser, argv)
+    return cli.parse_args_with_config(parser, argv)
 
 
 def validate_args(args):
     """Every check that needs no model or dataset loaded. Raises InputError."""
-    common.require_positive(
+    cli.require_positive(
         args, "resolution", "train_batch_size", "eval_batch_size", "num_epochs", "save_images_epochs",
         "save_model_epochs", "gradient_accumulation_steps", "learning_rate", "checkpointing_steps",
         "checkpoints_total_limit", "max_train_steps", "ddpm_num_steps", "ddpm_num_inference_steps", "logging_steps",
@@ -127,21 +127,21 @@ def validate_args(args):
             "give --dataset_name (a hub id or a local dataset folder) or --train_data_dir (a folder of images)"
         )
     if args.dataset_name is not None:
-        common.check_local_or_hub_id("--dataset_name", args.dataset_name)
+        cli.check_local_or_hub_id("--dataset_name", args.dataset_name)
     elif not os.path.isdir(args.train_data_dir):
         raise InputError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
-    elif not any(common.image_files(args.train_data_dir)):
-        extensions = ", ".join(common.IMAGE_EXTENSIONS)
+    elif not any(cli.image_files(args.train_data_dir)):
+        extensions = ", ".join(cli.IMAGE_EXTENSIONS)
         raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
     if args.model_config_name_or_path is not None:
         path = args.model_config_name_or_path
-        common.check_local_or_hub_id("--model_config_name_or_path", path)
+        cli.check_local_or_hub_id("--model_config_name_or_path", path)
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(f"--model_config_name_or_path {path!r} is a folder without a config.json")
 
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
-    args.resume_path = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    args.resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     if args.logger == "wandb":
         if args.hub_token is not None:
@@ -183,7 +183,7 @@ def load_images_dataset(args):
         else:
             dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
     except Exception as error:  # datasets raises many types; the user needs the source and the reason
-        raise InputError(f"{flag} {source!r}: cannot load the dataset ({common.first_line(error)})") from None
+        raise InputError(f"{flag} {source!r}: cannot load the dataset ({cli.first_line(error)})") from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise InputError(f"{flag} {source!r} has no 'train' split (splits: {', '.join(dataset)})")
@@ -195,7 +195,7 @@ def load_images_dataset(args):
     dataset = dataset.select_columns([args.image_column])
     if len(dataset) == 0:
         raise InputError(f"{flag} {source!r} holds no images")
-    return common.drop_unreadable_images(dataset, args.image_column, flag, source)
+    return cli.drop_unreadable_images(dataset, args.image_column, flag, source)
 
 
 def preprocess_image(image, resolution, center_crop, random_flip, preserve_precision, generator):
@@ -231,7 +231,7 @@ def preprocess_image(image, resolution, center_crop, random_flip, preserve_preci
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from common.EpochSampler; augmentation randomness depends only on the run seed,
+    """Indexed by (epoch, index) from randomness.EpochSampler; augmentation randomness depends only on the run seed,
     the epoch and the sample index, so it is the same on resume and with any number of workers."""
 
     def __init__(self, images, column, args, run_state):
@@ -242,7 +242,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        generator = common.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
+        generator = randomness.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         a, image = self.args, self.images[index][self.column]
         return {"input": preprocess_image(
             image, a.resolution, a.center_crop, a.random_flip, a.preserve_input_precision, generator
@@ -261,7 +261,7 @@ def build_unet(args):
         try:
             config = UNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
         except Exception as error:
-            path, reason = args.model_config_name_or_path, common.first_line(error)
+            path, reason = args.model_config_name_or_path, cli.first_line(error)
             raise InputError(f"--model_config_name_or_path {path!r}: cannot load ({reason})") from None
         return UNet2DModel.from_config(config)
     # The upstream default: a 6-level UNet with attention at 1/16 resolution.
@@ -419,10 +419,10 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    common.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
-    preemption = common.PreemptionHandler(accelerator)
+    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
+    preemption = checkpointing.PreemptionHandler(accelerator)
 
-    run_state = common.RunState(common.run_seed(args, accelerator))
+    run_state = randomness.RunState(randomness.run_seed(args, accelerator))
     accelerator.register_for_checkpointing(run_state)
     set_seed(run_state.seed)
 
@@ -430,7 +430,7 @@ def main(argv=None):
     with accelerator.main_process_first():
         images = load_images_dataset(args)
     train_dataset = TrainImages(images, args.image_column, args, run_state)
-    epoch_sampler = common.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
+    epoch_sampler = randomness.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -466,7 +466,7 @@ def main(argv=None):
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    steps_per_epoch = common.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
+    steps_per_epoch = randomness.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
                                              args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_epochs * steps_per_epoch
@@ -483,7 +483,7 @@ def main(argv=None):
     def save_model_hook(models, weights, output_dir):
         # Every rank gathers (ZeRO-3), the main process writes.
         for saved in models:
-            unet = common.whole_model(accelerator, saved)
+            unet = distributed.whole_model(accelerator, saved)
             if accelerator.is_main_process:
                 unet.save_pretrained(os.path.join(output_dir, "unet"))
         if accelerator.is_main_process and ema_model is not None:
@@ -509,7 +509,7 @@ def main(argv=None):
     if ema_model is not None:
         ema_model.to(accelerator.device)
 
-    global_step = common.resume_from_checkpoint(accelerator, args, run_state)
+    global_step = checkpointing.resume_from_checkpoint(accelerator, args, run_state)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -531,7 +531,7 @@ def main(argv=None):
         f"steps in all, batch {args.train_batch_size} per device, total batch {total_batch_size}"
     )
 
-    first_epoch, batches_to_skip = common.resume_position(global_step, steps_per_epoch,
+    first_epoch, batches_to_skip = randomness.resume_position(global_step, steps_per_epoch,
                                                           args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
@@ -540,7 +540,7 @@ def main(argv=None):
     )
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
-    checkpointer = common.Checkpointer(
+    checkpointer = checkpointing.Checkpointer(
         accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
     )
     last_epoch = args.num_epochs - 1
@@ -552,24 +552,24 @@ def main(argv=None):
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        common.set_epoch(loader, epoch_sampler, epoch)
+        randomness.set_epoch(loader, epoch_sampler, epoch)
         for batch_index, batch in enumerate(loader, start=start):
             clean_images = batch["input"]
-            generator = common.make_generator(
+            generator = randomness.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
-            noise = common.sample_noise(clean_images, generator)
-            timesteps = common.sample_timesteps(
+            noise = objectives.sample_noise(clean_images, generator)
+            timesteps = objectives.sample_timesteps(
                 clean_images.shape[0], noise_scheduler.config.num_train_timesteps, generator, clean_images.device
             )
             noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
 
             with accelerator.accumulate(model):
                 model_output = model(noisy_images, timesteps).sample
-                target = common.loss_target(noise_scheduler, args.prediction_type, clean_images, noise, timesteps)
+                target = objectives.loss_target(noise_scheduler, args.prediction_type, clean_images, noise, timesteps)
                 # Upstream weights the sample-prediction loss by the SNR so that it matches epsilon's scale.
                 weights = compute_snr(noise_scheduler, timesteps) if args.prediction_type == "sample" else None
-                loss = common.diffusion_loss(model_output, target, weights)
+                loss = objectives.diffusion_loss(model_output, target, weights)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -609,7 +609,7 @@ def main(argv=None):
         # Upstream cadence: samples and model every N epochs and after the last one.
         is_last_epoch = epoch == last_epoch or global_step >= args.max_train_steps
         if epoch % args.save_images_epochs == 0 or is_last_epoch:
-            unet = common.whole_model(accelerator, model)
+            unet = distributed.whole_model(accelerator, model)
             if ema_model is not None:
                 ema_model.store(unet.parameters())
                 ema_model.copy_to(unet.parameters())
@@ -620,13 +620,13 @@ def main(argv=None):
                 path = save_sample_grid(accelerator, sample_images, epoch, global_step, args)
                 logger.info(f"Saved samples to {path}")
         if epoch % args.save_model_epochs == 0 and not is_last_epoch:
-            unet = common.whole_model(accelerator, model)
+            unet = distributed.whole_model(accelerator, model)
             if accelerator.is_main_process:
                 save_pipeline(unet, ema_model, noise_scheduler, args, global_step)
         accelerator.wait_for_everyone()
     progress_bar.close()
 
-    final_unet = common.whole_model(accelerator, model)
+    final_unet = distributed.whole_model(accelerator, model)
     if accelerator.is_main_process:
         save_pipeline(final_unet, ema_model, noise_scheduler, args, global_step)
         logger.info(f"Saved the DDPMPipeline to {args.output_dir}")
@@ -637,7 +637,7 @@ def main(argv=None):
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message=f"Step {global_step}",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{common.PARTIAL_PREFIX}*"],
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{checkpointing.PARTIAL_PREFIX}*"],
                 token=args.hub_token,
             )
     accelerator.wait_for_everyone()
@@ -646,4 +646,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

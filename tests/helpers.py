@@ -74,14 +74,14 @@ def run_python(script, args, check=False, env=None, cwd=None):
 
 
 def fail_in_process(module, args, capsys):
-    """`module.main(args)` through the scripts' own entry point (`train_common.run_main`), inside the test process:
+    """`module.main(args)` through the scripts' own entry point (`cli.run_main`), inside the test process:
     for the input errors a script finds before it creates an Accelerator (asserted), so before any model or dataset
     loads. Returns (exit status, stderr); a launched run would cost ~15 s of imports per case."""
     import importlib
 
     import pytest
     from accelerate.state import PartialState
-    from train_common import run_main
+    from trainkit.cli import run_main
 
     script = importlib.import_module(module)
     with pytest.raises(SystemExit) as exit_info:

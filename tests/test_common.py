@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import REPO
 
-import train_common as common
+from trainkit import checkpointing, cli, distributed, families, feature_cache, objectives, randomness
 
 # --------------------------------------------------------------------------------------------------------------------
 # Randomness, noise, loss
@@ -16,26 +16,26 @@ import train_common as common
 
 
 def test_derived_seeds_depend_on_every_key_and_nothing_else():
-    assert common.derive_seed(0, 1, 2) == common.derive_seed(0, 1, 2)
-    seeds = {common.derive_seed(0, 1, 2), common.derive_seed(1, 1, 2), common.derive_seed(0, 2, 2),
-             common.derive_seed(0, 1, 3), common.derive_seed(0, 1, 2, 0)}
+    assert randomness.derive_seed(0, 1, 2) == randomness.derive_seed(0, 1, 2)
+    seeds = {randomness.derive_seed(0, 1, 2), randomness.derive_seed(1, 1, 2), randomness.derive_seed(0, 2, 2),
+             randomness.derive_seed(0, 1, 3), randomness.derive_seed(0, 1, 2, 0)}
     assert len(seeds) == 5
-    assert 0 <= common.derive_seed(-5, 2**70) < 2**63
+    assert 0 <= randomness.derive_seed(-5, 2**70) < 2**63
 
 
 def test_noise_offset_shifts_each_channel_and_perturbation_keeps_target():
     latents = torch.zeros(4, 3, 32, 32)
-    plain = common.sample_noise(latents, common.make_generator("cpu", 1))
-    offset = common.sample_noise(latents, common.make_generator("cpu", 1), noise_offset=1.0)
-    assert torch.equal(plain, common.sample_noise(latents, common.make_generator("cpu", 1)))
+    plain = objectives.sample_noise(latents, randomness.make_generator("cpu", 1))
+    offset = objectives.sample_noise(latents, randomness.make_generator("cpu", 1), noise_offset=1.0)
+    assert torch.equal(plain, objectives.sample_noise(latents, randomness.make_generator("cpu", 1)))
     # The offset adds one value per (sample, channel): the per-channel means move, the spatial pattern does not.
     shift = (offset - plain).flatten(2)
     assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6)
     assert shift[..., 0].abs().mean() > 0.3
 
-    perturbed = common.perturb_noise(plain, 0.1, common.make_generator("cpu", 2))
+    perturbed = objectives.perturb_noise(plain, 0.1, randomness.make_generator("cpu", 2))
     assert 0.05 < (perturbed - plain).std() < 0.15
-    assert common.perturb_noise(plain, 0.0, None) is plain
+    assert objectives.perturb_noise(plain, 0.0, None) is plain
 
 
 def test_loss_targets_follow_the_prediction_type():
@@ -44,14 +44,14 @@ def test_loss_targets_follow_the_prediction_type():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     clean, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     timesteps = torch.tensor([10, 900])
-    assert common.loss_target(scheduler, "epsilon", clean, noise, timesteps) is noise
-    assert common.loss_target(scheduler, "sample", clean, noise, timesteps) is clean
-    velocity = common.loss_target(scheduler, "v_prediction", clean, noise, timesteps)
+    assert objectives.loss_target(scheduler, "epsilon", clean, noise, timesteps) is noise
+    assert objectives.loss_target(scheduler, "sample", clean, noise, timesteps) is clean
+    velocity = objectives.loss_target(scheduler, "v_prediction", clean, noise, timesteps)
     alpha = scheduler.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - scheduler.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
     assert torch.allclose(velocity, alpha * noise - sigma * clean, atol=1e-5)
     with pytest.raises(ValueError):
-        common.loss_target(scheduler, "x0", clean, noise, timesteps)
+        objectives.loss_target(scheduler, "x0", clean, noise, timesteps)
 
 
 def test_min_snr_weights_clip_high_snr_timesteps_only():
@@ -61,25 +61,25 @@ def test_min_snr_weights_clip_high_snr_timesteps_only():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     timesteps = torch.tensor([1, 500, 999])
     snr = compute_snr(scheduler, timesteps)
-    weights = common.min_snr_loss_weights(scheduler, timesteps, 5.0, "epsilon")
+    weights = objectives.min_snr_loss_weights(scheduler, timesteps, 5.0, "epsilon")
     assert snr[0] > 5 and torch.isclose(weights[0], 5.0 / snr[0])
     assert snr[2] < 5 and torch.isclose(weights[2], torch.tensor(1.0))
-    v_weights = common.min_snr_loss_weights(scheduler, timesteps, 5.0, "v_prediction")
+    v_weights = objectives.min_snr_loss_weights(scheduler, timesteps, 5.0, "v_prediction")
     assert torch.allclose(v_weights, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
 
 
 def test_weighted_loss_is_a_weighted_mean_of_per_sample_errors():
     prediction, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
-    assert common.diffusion_loss(prediction, target).item() == pytest.approx(2.5)
-    assert common.diffusion_loss(prediction, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
+    assert objectives.diffusion_loss(prediction, target).item() == pytest.approx(2.5)
+    assert objectives.diffusion_loss(prediction, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
-    state = common.RunState(seed=3)
-    sampler = common.EpochSampler(10, state, stream=1)
+    state = randomness.RunState(seed=3)
+    sampler = randomness.EpochSampler(10, state, stream=1)
     first = list(sampler)
     assert sorted(index for _, index in first) == list(range(10)) and {epoch for epoch, _ in first} == {0}
-    assert list(common.EpochSampler(10, common.RunState(seed=3), stream=1)) == first
+    assert list(randomness.EpochSampler(10, randomness.RunState(seed=3), stream=1)) == first
     sampler.set_epoch(1)
     second = list(sampler)
     assert [index for _, index in second] != [index for _, index in first]
@@ -88,28 +88,28 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
 
 def test_timestep_bias_shifts_the_sampled_distribution_and_none_keeps_uniform_sampling():
     def fraction(weights, low, high, count=20000):
-        drawn = common.sample_timesteps(count, 1000, common.make_generator("cpu", 5), "cpu", weights)
+        drawn = objectives.sample_timesteps(count, 1000, randomness.make_generator("cpu", 5), "cpu", weights)
         return ((drawn >= low) & (drawn < high)).float().mean().item()
 
     # `none`: no weights, and the very draws of plain uniform sampling (SD runs are unchanged by the feature).
-    assert common.timestep_bias_weights("none", 1000) is None
-    assert torch.equal(common.sample_timesteps(8, 1000, common.make_generator("cpu", 5), "cpu", None),
-                       torch.randint(0, 1000, (8,), generator=common.make_generator("cpu", 5)))
+    assert objectives.timestep_bias_weights("none", 1000) is None
+    assert torch.equal(objectives.sample_timesteps(8, 1000, randomness.make_generator("cpu", 5), "cpu", None),
+                       torch.randint(0, 1000, (8,), generator=randomness.make_generator("cpu", 5)))
     assert fraction(None, 750, 1000) == pytest.approx(0.25, abs=0.02)
     # x3 on the last quarter: 0.75 / (0.75 + 0.75) = half of the draws land there.
-    later = common.timestep_bias_weights("later", 1000, multiplier=3.0, portion=0.25)
+    later = objectives.timestep_bias_weights("later", 1000, multiplier=3.0, portion=0.25)
     assert later.sum().item() == pytest.approx(1.0) and later[999] == pytest.approx(3 * later[0])
     assert fraction(later, 750, 1000) == pytest.approx(0.5, abs=0.02)
-    earlier = common.timestep_bias_weights("earlier", 1000, multiplier=3.0, portion=0.5)
+    earlier = objectives.timestep_bias_weights("earlier", 1000, multiplier=3.0, portion=0.5)
     assert fraction(earlier, 0, 500) == pytest.approx(0.75, abs=0.02)
     # A multiplier below 1 biases away: [200, 500) at x0.1.
-    ranged = common.timestep_bias_weights("range", 1000, multiplier=0.1, begin=200, end=500)
+    ranged = objectives.timestep_bias_weights("range", 1000, multiplier=0.1, begin=200, end=500)
     assert fraction(ranged, 200, 500) == pytest.approx(0.03 / 0.73, abs=0.01)
     # Restorable: the same generator state draws the same biased timesteps.
-    assert torch.equal(common.sample_timesteps(16, 1000, common.make_generator("cpu", 9), "cpu", later),
-                       common.sample_timesteps(16, 1000, common.make_generator("cpu", 9), "cpu", later))
-    with pytest.raises(common.InputError, match="--timestep_bias_end 2000 is past the scheduler's 1000"):
-        common.timestep_bias_weights("range", 1000, begin=0, end=2000)
+    assert torch.equal(objectives.sample_timesteps(16, 1000, randomness.make_generator("cpu", 9), "cpu", later),
+                       objectives.sample_timesteps(16, 1000, randomness.make_generator("cpu", 9), "cpu", later))
+    with pytest.raises(cli.InputError, match="--timestep_bias_end 2000 is past the scheduler's 1000"):
+        objectives.timestep_bias_weights("range", 1000, begin=0, end=2000)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -121,10 +121,10 @@ def test_timestep_bias_shifts_the_sampled_distribution_and_none_keeps_uniform_sa
 ])
 def test_timestep_bias_checks_name_the_flag(values, message):
     settings = {"strategy": "later", "multiplier": 2.0, "begin": 0, "end": 1000, "portion": 0.25, **values}
-    with pytest.raises(common.InputError) as error:
-        common.check_timestep_bias(**settings)
+    with pytest.raises(cli.InputError) as error:
+        objectives.check_timestep_bias(**settings)
     assert message in str(error.value)
-    common.check_timestep_bias("range", 2.0, 100, 200, 1.0)  # valid
+    objectives.check_timestep_bias("range", 2.0, 100, 200, 1.0)  # valid
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -135,26 +135,26 @@ def test_timestep_bias_checks_name_the_flag(values, message):
 def test_sdxl_is_detected_from_the_pipeline_class_text_encoder_2_or_the_unet(tiny_sdxl, tmp_path):
     from helpers import write_json
 
-    assert common.is_sdxl_model(tiny_sdxl)
+    assert families.is_sdxl_model(tiny_sdxl)
     sd = tmp_path / "sd"
     (sd / "unet").mkdir(parents=True)
     write_json(str(sd / "model_index.json"), {"_class_name": "StableDiffusionPipeline", "text_encoder": []})
     write_json(str(sd / "unet" / "config.json"), {"_class_name": "UNet2DConditionModel"})
-    assert not common.is_sdxl_model(str(sd))
+    assert not families.is_sdxl_model(str(sd))
     # No model_index.json: a text_encoder_2/ or a text_time UNet is enough.
     (sd / "model_index.json").unlink()
-    assert not common.is_sdxl_model(str(sd))
+    assert not families.is_sdxl_model(str(sd))
     write_json(str(sd / "unet" / "config.json"), {"addition_embed_type": "text_time"})
-    assert common.is_sdxl_model(str(sd))
+    assert families.is_sdxl_model(str(sd))
     write_json(str(sd / "unet" / "config.json"), {})
     (sd / "text_encoder_2").mkdir()
-    assert common.is_sdxl_model(str(sd))
+    assert families.is_sdxl_model(str(sd))
     # A path that does not exist is no SDXL model (the folder check names it); broken JSON is one line.
-    assert not common.is_sdxl_model(str(tmp_path / "missing"))
+    assert not families.is_sdxl_model(str(tmp_path / "missing"))
     (sd / "model_index.json").write_text("{ not json")
-    with pytest.raises(common.InputError, match="cannot read model_index.json"):
-        common.is_sdxl_model(str(sd))
-    assert set(common.SDXL_PIPELINE_PARTS) == {name for name in os.listdir(tiny_sdxl) if name != "model_index.json"}
+    with pytest.raises(cli.InputError, match="cannot read model_index.json"):
+        families.is_sdxl_model(str(sd))
+    assert set(families.SDXL_PIPELINE_PARTS) == {name for name in os.listdir(tiny_sdxl) if name != "model_index.json"}
 
 
 def test_sdxl_prompt_encoding_is_the_pipelines(tiny_sdxl):
@@ -164,10 +164,10 @@ def test_sdxl_prompt_encoding_is_the_pipelines(tiny_sdxl):
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     prompts = ["a photo of a cat", ""]
-    input_ids = common.tokenize_prompts([pipeline.tokenizer, pipeline.tokenizer_2], prompts)
+    input_ids = families.tokenize_prompts([pipeline.tokenizer, pipeline.tokenizer_2], prompts)
     assert [ids.shape for ids in input_ids] == [(2, 77), (2, 77)]
     with torch.no_grad():
-        prompt_embeds, pooled = common.encode_prompt_sdxl([pipeline.text_encoder, pipeline.text_encoder_2], input_ids)
+        prompt_embeds, pooled = families.encode_prompt_sdxl([pipeline.text_encoder, pipeline.text_encoder_2], input_ids)
         expected, _, expected_pooled, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False)
     assert prompt_embeds.shape == (2, 77, 32 + 24) and pooled.shape == (2, 16)
     assert torch.equal(prompt_embeds, expected) and torch.equal(pooled, expected_pooled)
@@ -178,22 +178,22 @@ def test_sdxl_time_ids_follow_each_samples_size_and_crop(tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    time_ids = common.sdxl_time_ids([(20, 24), (30, 17)], torch.tensor([[0, 3], [5, 0]]), (64, 64))
+    time_ids = families.sdxl_time_ids([(20, 24), (30, 17)], torch.tensor([[0, 3], [5, 0]]), (64, 64))
     assert time_ids.tolist() == [[20, 24, 0, 3, 64, 64], [30, 17, 5, 0, 64, 64]]
     assert time_ids.dtype == torch.float32
     expected = pipeline._get_add_time_ids((30, 17), (5, 0), (64, 64), torch.float32,
                                           text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim)
     assert torch.equal(time_ids[1:], expected)
     # Per-sample targets (aspect-ratio buckets).
-    assert common.sdxl_time_ids([(20, 24)], [(1, 2)], [(48, 64)]).tolist() == [[20, 24, 1, 2, 48, 64]]
-    added = common.sdxl_added_conditions(torch.zeros(2, 16), time_ids)
+    assert families.sdxl_time_ids([(20, 24)], [(1, 2)], [(48, 64)]).tolist() == [[20, 24, 1, 2, 48, 64]]
+    added = families.sdxl_added_conditions(torch.zeros(2, 16), time_ids)
     assert set(added) == {"text_embeds", "time_ids"}
 
 
 def test_sdxl_vae_runs_in_fp32_unless_another_vae_is_given():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        assert common.sdxl_vae_dtype(dtype) == torch.float32
-        assert common.sdxl_vae_dtype(dtype, "madebyollin/sdxl-vae-fp16-fix") == dtype
+        assert families.sdxl_vae_dtype(dtype) == torch.float32
+        assert families.sdxl_vae_dtype(dtype, "madebyollin/sdxl-vae-fp16-fix") == dtype
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -217,10 +217,10 @@ def test_flow_matching_draws_upstreams_timesteps_sigmas_inputs_and_weighted_loss
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # shifted training sigmas, as FLUX.1 [schnell]'s
     latents, noise, prediction = (torch.randn(4, 4, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    for scheme in common.FLOW_WEIGHTING_SCHEMES:
-        timesteps, sigmas = common.sample_flow_matching_sigmas(scheduler, 4, scheme, torch.Generator().manual_seed(5),
+    for scheme in objectives.FLOW_WEIGHTING_SCHEMES:
+        timesteps, sigmas = objectives.sample_flow_matching_sigmas(scheduler, 4, scheme, torch.Generator().manual_seed(5),
                                                                "cpu", 0.0, 1.0, 1.29)
-        again = common.sample_flow_matching_sigmas(scheduler, 4, scheme, torch.Generator().manual_seed(5), "cpu")
+        again = objectives.sample_flow_matching_sigmas(scheduler, 4, scheme, torch.Generator().manual_seed(5), "cpu")
         assert torch.equal(timesteps, again[0]) and torch.equal(sigmas, again[1])
         u = compute_density_for_timestep_sampling(scheme, 4, 0.0, 1.0, 1.29, generator=torch.Generator().manual_seed(5))
         expected_timesteps = scheduler.timesteps[(u * 1000).long()]
@@ -228,17 +228,17 @@ def test_flow_matching_draws_upstreams_timesteps_sigmas_inputs_and_weighted_loss
                                        for t in expected_timesteps]).reshape(4, 1, 1, 1)
         assert torch.equal(timesteps, expected_timesteps) and torch.equal(sigmas, expected_sigmas)
 
-        noisy, target = common.flow_matching_inputs(latents, noise, sigmas)
+        noisy, target = objectives.flow_matching_inputs(latents, noise, sigmas)
         assert torch.equal(noisy, (1.0 - sigmas) * latents + sigmas * noise) and torch.equal(target, noise - latents)
         weighting = compute_loss_weighting_for_sd3(scheme, sigmas)
         upstream = torch.mean((weighting * (prediction - target) ** 2).reshape(4, -1), 1).mean()
-        loss = common.flow_matching_loss(prediction, target, sigmas, scheme)
+        loss = objectives.flow_matching_loss(prediction, target, sigmas, scheme)
         torch.testing.assert_close(loss, upstream, rtol=1e-6, atol=0)
         ones = torch.ones(4, 1, 6, 6)
-        assert torch.equal(common.flow_matching_loss(prediction, target, sigmas, scheme, mask=ones), loss)
+        assert torch.equal(objectives.flow_matching_loss(prediction, target, sigmas, scheme, mask=ones), loss)
     # The schemes differ: logit_normal concentrates timesteps mid-way, sigma_sqrt and cosmap weight the loss.
-    uniform = common.sample_flow_matching_sigmas(scheduler, 4000, "none", torch.Generator().manual_seed(0), "cpu")[1]
-    logit = common.sample_flow_matching_sigmas(scheduler, 4000, "logit_normal", torch.Generator().manual_seed(0),
+    uniform = objectives.sample_flow_matching_sigmas(scheduler, 4000, "none", torch.Generator().manual_seed(0), "cpu")[1]
+    logit = objectives.sample_flow_matching_sigmas(scheduler, 4000, "logit_normal", torch.Generator().manual_seed(0),
                                                "cpu")[1]
     assert logit.std() < uniform.std()
 
@@ -249,37 +249,37 @@ def test_flux_is_detected_from_the_pipeline_class_or_the_transformer(tmp_path):
     flux = tmp_path / "flux"
     (flux / "transformer").mkdir(parents=True)
     write_json(str(flux / "model_index.json"), {"_class_name": "FluxPipeline"})
-    assert common.is_flux_model(str(flux)) and not common.is_sdxl_model(str(flux))
+    assert families.is_flux_model(str(flux)) and not families.is_sdxl_model(str(flux))
     (flux / "model_index.json").unlink()
-    assert not common.is_flux_model(str(flux))
+    assert not families.is_flux_model(str(flux))
     write_json(str(flux / "transformer" / "config.json"), {"_class_name": "FluxTransformer2DModel"})
-    assert common.is_flux_model(str(flux))
-    assert not common.is_flux_model(str(tmp_path / "missing"))
+    assert families.is_flux_model(str(flux))
+    assert not families.is_flux_model(str(tmp_path / "missing"))
     # An SD script given a FLUX.1 folder names the one script that trains it.
-    with pytest.raises(common.InputError, match="is a FLUX.1 model, which only train_dreambooth_lora.py trains"):
-        common.check_pipeline_folder(str(flux), ("tokenizer", "unet"))
+    with pytest.raises(cli.InputError, match="is a FLUX.1 model, which only train_dreambooth_lora.py trains"):
+        cli.check_pipeline_folder(str(flux), ("tokenizer", "unet"))
 
 
 def test_latest_ignores_partial_and_unrelated_folders(tmp_path):
     folder = str(tmp_path)
-    assert common.resolve_resume_checkpoint(folder, "latest") is None
+    assert checkpointing.resolve_resume_checkpoint(folder, "latest") is None
     make_checkpoints(folder, "checkpoint-2", "checkpoint-10", ".partial-checkpoint-12", "checkpoint-x", "logs")
-    assert common.resolve_resume_checkpoint(folder, "latest") == os.path.join(folder, "checkpoint-10")
-    assert common.resolve_resume_checkpoint(folder, "checkpoint-2") == os.path.join(folder, "checkpoint-2")
+    assert checkpointing.resolve_resume_checkpoint(folder, "latest") == os.path.join(folder, "checkpoint-10")
+    assert checkpointing.resolve_resume_checkpoint(folder, "checkpoint-2") == os.path.join(folder, "checkpoint-2")
     absolute = os.path.join(folder, "checkpoint-2")
-    assert common.resolve_resume_checkpoint("/elsewhere", absolute) == absolute
-    assert common.checkpoint_step(absolute + "/") == 2
+    assert checkpointing.resolve_resume_checkpoint("/elsewhere", absolute) == absolute
+    assert checkpointing.checkpoint_step(absolute + "/") == 2
     for missing in ("checkpoint-3", ".partial-checkpoint-12", "logs"):
-        with pytest.raises(common.InputError, match="--resume_from_checkpoint"):
-            common.resolve_resume_checkpoint(folder, missing)
+        with pytest.raises(cli.InputError, match="--resume_from_checkpoint"):
+            checkpointing.resolve_resume_checkpoint(folder, missing)
 
 
 def test_rotation_keeps_the_newest_and_clears_partial_writes(tmp_path):
     folder = str(tmp_path)
     make_checkpoints(folder, "checkpoint-2", "checkpoint-4", "checkpoint-10", ".partial-checkpoint-12")
-    common.rotate_checkpoints(folder, 2)
+    checkpointing.rotate_checkpoints(folder, 2)
     assert sorted(os.listdir(folder)) == ["checkpoint-10", "checkpoint-4"]
-    common.rotate_checkpoints(folder, None)
+    checkpointing.rotate_checkpoints(folder, None)
     assert sorted(os.listdir(folder)) == ["checkpoint-10", "checkpoint-4"]
 
 
@@ -308,26 +308,26 @@ class FakeAccelerator:
 def test_save_checkpoint_is_atomic_and_rotates_after_success(tmp_path):
     folder = str(tmp_path)
     make_checkpoints(folder, "checkpoint-2", "checkpoint-4")
-    path = common.save_checkpoint(FakeAccelerator(), folder, 6, total_limit=2)
+    path = checkpointing.save_checkpoint(FakeAccelerator(), folder, 6, total_limit=2)
     assert path == os.path.join(folder, "checkpoint-6")
     assert sorted(os.listdir(folder)) == ["checkpoint-4", "checkpoint-6"]
 
     with pytest.raises(OSError):
-        common.save_checkpoint(FakeAccelerator(fail=True), folder, 8, total_limit=1)
+        checkpointing.save_checkpoint(FakeAccelerator(fail=True), folder, 8, total_limit=1)
     # The failed write is not a checkpoint, and nothing was rotated away because of it.
-    assert common.resolve_resume_checkpoint(folder, "latest") == os.path.join(folder, "checkpoint-6")
+    assert checkpointing.resolve_resume_checkpoint(folder, "latest") == os.path.join(folder, "checkpoint-6")
     assert {"checkpoint-4", "checkpoint-6"} <= set(os.listdir(folder))
 
     # Saving a step that exists (after resuming from an older checkpoint) replaces it whole.
-    common.save_checkpoint(FakeAccelerator(), folder, 4, total_limit=None)
+    checkpointing.save_checkpoint(FakeAccelerator(), folder, 4, total_limit=None)
     assert sorted(os.listdir(os.path.join(folder, "checkpoint-4"))) == ["model.bin"]
-    assert not [name for name in os.listdir(folder) if name.startswith(common.PARTIAL_PREFIX)]
+    assert not [name for name in os.listdir(folder) if name.startswith(checkpointing.PARTIAL_PREFIX)]
 
 
 def test_checkpointer_saves_on_schedule_and_once_more_when_stopped(tmp_path, capsys):
     folder = str(tmp_path)
     preemption = types.SimpleNamespace(stop_requested=lambda: 0)
-    checkpointer = common.Checkpointer(FakeAccelerator(), folder, 2, None, preemption)
+    checkpointer = checkpointing.Checkpointer(FakeAccelerator(), folder, 2, None, preemption)
     for step in (1, 2, 3):
         checkpointer.save_if_due(step)
         assert checkpointer.stop_if_requested(step) == 0
@@ -344,9 +344,9 @@ def test_checkpointer_saves_on_schedule_and_once_more_when_stopped(tmp_path, cap
 
 
 def test_preemption_flag_is_set_by_signals_and_maps_to_exit_status():
-    previous = {signum: signal.getsignal(signum) for signum in common.PreemptionHandler.EXIT_STATUS}
+    previous = {signum: signal.getsignal(signum) for signum in checkpointing.PreemptionHandler.EXIT_STATUS}
     try:
-        handler = common.PreemptionHandler(types.SimpleNamespace(num_processes=1))
+        handler = checkpointing.PreemptionHandler(types.SimpleNamespace(num_processes=1))
         assert handler.stop_requested() == 0
         os.kill(os.getpid(), signal.SIGINT)
         assert handler.stop_requested() == 130
@@ -366,7 +366,7 @@ def test_preemption_flag_is_set_by_signals_and_maps_to_exit_status():
 
 
 def make_parser():
-    parser = common.ArgumentParser(prog="train.py")
+    parser = cli.ArgumentParser(prog="train.py")
     parser.add_argument("--model", required=True)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--steps", type=int, default=10)
@@ -378,7 +378,7 @@ def make_parser():
 
 def test_config_values_apply_and_command_line_wins(yaml_file):
     path = yaml_file("model: tiny\nlearning_rate: 1e-3\nsteps: 5\nmode: b\nprompts: [x, y]\nflag: true\n")
-    args = common.parse_args_with_config(make_parser(), ["--config", path, "--steps", "7"])
+    args = cli.parse_args_with_config(make_parser(), ["--config", path, "--steps", "7"])
     assert (args.model, args.learning_rate, args.steps, args.mode, args.prompts, args.flag) == \
         ("tiny", 1e-3, 7, "b", ["x", "y"], True)
 
@@ -393,7 +393,7 @@ def test_config_values_apply_and_command_line_wins(yaml_file):
 ])
 def test_config_errors_are_one_line_and_name_the_key(yaml_file, capsys, text, message):
     with pytest.raises(SystemExit) as exit_info:
-        common.parse_args_with_config(make_parser(), ["--config", yaml_file(text)])
+        cli.parse_args_with_config(make_parser(), ["--config", yaml_file(text)])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error
@@ -401,20 +401,20 @@ def test_config_errors_are_one_line_and_name_the_key(yaml_file, capsys, text, me
 
 def test_missing_config_file_is_an_error(capsys):
     with pytest.raises(SystemExit):
-        common.parse_args_with_config(make_parser(), ["--config", "/nonexistent.yaml", "--model", "m"])
+        cli.parse_args_with_config(make_parser(), ["--config", "/nonexistent.yaml", "--model", "m"])
     assert "--config: file '/nonexistent.yaml' does not exist" in capsys.readouterr().err
 
 
 def test_epoch_arithmetic_matches_what_accelerate_hands_each_rank():
     # 7 batches over 2 ranks: 4 batches each (accelerate evens them out); accumulation 2 gives 2 steps per epoch.
-    assert common.steps_per_epoch(7, 2, 2) == 2
+    assert randomness.steps_per_epoch(7, 2, 2) == 2
     # A partial accumulation at the end of an epoch still steps: 3 batches at accumulation 2 are 2 steps.
-    assert common.steps_per_epoch(3, 1, 2) == 2
-    assert common.steps_per_epoch(8, 1, 1) == 8
+    assert randomness.steps_per_epoch(3, 1, 2) == 2
+    assert randomness.steps_per_epoch(8, 1, 1) == 8
     # After 5 steps of 2 per epoch: epoch 2, skipping the batches of its first step.
-    assert common.resume_position(5, 2, 3) == (2, 3)
-    assert common.resume_position(4, 2, 3) == (2, 0)
-    assert common.resume_position(0, 4, 1) == (0, 0)
+    assert randomness.resume_position(5, 2, 3) == (2, 3)
+    assert randomness.resume_position(4, 2, 3) == (2, 0)
+    assert randomness.resume_position(0, 4, 1) == (0, 0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -435,11 +435,11 @@ class _Rank:
 
 def test_feature_cache_keys_split_partial_files_and_settings(tmp_path):
     settings = {"vae": "abc", "resolution": 64}
-    cache = common.FeatureCache(str(tmp_path), "latents", settings)
-    assert cache.folder == common.FeatureCache(str(tmp_path), "latents", dict(settings)).folder
-    assert cache.folder != common.FeatureCache(str(tmp_path), "latents", {**settings, "resolution": 32}).folder
+    cache = feature_cache.FeatureCache(str(tmp_path), "latents", settings)
+    assert cache.folder == feature_cache.FeatureCache(str(tmp_path), "latents", dict(settings)).folder
+    assert cache.folder != feature_cache.FeatureCache(str(tmp_path), "latents", {**settings, "resolution": 32}).folder
 
-    inputs = {common.fingerprint("image", index): torch.full((2,), float(index)) for index in range(5)}
+    inputs = {feature_cache.fingerprint("image", index): torch.full((2,), float(index)) for index in range(5)}
     encoded = []
 
     def encode(values):
@@ -458,7 +458,7 @@ def test_feature_cache_keys_split_partial_files_and_settings(tmp_path):
     cache.fill(_Rank(1, 2), inputs, encode, batch_size=2)
     assert encoded[:2] == [1.0, 3.0] and sorted(encoded) == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert cache.missing(inputs) == []
-    assert torch.equal(cache.load(common.fingerprint("image", 3))["latent_dist"], torch.full((2,), 6.0))
+    assert torch.equal(cache.load(feature_cache.fingerprint("image", 3))["latent_dist"], torch.full((2,), 6.0))
     encoded.clear()
     cache.fill(_Rank(0, 2), inputs, encode, batch_size=2)
     assert encoded == []
@@ -470,20 +470,20 @@ def test_fingerprints_follow_content(tmp_path):
 
     path = tmp_path / "a.png"
     Image.new("RGB", (4, 4), "red").save(path)
-    before = common.image_fingerprint({"path": str(path), "bytes": None})
-    assert common.image_fingerprint({"path": str(path), "bytes": None}) == before
+    before = feature_cache.image_fingerprint({"path": str(path), "bytes": None})
+    assert feature_cache.image_fingerprint({"path": str(path), "bytes": None}) == before
     Image.new("RGB", (4, 4), "blue").save(path)
-    assert common.image_fingerprint({"path": str(path), "bytes": None}) != before
+    assert feature_cache.image_fingerprint({"path": str(path), "bytes": None}) != before
     # Images held in the dataset are keyed by their bytes, wherever they came from.
-    assert common.image_fingerprint({"bytes": b"png", "path": "x.png"}) == common.image_fingerprint({"bytes": b"png"})
+    assert feature_cache.image_fingerprint({"bytes": b"png", "path": "x.png"}) == feature_cache.image_fingerprint({"bytes": b"png"})
 
     model = torch.nn.Linear(3, 2)
-    fingerprint = common.model_fingerprint(model)
-    assert common.model_fingerprint(model) == fingerprint
+    fingerprint = feature_cache.model_fingerprint(model)
+    assert feature_cache.model_fingerprint(model) == fingerprint
     with torch.no_grad():
         model.bias[0] += 1e-6
-    assert common.model_fingerprint(model) != fingerprint
-    assert common.model_fingerprint(model.to(torch.bfloat16)) != common.model_fingerprint(model.float())
+    assert feature_cache.model_fingerprint(model) != fingerprint
+    assert feature_cache.model_fingerprint(model.to(torch.bfloat16)) != feature_cache.model_fingerprint(model.float())
 
 
 def test_fsdp_is_refused_in_one_line_naming_the_deepspeed_configs_to_use():
@@ -492,16 +492,16 @@ def test_fsdp_is_refused_in_one_line_naming_the_deepspeed_configs_to_use():
     from accelerate.utils import DistributedType
 
     fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
-    with pytest.raises(common.InputError) as refused:
-        common.adopt_engine_settings(fsdp, 2, 1.0, supports_zero3=True)
+    with pytest.raises(cli.InputError) as refused:
+        distributed.adopt_engine_settings(fsdp, 2, 1.0, supports_zero3=True)
     assert str(refused.value) == ("PyTorch FSDP is not supported yet; use configs/launch/deepspeed_zero2.yaml, or "
                                   "configs/launch/deepspeed_zero3.yaml to shard the weights too")
-    with pytest.raises(common.InputError) as refused:
-        common.adopt_engine_settings(fsdp, 2, 1.0)
+    with pytest.raises(cli.InputError) as refused:
+        distributed.adopt_engine_settings(fsdp, 2, 1.0)
     assert str(refused.value) == "PyTorch FSDP is not supported yet; use configs/launch/deepspeed_zero2.yaml"
     for path in ("configs/launch/deepspeed_zero2.yaml", "configs/launch/deepspeed_zero3.yaml"):
         assert os.path.exists(os.path.join(REPO, path))
 
     plain = types.SimpleNamespace(distributed_type=DistributedType.NO,
                                   state=types.SimpleNamespace(deepspeed_plugin=None))
-    assert common.adopt_engine_settings(plain, 2, 1.0) is None
+    assert distributed.adopt_engine_settings(plain, 2, 1.0) is None

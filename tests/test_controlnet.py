@@ -302,7 +302,7 @@ def test_cached_examples_equal_fresh_encodings(tiny_sd, fill_parquet, tmp_path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     import train_controlnet as script
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
@@ -565,7 +565,7 @@ FOUND_IN_DATASET = {"image column missing", "conditioning column missing", "mask
 
 def fail_loading_data(args, capsys):
     import train_controlnet as script
-    from train_common import run_main
+    from trainkit.cli import run_main
 
     def load():
         parsed = script.parse_args([str(arg) for arg in args])
@@ -630,7 +630,7 @@ def test_buckets_pair_crops_and_masks_in_the_dataset(tiny_sd, paired_folder, tmp
     from transformers import CLIPTokenizer
 
     import train_controlnet as script
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     args = bucket_args(tiny_sd, paired_folder, tmp_path / "out", "--aspect_ratio_buckets", MIXED_ASPECT_BUCKETS,
                        "--random_crop", "--random_flip", "--masked_loss")
@@ -690,7 +690,7 @@ def test_bucketed_cache_pairs_each_latent_with_its_image_and_masks_weight_the_lo
     and the same mask as the uncached one; new bucket settings recompute exactly the entries whose bucket changed.
     The loss with an all-ones mask is the unmasked loss exactly; the real mask changes it."""
     import train_controlnet as script
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     cache = str(tmp_path / "cache")
     flags = ["--random_flip", "--masked_loss", "--cache_latents", "--feature_cache_dir", cache,

@@ -236,7 +236,7 @@ def test_time_ids_come_from_the_real_crop_unless_the_crop_flags_are_given(fill_s
     """40x32 images at 16 px: resized to 20x16, original size (32, 40); the crop top-left is the real one (random
     crops: several lefts, top 0; a flip mirrors the left), and --crops_coords_top_left_h/_w replace it when given."""
     import train_controlnet as script
-    from train_common import RunState
+    from trainkit.randomness import RunState
     from transformers import CLIPTokenizer
 
     from tiny_sd import write_tokenizer
@@ -272,7 +272,8 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(pair
     """With buckets and random crops: each example's time-id inputs are its image's true (height, width), the crop
     actually taken from the resized image and its bucket; the crop flags still win where given."""
     import train_controlnet as script
-    from train_common import Buckets, RunState
+    from trainkit.bucketing import Buckets
+    from trainkit.randomness import RunState
 
     from tiny_sd import write_tokenizer
 
@@ -310,15 +311,16 @@ def test_cached_examples_and_loss_equal_fresh_ones(tiny_sdxl, fill_sdxl, tmp_pat
     the loss of a cached batch equals the fresh one within fp32 rounding; the ControlNet receives the same added
     conditions (pooled text, time ids) as the UNet."""
     import train_controlnet as script
-    from train_common import RunState, encode_prompt_sdxl
+    from trainkit.families import encode_prompt_sdxl
+    from trainkit.randomness import RunState
 
     args = _args(fill_sdxl, str(tmp_path / "cache"), pretrained_model_name_or_path=tiny_sdxl, revision=None,
                  variant=None, tokenizer_name=None, prediction_type=None, controlnet_model_name_or_path=None)
     noise_scheduler, tokenizers, text_encoders, vae, unet = script.load_models(args)
     assert len(tokenizers) == len(text_encoders) == 2 and type(text_encoders[1]).__name__.endswith("Projection")
-    import train_common
+    from trainkit import families
 
-    assert train_common.vae_dtype(args, torch.float16) == torch.float32
+    assert families.vae_dtype(args, torch.float16) == torch.float32
     examples = script.load_controlnet_dataset(args)
     fresh = script.ControlNetExamples(examples, tokenizers, args, RunState(3))
     cached = script.ControlNetExamples(examples, tokenizers, args, RunState(3))

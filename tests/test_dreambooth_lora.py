@@ -378,7 +378,7 @@ def tokenizer(tiny_sd):
 
 
 def test_folder_prompts_crops_exif_and_collate(instance_folder, tokenizer, tmp_path):
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     items, skipped = script.read_image_folder(instance_folder, INSTANCE_PROMPT)
@@ -448,7 +448,7 @@ def test_cached_latents_and_prompts_equal_fresh_encodings(tiny_sd, instance_fold
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
@@ -610,7 +610,7 @@ def _existing_output(tmp_path):
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_argument_gets_one_line_error(case, tiny_sd, instance_folder, tmp_path, capsys):
-    from train_common import run_main
+    from trainkit.cli import run_main
 
     overrides, expected = BAD_ARGUMENTS[case]
     (tmp_path / "empty").mkdir()
@@ -659,7 +659,7 @@ def _bucket_args(folder, **values):
     """Parsed-and-checked real-data flags on top of _namespace: the explicit MIXED_ASPECT_BUCKETS list."""
     from conftest import MIXED_ASPECT_BUCKETS
 
-    import train_common
+    from trainkit import bucketing
 
     flags = {"aspect_ratio_buckets": MIXED_ASPECT_BUCKETS, "use_aspect_ratio_buckets": False,
              "bucket_min_resolution": None, "bucket_divisibility": 64, "validation_height": None,
@@ -667,12 +667,12 @@ def _bucket_args(folder, **values):
              "instance_data_dir": folder, "image_column": "image", "train_batch_size": 2, "dataloader_num_workers": 0}
     flags.update(values)
     args = _namespace(**flags)
-    train_common.check_bucket_flags(args)
+    bucketing.check_bucket_flags(args)
     return args
 
 
 def _bucketed_dataset(folder, args, class_items=(), **kwargs):
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     items, _ = script.read_image_folder(folder, INSTANCE_PROMPT)
@@ -696,7 +696,7 @@ def test_bucketed_batches_masks_and_class_images_share_the_instance_bucket(mixed
     bucket's shape, the class image of a sample is cropped to that bucket, its mask all ones; instance masks are the
     name.mask.png files (white left half) or square_0's alpha channel (transparent top half) on the latent grid, and
     follow the image's flip."""
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     class_items = [(path, CLASS_PROMPT) for path, _ in script.read_image_folder(mixed_aspect_folder, "")[0][4:]]
@@ -753,7 +753,7 @@ def test_bucketed_batches_masks_and_class_images_share_the_instance_bucket(mixed
 def test_caption_dropout_rate_is_binomial_reproducible_and_draws_nothing_else(instance_folder):
     """--proportion_empty_prompts 0.3: over 600 (epoch, index) samples the share of empty instance prompts is within
     4 standard deviations of 0.3, the same draws on a second pass, class prompts kept, crops unchanged."""
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     items, _ = script.read_image_folder(instance_folder, INSTANCE_PROMPT)
@@ -781,7 +781,7 @@ def test_caption_dropout_rate_is_binomial_reproducible_and_draws_nothing_else(in
 
 
 def test_masked_loss_with_an_all_ones_mask_equals_the_unmasked_loss(loss_inputs, monkeypatch):
-    """The batch's mask reaches common.diffusion_loss, split in halves with prior preservation; an all-ones mask
+    """The batch's mask reaches objectives.diffusion_loss, split in halves with prior preservation; an all-ones mask
     gives exactly the unmasked loss, a half mask another one."""
     batch = loss_inputs["batch"]
     plain, prior = _loss(loss_inputs), _loss(loss_inputs, with_prior_preservation=True)
@@ -806,8 +806,8 @@ def test_cached_latents_at_bucket_size_pair_with_their_prompts_and_rekey_only_ch
     from conftest import MIXED_ASPECT_BUCKETS
     from diffusers import AutoencoderKL
 
-    import train_common
-    from train_common import RunState
+    from trainkit import bucketing
+    from trainkit.randomness import RunState
 
     script = _script()
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
@@ -821,7 +821,7 @@ def test_cached_latents_at_bucket_size_pair_with_their_prompts_and_rekey_only_ch
     entries = _cache_entries(cache_dir, "latents")
     # 6 instance images at their buckets; the 2 class images at the buckets of the samples they pair with.
     assert len(entries) == len(views) == 10
-    sampler = train_common.BucketBatchSampler(cached.buckets_of_samples(), 2, RunState(0), script.SHUFFLE_STREAM)
+    sampler = bucketing.BucketBatchSampler(cached.buckets_of_samples(), 2, RunState(0), script.SHUFFLE_STREAM)
     with torch.no_grad():
         for epoch in range(2):
             sampler.set_epoch(epoch)

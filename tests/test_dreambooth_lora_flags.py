@@ -283,7 +283,7 @@ def test_dataset_items_captions_repeats_and_flips(caption_folder, caption_parque
     """Both dataset forms give the same items in order: captions replace --instance_prompt (an empty one falls back),
     each image repeated --repeats times in a row; the corrupt row is skipped. --random_flip mirrors instance images
     (not class images) from the per-sample generator: the same every time for (epoch, index), both ways over epochs."""
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     expected_prompts = [caption or INSTANCE_PROMPT for caption in CAPTIONS for _ in range(2)]
@@ -329,7 +329,7 @@ def test_cached_latents_hold_both_orientations_with_random_flip(tiny_sd, caption
     from diffusers import AutoencoderKL
     from test_dreambooth_lora import _OneProcess
 
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
@@ -370,7 +370,7 @@ def test_snr_gamma_weights_the_instance_loss_only(tiny_sd, monkeypatch):
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
     scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
     calls, drawn = [], []
-    diffusion_loss, sample_timesteps = script.common.diffusion_loss, script.common.sample_timesteps
+    diffusion_loss, sample_timesteps = script.objectives.diffusion_loss, script.objectives.sample_timesteps
 
     def recording_loss(prediction, target, weights=None):
         calls.append((prediction.detach(), target, weights))
@@ -380,8 +380,8 @@ def test_snr_gamma_weights_the_instance_loss_only(tiny_sd, monkeypatch):
         drawn.append(sample_timesteps(*args))
         return drawn[-1]
 
-    monkeypatch.setattr(script.common, "diffusion_loss", recording_loss)
-    monkeypatch.setattr(script.common, "sample_timesteps", recording_timesteps)
+    monkeypatch.setattr(script.objectives, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(script.objectives, "sample_timesteps", recording_timesteps)
 
     def loss(**flags):
         calls.clear()
@@ -570,7 +570,8 @@ def test_mask_column_masks_dataset_images_and_a_wrong_size_is_named(tmp_path):
     image is one InputError naming the column."""
     import datasets
 
-    from train_common import InputError, RunState
+    from trainkit.cli import InputError
+    from trainkit.randomness import RunState
 
     script = _script()
     images = [image.resize((64, 64)) for image in _images(3, seed=3)]

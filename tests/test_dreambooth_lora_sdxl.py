@@ -188,7 +188,7 @@ def test_sdxl_time_ids_come_from_each_images_real_size_and_crop(tiny_sdxl, insta
     from PIL import Image
     from transformers import CLIPTokenizer
 
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     args = argparse.Namespace(resolution=16, center_crop=False, image_interpolation_mode="lanczos", random_flip=True,
@@ -273,8 +273,8 @@ def test_sdxl_time_ids_carry_each_images_size_crop_and_bucket(tiny_sdxl, mixed_a
     from PIL import Image
     from transformers import CLIPTokenizer
 
-    import train_common
-    from train_common import RunState
+    from trainkit import bucketing
+    from trainkit.randomness import RunState
 
     script = _script()
     args = argparse.Namespace(resolution=64, center_crop=False, image_interpolation_mode="lanczos", random_flip=False,
@@ -282,7 +282,7 @@ def test_sdxl_time_ids_carry_each_images_size_crop_and_bucket(tiny_sdxl, mixed_a
                               crops_coords_top_left_w=None, aspect_ratio_buckets=MIXED_ASPECT_BUCKETS,
                               use_aspect_ratio_buckets=False, bucket_min_resolution=None, bucket_divisibility=64,
                               validation_height=None, validation_width=None)
-    train_common.check_bucket_flags(args)
+    bucketing.check_bucket_flags(args)
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=part) for part in ("tokenizer", "tokenizer_2")]
     items, _ = script.read_image_folder(mixed_aspect_folder, INSTANCE_PROMPT)
     buckets = script.assign_buckets(args, items)

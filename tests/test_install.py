@@ -127,16 +127,16 @@ def test_incompatible_pair_stops_a_text_encoder_lora_run_in_one_line(monkeypatch
 
 
 def test_incompatible_pair_check_names_only_broken_features(monkeypatch):
-    import train_common
-    from train_common import InputError
+    from trainkit import cli
+    from trainkit.cli import InputError
 
     simulate_versions(monkeypatch, transformers="5.24.0", peft="0.21.2")
     with pytest.raises(InputError, match="transformers 5.24.0 with peft 0.21.2"):
-        train_common.check_compatible_versions("text-encoder LoRA")
-    train_common.check_compatible_versions("UNet LoRA")  # not broken by the pair
+        cli.check_compatible_versions("text-encoder LoRA")
+    cli.check_compatible_versions("UNet LoRA")  # not broken by the pair
     for transformers, peft in (("5.23.0", "0.21.2"), ("5.24.0", "0.22.0"), ("5.25.0.dev0", "0.22.1")):
         simulate_versions(monkeypatch, transformers=transformers, peft=peft)
-        train_common.check_compatible_versions("text-encoder LoRA")
+        cli.check_compatible_versions("text-encoder LoRA")
     simulate_versions(monkeypatch, transformers="5.25.0.dev0", peft="0.21.2")
     with pytest.raises(InputError):
-        train_common.check_compatible_versions("text-encoder LoRA")
+        cli.check_compatible_versions("text-encoder LoRA")

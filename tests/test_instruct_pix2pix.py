@@ -452,7 +452,7 @@ def test_conv_in_widened_with_zero_new_channels(tiny_sd):
     an InstructPix2Pix model further) is left as it is; other channel counts are refused."""
     from diffusers import UNet2DConditionModel
 
-    from train_common import InputError
+    from trainkit.cli import InputError
 
     script = _script()
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
@@ -495,7 +495,7 @@ def test_original_and_edited_images_get_the_same_crop_and_flip(tiny_sd):
     import datasets
     from transformers import CLIPTokenizer
 
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     image = Image.effect_noise((48, 32), 60).convert("RGB")
@@ -564,7 +564,7 @@ def test_bucketed_pairs_share_their_bucket_crop_flip_and_mask_and_prompts_drop_a
     import datasets
     from transformers import CLIPTokenizer
 
-    from train_common import RunState, make_generator
+    from trainkit.randomness import RunState, make_generator
 
     script = _script()
     args = _bucket_args(tiny_sd, mixed_aspect_pairs, str(tmp_path), f"--aspect_ratio_buckets={MIXED_ASPECT_BUCKETS}",
@@ -608,7 +608,7 @@ def test_conditioning_dropout_rates_and_masks():
     """p = 0.1 over 4000 samples: ~20% lose the prompt (u < 2p), ~20% the original image (p <= u < 3p), ~10% both;
     the draws repeat for the same (seed, epoch, index). Dropped prompts become the empty prompt's encoding, dropped
     images zero latents; the rest is untouched."""
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     examples = script.EditExamples([], None, _pairs_namespace(), RunState(seed=11))
@@ -635,7 +635,7 @@ def test_conditioning_dropout_rates_and_masks():
 def test_empty_prompts_at_their_rate_from_their_own_stream():
     """--proportion_empty_prompts 0.3 over 4000 samples: within 4 binomial standard deviations of 30%, the same for
     the same (seed, epoch, index), and without effect on the conditioning dropout draws (their own stream)."""
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     examples = script.EditExamples([], None, _pairs_namespace(proportion_empty_prompts=0.3), RunState(seed=11))
@@ -649,7 +649,7 @@ def test_empty_prompts_at_their_rate_from_their_own_stream():
 
 
 def tokenize(tokenizer, prompts):
-    from train_common import tokenize_prompts
+    from trainkit.families import tokenize_prompts
 
     return tokenize_prompts([tokenizer], prompts)[0]
 
@@ -741,7 +741,7 @@ def test_wrong_columns_list_the_real_columns(pairs_parquet, tmp_path):
     """Checked in-process on the loader; a launched run with a wrong column is among the bad-input cases below."""
     import datasets
 
-    from train_common import InputError
+    from trainkit.cli import InputError
 
     script = _script()
     for flag, name in (("original_image_column", "before"), ("edited_image_column", "after"),
@@ -811,7 +811,7 @@ def _existing_output(tmp_path):
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_argument_gets_one_line_error(case, tiny_sd, pairs_parquet, tmp_path, capsys):
-    from train_common import run_main
+    from trainkit.cli import run_main
 
     overrides, expected = BAD_ARGUMENTS[case]
     (tmp_path / "empty").mkdir()
@@ -837,7 +837,8 @@ def test_masked_loss_without_any_mask_or_with_a_mask_of_another_size_gets_one_li
     """Found from the image headers when the data is read, before any model loads (after the Accelerator: checked
     here through the data functions and run_main): no mask anywhere names where it looked; a mask file of the wrong
     size is named; a --mask_column that is not a column lists the columns."""
-    from train_common import RunState, run_main
+    from trainkit.cli import run_main
+    from trainkit.randomness import RunState
 
     script = _script()
 
@@ -881,7 +882,7 @@ def test_wrong_column_in_a_launched_run_gets_one_line_error(tiny_sd, pairs_parqu
 def test_validation_image_from_a_path_or_an_unreachable_url(validation_image):
     """A local image is fitted to --resolution (short side, multiples of 8, the size the pipeline edits at); a URL
     that cannot be fetched is a one-line InputError naming --val_image_url (port 9 on localhost refuses at once)."""
-    from train_common import InputError
+    from trainkit.cli import InputError
 
     script = _script()
     accelerator = Namespace(is_main_process=True, num_processes=1)

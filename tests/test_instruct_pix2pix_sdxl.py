@@ -195,7 +195,8 @@ def test_time_ids_come_from_the_real_size_and_crop_unless_the_crop_flags_are_giv
     """Each sample's time ids are (original height, width, crop top, left, resolution, resolution): the crop that was
     really taken in the resized image (seen in the flipped image when flipped), checked against the pixels; an
     explicit --crops_coords_top_left_h/w replaces its coordinate in every sample, as upstream."""
-    from train_common import RunState, tokenize_prompts
+    from trainkit.families import tokenize_prompts
+    from trainkit.randomness import RunState
 
     script = _script()
     args = _args(tiny_sdxl, sdxl_pairs, str(tmp_path), "--resolution=16", "--random_flip")
@@ -259,7 +260,8 @@ def test_cache_equals_fresh_encodings_and_a_dropped_prompt_drops_the_pooled_embe
     guidance sees it."""
     from diffusers import DDPMScheduler
     from torch.utils.data import default_collate
-    from train_common import RunState, encode_prompt, tokenize_prompts
+    from trainkit.families import encode_prompt, tokenize_prompts
+    from trainkit.randomness import RunState
 
     script = _script()
     args = _args(tiny_sdxl, sdxl_pairs, str(tmp_path / "out"), "--resolution=16", "--center_crop", "--random_flip",
@@ -319,7 +321,7 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny
     width), the crop really taken at its bucket's size (checked against the pixels, seen in the flipped image when
     flipped) and the bucket as the target size; --crops_coords_top_left_h still wins."""
     from torch.utils.data import default_collate
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     args = _bucketed(tiny_sdxl, mixed_aspect_pairs, str(tmp_path), "--use_aspect_ratio_buckets",
@@ -361,7 +363,8 @@ def test_bucketed_cache_pairs_every_latent_mask_and_caption_with_its_sample_and_
     the filled cache as a resumed run does, every cached sample holds the latents of its own images at its bucket's
     size, its own mask and its own (or the empty) prompt's embeddings, as fresh encodings give them. A bucket list
     that moves only the portrait pairs to another bucket computes exactly their 4 images again."""
-    from train_common import RunState, encode_prompt
+    from trainkit.families import encode_prompt
+    from trainkit.randomness import RunState
 
     script = _script()
     cache = str(tmp_path / "cache")
@@ -416,7 +419,7 @@ def test_bucketed_cache_pairs_every_latent_mask_and_caption_with_its_sample_and_
 
 
 def test_vae_precision_follows_upstream():
-    """SDXL's own VAE runs in --vae_precision (default fp32, train_common's upcast rule, whatever the mixed
+    """SDXL's own VAE runs in --vae_precision (default fp32, the SDXL family's upcast rule, whatever the mixed
     precision); a VAE from --pretrained_vae_model_name_or_path runs in the mixed-precision dtype (--vae_precision
     ignored, as upstream); SD's VAE always runs in the mixed-precision dtype."""
     script = _script()

@@ -1,4 +1,4 @@
-"""The shared layer of SPEC §9 (train_common): bucket assignment, the bucketed batch order and its sharding across
+"""The shared layer of SPEC §9 (trainkit.bucketing): bucket assignment, the bucketed batch order and its sharding across
 ranks, the resize/crop geometry, loss masks and the masked loss. In-process and fast; each script's use of it (its
 dataset, cache, resume) is tested in that script's test module."""
 
@@ -6,16 +6,16 @@ import argparse
 
 import pytest
 import torch
-import train_common as common
+from trainkit import bucketing, cli, objectives, randomness
 from PIL import Image
 
 
 def bucket_args(*argv, resolution=512):
     parser = argparse.ArgumentParser()
-    common.add_bucket_arguments(parser)
+    bucketing.add_bucket_arguments(parser)
     args = parser.parse_args(list(argv))
     args.resolution = resolution
-    common.check_bucket_flags(args)
+    bucketing.check_bucket_flags(args)
     return args
 
 
@@ -66,7 +66,7 @@ def test_an_explicit_list_is_used_as_given():
     (["--validation_height", "100"], ["--validation_height", "multiple of 8"]),
 ])
 def test_bad_bucket_flags_get_one_line_errors(argv, expected):
-    with pytest.raises(common.InputError) as error:
+    with pytest.raises(cli.InputError) as error:
         bucket_args(*argv)
     message = str(error.value)
     assert "\n" not in message and all(part in message for part in expected), message
@@ -74,16 +74,16 @@ def test_bad_bucket_flags_get_one_line_errors(argv, expected):
 
 def test_bucketed_batches_never_mix_cover_every_sample_once_and_depend_only_on_seed_and_epoch():
     buckets_of_samples = [(64, 96)] * 5 + [(96, 64)] * 3 + [(64, 64)]
-    batches = common.bucket_batches(buckets_of_samples, 2, seed=7, stream=3, epoch=0)
+    batches = bucketing.bucket_batches(buckets_of_samples, 2, seed=7, stream=3, epoch=0)
     assert all(len({buckets_of_samples[i] for i in batch}) == 1 for batch in batches)
     assert sorted(i for batch in batches for i in batch) == list(range(9))  # nothing dropped
     # 5 -> 2+2+1, 3 -> 2+1, 1 -> 1: a bucket's remainder is a smaller batch of its own.
     assert sorted(len(batch) for batch in batches) == [1, 1, 1, 2, 2, 2]
-    assert batches == common.bucket_batches(buckets_of_samples, 2, seed=7, stream=3, epoch=0)
-    others = [common.bucket_batches(buckets_of_samples, 2, seed=7, stream=3, epoch=epoch) for epoch in (1, 2, 3)]
+    assert batches == bucketing.bucket_batches(buckets_of_samples, 2, seed=7, stream=3, epoch=0)
+    others = [bucketing.bucket_batches(buckets_of_samples, 2, seed=7, stream=3, epoch=epoch) for epoch in (1, 2, 3)]
     assert any(other != batches for other in others)
     # Shuffled across buckets: over a few epochs the first batch does not always come from one bucket.
-    firsts = {buckets_of_samples[common.bucket_batches(buckets_of_samples, 2, 7, 3, epoch)[0][0]] for epoch in range(8)}
+    firsts = {buckets_of_samples[bucketing.bucket_batches(buckets_of_samples, 2, 7, 3, epoch)[0][0]] for epoch in range(8)}
     assert len(firsts) > 1
 
 
@@ -91,7 +91,7 @@ def test_the_batch_sampler_shards_whole_batches_across_ranks_as_accelerate_does(
     from accelerate.data_loader import BatchSamplerShard
 
     buckets_of_samples = [(64, 96)] * 5 + [(96, 64)] * 4 + [(64, 64)] * 2
-    sampler = common.BucketBatchSampler(buckets_of_samples, 2, common.RunState(seed=0), stream=1)
+    sampler = bucketing.BucketBatchSampler(buckets_of_samples, 2, randomness.RunState(seed=0), stream=1)
     sampler.set_epoch(3)
     batches = list(sampler)
     assert len(sampler) == len(batches) == 6
@@ -111,30 +111,30 @@ def test_cover_and_crop_geometry_matches_the_square_transform():
     # For a square target, covering is "short side to the resolution", as every script's square resize does.
     for width, height in [(100, 60), (60, 100), (77, 77), (513, 300)]:
         short = min(width, height)
-        assert common.cover_size(width, height, 64, 64) == (
+        assert bucketing.cover_size(width, height, 64, 64) == (
             max(64, round(width * 64 / short)), max(64, round(height * 64 / short)))
-    assert common.cover_size(200, 100, 64, 96) == (128, 64)  # the height binds: 2:1 image into a 3:2 bucket
-    assert common.cover_size(100, 200, 64, 96) == (96, 192)  # the width binds
+    assert bucketing.cover_size(200, 100, 64, 96) == (128, 64)  # the height binds: 2:1 image into a 3:2 bucket
+    assert bucketing.cover_size(100, 200, 64, 96) == (96, 192)  # the width binds
     generator = torch.Generator().manual_seed(0)
-    top, left = common.crop_origin(128, 64, 64, 96, center=False, generator=generator)
+    top, left = bucketing.crop_origin(128, 64, 64, 96, center=False, generator=generator)
     assert top == 0 and 0 <= left <= 32
-    assert common.crop_origin(128, 70, 64, 96, center=True, generator=None) == (3, 16)
+    assert bucketing.crop_origin(128, 70, 64, 96, center=True, generator=None) == (3, 16)
 
 
 def test_masks_come_from_the_alpha_channel_or_a_mask_file_of_the_same_size(tmp_path):
     image = Image.new("RGBA", (8, 4), (255, 0, 0, 255))
     image.putpixel((0, 0), (255, 0, 0, 0))
-    mask = common.load_mask(image)
+    mask = bucketing.load_mask(image)
     assert mask.mode == "L" and mask.size == (8, 4) and mask.getpixel((0, 0)) == 0 and mask.getpixel((1, 0)) == 255
     path = str(tmp_path / "a.mask.png")
     Image.new("L", (8, 4), 128).save(path)
-    assert common.mask_path_for(str(tmp_path / "a.png")) == path
-    assert common.load_mask(image.convert("RGB"), path).getpixel((3, 3)) == 128
+    assert bucketing.mask_path_for(str(tmp_path / "a.png")) == path
+    assert bucketing.load_mask(image.convert("RGB"), path).getpixel((3, 3)) == 128
     Image.new("L", (4, 4), 128).save(path)
-    with pytest.raises(common.InputError, match=r"a\.mask\.png is 4x4 but a\.png is 8x4"):
-        common.load_mask(image, path, name="a.png")
-    with pytest.raises(common.InputError, match="no alpha channel and no mask"):
-        common.load_mask(image.convert("RGB"), name="a.png")
+    with pytest.raises(cli.InputError, match=r"a\.mask\.png is 4x4 but a\.png is 8x4"):
+        bucketing.load_mask(image, path, name="a.png")
+    with pytest.raises(cli.InputError, match="no alpha channel and no mask"):
+        bucketing.load_mask(image.convert("RGB"), name="a.png")
 
 
 def test_image_size_reads_the_header_as_datasets_decodes_it(tmp_path):
@@ -146,40 +146,40 @@ def test_image_size_reads_the_header_as_datasets_decodes_it(tmp_path):
     path = str(tmp_path / "rotated.jpg")
     image.save(path, exif=exif)
     decoded = ImageFeature().decode_example({"path": path, "bytes": None})
-    assert common.image_size({"path": path, "bytes": None}) == (decoded.height, decoded.width) == (40, 24)
-    assert common.image_size({"path": None, "bytes": open(path, "rb").read()}) == (40, 24)
+    assert bucketing.image_size({"path": path, "bytes": None}) == (decoded.height, decoded.width) == (40, 24)
+    assert bucketing.image_size({"path": None, "bytes": open(path, "rb").read()}) == (40, 24)
 
 
 def test_mask_files_are_not_training_images(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
     Image.new("L", (8, 8)).save(tmp_path / "cat.mask.png")
     Image.new("L", (8, 8)).save(tmp_path / "lonely.mask.png")  # no image beside it: an image of its own
-    assert [path.split("/")[-1] for path in common.image_files(str(tmp_path))] == ["cat.png", "lonely.mask.png"]
+    assert [path.split("/")[-1] for path in cli.image_files(str(tmp_path))] == ["cat.png", "lonely.mask.png"]
 
 
 def test_masked_loss_equals_the_unmasked_loss_for_an_all_ones_mask_and_ignores_masked_out_pixels():
     generator = torch.Generator().manual_seed(0)
     prediction = torch.randn(2, 4, 8, 12, generator=generator, requires_grad=True)
     target = torch.randn(2, 4, 8, 12, generator=generator)
-    ones = common.mask_to_latents(torch.ones(2, 1, 64, 96))
+    ones = bucketing.mask_to_latents(torch.ones(2, 1, 64, 96))
     assert ones.shape == (2, 1, 8, 12)
     weights = torch.tensor([0.5, 2.0])
-    assert torch.equal(common.diffusion_loss(prediction, target, mask=ones), common.diffusion_loss(prediction, target))
-    assert torch.equal(common.diffusion_loss(prediction, target, weights, mask=ones),
-                       common.diffusion_loss(prediction, target, weights))
+    assert torch.equal(objectives.diffusion_loss(prediction, target, mask=ones), objectives.diffusion_loss(prediction, target))
+    assert torch.equal(objectives.diffusion_loss(prediction, target, weights, mask=ones),
+                       objectives.diffusion_loss(prediction, target, weights))
     # The left half of the image trains, the right half is ignored: no gradient reaches the right half, and the loss
     # is the mean error over the left half alone.
     pixels = torch.zeros(2, 1, 64, 96)
     pixels[..., :48] = 1
-    mask = common.mask_to_latents(pixels)
-    loss = common.diffusion_loss(prediction, target, mask=mask)
+    mask = bucketing.mask_to_latents(pixels)
+    loss = objectives.diffusion_loss(prediction, target, mask=mask)
     loss.backward()
     assert torch.count_nonzero(prediction.grad[..., 6:]) == 0 and torch.count_nonzero(prediction.grad[..., :6]) > 0
     left = ((prediction[..., :6] - target[..., :6]) ** 2).mean()
     assert torch.allclose(loss, left)
     # A partially covered latent pixel gets a fractional weight (the mean of its 8x8 block).
     pixels[..., :52] = 1
-    assert common.mask_to_latents(pixels)[0, 0, 0, 6] == 0.5
+    assert bucketing.mask_to_latents(pixels)[0, 0, 0, 6] == 0.5
 
 
 class _Keys(torch.utils.data.Dataset):
@@ -205,27 +205,27 @@ def accelerate_state_reset():
 @pytest.mark.parametrize("bucketed", [False, True])
 def test_a_resumed_epoch_on_a_sharded_loader_follows_its_own_order(bucketed, accelerate_state_reset):
     """Rank 1 of 2, resumed one batch into epoch 2 (accelerate's sharding, then skip_first_batches): after
-    common.set_epoch it yields what the uninterrupted epoch 2 gives that rank from its second batch on, for both
+    randomness.set_epoch it yields what the uninterrupted epoch 2 gives that rank from its second batch on, for both
     samplers. (accelerate's own set_epoch does not reach a sampler behind these wrappers.)"""
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
 
     def loader_and_sampler():
-        run_state = common.RunState(seed=5)
+        run_state = randomness.RunState(seed=5)
         if bucketed:
-            sampler = common.BucketBatchSampler([(64, 96)] * 6 + [(96, 64)] * 6, 2, run_state, stream=1)
+            sampler = bucketing.BucketBatchSampler([(64, 96)] * 6 + [(96, 64)] * 6, 2, run_state, stream=1)
             loader = torch.utils.data.DataLoader(_Keys(), batch_sampler=sampler, collate_fn=list)
         else:
-            sampler = common.EpochSampler(12, run_state, stream=1)
+            sampler = randomness.EpochSampler(12, run_state, stream=1)
             loader = torch.utils.data.DataLoader(_Keys(), batch_size=2, sampler=sampler, collate_fn=list)
         return prepare_data_loader(loader, num_processes=2, process_index=1, put_on_device=False), sampler
 
     loader, sampler = loader_and_sampler()
-    common.set_epoch(loader, sampler, 2)
+    randomness.set_epoch(loader, sampler, 2)
     straight = list(loader)
     loader, sampler = loader_and_sampler()
     resumed_loader = skip_first_batches(loader, 1)
-    common.set_epoch(resumed_loader, sampler, 2)
+    randomness.set_epoch(resumed_loader, sampler, 2)
     assert list(resumed_loader) == straight[1:]
     loader, sampler = loader_and_sampler()
-    common.set_epoch(loader, sampler, 0)
+    randomness.set_epoch(loader, sampler, 0)
     assert list(loader) != straight  # the order does depend on the epoch

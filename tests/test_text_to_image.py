@@ -387,17 +387,17 @@ def _namespace(**values):
 
 def _bucketed(**values):
     """_namespace with the bucket flags checked (args.buckets set), as validate_args leaves them."""
-    import train_common as common
+    from trainkit import bucketing
 
     args = _namespace(**values)
-    common.check_bucket_flags(args)
+    bucketing.check_bucket_flags(args)
     return args
 
 
 def test_data_sources_captions_and_augmentation_are_restorable(tiny_sd, metadata_folder, txt_folder):
     from transformers import CLIPTokenizer
 
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     # A plain folder: captions from name.txt, an empty caption where there is none.
@@ -446,7 +446,7 @@ def test_data_sources_captions_and_augmentation_are_restorable(tiny_sd, metadata
 def test_wrong_columns_list_the_real_columns(metadata_folder, tmp_path):
     import datasets
 
-    from train_common import InputError
+    from trainkit.cli import InputError
 
     script = _script()
     with pytest.raises(InputError, match=r"--image_column 'picture' is not a column .*columns: image, text"):
@@ -522,7 +522,7 @@ def test_buckets_shape_every_image_batches_never_mix_and_masks_follow_the_crop(t
     from datasets import Image as ImageFeature
     from transformers import CLIPTokenizer
 
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
@@ -585,7 +585,8 @@ def test_mask_column_weights_each_row_and_a_mask_of_another_size_is_named(tiny_s
     from PIL import Image
     from transformers import CLIPTokenizer
 
-    from train_common import InputError, RunState
+    from trainkit.cli import InputError
+    from trainkit.randomness import RunState
 
     script = _script()
     images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 80), "blue")]
@@ -626,8 +627,8 @@ def test_cached_latents_stay_paired_with_their_captions_masks_and_buckets(tiny_s
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
-    import train_common as common
-    from train_common import RunState
+    from trainkit import feature_cache
+    from trainkit.randomness import RunState
 
     script = _script()
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
@@ -657,11 +658,11 @@ def test_cached_latents_stay_paired_with_their_captions_masks_and_buckets(tiny_s
     # Another bucket for the squares only: their 2 entries are missing, the 4 others are reused.
     changed = _bucketed(**{**vars(args), "aspect_ratio_buckets": "64,96;96,64;48,48", "buckets": None})
     again = script.CaptionedImages(dataset, [tokenizer], changed, RunState(5), **script.survey_images(dataset, changed))
-    cache = common.FeatureCache(changed.feature_cache_dir, "latents",
+    cache = feature_cache.FeatureCache(changed.feature_cache_dir, "latents",
                                 script.latent_cache_settings(vae, torch.float32, changed))
     image_keys = {row: key for row, key in cached.image_keys.items()}
     assert cache.folder == cached.latent_cache.folder
-    fingerprints = dict(zip(range(6), map(common.image_fingerprint, dataset.cast_column(
+    fingerprints = dict(zip(range(6), map(feature_cache.image_fingerprint, dataset.cast_column(
         "image", __import__("datasets").Image(decode=False))["image"])))
     keys = script.latent_entry_keys(again, fingerprints, changed)
     assert sorted(row for row in range(6) if keys[row] != image_keys[row]) == \
@@ -738,7 +739,7 @@ def _existing_output(tmp_path):
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_argument_gets_one_line_error(case, tiny_sd, metadata_folder, tmp_path, capsys):
-    from train_common import run_main
+    from trainkit.cli import run_main
 
     overrides, expected = BAD_ARGUMENTS[case]
     (tmp_path / "empty").mkdir()
@@ -771,7 +772,7 @@ def test_wrong_column_in_a_launched_run_gets_one_line_error(tiny_sd, metadata_fo
 
 
 def test_broken_model_part_is_named(tiny_sd, tmp_path):
-    from train_common import InputError
+    from trainkit.cli import InputError
 
     broken = tmp_path / "broken_model"
     shutil.copytree(tiny_sd, broken)

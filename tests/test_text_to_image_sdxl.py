@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-import train_common as common
+from trainkit import bucketing, families, objectives
 from helpers import (
     assert_different_weights,
     assert_one_line_error,
@@ -289,7 +289,7 @@ def test_time_ids_come_from_each_images_real_size_and_crop(tiny_sdxl, metadata_f
     epoch to epoch."""
     from PIL import Image
 
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     dataset = script.load_captioned_dataset(_namespace(train_data_dir=metadata_folder))
@@ -319,7 +319,7 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny
     from PIL import Image
     from torch.utils.data import default_collate
 
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     args = _bucketed(train_data_dir=mixed_aspect_folder, use_aspect_ratio_buckets=True, bucket_divisibility=16)
@@ -334,7 +334,7 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny
             bucket = layout["buckets"][index]
             assert item["original_size"].tolist() == [image.height, image.width]
             assert item["target_size"].tolist() == list(bucket) and item["pixel_values"].shape == (3, *bucket)
-            resized = image.resize(common.cover_size(image.width, image.height, *bucket), resample=Image.LANCZOS)
+            resized = image.resize(bucketing.cover_size(image.width, image.height, *bucket), resample=Image.LANCZOS)
             top, left = item["crop_top_left"].tolist()
             views = [resized, resized.transpose(Image.FLIP_LEFT_RIGHT)]
             pixels = [script.preprocess_image(view.crop((left, top, left + bucket[1], top + bucket[0])), bucket,
@@ -352,12 +352,12 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny
 def test_proportion_empty_prompts_drops_captions_from_restorable_randomness(tiny_sdxl, metadata_folder):
     """--proportion_empty_prompts p: each (seed, epoch, index) trains with an empty caption with probability p, the
     same on every call (resume, workers), while the crops and flips stay those of a run without it."""
-    from train_common import RunState
+    from trainkit.randomness import RunState
 
     script = _script()
     dataset = script.load_captioned_dataset(_namespace(train_data_dir=metadata_folder))
     tokenizers = _tokenizers(tiny_sdxl)
-    empty = [ids[0] for ids in common.tokenize_prompts(tokenizers, "")]
+    empty = [ids[0] for ids in families.tokenize_prompts(tokenizers, "")]
     keys = [(epoch, index) for epoch in range(20) for index in range(7)]
 
     def dropped(proportion):
@@ -381,7 +381,7 @@ def sdxl_loss_inputs(tiny_sdxl):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    input_ids = common.tokenize_prompts(_tokenizers(tiny_sdxl), ["a photo of a cat", "a dog"])
+    input_ids = families.tokenize_prompts(_tokenizers(tiny_sdxl), ["a photo of a cat", "a dog"])
     return {
         "unet": UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet"),
         "vae": AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae"),
@@ -415,7 +415,7 @@ def test_sdxl_loss_uses_every_samples_time_ids_and_the_sd_flag_families(sdxl_los
     # DREAM's extra forward pass gets the added conditions too; Min-SNR and the timestep bias apply.
     for flags in ({"dream_training": True}, {"snr_gamma": 1e-3}, {"noise_offset": 0.5}):
         assert _sdxl_loss(sdxl_loss_inputs, **flags) != pytest.approx(baseline), flags
-    later = common.timestep_bias_weights("later", 1000, multiplier=10.0, portion=0.1)
+    later = objectives.timestep_bias_weights("later", 1000, multiplier=10.0, portion=0.1)
     assert _sdxl_loss(sdxl_loss_inputs, weights=later) != pytest.approx(baseline)
 
 
@@ -471,7 +471,7 @@ def test_bad_argument_gets_one_line_error_before_loading(case, tiny_sdxl, txt_fo
     broken = tmp_path / "broken_sdxl"  # an SDXL model_index.json, every part but text_encoder_2/
     broken.mkdir()
     shutil.copy(os.path.join(tiny_sdxl, "model_index.json"), broken)
-    for part in set(common.SDXL_PIPELINE_PARTS) - {"text_encoder_2"}:
+    for part in set(families.SDXL_PIPELINE_PARTS) - {"text_encoder_2"}:
         (broken / part).mkdir()
     if "{wrong_mask}" in overrides.values():
         wrong_mask = tmp_path / "wrong_mask"  # the mixed-aspect images, one mask at half its image's size

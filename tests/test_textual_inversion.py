@@ -456,7 +456,7 @@ def test_exif_orientation_and_restorable_per_sample_randomness(tiny_sd, tmp_path
     from PIL import Image
     from transformers import CLIPTokenizer
 
-    import train_common
+    from trainkit import randomness
     import textual_inversion as script
 
     path = str(tmp_path / "rotated.jpg")
@@ -468,7 +468,7 @@ def test_exif_orientation_and_restorable_per_sample_randomness(tiny_sd, tmp_path
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     args = Namespace(learnable_property="object", resolution=16, center_crop=False, repeats=4)
-    dataset = script.TextualInversionDataset([path], tokenizer, "toy", args, train_common.RunState(seed=7))
+    dataset = script.TextualInversionDataset([path], tokenizer, "toy", args, randomness.RunState(seed=7))
     assert len(dataset) == 4
     samples = {(epoch, index): dataset[(epoch, index)] for epoch in range(3) for index in range(4)}
     for key, sample in samples.items():
@@ -492,15 +492,15 @@ def _bucketed(script, tiny_sd, folder, tmp_path, **overrides):
     """(args, dataset) as main builds them, for the mixed-aspect folder with the explicit bucket list."""
     from transformers import CLIPTokenizer
 
-    import train_common
+    from trainkit import bucketing, randomness
 
     settings = dict(aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True, repeats=2)
     settings.update(overrides)
     args = script.parse_args(base_args(tiny_sd, folder, str(tmp_path / "out"), **settings))
-    train_common.check_bucket_flags(args)
+    bucketing.check_bucket_flags(args)
     paths, _ = script.readable_images(folder)
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
-    return args, script.TextualInversionDataset(paths, tokenizer, TOKEN, args, train_common.RunState(seed=3))
+    return args, script.TextualInversionDataset(paths, tokenizer, TOKEN, args, randomness.RunState(seed=3))
 
 
 def _name(dataset, index):
@@ -512,7 +512,7 @@ def test_bucketed_batches_shapes_masks_and_random_crops(tiny_sd, mixed_aspect_fo
     framed and flipped like it (mask files: white left half; square_0's alpha: opaque bottom half), random crops are
     restorable and vary, and an all-ones mask gives exactly the unmasked loss."""
     import textual_inversion as script
-    import train_common
+    from trainkit import objectives
 
     args, dataset = _bucketed(script, tiny_sd, mixed_aspect_folder, tmp_path, center_crop=True)
     assert len(dataset) == 12 and dataset.describe_buckets() == "64x64: 2, 64x96: 2, 96x64: 2"
@@ -565,8 +565,8 @@ def test_bucketed_batches_shapes_masks_and_random_crops(tiny_sd, mixed_aspect_fo
     assert sample["pixel_values"].shape == (3, 64, 64) and sample["loss_mask"].shape == (1, 8, 8)
 
     prediction, target = torch.randn(2, 4, 8, 12), torch.randn(2, 4, 8, 12)
-    assert torch.equal(train_common.diffusion_loss(prediction, target, mask=torch.ones(2, 1, 8, 12)),
-                       train_common.diffusion_loss(prediction, target))
+    assert torch.equal(objectives.diffusion_loss(prediction, target, mask=torch.ones(2, 1, 8, 12)),
+                       objectives.diffusion_loss(prediction, target))
 
 
 class _OneProcess:

@@ -253,19 +253,19 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     import textual_inversion as script
-    import train_common
+    from trainkit import bucketing, randomness
 
     names = [name for name, _, _ in MIXED_ASPECT_IMAGES]
     paths = [os.path.join(mixed_aspect_folder, f"{name}.png") for name in names]
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
     args = Namespace(learnable_property="object", resolution=64, center_crop=False, repeats=1, sdxl=True,
                      placeholder_token=TOKEN, initializer_token="toy", num_vectors=1, masked_loss=False,
-                     buckets=train_common.Buckets(explicit=[(64, 96), (96, 64), (64, 64)]))
+                     buckets=bucketing.Buckets(explicit=[(64, 96), (96, 64), (64, 64)]))
     encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
                 CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")]
     for tokenizer, encoder in zip(tokenizers, encoders):
         script.add_placeholder_tokens(args, tokenizer, encoder)
-    dataset = script.TextualInversionDataset(paths, tokenizers, TOKEN, args, train_common.RunState(seed=0))
+    dataset = script.TextualInversionDataset(paths, tokenizers, TOKEN, args, randomness.RunState(seed=0))
     buckets = {"land_0": (64, 96), "land_1": (64, 96), "port_0": (96, 64), "port_1": (96, 64), "square_0": (64, 64),
                "small_0": (64, 64)}
     for epoch in (0, 1):
@@ -277,7 +277,7 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny
             assert added["time_ids"].tolist() == [[height, width, top, left, bucket_height, bucket_width]], name
             # The pixels are that crop of the image resized to cover the bucket (flipped or not).
             image = script._load_rgb(paths[names.index(name)])
-            cover = image.resize(train_common.cover_size(width, height, bucket_height, bucket_width),
+            cover = image.resize(bucketing.cover_size(width, height, bucket_height, bucket_width),
                                  resample=script.Image.BICUBIC)
             crop = cover.crop((left, top, left + bucket_width, top + bucket_height))
             expected = script.image_tensor(crop, script.Framing(None, crop.size, None, (0, 0), buckets[name]), False)
@@ -294,7 +294,7 @@ def test_time_ids_come_from_each_image_s_real_size_and_crop(tiny_sdxl, tmp_path)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     import textual_inversion as script
-    import train_common
+    from trainkit import randomness
 
     wide, tall = str(tmp_path / "wide.png"), str(tmp_path / "tall.jpg")
     Image.new("RGB", (40, 20), "red").save(wide)
@@ -318,7 +318,7 @@ def test_time_ids_come_from_each_image_s_real_size_and_crop(tiny_sdxl, tmp_path)
     for encoder, embedding in zip(encoders, embeddings):  # as main does: only the new rows train
         encoder.requires_grad_(False)
         embedding.new_rows.requires_grad_(True)
-    run_state = train_common.RunState(seed=0)
+    run_state = randomness.RunState(seed=0)
 
     def batch(center_crop):
         args.center_crop = center_crop
