@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from trainkit import checkpointing, cli, distributed, families, feature_cache, objectives, randomness
+from trainkit import checkpointing, cli, distributed, feature_cache, objectives, randomness
 
 # --------------------------------------------------------------------------------------------------------------------
 # Randomness, noise, loss
@@ -128,75 +128,6 @@ def test_timestep_bias_checks_name_the_flag(values, message):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# SDXL
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def test_sdxl_is_detected_from_the_pipeline_class_text_encoder_2_or_the_unet(tiny_sdxl, tmp_path):
-    from helpers import write_json
-
-    assert families.is_sdxl_model(tiny_sdxl)
-    sd = tmp_path / "sd"
-    (sd / "unet").mkdir(parents=True)
-    write_json(str(sd / "model_index.json"), {"_class_name": "StableDiffusionPipeline", "text_encoder": []})
-    write_json(str(sd / "unet" / "config.json"), {"_class_name": "UNet2DConditionModel"})
-    assert not families.is_sdxl_model(str(sd))
-    # No model_index.json: a text_encoder_2/ or a text_time UNet is enough.
-    (sd / "model_index.json").unlink()
-    assert not families.is_sdxl_model(str(sd))
-    write_json(str(sd / "unet" / "config.json"), {"addition_embed_type": "text_time"})
-    assert families.is_sdxl_model(str(sd))
-    write_json(str(sd / "unet" / "config.json"), {})
-    (sd / "text_encoder_2").mkdir()
-    assert families.is_sdxl_model(str(sd))
-    # A path that does not exist is no SDXL model (the folder check names it); broken JSON is one line.
-    assert not families.is_sdxl_model(str(tmp_path / "missing"))
-    (sd / "model_index.json").write_text("{ not json")
-    with pytest.raises(cli.InputError, match="cannot read model_index.json"):
-        families.is_sdxl_model(str(sd))
-    assert set(families.SDXL_PIPELINE_PARTS) == {name for name in os.listdir(tiny_sdxl) if name != "model_index.json"}
-
-
-def test_sdxl_prompt_encoding_is_the_pipelines(tiny_sdxl):
-    """Penultimate hidden states of both encoders side by side, pooled projection of the second: what
-    StableDiffusionXLPipeline.encode_prompt returns for the same prompts, bit for bit."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    prompts = ["a photo of a cat", ""]
-    input_ids = families.tokenize_prompts([pipeline.tokenizer, pipeline.tokenizer_2], prompts)
-    assert [ids.shape for ids in input_ids] == [(2, 77), (2, 77)]
-    with torch.no_grad():
-        prompt_embeds, pooled = families.encode_prompt_sdxl([pipeline.text_encoder, pipeline.text_encoder_2], input_ids)
-        expected, _, expected_pooled, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False)
-    assert prompt_embeds.shape == (2, 77, 32 + 24) and pooled.shape == (2, 16)
-    assert torch.equal(prompt_embeds, expected) and torch.equal(pooled, expected_pooled)
-
-
-def test_sdxl_time_ids_follow_each_samples_size_and_crop(tiny_sdxl):
-    """One row per sample from that sample's own original size and crop (not constants), in the pipeline's order."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    time_ids = families.sdxl_time_ids([(20, 24), (30, 17)], torch.tensor([[0, 3], [5, 0]]), (64, 64))
-    assert time_ids.tolist() == [[20, 24, 0, 3, 64, 64], [30, 17, 5, 0, 64, 64]]
-    assert time_ids.dtype == torch.float32
-    expected = pipeline._get_add_time_ids((30, 17), (5, 0), (64, 64), torch.float32,
-                                          text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim)
-    assert torch.equal(time_ids[1:], expected)
-    # Per-sample targets (aspect-ratio buckets).
-    assert families.sdxl_time_ids([(20, 24)], [(1, 2)], [(48, 64)]).tolist() == [[20, 24, 1, 2, 48, 64]]
-    added = families.sdxl_added_conditions(torch.zeros(2, 16), time_ids)
-    assert set(added) == {"text_embeds", "time_ids"}
-
-
-def test_sdxl_vae_runs_in_fp32_unless_another_vae_is_given():
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        assert families.sdxl_vae_dtype(dtype) == torch.float32
-        assert families.sdxl_vae_dtype(dtype, "madebyollin/sdxl-vae-fp16-fix") == dtype
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -242,22 +173,6 @@ def test_flow_matching_draws_upstreams_timesteps_sigmas_inputs_and_weighted_loss
                                                "cpu")[1]
     assert logit.std() < uniform.std()
 
-
-def test_flux_is_detected_from_the_pipeline_class_or_the_transformer(tmp_path):
-    from helpers import write_json
-
-    flux = tmp_path / "flux"
-    (flux / "transformer").mkdir(parents=True)
-    write_json(str(flux / "model_index.json"), {"_class_name": "FluxPipeline"})
-    assert families.is_flux_model(str(flux)) and not families.is_sdxl_model(str(flux))
-    (flux / "model_index.json").unlink()
-    assert not families.is_flux_model(str(flux))
-    write_json(str(flux / "transformer" / "config.json"), {"_class_name": "FluxTransformer2DModel"})
-    assert families.is_flux_model(str(flux))
-    assert not families.is_flux_model(str(tmp_path / "missing"))
-    # An SD script given a FLUX.1 folder names the one script that trains it.
-    with pytest.raises(cli.InputError, match="is a FLUX.1 model, which only train_dreambooth_lora.py trains"):
-        cli.check_pipeline_folder(str(flux), ("tokenizer", "unet"))
 
 
 def test_latest_ignores_partial_and_unrelated_folders(tmp_path):
@@ -505,3 +420,41 @@ def test_fsdp_is_refused_in_one_line_naming_the_deepspeed_configs_to_use():
     plain = types.SimpleNamespace(distributed_type=DistributedType.NO,
                                   state=types.SimpleNamespace(deepspeed_plugin=None))
     assert distributed.adopt_engine_settings(plain, 2, 1.0) is None
+
+
+def test_a_loaded_models_fingerprint_reads_no_weight_but_follows_its_weight_files(tmp_path, monkeypatch):
+    """Issue 25 #7: a model loaded through the family loaders is keyed on its weight files (path, size, time), not on
+    a read of every weight at every start (9.5 GB of T5 for FLUX.1); a changed weight file still changes the key."""
+    from argparse import Namespace
+
+    from safetensors.torch import load_file, save_file
+    from tiny_sd import build_tiny_sd
+
+    from trainkit.families import loading
+
+    folder = build_tiny_sd(str(tmp_path / "tiny_sd"))
+    args = Namespace(pretrained_model_name_or_path=folder, revision=None, variant=None,
+                     pretrained_vae_model_name_or_path=None)
+    def fingerprint_unread(model):
+        with monkeypatch.context() as patch:
+            patch.setattr(type(model), "state_dict", lambda self: pytest.fail("the weights were read"))
+            return feature_cache.model_fingerprint(model)
+
+    before = fingerprint_unread(loading.load_vae(args))
+    assert fingerprint_unread(loading.load_vae(args)) == before
+    # Another variant of the same files, or the same weights in another dtype, is another key.
+    other_variant = feature_cache.remember_source(loading.load_vae(args), f"{folder}/vae", "fp16")
+    assert fingerprint_unread(other_variant) != before
+    assert fingerprint_unread(loading.load_vae(args).to(torch.bfloat16)) != before
+    # Rewrite the weight file with one weight changed: a new key.
+    weights = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights)
+    assert fingerprint_unread(loading.load_vae(args)) != before
+    # A text encoder loaded part by part is keyed the same way.
+    from transformers import CLIPTextModel
+
+    encoder = loading.load_part(args, "text_encoder", CLIPTextModel.from_pretrained)
+    assert getattr(encoder, feature_cache.SOURCE_ATTRIBUTE)[0] == os.path.join(folder, "text_encoder")

@@ -54,3 +54,20 @@ def test_proportion_empty_prompts_must_be_a_probability(script, value, tmp_path,
     args = [arg.format(model=model) for arg in REQUIRED[script]] + ["--proportion_empty_prompts", value]
     status, stderr = fail_in_process(script, args + ["--output_dir", tmp_path / "out"], capsys)
     assert_one_line_error(status, stderr, ["--proportion_empty_prompts", str(value)])
+
+
+# SPEC §12: a base model whose family has no row in a script's FAMILY_DEFAULTS is refused in one line, before any
+# model loads, naming the model, its family and what the script trains.
+@pytest.mark.parametrize("script", [name for name in REQUIRED if name != "train_dreambooth_lora"])
+def test_a_family_the_script_does_not_train_is_one_line(script, tmp_path, capsys):
+    from helpers import write_json
+
+    flux = tmp_path / "flux"
+    for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "transformer", "scheduler"):
+        (flux / part).mkdir(parents=True)
+    write_json(str(flux / "model_index.json"), {"_class_name": "FluxPipeline"})
+    args = [arg.format(model=flux) for arg in REQUIRED[script]]
+    status, stderr = fail_in_process(script, args + ["--output_dir", tmp_path / "out"], capsys)
+    assert_one_line_error(status, stderr, [str(flux), "is a FLUX.1 model", f"{script}.py does not train",
+                                           "Stable Diffusion, SDXL"])
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
-"""The objectives: noise, timesteps and targets for DDPM (epsilon, v-prediction, sample; offset noise, input perturbation,
-timestep bias, Min-SNR) and for flow matching (sigmas, noisy inputs, loss weights), and the one masked, weighted loss.
+"""The objectives: noise, timesteps and targets for DDPM (epsilon, v-prediction, sample; offset noise, input
+perturbation, timestep bias, Min-SNR) and for flow matching (sigmas, noisy inputs, loss weights), and the one masked,
+weighted loss.
 """
 
 

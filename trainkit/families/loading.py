@@ -4,7 +4,10 @@ family needs are there (before anything loads), and load one part with a one-lin
 import json
 import os
 
+import torch
+
 from trainkit.cli import InputError, check_local_or_hub_id, first_line
+from trainkit.feature_cache import remember_source
 
 
 def read_model_index(pretrained_model_name_or_path, revision=None, cache_dir=None):
@@ -67,10 +70,29 @@ def load_part(args, part, from_pretrained, **kwargs):
     source = args.pretrained_model_name_or_path
     kwargs = {"revision": args.revision, "cache_dir": getattr(args, "cache_dir", None), **kwargs}
     try:
-        return from_pretrained(source, subfolder=part, **kwargs)
+        loaded = from_pretrained(source, subfolder=part, **kwargs)
     except Exception as error:
         raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ "
                          f"({first_line(error)})") from None
+    if isinstance(loaded, torch.nn.Module):
+        folder = weights_folder(source, part, kwargs["revision"], kwargs["cache_dir"])
+        remember_source(loaded, folder, kwargs.get("variant"))
+    return loaded
+
+
+def weights_folder(source, subfolder=None, revision=None, cache_dir=None):
+    """The local folder a model's files were just loaded from: the folder itself, or the hub cache's snapshot of that
+    revision (None when it cannot be found; the feature cache then reads the weights to key them)."""
+    if os.path.isdir(source):
+        return os.path.join(source, subfolder) if subfolder else source
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = f"{subfolder}/config.json" if subfolder else "config.json"
+    try:
+        cached = try_to_load_from_cache(source, filename, cache_dir=cache_dir, revision=revision)
+    except Exception:  # an id that is not a repository name: the model loaded from elsewhere
+        return None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
 
 
 def load_vae(args, **kwargs):
@@ -86,9 +108,11 @@ def load_vae(args, **kwargs):
         flag, source, part = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "vae/"
         kwargs = {"subfolder": "vae", "revision": args.revision, "variant": args.variant, **kwargs}
     try:
-        return AutoencoderKL.from_pretrained(source, cache_dir=cache_dir, **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, cache_dir=cache_dir, **kwargs)
     except Exception as error:
         raise InputError(f"{flag} {source!r}: cannot load {part} ({first_line(error)})") from None
+    folder = weights_folder(source, kwargs.get("subfolder"), kwargs.get("revision"), cache_dir)
+    return remember_source(vae, folder, kwargs.get("variant"))
 
 
 def has_part(path, part):
