@@ -141,10 +141,22 @@ def sample_flow_matching_sigmas(scheduler, batch_size, weighting_scheme, generat
     u = compute_density_for_timestep_sampling(weighting_scheme, batch_size, logit_mean, logit_std, mode_scale,
                                               device=generator.device, generator=generator)
     count = scheduler.config.num_train_timesteps
-    indices = (u * count).long().clamp(0, count - 1).cpu()
-    timesteps = scheduler.timesteps[indices].to(device)
-    sigmas = scheduler.sigmas[indices].to(device=device, dtype=torch.float32).reshape(batch_size, 1, 1, 1)
+    indices = (u * count).long().clamp(0, count - 1)
+    # Indexed where the positions were drawn: moving them to the host first would wait for the GPU every step.
+    schedule_timesteps, schedule_sigmas = training_schedule(scheduler, indices.device)
+    timesteps = schedule_timesteps[indices].to(device)
+    sigmas = schedule_sigmas[indices].to(device).reshape(batch_size, 1, 1, 1)
     return timesteps, sigmas
+
+
+def training_schedule(scheduler, device):
+    """The scheduler's training timesteps and fp32 sigmas on `device`, copied there once per schedule."""
+    key = (str(device), scheduler.timesteps.data_ptr(), scheduler.sigmas.data_ptr())
+    cached = getattr(scheduler, "_training_schedule_copy", None)
+    if cached is None or cached[0] != key:
+        cached = (key, scheduler.timesteps.to(device), scheduler.sigmas.to(device=device, dtype=torch.float32))
+        scheduler._training_schedule_copy = cached
+    return cached[1], cached[2]
 
 
 def flow_matching_inputs(latents, noise, sigmas):
