@@ -16,22 +16,24 @@ resumed runs; the VAE / text encoder then leave memory).
       --learning_rate=1e-4 --lr_scheduler="constant" --lr_warmup_steps=0 --max_train_steps=500 \\
       --validation_prompt="A photo of sks dog in a bucket" --validation_epochs=50 --seed="0"
 
-An SDXL base model (families.is_sdxl_model) switches the script to upstream's `train_dreambooth_lora_sdxl.py`,
+The base model's family (trainkit/families: Stable Diffusion, SDXL, FLUX.1) does everything that differs between them:
+its folder, its loading, its prompt encoding, its denoiser's forward, its objective, its LoRA targets and file layout,
+its pipeline; FAMILY_DEFAULTS holds each family's upstream defaults.
+
+An SDXL base model switches the script to upstream's `train_dreambooth_lora_sdxl.py`,
 whose command line works unchanged: LoRA on the UNet and, with --train_text_encoder, on both text encoders
 (`text_encoder_2.*` keys, for StableDiffusionXLPipeline.load_lora_weights); the UNet is conditioned on both encoders'
 penultimate hidden states, text_encoder_2's pooled embedding and time ids from each image's real size and crop;
 `--pretrained_vae_model_name_or_path`; upstream SDXL's defaults for flags left out (resolution 1024, weight decay 1e-4,
-text-encoder learning rate 5e-6 and weight decay 1e-3). The SDXL-aware parts are load_models, encode_prompts,
-added_conditions and validation_components.
+text-encoder learning rate 5e-6 and weight decay 1e-3).
 
-A FLUX.1 base model (families.is_flux_model: a Flux pipeline, a FluxTransformer2DModel in transformer/) switches
+A FLUX.1 base model (a Flux pipeline, a FluxTransformer2DModel in transformer/) switches
 the script to upstream's `train_dreambooth_lora_flux.py`, whose command line works unchanged: LoRA on the transformer's
 attention and feed-forward projections (--lora_layers, --rank, --lora_alpha) and, with --train_text_encoder, on CLIP
-(T5 stays frozen); trained by flow matching (flux_loss: --weighting_scheme, --guidance_scale, the shared
+(T5 stays frozen); trained by flow matching (denoising_loss: --weighting_scheme, --guidance_scale, the shared
 objectives.sample_flow_matching_sigmas / flow_matching_inputs / flow_matching_loss); conditioned on T5's hidden states
 (--max_sequence_length) and CLIP's pooled embedding; `transformer.*` keys for FluxPipeline.load_lora_weights. Its
-prompts are encoded once and the text encoders freed unless the CLIP LoRA trains. The Flux-aware parts are
-validate_flux_args, load_flux_models, encode_prompts, flux_loss and validation_components.
+prompts are encoded once and the text encoders freed unless the CLIP LoRA trains (then T5 alone is).
 
 The flags of upstream's SDXL script work on SD models too: instance images from a dataset (`--dataset_name`,
 `--image_column`, `--caption_column` prompts, `--repeats`, `--random_flip`), DoRA (`--use_dora`), Prodigy
@@ -63,14 +65,7 @@ SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, DROPOUT_STREAM, VALIDATION_STREAM,
 LORA_INIT_STREAM, CAPTION_DROPOUT_STREAM = 7, 8
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
-# Upstream's targets; add_k_proj/add_v_proj exist only in DeepFloyd IF UNets and are ignored elsewhere.
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# The LoRA file's key prefix of each text encoder (SDXL has two), as diffusers' save_lora_weights names them.
-TEXT_ENCODER_PREFIXES = ("text_encoder", "text_encoder_2")
-# The parts a local base model folder must have (tokenizer/ unless --tokenizer_name); vae/ is optional (DeepFloyd IF
-# trains in pixel space).
-REQUIRED_PARTS = ("tokenizer", "text_encoder", "unet", "scheduler")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -90,12 +85,6 @@ INTERPOLATION_MODES = {
     "nearest": Image.NEAREST,
     "nearest_exact": Image.NEAREST,
 }
-# FLUX.1 [dev]'s LoRA targets in upstream's train_dreambooth_lora_flux.py: attention and feed-forward projections of the
-# double-stream blocks and the attention of the single-stream ones.
-FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
-                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                     "ff_context.net.2"]
-FLUX_MAX_SEQUENCE_LENGTH = 512
 PRIOR_GENERATION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -307,7 +296,7 @@ def parse_args(argv=None):
 # Upstream's defaults differ between train_dreambooth_lora.py (SD), train_dreambooth_lora_sdxl.py (SDXL) and
 # train_dreambooth_lora_flux.py (FLUX.1); a flag left out takes the one of the script matching the base model.
 # None: the UNet's setting (text-encoder flags, see parameter_groups) or --rank (lora_alpha).
-MODEL_DEFAULTS = {
+FAMILY_DEFAULTS = {
     "sd": {"resolution": 512, "learning_rate": 5e-4, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
            "adam_weight_decay_text_encoder": None, "output_dir": "lora-dreambooth-model"},
     "sdxl": {"resolution": 1024, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
@@ -316,31 +305,15 @@ MODEL_DEFAULTS = {
              "adam_weight_decay_text_encoder": 1e-3, "output_dir": "flux-dreambooth-lora", "lora_alpha": 4,
              "guidance_scale": 3.5, "weighting_scheme": "none", "max_sequence_length": 512},
 }
-# The flags only upstream's Flux script has: refused on SD and SDXL models when given.
-FLUX_ONLY_FLAGS = ("guidance_scale", "weighting_scheme", "max_sequence_length", "upcast_before_saving",
-                   "enable_npu_flash_attention")
 
 
 def validate_args(args):
     """Every check that needs no model loaded. Raises InputError."""
-    model = args.pretrained_model_name_or_path
-    args.flux = families.is_flux_model(model, args.revision)
-    args.sdxl = not args.flux and families.is_sdxl_model(model, args.revision)
-    args.model_kind = "flux" if args.flux else "sdxl" if args.sdxl else "sd"
-    if args.flux:
-        validate_flux_args(args)
-    else:
-        # --tokenizer_name replaces the pipeline's tokenizer/.
-        cli.check_pipeline_folder(model, REQUIRED_PARTS if args.tokenizer_name is None else REQUIRED_PARTS[1:])
-        for name in FLUX_ONLY_FLAGS:
-            if getattr(args, name) not in (None, False):
-                raise InputError(f"--{name} applies to FLUX.1 models only (upstream's train_dreambooth_lora_flux.py); "
-                                 f"{model!r} is {'an SDXL' if args.sdxl else 'a Stable Diffusion'} model")
-    if args.sdxl:
-        validate_sdxl_args(args)
-    for name, value in MODEL_DEFAULTS[args.model_kind].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    # The family of the base model fills the flags left out with its upstream script's defaults; its folder holds
+    # the parts loaded, and the flags that cannot apply to it are refused in one line.
+    args.family = families.select(args, FAMILY_DEFAULTS, "train_dreambooth_lora.py")
+    args.family.check_folder(args.pretrained_model_name_or_path, args.family.required_parts(args))
+    args.family.refuse_flags(args, "dreambooth_lora")
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     cli.require_positive(
@@ -351,8 +324,7 @@ def validate_args(args):
     )
     cli.require_multiple_of_8("--resolution", args.resolution)
     bucketing.check_bucket_flags(args)
-    if args.flux:
-        check_flux_sizes(args)
+    check_sizes(args)
     check_lora_layers(args)
     validate_real_data_args(args)
     for name in ("lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "prior_loss_weight",
@@ -365,22 +337,16 @@ def validate_args(args):
         raise InputError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if args.class_labels_conditioning not in (None, "timesteps"):
         raise InputError(f"--class_labels_conditioning {args.class_labels_conditioning!r}: only 'timesteps' is known")
-    families.check_crop_flags(args)
+    args.family.check_crop_flags(args)
     if args.train_text_encoder:
         cli.check_compatible_versions("text-encoder LoRA")
-    if args.do_edm_style_training and not args.sdxl:
-        # Upstream trains EDM-style (EDM preconditioning, Euler schedulers) only in its SDXL script.
-        raise InputError("--do_edm_style_training applies to SDXL models only (as upstream's "
-                         f"train_dreambooth_lora_sdxl.py); {args.pretrained_model_name_or_path!r} is a Stable "
-                         "Diffusion model")
     validate_optimizer_args(args)
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise InputError("--train_text_encoder cannot be used with --pre_compute_text_embeddings")
     if args.cache_latents and not args.center_crop:
-        if not args.flux:
+        if not args.family.caches_centre_crops:
             raise InputError("--cache_latents needs --center_crop: a random crop changes every epoch and cannot be "
                              "cached")
-        # Upstream's Flux script caches one crop per image, made once; its command lines use --cache_latents alone.
         warnings.warn("--cache_latents without --center_crop: the latents of centre crops are cached (a random crop "
                       "changes every epoch)", stacklevel=1)
         args.center_crop = True
@@ -444,68 +410,17 @@ def validate_args(args):
             )
 
 
-def validate_sdxl_args(args):
-    """An SDXL base model: its folder holds both tokenizers and text encoders, and the flags upstream's SDXL script
-    lacks because they cannot apply to it are refused in one line naming the flag and the model."""
-    cli.check_pipeline_folder(args.pretrained_model_name_or_path, families.SDXL_PIPELINE_PARTS)
-    refused = {
-        "--tokenizer_name": (args.tokenizer_name is not None, "it has two tokenizers, tokenizer/ and tokenizer_2/"),
-        "--tokenizer_max_length": (args.tokenizer_max_length is not None, "SDXL prompts take 77 tokens"),
-        "--text_encoder_use_attention_mask": (args.text_encoder_use_attention_mask, "SDXL's CLIP encoders take none"),
-        "--class_labels_conditioning": (args.class_labels_conditioning is not None, "it is for DeepFloyd IF"),
-        "--validation_images": (args.validation_images is not None, "it is for DeepFloyd IF's upscaler"),
-        "--do_edm_style_training": (args.do_edm_style_training, "EDM-style training is not built here yet"),
-    }
-    for flag, (given, reason) in refused.items():
-        if given:
-            raise InputError(f"{flag} cannot apply to the SDXL model {args.pretrained_model_name_or_path!r}: "
-                             f"{reason}")
-
-
-def validate_flux_args(args):
-    """A FLUX.1 base model: its folder holds both tokenizers, CLIP and T5 and a transformer, and the flags that cannot
-    apply to it are refused in one line naming the flag and the model."""
-    cli.check_pipeline_folder(args.pretrained_model_name_or_path, families.FLUX_PIPELINE_PARTS)
-    refused = {
-        "--snr_gamma": (args.snr_gamma is not None, "Min-SNR weights DDPM noise levels; FLUX.1 trains by flow "
-                                                    "matching (see --weighting_scheme)"),
-        "--use_dora": (args.use_dora, "DoRA is not built for FLUX.1 here (upstream's Flux script has none)"),
-        "--output_kohya_format": (args.output_kohya_format, "diffusers reads kohya FLUX.1 LoRA files but has no "
-                                                            "converter that writes them"),
-        "--tokenizer_name": (args.tokenizer_name is not None, "it has two tokenizers, tokenizer/ (CLIP) and "
-                                                              "tokenizer_2/ (T5)"),
-        "--tokenizer_max_length": (args.tokenizer_max_length is not None, "its CLIP prompts take 77 tokens and T5's "
-                                                                          "length is --max_sequence_length"),
-        "--text_encoder_use_attention_mask": (args.text_encoder_use_attention_mask, "FluxPipeline passes its text "
-                                                                                    "encoders no attention mask"),
-        "--class_labels_conditioning": (args.class_labels_conditioning is not None, "it is for DeepFloyd IF"),
-        "--validation_images": (args.validation_images is not None, "it is for DeepFloyd IF's upscaler"),
-        "--do_edm_style_training": (args.do_edm_style_training, "EDM-style training is for SDXL (upstream)"),
-        "--crops_coords_top_left_h": (args.crops_coords_top_left_h is not None, "they go into SDXL's time ids"),
-        "--crops_coords_top_left_w": (args.crops_coords_top_left_w is not None, "they go into SDXL's time ids"),
-        "--enable_xformers_memory_efficient_attention": (args.enable_xformers_memory_efficient_attention,
-                                                         "the Flux transformer has no xformers attention"),
-    }
-    for flag, (given, reason) in refused.items():
-        if given:
-            raise InputError(f"{flag} cannot apply to the FLUX.1 model {args.pretrained_model_name_or_path!r}: "
-                             f"{reason}")
-    if args.enable_npu_flash_attention:
-        cli.require_package("torch_npu", "--enable_npu_flash_attention", "it runs on Ascend NPUs with torch_npu")
-    if args.max_sequence_length is not None and args.max_sequence_length > FLUX_MAX_SEQUENCE_LENGTH:
-        raise InputError(f"--max_sequence_length {args.max_sequence_length} is over {FLUX_MAX_SEQUENCE_LENGTH}, the "
-                         "most T5 prompt tokens FLUX.1 takes (FluxPipeline's limit)")
-
-
-def check_flux_sizes(args):
-    """FLUX.1 packs 2x2 latent pixels (1/8 of the image) into one token: every training size is a multiple of 16."""
+def check_sizes(args):
+    """Every training size (--resolution, each bucket) is a multiple of the family's size_multiple (FLUX.1: 16, as
+    2x2 latent pixels make one transformer token)."""
+    multiple = args.family.size_multiple
     sizes = [("--resolution", (args.resolution,))]
     if args.buckets is not None:
         sizes += [(f"--aspect_ratio_buckets bucket {h},{w}", (h, w)) for h, w in args.buckets.all()]
     for name, sides in sizes:
-        if any(side % 16 for side in sides):
-            raise InputError(f"{name} must be a multiple of 16 on FLUX.1 (the VAE downsamples by 8, then 2x2 latent "
-                             "pixels make one transformer token)")
+        if any(side % multiple for side in sides):
+            raise InputError(f"{name} must be a multiple of {multiple} on {args.family.title} "
+                             f"({args.family.size_reason})")
 
 
 def check_lora_layers(args):
@@ -524,9 +439,9 @@ def check_lora_layers(args):
         return
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in names):
-            part = "transformer" if args.flux else "UNet"
             examples = ", ".join(sorted({name.split(".", 2)[-1] for name in names})[:6])
-            raise InputError(f"--lora_layers: {target!r} names no Linear or Conv2d layer of the {part} of "
+            raise InputError(f"--lora_layers: {target!r} names no Linear or Conv2d layer of the "
+                             f"{args.family.denoiser_name} of "
                              f"{args.pretrained_model_name_or_path!r} (its layers include {examples}, ...)")
 
 
@@ -534,9 +449,8 @@ def adaptable_module_names(args):
     """The names of the UNet's / transformer's Linear and Conv2d layers, from its config on the meta device (no
     weights read), or None when the config cannot be read."""
     from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    model_class, part = (FluxTransformer2DModel, "transformer") if args.flux else (UNet2DConditionModel, "unet")
+    model_class, part = args.family.denoiser_class(), args.family.denoiser_part
     try:
         config = model_class.load_config(args.pretrained_model_name_or_path, subfolder=part, revision=args.revision)
         with init_empty_weights():
@@ -909,46 +823,40 @@ def flip_drawn(generator):
 
 
 class PromptInputs:
-    """What the UNet / transformer is conditioned on for a prompt: token ids and attention mask (SDXL and FLUX.1: the
-    ids of both tokenizers), or, with --pre_compute_text_embeddings / --cache_text_embeddings, the text encoders'
-    output computed once per distinct prompt (`embeddings`: a dict, or a CachedPromptEmbeddings reading the disk
-    cache). `max_lengths`: each tokenizer's padded length (None: its model_max_length), from prompt_lengths."""
+    """What the denoiser is conditioned on for a prompt: the token ids of each of the family's tokenizers
+    (`input_ids`, `input_ids_2`; with one tokenizer its attention mask too), or, with --pre_compute_text_embeddings /
+    --cache_text_embeddings, the text encoders' output computed once per distinct prompt (`embeddings`: a dict, or a
+    CachedPromptEmbeddings reading the disk cache), or, with `frozen_embeds` (the prompt embeddings of the text
+    encoders --train_text_encoder leaves frozen, computed once: FLUX.1's T5), the first tokenizer's ids and those.
+    `max_lengths`: each tokenizer's padded length (None: its model_max_length), from the family's prompt_lengths."""
 
-    def __init__(self, tokenizers, max_lengths=None, embeddings=None, t5_states=None):
-        self.tokenizers, self.embeddings, self.t5_states = tokenizers, embeddings, t5_states
+    def __init__(self, tokenizers, max_lengths=None, embeddings=None, frozen_embeds=None):
+        self.tokenizers, self.embeddings, self.frozen_embeds = tokenizers, embeddings, frozen_embeds
         self.max_lengths = max_lengths or (None,) * len(tokenizers or ())
 
     def __call__(self, prompt):
         if self.embeddings is not None:
             return embedding_inputs(self.embeddings[prompt])
-        if self.t5_states is not None:  # FLUX.1 training CLIP: its token ids, and T5's states computed once
+        if self.frozen_embeds is not None:
             input_ids = tokenize_prompt(self.tokenizers[0], [prompt], self.max_lengths[0]).input_ids[0]
-            return {"input_ids": input_ids, "t5_states": self.t5_states[prompt]}
-        if len(self.tokenizers) == 2:  # SDXL: two CLIP tokenizers; FLUX.1: CLIP and T5
-            input_ids, input_ids_2 = [tokenize_prompt(tokenizer, [prompt], length).input_ids[0]
-                                      for tokenizer, length in zip(self.tokenizers, self.max_lengths)]
-            return {"input_ids": input_ids, "input_ids_2": input_ids_2}
-        tokens = tokenize_prompt(self.tokenizers[0], [prompt], self.max_lengths[0])
-        return {"input_ids": tokens.input_ids[0], "attention_mask": tokens.attention_mask[0]}
-
-
-def prompt_lengths(args):
-    """Each tokenizer's padded length, as the pipelines tokenize: SD --tokenizer_max_length (or the tokenizer's),
-    SDXL both CLIP tokenizers' 77, FLUX.1 CLIP's 77 and --max_sequence_length T5 tokens."""
-    if args.flux:
-        return (None, args.max_sequence_length)
-    return (None, None) if args.sdxl else (args.tokenizer_max_length,)
+            return {"input_ids": input_ids, "frozen_prompt_embeds": self.frozen_embeds[prompt]}
+        tokens = [tokenize_prompt(tokenizer, [prompt], length)
+                  for tokenizer, length in zip(self.tokenizers, self.max_lengths)]
+        inputs = {f"input_ids{f'_{index + 1}' if index else ''}": ids.input_ids[0] for index, ids in enumerate(tokens)}
+        if len(tokens) == 1:  # --text_encoder_use_attention_mask
+            inputs["attention_mask"] = tokens[0].attention_mask[0]
+        return inputs
 
 
 def embedding_inputs(embeddings):
-    """A prompt's precomputed embeddings as UNet inputs: SD's hidden states (a tensor), or SDXL's hidden states and
+    """A prompt's precomputed embeddings as denoiser inputs: the hidden states (a tensor), or the hidden states and
     pooled embedding (a dict already)."""
     return embeddings if isinstance(embeddings, dict) else {"prompt_embeds": embeddings}
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from randomness.EpochSampler (or bucketing.BucketBatchSampler). Sample i is instance image i
-    (mod their number) and, with prior preservation, class image i (mod theirs); an epoch covers the larger set.
+    """Indexed by (epoch, index) from randomness.EpochSampler (or bucketing.BucketBatchSampler). Sample i is instance
+    image i (mod their number) and, with prior preservation, class image i (mod theirs); an epoch covers the larger set.
     Random crops, flips and caption dropout depend only on the run seed, the epoch and the index, so they are the
     same on resume and with any number of workers.
 
@@ -969,7 +877,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.instance_items, self.class_items = instance_items, class_items
         self.prompt_inputs, self.run_state = prompt_inputs, run_state
         self.resolution, self.center_crop = args.resolution, args.center_crop
-        self.random_flip, self.sdxl = args.random_flip, args.sdxl
+        self.random_flip, self.size_conditioned = args.random_flip, args.family.size_conditioned
         self.interpolation = INTERPOLATION_MODES[args.image_interpolation_mode]
         self.buckets, self.masks, self.caption_dropout = buckets, masks, caption_dropout
         self.latent_cache = self.image_keys = None
@@ -1007,7 +915,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             example = {"latent_dist": entry["flipped" if flipped else "latent_dist"]}
             if source is not None:
                 example["mask"] = entry["flipped_mask" if flipped else "mask"]
-            if self.sdxl:
+            if self.size_conditioned:
                 example.update(original_size=entry["original_size"],
                                crop_top_left=entry["flipped_crop_top_left" if flipped else "crop_top_left"],
                                target_size=torch.tensor(size))
@@ -1018,7 +926,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             example = {"pixel_values": pixels}
             if mask is not None:
                 example["mask"] = bucketing.mask_to_latents(geometry.pop("mask"), 8)
-            if self.sdxl:  # SDXL's time ids come from each sample's real size and crop, and its size
+            if self.size_conditioned:  # SDXL's time ids come from each sample's real size and crop, and its size
                 example.update(geometry)
         if self.masks is not None and "mask" not in example:
             example["mask"] = torch.ones(1, size[0] // 8, size[1] // 8)
@@ -1067,26 +975,18 @@ def tokenize_prompt(tokenizer, prompts, max_length=None):
     )
 
 
-def encode_prompt(text_encoder, input_ids, attention_mask, use_attention_mask):
-    attention_mask = attention_mask if use_attention_mask else None
-    return text_encoder(input_ids, attention_mask=attention_mask, return_dict=False)[0]
-
-
 def encode_prompts(args, text_encoders, inputs):
-    """(prompt_embeds, pooled_prompt_embeds) of a batch of PromptInputs: SD: the text encoder's last hidden state and
-    no pooled embedding; SDXL: both encoders' penultimate hidden states and text_encoder_2's pooled embedding
-    (families.encode_prompt_sdxl); FLUX.1: T5's last hidden state and CLIP's pooled output, as
-    FluxPipeline.encode_prompt computes them."""
-    if args.flux:
-        clip, t5 = text_encoders
-        pooled = clip(inputs["input_ids"], output_hidden_states=False).pooler_output
-        if "t5_states" in inputs:  # precompute_t5_states
-            return inputs["t5_states"], pooled
-        return t5(inputs["input_ids_2"], output_hidden_states=False)[0], pooled
-    if args.sdxl:
-        return families.encode_prompt_sdxl(text_encoders, [inputs["input_ids"], inputs["input_ids_2"]])
-    return encode_prompt(text_encoders[0], inputs["input_ids"], inputs["attention_mask"],
-                         args.text_encoder_use_attention_mask), None
+    """(prompt_embeds, pooled_prompt_embeds or None) of a batch of PromptInputs, by the family's encode_prompt (as its
+    pipeline encodes prompts): SD the text encoder's last hidden state (with --text_encoder_use_attention_mask its
+    attention mask), SDXL both encoders' penultimate hidden states and text_encoder_2's pooled embedding, FLUX.1 T5's
+    last hidden state (or its `frozen_prompt_embeds`) and CLIP's pooled output."""
+    input_ids = [inputs[key] for key in ("input_ids", "input_ids_2") if key in inputs]
+    extra = {}
+    if getattr(args, "text_encoder_use_attention_mask", False):
+        extra["attention_mask"] = inputs["attention_mask"]
+    if "frozen_prompt_embeds" in inputs:
+        extra["prompt_embeds"] = inputs["frozen_prompt_embeds"]
+    return args.family.encode_prompt(text_encoders, input_ids, **extra)
 
 
 def prompt_embeddings_of(hidden_states, pooled):
@@ -1098,7 +998,7 @@ def prompt_embeddings_of(hidden_states, pooled):
 
 def precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args):
     """{prompt: embeddings on the CPU} for each distinct prompt, encoded once (--pre_compute_text_embeddings)."""
-    prompt_inputs = PromptInputs(tokenizers, prompt_lengths(args))
+    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args))
     device = text_encoders[0].device
     embeddings = {}
     with torch.no_grad():
@@ -1109,24 +1009,20 @@ def precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args):
     return embeddings
 
 
-def precompute_t5_states(t5, tokenizer, prompts, args):
-    """{prompt: FLUX.1's T5 hidden states on the CPU} for each distinct prompt, encoded once (T5 is frozen even when
-    --train_text_encoder trains CLIP)."""
-    states = {}
-    with torch.no_grad():
-        for prompt in dict.fromkeys(prompts):
-            input_ids = tokenize_prompt(tokenizer, [prompt], args.max_sequence_length).input_ids.to(t5.device)
-            states[prompt] = t5(input_ids, output_hidden_states=False)[0][0].cpu()
-    return states
+def precompute_frozen_embeds(text_encoders, tokenizers, prompts, args):
+    """{prompt: prompt embeddings on the CPU} of the text encoders --train_text_encoder leaves frozen (FLUX.1's T5,
+    whose hidden states are the prompt embeddings while CLIP's LoRA trains), encoded once per distinct prompt."""
+    embeddings = precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args)
+    return {prompt: embedding_inputs(value)["prompt_embeds"] for prompt, value in embeddings.items()}
 
 
-def flux_validation_embeddings(pipeline, t5_states, prompt):
-    """{prompt: embeddings} for a FLUX.1 validation pipeline without T5: its precomputed states and the pooled
-    embedding of the pipeline's (trained) CLIP."""
+def validation_embeddings(args, prompt_inputs, text_encoders, prompt):
+    """{prompt: embeddings} for a validation pipeline whose frozen text encoders were freed: their embeddings computed
+    once (`prompt_inputs`' frozen_embeds) beside the pooled embedding of the trained encoder."""
     with torch.no_grad():
-        input_ids = tokenize_prompt(pipeline.tokenizer, [prompt]).input_ids.to(pipeline.text_encoder.device)
-        pooled = pipeline.text_encoder(input_ids, output_hidden_states=False).pooler_output[0]
-    return {prompt: {"prompt_embeds": t5_states[prompt], "pooled_prompt_embeds": pooled}}
+        hidden, pooled = encode_prompts(args, text_encoders, {key: value[None]
+                                                              for key, value in prompt_inputs(prompt).items()})
+    return {prompt: prompt_embeddings_of(hidden[0], pooled[0])}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1151,7 +1047,7 @@ def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
     config.update({"sizes": "aspect-ratio buckets, one per entry"} if bucketed else {"resolution": args.resolution})
     config.update({"interpolation": args.image_interpolation_mode, "crop": "center", "flip": random_flip,
                    "exif_transpose": True})
-    if args.sdxl:
+    if args.family.size_conditioned:
         config["geometry"] = True
     if masks is not None:
         config["mask"] = "latent grid, bilinear"
@@ -1187,7 +1083,7 @@ def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
                 entry["mask"] = bucketing.mask_to_latents(mask, 8)
                 if random_flip:
                     entry["flipped_mask"] = bucketing.mask_to_latents(mask.flip(-1), 8)
-            if args.sdxl:
+            if args.family.size_conditioned:
                 (height, width), (top, left) = geometry["original_size"].tolist(), geometry["crop_top_left"].tolist()
                 entry.update(original_size=geometry["original_size"], crop_top_left=geometry["crop_top_left"])
                 if random_flip:  # the crop's place in the mirrored resized image, as preprocess_image states it
@@ -1230,12 +1126,11 @@ def cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
         "max_length": args.tokenizer_max_length or tokenizers[0].model_max_length,
         "attention_mask": args.text_encoder_use_attention_mask,
     }
-    if len(text_encoders) == 2:  # SDXL, FLUX.1
-        config["text_encoder_2"] = feature_cache.model_fingerprint(text_encoders[1])
-    if args.flux:
-        config.update(encoding="flux: T5 last hidden state, CLIP pooled", max_length_2=args.max_sequence_length)
+    for index, text_encoder in enumerate(text_encoders[1:], start=2):  # SDXL, FLUX.1
+        config[f"text_encoder_{index}"] = feature_cache.model_fingerprint(text_encoder)
+    config.update(args.family.text_cache_config(args))
     cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", config)
-    prompt_inputs = PromptInputs(tokenizers, prompt_lengths(args))
+    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args))
     inputs = {prompt: prompt_inputs(prompt) for prompt in dict.fromkeys(prompts)}
     keys = {prompt: feature_cache.fingerprint(*[value.tolist() for value in tokens.values()])
             for prompt, tokens in inputs.items()}
@@ -1287,7 +1182,7 @@ def generate_class_images(accelerator, args, seed, logger):
     if mine:
         dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
         dtype = PRIOR_GENERATION_DTYPES.get(args.prior_generation_precision, dtype)
-        pipeline = load_pipeline(args, dtype=dtype, **({"safety_checker": None} if args.model_kind == "sd" else {}))
+        pipeline = load_pipeline(args, dtype=dtype, **args.family.pipeline_kwargs)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(accelerator.device)
         for start in tqdm(range(0, len(mine), args.sample_batch_size), desc="Generating class images",
@@ -1319,7 +1214,7 @@ def load_pipeline(args, **kwargs):
     from diffusers import DiffusionPipeline
 
     if args.pretrained_vae_model_name_or_path is not None and kwargs.get("vae") is None:
-        kwargs["vae"] = families.load_vae(args)
+        kwargs["vae"] = args.family.load_vae(args)
         if kwargs.get("dtype") is not None:
             kwargs["vae"].to(dtype=kwargs["dtype"])
     try:
@@ -1330,96 +1225,6 @@ def load_pipeline(args, **kwargs):
         reason = cli.first_line(error)
         raise InputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: "
                          f"cannot load the pipeline ({reason})") from None
-
-
-def load_sdxl_text_models(args, load):
-    """([tokenizer, tokenizer_2], [CLIPTextModel, CLIPTextModelWithProjection]) of an SDXL base model."""
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizers = [load(part, AutoTokenizer.from_pretrained, use_fast=False) for part in ("tokenizer", "tokenizer_2")]
-    text_encoders = [load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant),
-                     load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained, variant=args.variant)]
-    return tokenizers, text_encoders
-
-
-def load_flux_models(args, load):
-    """FLUX.1's (FlowMatchEulerDiscreteScheduler, [CLIP tokenizer, T5 tokenizer], [CLIPTextModel, T5EncoderModel],
-    vae, FluxTransformer2DModel)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-    noise_scheduler = load("scheduler", FlowMatchEulerDiscreteScheduler.from_pretrained)
-    tokenizers = [load(part, AutoTokenizer.from_pretrained) for part in ("tokenizer", "tokenizer_2")]
-    text_encoders = [load("text_encoder", CLIPTextModel.from_pretrained, variant=args.variant),
-                     load("text_encoder_2", T5EncoderModel.from_pretrained, variant=args.variant)]
-    transformer = load("transformer", FluxTransformer2DModel.from_pretrained, variant=args.variant)
-    return noise_scheduler, tokenizers, text_encoders, families.load_vae(args), transformer
-
-
-def load_models(args):
-    """(noise_scheduler, [tokenizer(s)], [text encoder(s)], vae or None, denoiser): SD has one tokenizer and text
-    encoder and a UNet, SDXL two encoders, FLUX.1 CLIP and T5 and a transformer. Load errors are InputErrors naming
-    the part."""
-    import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    source = args.pretrained_model_name_or_path
-    flag = "--pretrained_model_name_or_path"
-
-    def load(part, loader, **kwargs):
-        try:
-            return loader(source, subfolder=part, revision=args.revision, **kwargs)
-        except Exception as error:
-            raise InputError(f"{flag} {source!r}: cannot load {part}/ ({cli.first_line(error)})") from None
-
-    if args.flux:
-        return load_flux_models(args, load)
-    noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
-    if args.sdxl:
-        tokenizers, text_encoders = load_sdxl_text_models(args, load)
-        vae = families.load_vae(args)
-        unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
-        return noise_scheduler, tokenizers, text_encoders, vae, unet
-    if args.tokenizer_name is not None:
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision,
-                                                                   use_fast=False)
-        except Exception as error:
-            raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load the tokenizer "
-                             f"({cli.first_line(error)})") from None
-    else:
-        tokenizer = load("tokenizer", transformers.AutoTokenizer.from_pretrained, use_fast=False)
-    # The text encoder class is the one its config names (CLIP for SD, T5 for DeepFloyd IF), as upstream.
-    config = load("text_encoder", transformers.AutoConfig.from_pretrained)
-    architecture = (config.architectures or ["CLIPTextModel"])[0]
-    if architecture not in ("CLIPTextModel", "RobertaSeriesModelWithTransformation", "T5EncoderModel"):
-        raise InputError(f"{flag} {source!r}: text encoder {architecture} is not supported")
-    if architecture == "RobertaSeriesModelWithTransformation":
-        from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
-            RobertaSeriesModelWithTransformation,
-        )
-
-        text_encoder_class = RobertaSeriesModelWithTransformation
-    else:
-        text_encoder_class = getattr(transformers, architecture)
-    text_encoder = load("text_encoder", text_encoder_class.from_pretrained, variant=args.variant)
-    # A model without a VAE (DeepFloyd IF) trains in pixel space, as upstream; a latent-space UNet needs one.
-    vae, vae_problem = None, f"{flag} {source!r}: no vae/ for a latent-space UNet"
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = families.load_vae(args)
-    elif not os.path.isdir(source) or os.path.isdir(os.path.join(source, "vae")):
-        try:
-            vae = load("vae", AutoencoderKL.from_pretrained, variant=args.variant)
-        except InputError as error:
-            if os.path.isdir(source):
-                raise
-            vae_problem = str(error)  # perhaps a hub model without a VAE: its UNet decides below
-    unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
-    if vae is None and unet.config.in_channels not in (3, 6):  # pixel space: RGB, or RGB + the upscaler's input
-        raise InputError(vae_problem)
-    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise InputError(f"{flag} {source!r}: unsupported prediction type {noise_scheduler.config.prediction_type!r}")
-    return noise_scheduler, [tokenizer], [text_encoder], vae, unet
 
 
 def add_lora_adapters(args, denoiser, text_encoders):
@@ -1433,39 +1238,22 @@ def add_lora_adapters(args, denoiser, text_encoders):
         return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           use_dora=args.use_dora, init_lora_weights="gaussian", target_modules=targets)
 
-    targets = args.lora_targets or (FLUX_LORA_TARGETS if args.flux else UNET_LORA_TARGETS)
+    targets = args.lora_targets or args.family.lora_targets
     try:
         denoiser.add_adapter(config(targets))
     except ValueError as error:  # a --lora_layers name the config check could not see (a hub model offline)
         raise InputError(f"--lora_layers {args.lora_layers!r}: {cli.first_line(error)}") from None
     if args.train_text_encoder:
-        for text_encoder in trainable_text_encoders(args, text_encoders):
+        for text_encoder in args.family.trainable_text_encoders(text_encoders):
             text_encoder.add_adapter(config(TEXT_ENCODER_LORA_TARGETS))
 
 
-def trainable_text_encoders(args, text_encoders):
-    """The text encoders --train_text_encoder adapts: SD's one, SDXL's two, FLUX.1's CLIP (not T5, as upstream)."""
-    return text_encoders[:1] if args.flux else text_encoders
-
-
-def lora_pipeline_class(model_kind):
-    """The pipeline class whose LoRA loader writes and reads the file: SD's, SDXL's (text_encoder_2 too) or FLUX.1's
-    (transformer)."""
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}[model_kind]
-
-
-def denoiser_prefix(model_kind):
-    """The LoRA file's key prefix of the UNet / transformer."""
-    return "transformer" if model_kind == "flux" else "unet"
-
-
-def save_lora_weights(folder, denoiser, text_encoders, model_kind="sd", dtype=None):
+def save_lora_weights(folder, denoiser, text_encoders, family, dtype=None):
     """`folder/pytorch_lora_weights.safetensors` in diffusers' format (`unet.*` or FLUX.1 `transformer.*`,
     `text_encoder.*`, SDXL `text_encoder_2.*` keys) with the adapter configs (rank, alpha, targets) as metadata,
     which `pipe.load_lora_weights(folder)` reads. `text_encoders`: the trained ones (none without
-    --train_text_encoder). `dtype`: the weights' dtype in the file (default: as trained, fp32)."""
+    --train_text_encoder). `dtype`: the weights' dtype in the file (default: as trained, fp32). Written by the
+    family's pipeline class (family.pipeline_class)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -1473,7 +1261,7 @@ def save_lora_weights(folder, denoiser, text_encoders, model_kind="sd", dtype=No
         # No embedding layer is adapted; saying so spares peft a hub lookup for the base model's vocabulary size.
         state = get_peft_model_state_dict(model, save_embedding_layers=False)
         # Upstream's SD scripts write diffusers' `lora.down`/`lora.up` names, its Flux script peft's lora_A/lora_B.
-        state = state if model_kind == "flux" else convert_state_dict_to_diffusers(state)
+        state = state if family.peft_lora_names else convert_state_dict_to_diffusers(state)
         return state if dtype is None else {key: value.to(dtype) for key, value in state.items()}
 
     def text_encoder_layers(model):
@@ -1482,16 +1270,16 @@ def save_lora_weights(folder, denoiser, text_encoders, model_kind="sd", dtype=No
         return {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value
                 for key, value in layers(model).items()}
 
-    prefix = denoiser_prefix(model_kind)
+    prefix = family.denoiser_part
     parts = {f"{prefix}_lora_layers": layers(denoiser),
              f"{prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
-    for prefix, model in zip(TEXT_ENCODER_PREFIXES, text_encoders or []):
+    for prefix, model in zip(family.text_encoder_parts, text_encoders or []):
         parts[f"{prefix}_lora_layers"] = text_encoder_layers(model)
         parts[f"{prefix}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    lora_pipeline_class(model_kind).save_lora_weights(folder, **parts)
+    family.pipeline_class("dreambooth_lora").save_lora_weights(folder, **parts)
 
 
-def save_kohya_weights(folder, unet, text_encoders, sdxl=False):
+def save_kohya_weights(folder, unet, text_encoders, family):
     """`folder/pytorch_lora_weights_kohya.safetensors`: the same adapters in the key layout of kohya's sd-scripts,
     A1111 and ComfyUI (`lora_unet_*`, `lora_te_*` (SDXL: `lora_te1_*`, `lora_te2_*`) with `.lora_down.weight`,
     `.lora_up.weight`, `.alpha`), made by
@@ -1505,7 +1293,7 @@ def save_kohya_weights(folder, unet, text_encoders, sdxl=False):
     if unet is not None:
         layers = get_peft_model_state_dict(unet, save_embedding_layers=False)
         state.update({f"unet.{key}": value for key, value in layers.items()})
-    for prefix, text_encoder in zip(TEXT_ENCODER_PREFIXES, text_encoders or []):
+    for prefix, text_encoder in zip(family.text_encoder_parts, text_encoders or []):
         # kohya, A1111 and ComfyUI name CLIP layers `text_model.encoder.layers.N`; transformers 5 dropped the
         # `text_model` wrapper from CLIPTextModel, so it is put back (ComfyUI would skip the layers otherwise).
         layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
@@ -1514,9 +1302,9 @@ def save_kohya_weights(folder, unet, text_encoders, sdxl=False):
     magnitudes = {key: state.pop(key) for key in list(state) if key.endswith(".lora_magnitude_vector")}
 
     def kohya_names(state_dict):
-        # diffusers names the text encoders `lora_te1_` / `lora_te2_` (SDXL's); SD 1.x/2.x files use `lora_te_`.
+        # diffusers names the text encoders `lora_te1_` / `lora_te2_` (SDXL's); a lone one (SD 1.x/2.x) `lora_te_`.
         converted = convert_state_dict_to_kohya(state_dict)
-        if sdxl:
+        if len(family.text_encoder_parts) > 1:
             return converted
         return {key.replace("lora_te1_", "lora_te_", 1) if key.startswith("lora_te1_") else key: value
                 for key, value in converted.items()}
@@ -1533,13 +1321,13 @@ def save_kohya_weights(folder, unet, text_encoders, sdxl=False):
     os.replace(path + ".partial", path)
 
 
-def load_lora_weights(folder, denoiser, text_encoders, model_kind="sd"):
+def load_lora_weights(folder, denoiser, text_encoders, family):
     """Restore the adapters saved by save_lora_weights into `denoiser` (and the trained `text_encoders`), exactly."""
     from diffusers.training_utils import _set_state_dict_into_text_encoder
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    pipeline_class, prefix = lora_pipeline_class(model_kind), denoiser_prefix(model_kind) + "."
+    pipeline_class, prefix = family.pipeline_class("dreambooth_lora"), family.denoiser_part + "."
     state_dict = pipeline_class.lora_state_dict(folder, weight_name=LORA_WEIGHTS_NAME)
     state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # SD/SDXL also return alphas
     denoiser_state = convert_unet_state_dict_to_peft(
@@ -1550,7 +1338,7 @@ def load_lora_weights(folder, denoiser, text_encoders, model_kind="sd"):
     if unexpected:
         raise InputError(f"{folder}/{LORA_WEIGHTS_NAME}: unexpected LoRA keys for the {prefix[:-1]} "
                          f"({unexpected[0]}, ...)")
-    for prefix, text_encoder in zip(TEXT_ENCODER_PREFIXES, text_encoders or []):
+    for prefix, text_encoder in zip(family.text_encoder_parts, text_encoders or []):
         _set_state_dict_into_text_encoder(state_dict, prefix=f"{prefix}.", text_encoder=text_encoder)
 
 
@@ -1598,47 +1386,79 @@ def build_optimizer(args, groups):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype, latent_scaling):
-    """The DreamBooth loss of one batch: the diffusion loss of the instance half plus, with prior preservation,
-    --prior_loss_weight times that of the class half (FLUX.1: the flow-matching loss, flux_loss). Latents come from
-    the VAE, or from the cache (--cache_latents). Every random draw (latent sampling, noise, timesteps) comes from
-    `generator`, so a resumed run repeats it. `unet`: the UNet, or FLUX.1's transformer."""
+def training_loss(denoiser, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype, latent_scaling):
+    """The DreamBooth loss of one batch (denoising_loss) on its latents, from the VAE or from the cache
+    (--cache_latents), and its prompt embeddings, precomputed or encoded now (with --train_text_encoder the LoRA layers
+    need the graph; otherwise nothing in the encoder requires grad). Every random draw (latent sampling, noise,
+    timesteps) comes from `generator`, so a resumed run repeats it."""
     latents = batch_latents(vae, batch, generator, weight_dtype, *latent_scaling)
     if "prompt_embeds" in batch:
-        encoder_hidden_states, pooled = batch["prompt_embeds"], batch.get("pooled_prompt_embeds")
+        prompt_embeds, pooled = batch["prompt_embeds"], batch.get("pooled_prompt_embeds")
     else:
-        # With --train_text_encoder the LoRA layers need the graph; otherwise nothing in the encoder requires grad.
-        encoder_hidden_states, pooled = encode_prompts(args, text_encoders, batch)
-    if args.flux:
-        return flux_loss(unet, noise_scheduler, latents, encoder_hidden_states, pooled, batch.get("mask"), generator,
-                         args, weight_dtype)
+        prompt_embeds, pooled = encode_prompts(args, text_encoders, batch)
+    return denoising_loss(denoiser, noise_scheduler, latents, prompt_embeds, pooled, batch, generator, args,
+                          weight_dtype)
 
-    unet_config = getattr(unet, "module", unet).config  # through a DDP wrapper
-    noise = objectives.sample_noise(latents, generator)
-    timesteps = objectives.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
-                                        latents.device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if unet_config.in_channels == latents.shape[1] * 2:
-        noisy_latents = torch.cat([noisy_latents, noisy_latents], dim=1)  # the IF upscaler's conditioning channels
-    class_labels = timesteps if args.class_labels_conditioning == "timesteps" else None
-    model_pred = unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states.to(weight_dtype),
-                      class_labels=class_labels, added_cond_kwargs=added_conditions(args, pooled, batch, weight_dtype),
-                      return_dict=False)[0]
-    if model_pred.shape[1] == latents.shape[1] * 2:
-        model_pred, _ = torch.chunk(model_pred, 2, dim=1)  # a learned variance is not trained here (upstream)
 
-    prediction_type = noise_scheduler.config.prediction_type
-    target = objectives.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+def denoising_loss(denoiser, noise_scheduler, latents, prompt_embeds, pooled, batch, generator, args, weight_dtype):
+    """The loss of the family's objective (OBJECTIVES: DDPM, or FLUX.1's flow matching as upstream's
+    train_dreambooth_lora_flux.py computes it) on the family's denoiser prediction (family.denoise: the UNet with its
+    added conditions, or the transformer on packed latents with --guidance_scale): the instance half's loss plus, with
+    prior preservation, --prior_loss_weight times the class half's, each masked by the batch's "mask"
+    (--masked_loss)."""
+    noisy_latents, timesteps, target, part_loss = OBJECTIVES[args.family.objective](noise_scheduler, latents,
+                                                                                    generator, args)
+    prediction = args.family.denoise(denoiser, noisy_latents, timesteps, prompt_embeds, pooled, batch, args,
+                                     weight_dtype)
     mask = batch.get("mask")  # --masked_loss: (batch, 1, h, w) latent-pixel weights
     if not args.with_prior_preservation:
-        return diffusion_loss(model_pred, target, snr_weights(args, noise_scheduler, timesteps), mask)
-    model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-    target, target_prior = torch.chunk(target, 2, dim=0)
-    mask, mask_prior = torch.chunk(mask, 2, dim=0) if mask is not None else (None, None)
-    # Min-SNR weights the instance half only; the prior loss stays a plain mean (upstream).
-    weights = snr_weights(args, noise_scheduler, torch.chunk(timesteps, 2, dim=0)[0])
-    return diffusion_loss(model_pred, target, weights, mask) + args.prior_loss_weight * diffusion_loss(
-        model_pred_prior, target_prior, None, mask_prior)
+        return part_loss(prediction, target, mask, None)
+    instance, prior = [part_loss(*[half(value, part) for value in (prediction, target, mask)], part)
+                       for part in (0, 1)]
+    return instance + args.prior_loss_weight * prior
+
+
+def half(value, part):
+    """`value` whole (part None) or its instance (0) or class (1) half: a prior-preservation batch holds the instance
+    samples, then as many class samples."""
+    return value if part is None or value is None else torch.chunk(value, 2, dim=0)[part]
+
+
+def ddpm_objective(noise_scheduler, latents, generator, args):
+    """DDPM: (noisy latents, integer timesteps, the target of the scheduler's prediction type, the loss of a part):
+    Min-SNR weighted (--snr_gamma) but for the class half, which stays a plain mean (upstream)."""
+    noise = objectives.sample_noise(latents, generator)
+    timesteps = objectives.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
+                                            latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    target = objectives.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+
+    def part_loss(prediction, target, mask, part):
+        weights = None if part == 1 else snr_weights(args, noise_scheduler, half(timesteps, part))
+        return diffusion_loss(prediction, target, weights, mask)
+
+    return noisy_latents, timesteps, target, part_loss
+
+
+def flow_matching_objective(noise_scheduler, latents, generator, args):
+    """Flow matching: (latents moved toward noise by the scheduler's sigma, timesteps drawn by --weighting_scheme,
+    the velocity target, the loss of a part: weighted by its own sigmas; upstream weights the class half with the
+    whole batch's, which only broadcasts at batch size 1)."""
+    noise = objectives.sample_noise(latents, generator)
+    timesteps, sigmas = objectives.sample_flow_matching_sigmas(
+        noise_scheduler, latents.shape[0], args.weighting_scheme, generator, latents.device, args.logit_mean,
+        args.logit_std, args.mode_scale)
+    noisy_latents, target = objectives.flow_matching_inputs(latents, noise, sigmas)
+
+    def part_loss(prediction, target, mask, part):
+        return objectives.flow_matching_loss(prediction, target, half(sigmas, part), args.weighting_scheme, mask)
+
+    return noisy_latents, timesteps, target, part_loss
+
+
+# The objective each family trains with (family.objective); the maths is the shared objectives module's.
+OBJECTIVES = {"ddpm": ddpm_objective, "flow_matching": flow_matching_objective}
 
 
 def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_factor=None):
@@ -1650,7 +1470,7 @@ def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_fac
         if "latent_dist" in batch:
             latents = DiagonalGaussianDistribution(batch["latent_dist"]).sample(generator=generator).float()
         elif vae is not None:
-            pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (families.sdxl_vae_dtype)
+            pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (family.vae_dtype)
             latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
         else:
             return batch["pixel_values"].to(weight_dtype).float()
@@ -1659,64 +1479,12 @@ def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_fac
         return latents * scaling_factor
 
 
-def flux_loss(transformer, noise_scheduler, latents, prompt_embeds, pooled, mask, generator, args, weight_dtype):
-    """FLUX.1's flow-matching loss, as upstream's train_dreambooth_lora_flux.py computes it: timesteps drawn by
-    --weighting_scheme, the latents moved toward noise by the scheduler's sigma (objectives.flow_matching_inputs), packed
-    2x2 into transformer tokens with their image ids as FluxPipeline packs them, the velocity predicted with
-    --guidance_scale in the guidance embedding (FLUX.1 [dev]; none for a transformer without one), unpacked, and the
-    weighted squared error (objectives.flow_matching_loss), plus --prior_loss_weight times the class half's."""
-    from diffusers import FluxPipeline
-
-    batch_size, channels, height, width = latents.shape
-    noise = objectives.sample_noise(latents, generator)
-    timesteps, sigmas = objectives.sample_flow_matching_sigmas(
-        noise_scheduler, batch_size, args.weighting_scheme, generator, latents.device, args.logit_mean, args.logit_std,
-        args.mode_scale)
-    noisy_latents, target = objectives.flow_matching_inputs(latents, noise, sigmas)
-    packed = FluxPipeline._pack_latents(noisy_latents, batch_size, channels, height, width)
-    image_ids = FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, latents.device,
-                                                       weight_dtype)
-    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=weight_dtype)
-    config = getattr(transformer, "module", transformer).config  # through a DDP wrapper
-    guidance = torch.full((batch_size,), args.guidance_scale, device=latents.device) if config.guidance_embeds \
-        else None
-    prediction = transformer(
-        hidden_states=packed.to(weight_dtype), timestep=timesteps / 1000, guidance=guidance,
-        pooled_projections=pooled.to(weight_dtype), encoder_hidden_states=prompt_embeds.to(weight_dtype),
-        txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-    # Back to (batch, channels, height, width) latents: _unpack_latents takes pixel sizes and the VAE's factor; the
-    # latent sizes with factor 1 say the same.
-    prediction = FluxPipeline._unpack_latents(prediction, height, width, vae_scale_factor=1)
-    if not args.with_prior_preservation:
-        return objectives.flow_matching_loss(prediction, target, sigmas, args.weighting_scheme, mask)
-    # Each half weighted by its own sigmas (upstream weights the class half with the whole batch's, which only
-    # broadcasts at batch size 1).
-    halves = [torch.chunk(value, 2, dim=0) if value is not None else (None, None)
-              for value in (prediction, target, sigmas, mask)]
-    instance, prior = [[half[i] for half in halves] for i in (0, 1)]
-    return objectives.flow_matching_loss(*instance[:3], args.weighting_scheme, instance[3]) + \
-        args.prior_loss_weight * objectives.flow_matching_loss(*prior[:3], args.weighting_scheme, prior[3])
-
-
 def diffusion_loss(prediction, target, weights, mask):
-    """objectives.diffusion_loss, given the mask only when there is one (--masked_loss): the unmasked call stays today's."""
+    """objectives.diffusion_loss, given the mask only when there is one (--masked_loss): the unmasked call stays
+    today's."""
     if mask is None:
         return objectives.diffusion_loss(prediction, target, weights)
     return objectives.diffusion_loss(prediction, target, weights, mask=mask)
-
-
-def added_conditions(args, pooled, batch, weight_dtype):
-    """The UNet's added_cond_kwargs: none for SD; for SDXL the pooled prompt embedding and each sample's time ids from
-    its image's real size and crop (as upstream's DreamBooth SDXL computes them; --crops_coords_top_left_h/_w, from
-    older upstream versions, win where given) at the size each sample trains at (its bucket, or --resolution)."""
-    if not args.sdxl:
-        return None
-    crops = families.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
-                                      args.crops_coords_top_left_w)
-    target_size = batch.get("target_size", (args.resolution, args.resolution))
-    time_ids = families.sdxl_time_ids(batch["original_size"], crops, target_size, device=pooled.device,
-                                    dtype=weight_dtype)
-    return families.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
 
 
 def snr_weights(args, noise_scheduler, timesteps):
@@ -1736,7 +1504,7 @@ def validation_components(args, unet, tokenizers, text_encoders, vae):
     """The pipeline components the training run supplies: the UNet (FLUX.1: transformer), the tokenizers and text
     encoders (None once the embeddings are precomputed or cached; SDXL, FLUX.1: `_2` ones too) and the VAE unless it
     was dropped (--cache_latents; the pipeline loads it again)."""
-    components = {denoiser_prefix(args.model_kind): unet}
+    components = {args.family.denoiser_part: unet}
     for index, tokenizer in enumerate(tokenizers):
         suffix = f"_{index + 1}" if index else ""
         components[f"tokenizer{suffix}"] = tokenizer
@@ -1752,8 +1520,8 @@ def validation_pipeline(args, **components):
 
     pipeline = load_pipeline(args, **components)
     pipeline.set_progress_bar_config(disable=True)
-    if args.flux:
-        return pipeline  # its own flow-matching Euler scheduler
+    if args.family.objective != "ddpm":
+        return pipeline  # a flow-matching pipeline keeps its own Euler scheduler
     scheduler_args = {}
     variance_type = pipeline.scheduler.config.get("variance_type")
     if variance_type is not None:
@@ -1777,13 +1545,11 @@ def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddi
         # prompt_embeds (SDXL: and pooled_prompt_embeds), and their negative_ counterparts from the empty prompt.
         positive = embedding_inputs(prompt_embeddings[args.validation_prompt])
         prompt = {key: value[None].to(accelerator.device) for key, value in positive.items()}
-        if not args.flux:  # FLUX.1 [dev] is guidance-distilled: no negative prompt
+        if args.family.negative_prompt:  # FLUX.1 [dev] is guidance-distilled: no negative prompt
             negative = embedding_inputs(prompt_embeddings[""])
             prompt.update({f"negative_{key}": value[None].to(accelerator.device) for key, value in negative.items()})
     else:
-        prompt = {"prompt": args.validation_prompt}
-        if args.flux:  # the T5 length trained with
-            prompt["max_sequence_length"] = args.max_sequence_length
+        prompt = {"prompt": args.validation_prompt, **args.family.prompt_kwargs(args)}
     images = []
     if mine:
         pipeline.to(accelerator.device)
@@ -1848,7 +1614,7 @@ def write_model_card(args, global_step, images):
     if images:
         shown = "\n".join(f"![validation {i}](./validation/final/{i:02d}.png)" for i in range(len(images)))
         gallery = f"Images for `{args.validation_prompt}` from the final weights:\n\n{shown}\n"
-    pipeline_class = lora_pipeline_class(args.model_kind).__name__
+    pipeline_class = args.family.pipelines["dreambooth_lora"]
     description = f"""
 # DreamBooth LoRA for {args.pretrained_model_name_or_path}
 
@@ -1882,13 +1648,11 @@ image = pipeline({args.instance_prompt!r}).images[0]
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 """
-    family = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "flux": "flux"}[args.model_kind]
-    tags = ["text-to-image", "diffusers", "dora" if args.use_dora else "lora", "diffusers-training", family,
-            f"{family}-diffusers"] + (["template:sd-lora"] if args.flux else [])
+    tag = args.family.hub_tag
+    tags = ["text-to-image", "diffusers", "dora" if args.use_dora else "lora", "diffusers-training", tag,
+            f"{tag}-diffusers", *args.family.card_tags]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
-    # FLUX.1 [dev]'s own non-commercial license is "other" on the hub, as upstream's card says.
-    license_name = {"sd": "creativeml-openrail-m", "sdxl": "openrail++", "flux": "other"}[args.model_kind]
-    card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model, license=license_name,
+    card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model, license=args.family.license,
                               instance_prompt=args.instance_prompt, inference=True)
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
                                    model_description=description)
@@ -1921,8 +1685,8 @@ def ddp_settings(args):
     DDP must be told to expect unused parameters when the text encoders train (upstream does the same)."""
     from accelerate.utils import DistributedDataParallelKwargs
 
-    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.sdxl and args.train_text_encoder \
-        else []
+    unused = args.train_text_encoder and args.family.text_encoder_last_layer_unused
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
 
 
 def main(argv=None):
@@ -1985,7 +1749,7 @@ def main(argv=None):
         class_items = class_items[: args.num_class_images]
         logger.info(f"Prior preservation: {len(class_items)} class images ({generated} generated this run)")
 
-    noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args)
+    noise_scheduler, tokenizers, text_encoders, vae, unet = args.family.load_dreambooth_models(args)
     # Frozen weights run in the mixed-precision dtype; the LoRA weights (and their optimizer states) stay fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for model in (unet, *text_encoders, vae):
@@ -1994,13 +1758,13 @@ def main(argv=None):
             model.to(accelerator.device)
             if weight_dtype != torch.float32:
                 model.to(dtype=weight_dtype)
-    if args.sdxl:
-        vae.to(dtype=families.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path))
+    if vae is not None:  # SDXL's own VAE encodes in fp32 (family.vae_dtype)
+        vae.to(dtype=args.family.vae_dtype(args, weight_dtype))
     # The initial LoRA weights depend on the run seed only, not on what drew from the global RNG before (class-image
     # generation happens in some runs and not in others).
     torch.manual_seed(randomness.derive_seed(run_state.seed, LORA_INIT_STREAM))
     add_lora_adapters(args, unet, text_encoders)
-    trained_models = [unet] + (trainable_text_encoders(args, text_encoders) if args.train_text_encoder else [])
+    trained_models = [unet] + (args.family.trainable_text_encoders(text_encoders) if args.train_text_encoder else [])
     cast_training_params(trained_models, dtype=torch.float32)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -2017,13 +1781,13 @@ def main(argv=None):
     prompt_embeddings = None
     # FLUX.1's frozen text encoders (T5-XXL alone is 9 GB in bf16) encode the prompts once and leave memory, as
     # upstream's Flux script does with its instance prompt.
-    encode_once = args.flux and not args.train_text_encoder
+    encode_once = args.family.encodes_prompts_once and not args.train_text_encoder
     # Every prompt a batch or a validation image can use ("" is also the negative prompt of classifier-free guidance
     # and every dropped instance prompt).
     prompts = [prompt for _, prompt in instance_items + class_items]
     prompts += ([args.validation_prompt, ""] if args.validation_prompt is not None else []) + \
         ([""] if args.proportion_empty_prompts else [])
-    t5_states = None
+    frozen_embeds, trained = None, len(args.family.trainable_text_encoders(text_encoders))
     if args.pre_compute_text_embeddings or args.cache_text_embeddings or encode_once:
         # Encoded once; then the text encoders are freed. With --cache_text_embeddings the embeddings are kept on disk
         # and reused by later runs.
@@ -2033,19 +1797,20 @@ def main(argv=None):
         else:
             prompt_embeddings = precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args)
         text_encoders = None
-    elif args.flux:
-        # --train_text_encoder trains CLIP's LoRA; T5 stays frozen, so its states are computed once and it leaves
-        # memory (upstream keeps it loaded).
-        t5_states = precompute_t5_states(text_encoders[1], tokenizers[1], prompts, args)
-        text_encoders = [text_encoders[0], None]
-        logger.info(f"T5 encoded the {len(t5_states)} distinct prompts once and left memory; CLIP's LoRA trains")
+    elif trained < len(text_encoders):
+        # --train_text_encoder trains the LoRA of some text encoders (FLUX.1: CLIP's); the frozen ones' embeddings
+        # (T5's states) are computed once and they leave memory (upstream keeps them loaded).
+        frozen_embeds = precompute_frozen_embeds(text_encoders, tokenizers, prompts, args)
+        frozen = ", ".join(args.family.text_encoder_parts[trained:])
+        text_encoders = text_encoders[:trained] + [None] * (len(text_encoders) - trained)
+        logger.info(f"The frozen {frozen} encoded the {len(frozen_embeds)} distinct prompts once and left memory; the "
+                    "others' LoRA trains")
     # FLUX.1's VAE also shifts its latents; DeepFloyd IF has no VAE.
     latent_scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)) if vae is not None \
         else (1.0, None)
-    train_dataset = DreamBoothDataset(
-        instance_items, class_items, PromptInputs(tokenizers, prompt_lengths(args), prompt_embeddings, t5_states), args,
-        run_state, buckets=buckets, masks=masks, caption_dropout=args.proportion_empty_prompts,
-    )
+    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args), prompt_embeddings, frozen_embeds)
+    train_dataset = DreamBoothDataset(instance_items, class_items, prompt_inputs, args, run_state, buckets=buckets,
+                                      masks=masks, caption_dropout=args.proportion_empty_prompts)
     if buckets is not None:
         logger.info(f"Aspect-ratio buckets (height x width: instance images): {describe_buckets(buckets)}")
     if args.masked_loss and vae is None:  # a hub model without a VAE (a local folder is checked by validate_args)
@@ -2090,12 +1855,12 @@ def main(argv=None):
         # A checkpoint holds what is trained, as the final output does (usable by itself with load_lora_weights);
         # the frozen base weights are not copied.
         if accelerator.is_main_process:
-            save_lora_weights(output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.model_kind)
+            save_lora_weights(output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.family)
         weights.clear()
 
     def load_model_hook(models, input_dir):
         models.clear()  # the frozen weights come from the base model; only the adapters are restored
-        load_lora_weights(input_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.model_kind)
+        load_lora_weights(input_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.family)
         cast_training_params(trained_models, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -2106,7 +1871,7 @@ def main(argv=None):
     )
     unet = trained_models[0]
     if args.train_text_encoder:
-        text_encoders = trained_models[1:] + text_encoders[len(trained_models) - 1:]  # FLUX.1's T5 stays as it was
+        text_encoders = trained_models[1:] + text_encoders[len(trained_models) - 1:]  # the frozen ones stay
 
     global_step = checkpointing.resume_from_checkpoint(accelerator, args, run_state)
 
@@ -2205,11 +1970,11 @@ def main(argv=None):
                 model.eval()
             pipeline = validation_pipeline(args, **components)
             if args.cache_latents:
-                pipeline.vae.to(dtype=families.sdxl_vae_dtype(weight_dtype, args.pretrained_vae_model_name_or_path)
-                                if args.sdxl else weight_dtype)
+                pipeline.vae.to(dtype=args.family.vae_dtype(args, weight_dtype))
             embeddings = prompt_embeddings
-            if t5_states is not None:  # FLUX.1 with T5 freed: the trained CLIP's pooled embedding beside T5's states
-                embeddings = flux_validation_embeddings(pipeline, t5_states, args.validation_prompt)
+            if frozen_embeds is not None:  # FLUX.1 with T5 freed: the trained CLIP's pooled embedding, T5's states
+                encoders = [components[part] for part in args.family.text_encoder_parts]
+                embeddings = validation_embeddings(args, prompt_inputs, encoders, args.validation_prompt)
             images = generate_validation_images(accelerator, pipeline, args, run_state.seed, embeddings)
             del pipeline
             if accelerator.is_main_process:
@@ -2220,8 +1985,8 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         # Upstream's Flux script saves in the training precision unless told to upcast; the SD scripts save fp32.
-        saved_dtype = weight_dtype if args.flux and not args.upcast_before_saving else None
-        save_lora_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.model_kind,
+        saved_dtype = weight_dtype if args.family.saves_in_training_dtype and not args.upcast_before_saving else None
+        save_lora_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.family,
                           dtype=saved_dtype)
         logger.info(f"Saved {os.path.join(args.output_dir, LORA_WEIGHTS_NAME)}")
         if args.output_kohya_format:
@@ -2229,7 +1994,7 @@ def main(argv=None):
                 logger.warning(f"{KOHYA_WEIGHTS_NAME}: diffusers' load_lora_weights skips the DoRA magnitudes "
                                "(dora_scale) of kohya files; use the diffusers file there")
             save_kohya_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(),
-                               args.sdxl)
+                               args.family)
             logger.info(f"Saved {os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)}")
     accelerator.wait_for_everyone()
 
@@ -2237,7 +2002,8 @@ def main(argv=None):
     final_images = None
     if args.validation_prompt and args.num_validation_images:
         # FLUX.1 with its prompts encoded once: the text encoders (T5 above all) need not load again.
-        unused = {"text_encoder": None, "text_encoder_2": None} if args.flux and prompt_embeddings is not None else {}
+        unused = {part: None for part in args.family.text_encoder_parts} \
+            if args.family.encodes_prompts_once and prompt_embeddings is not None else {}
         pipeline = validation_pipeline(args, dtype=weight_dtype, **unused)
         pipeline.load_lora_weights(args.output_dir, weight_name=LORA_WEIGHTS_NAME)
         final_images = generate_validation_images(accelerator, pipeline, args, run_state.seed, prompt_embeddings)

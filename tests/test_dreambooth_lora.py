@@ -20,6 +20,8 @@ from helpers import (
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from trainkit.families import FAMILIES
+
 SCRIPT = "train_dreambooth_lora.py"
 LORA = "pytorch_lora_weights.safetensors"
 INSTANCE_PROMPT = "a photo of sks dog"
@@ -364,8 +366,7 @@ def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos",
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False,
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
-                "random_flip": False, "snr_gamma": None, "sdxl": False, "flux": False, "model_kind": "sd",
-                "buckets": None}
+                "random_flip": False, "snr_gamma": None, "family": FAMILIES["sd"], "buckets": None}
     defaults.update(values)
     return argparse.Namespace(**defaults)
 
@@ -484,8 +485,8 @@ def test_cached_latents_and_prompts_equal_fresh_encodings(tiny_sd, instance_fold
                 pixels = expected[half]["pixel_values"][None]
                 latent_dist = vae.encode(pixels).latent_dist.parameters[0]
                 torch.testing.assert_close(example[half]["latent_dist"], latent_dist, rtol=1e-5, atol=1e-5)
-                hidden = script.encode_prompt(text_encoder, expected[half]["input_ids"][None],
-                                              expected[half]["attention_mask"][None], True)[0]
+                hidden = FAMILIES["sd"].encode_prompt([text_encoder], [expected[half]["input_ids"][None]],
+                                                      attention_mask=expected[half]["attention_mask"][None])[0][0]
                 torch.testing.assert_close(example[half]["prompt_embeds"], hidden, rtol=1e-5, atol=1e-5)
     for prompt in prompts:
         torch.testing.assert_close(embeddings[prompt], precomputed[prompt], rtol=1e-5, atol=1e-5)

@@ -17,6 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_dreambooth_lora import INSTANCE_PROMPT, LORA, assert_same_lora, base_args, lora, render
 
+from trainkit.families import FAMILIES
+
 SCRIPT = "train_dreambooth_lora.py"
 KOHYA = "pytorch_lora_weights_kohya.safetensors"
 CAPTIONS = ["a red circle", "", "a blue square in the style of a painting"]  # "" falls back to --instance_prompt
@@ -81,7 +83,7 @@ def _namespace(**values):
     defaults = {"resolution": 64, "center_crop": False, "image_interpolation_mode": "lanczos", "random_flip": False,
                 "tokenizer_max_length": None, "text_encoder_use_attention_mask": False, "snr_gamma": None,
                 "with_prior_preservation": False, "prior_loss_weight": 1.0, "class_labels_conditioning": None,
-                "sdxl": False, "flux": False, "model_kind": "sd", "lora_targets": None,
+                "family": FAMILIES["sd"], "lora_targets": None,
                 "instance_prompt": INSTANCE_PROMPT, "dataset_name": None, "instance_data_dir": None,
                 "dataset_config_name": None, "cache_dir": None, "image_column": "image", "caption_column": None,
                 "repeats": 1, "buckets": None, "masked_loss": False, "mask_column": None}
@@ -273,8 +275,8 @@ def test_kohya_file_renders_like_the_diffusers_file_unet_and_text_encoder(tiny_s
             for name, parameter in model.named_parameters():
                 if "lora_" in name:
                     parameter.add_(torch.randn_like(parameter) * 0.3)
-    script.save_lora_weights(str(tmp_path), unet, [text_encoder])
-    script.save_kohya_weights(str(tmp_path), unet, [text_encoder])
+    script.save_lora_weights(str(tmp_path), unet, [text_encoder], FAMILIES["sd"])
+    script.save_kohya_weights(str(tmp_path), unet, [text_encoder], FAMILIES["sd"])
     assert any(key.startswith("lora_te_text_model_encoder_layers_") for key in load_file(str(tmp_path / KOHYA)))
     _assert_kohya_renders_like_diffusers(tiny_sd, str(tmp_path))
 
@@ -450,7 +452,7 @@ def test_upstream_sdxl_flag_defaults_and_warnings(recwarn):
                 "resolution": None, "pretrained_vae_model_name_or_path": None}
     assert {key: getattr(args, key) for key in defaults} == defaults
     # Flags left out take the default of the upstream script matching the base model (SD / SDXL).
-    assert script.MODEL_DEFAULTS == {
+    assert script.FAMILY_DEFAULTS == {
         "sd": {"resolution": 512, "learning_rate": 5e-4, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
                "adam_weight_decay_text_encoder": None, "output_dir": "lora-dreambooth-model"},
         "sdxl": {"resolution": 1024, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,

@@ -145,7 +145,7 @@ def test_prior_preservation_clip_lora_layers_rank_and_alpha_load_into_the_flux_p
     out, result = prior_run["out"], prior_run["result"]
     assert "2 class images (2 generated this run)" in result.stderr
     # CLIP trains; the frozen T5 encoded the instance and class prompts once and left memory.
-    assert "T5 encoded the 2 distinct prompts once and left memory" in result.stderr
+    assert "The frozen text_encoder_2 encoded the 2 distinct prompts once and left memory" in result.stderr
     assert len(os.listdir(prior_run["class_dir"])) == 2
     assert checkpoints(out) == {"checkpoint-4"}
     assert_same_lora(os.path.join(out, "checkpoint-4"), out)
@@ -340,12 +340,14 @@ def test_flux_prompt_conditioning_is_the_pipelines(tiny_flux):
     import train_dreambooth_lora as script
 
     pipeline = _flux_pipeline(tiny_flux)
-    args = argparse.Namespace(flux=True, sdxl=False, max_sequence_length=16, tokenizer_max_length=None)
+    from trainkit.families import FAMILIES
+
+    args = argparse.Namespace(family=FAMILIES["flux"], max_sequence_length=16, tokenizer_max_length=None)
     tokenizers, text_encoders = [pipeline.tokenizer, pipeline.tokenizer_2], [pipeline.text_encoder,
                                                                               pipeline.text_encoder_2]
     with torch.no_grad():  # as FluxPipeline.__call__ runs it (T5's attention takes another kernel with autograd)
         expected_embeds, expected_pooled, _ = pipeline.encode_prompt(INSTANCE_PROMPT, None, max_sequence_length=16)
-    inputs = script.PromptInputs(tokenizers, script.prompt_lengths(args))(INSTANCE_PROMPT)
+    inputs = script.PromptInputs(tokenizers, args.family.prompt_lengths(args))(INSTANCE_PROMPT)
     assert inputs["input_ids"].shape == (77,) and inputs["input_ids_2"].shape == (16,)
     with torch.no_grad():
         embeds, pooled = script.encode_prompts(args, text_encoders, {key: value[None] for key, value in inputs.items()})
@@ -353,8 +355,10 @@ def test_flux_prompt_conditioning_is_the_pipelines(tiny_flux):
     once = script.precompute_prompt_embeddings(text_encoders, tokenizers, [INSTANCE_PROMPT], args)[INSTANCE_PROMPT]
     assert torch.equal(once["prompt_embeds"], expected_embeds[0])
     assert torch.equal(once["pooled_prompt_embeds"], expected_pooled[0])
-    t5_states = script.precompute_t5_states(pipeline.text_encoder_2, pipeline.tokenizer_2, [INSTANCE_PROMPT], args)
-    inputs = script.PromptInputs(tokenizers, script.prompt_lengths(args), t5_states=t5_states)(INSTANCE_PROMPT)
+    t5_states = script.precompute_frozen_embeds(text_encoders, tokenizers, [INSTANCE_PROMPT], args)
+    assert torch.equal(t5_states[INSTANCE_PROMPT], expected_embeds[0])
+    inputs = script.PromptInputs(tokenizers, args.family.prompt_lengths(args), frozen_embeds=t5_states)(INSTANCE_PROMPT)
+    assert set(inputs) == {"input_ids", "frozen_prompt_embeds"}
     with torch.no_grad():
         embeds, pooled = script.encode_prompts(args, [pipeline.text_encoder, None],
                                                {key: value[None] for key, value in inputs.items()})
@@ -371,7 +375,7 @@ def test_lora_layers_take_short_names_and_full_module_paths(tiny_flux, instance_
         args = script.parse_args(["--pretrained_model_name_or_path", tiny_flux, "--instance_data_dir", instance_folder,
                                   "--instance_prompt", INSTANCE_PROMPT, "--lora_layers", layers])
         script.validate_args(args)
-        assert args.lora_targets == targets and args.flux and args.lora_alpha == 4
+        assert args.lora_targets == targets and args.family.name == "flux" and args.lora_alpha == 4
         assert (args.learning_rate, args.output_dir, args.guidance_scale) == (1e-4, "flux-dreambooth-lora", 3.5)
 
 
@@ -395,6 +399,7 @@ def test_flux_loss_uses_the_guidance_embedding_where_the_transformer_has_one(tin
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     import train_dreambooth_lora as script
+    from trainkit.families import FAMILIES
 
     transformer = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_flux, subfolder="scheduler")
@@ -402,12 +407,13 @@ def test_flux_loss_uses_the_guidance_embedding_where_the_transformer_has_one(tin
     embeds, pooled = torch.randn(2, 8, 32), torch.randn(2, 32)
 
     def loss(model, guidance_scale=3.5, prior_loss_weight=None):
-        args = argparse.Namespace(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                                  guidance_scale=guidance_scale, with_prior_preservation=prior_loss_weight is not None,
+        args = argparse.Namespace(family=FAMILIES["flux"], weighting_scheme="none", logit_mean=0.0, logit_std=1.0,
+                                  mode_scale=1.29, guidance_scale=guidance_scale,
+                                  with_prior_preservation=prior_loss_weight is not None,
                                   prior_loss_weight=prior_loss_weight)
         with torch.no_grad():
-            return script.flux_loss(model, scheduler, latents, embeds, pooled, None, torch.Generator().manual_seed(3),
-                                    args, torch.float32)
+            return script.denoising_loss(model, scheduler, latents, embeds, pooled, {},
+                                         torch.Generator().manual_seed(3), args, torch.float32)
 
     assert torch.equal(loss(transformer), loss(transformer))
     assert not torch.equal(loss(transformer), loss(transformer, guidance_scale=1.0))

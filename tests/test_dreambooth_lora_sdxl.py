@@ -14,6 +14,8 @@ from helpers import checkpoints, launch, run_python, send_signal_and_wait, start
 from safetensors.torch import load_file
 from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
 
+from trainkit.families import FAMILIES
+
 SCRIPT = "train_dreambooth_lora.py"
 KOHYA = "pytorch_lora_weights_kohya.safetensors"
 
@@ -192,7 +194,7 @@ def test_sdxl_time_ids_come_from_each_images_real_size_and_crop(tiny_sdxl, insta
 
     script = _script()
     args = argparse.Namespace(resolution=16, center_crop=False, image_interpolation_mode="lanczos", random_flip=True,
-                              sdxl=True, tokenizer_max_length=None, crops_coords_top_left_h=None,
+                              family=FAMILIES["sdxl"], tokenizer_max_length=None, crops_coords_top_left_h=None,
                               crops_coords_top_left_w=None)
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=part) for part in ("tokenizer", "tokenizer_2")]
     items, _ = script.read_image_folder(instance_folder, INSTANCE_PROMPT)
@@ -218,13 +220,13 @@ def test_sdxl_time_ids_come_from_each_images_real_size_and_crop(tiny_sdxl, insta
 
     batch = script.collate_examples([dataset[(0, 0)], dataset[(0, 1)]])
     pooled = torch.zeros(2, 16)
-    added = script.added_conditions(args, pooled, batch, torch.float32)
+    added = args.family.batch_added_conditions(pooled, batch, args, torch.float32)
     assert added["time_ids"].tolist() == [
         batch["original_size"][i].tolist() + batch["crop_top_left"][i].tolist() + [16, 16] for i in range(2)]
     assert added["text_embeds"] is pooled or torch.equal(added["text_embeds"], pooled)
     # Older upstream's --crops_coords_top_left_h/_w, where given, replace that coordinate in every sample.
     args.crops_coords_top_left_w = 3
-    added = script.added_conditions(args, pooled, batch, torch.float32)
+    added = args.family.batch_added_conditions(pooled, batch, args, torch.float32)
     assert added["time_ids"][:, 2:4].tolist() == [[batch["crop_top_left"][i][0].item(), 3] for i in range(2)]
 
 
@@ -234,7 +236,7 @@ def test_sdxl_precomputed_embeddings_hold_both_encoders_and_the_pooled_embedding
     pooled_prompt_embeds."""
     script = _script()
     pipeline = _sdxl_pipeline(tiny_sdxl)
-    args = argparse.Namespace(sdxl=True, flux=False, tokenizer_max_length=None)
+    args = argparse.Namespace(family=FAMILIES["sdxl"], tokenizer_max_length=None)
     embeddings = script.precompute_prompt_embeddings([pipeline.text_encoder, pipeline.text_encoder_2],
                                                      [pipeline.tokenizer, pipeline.tokenizer_2],
                                                      [INSTANCE_PROMPT, CLASS_PROMPT, INSTANCE_PROMPT], args)
@@ -278,7 +280,7 @@ def test_sdxl_time_ids_carry_each_images_size_crop_and_bucket(tiny_sdxl, mixed_a
 
     script = _script()
     args = argparse.Namespace(resolution=64, center_crop=False, image_interpolation_mode="lanczos", random_flip=False,
-                              sdxl=True, tokenizer_max_length=None, crops_coords_top_left_h=None,
+                              family=FAMILIES["sdxl"], tokenizer_max_length=None, crops_coords_top_left_h=None,
                               crops_coords_top_left_w=None, aspect_ratio_buckets=MIXED_ASPECT_BUCKETS,
                               use_aspect_ratio_buckets=False, bucket_min_resolution=None, bucket_divisibility=64,
                               validation_height=None, validation_width=None)
@@ -306,7 +308,7 @@ def test_sdxl_time_ids_carry_each_images_size_crop_and_bucket(tiny_sdxl, mixed_a
 
     landscape = [index for index, (path, _) in enumerate(items) if buckets[path] == (64, 96)]
     batch = script.collate_examples([dataset[(0, index)] for index in landscape])
-    added = script.added_conditions(args, torch.zeros(len(landscape), 16), batch, torch.float32)
+    added = args.family.batch_added_conditions(torch.zeros(len(landscape), 16), batch, args, torch.float32)
     assert added["time_ids"].tolist() == [
         batch["original_size"][i].tolist() + batch["crop_top_left"][i].tolist() + [64, 96] for i in range(2)]
 

@@ -1,7 +1,11 @@
 """Stable Diffusion 1.x/2.x: one CLIP tokenizer and text encoder, a UNet conditioned on the encoder's last hidden
 state, a VAE, DDPM training (epsilon or v-prediction, from the scheduler)."""
 
-from trainkit.cli import InputError
+import os
+
+import torch
+
+from trainkit.cli import InputError, first_line
 from trainkit.families import loading
 
 
@@ -75,11 +79,13 @@ class StableDiffusion:
             for tokenizer in tokenizers
         ]
 
-    def encode_prompt(self, text_encoders, input_ids):
+    def encode_prompt(self, text_encoders, input_ids, attention_mask=None):
         """(encoder_hidden_states, pooled embedding or None) of token ids, one tensor per encoder: SD's is the last
-        hidden state of its one encoder and has no pooled embedding."""
+        hidden state of its one encoder and has no pooled embedding. `attention_mask`: passed to the encoder
+        (DreamBooth's --text_encoder_use_attention_mask, for DeepFloyd IF's T5)."""
         text_encoder = text_encoders[0]
-        return text_encoder(input_ids[0].to(text_encoder.device), return_dict=False)[0], None
+        return text_encoder(input_ids[0].to(text_encoder.device), attention_mask=attention_mask,
+                            return_dict=False)[0], None
 
     def added_conditions(self, pooled_prompt_embeds, original_sizes, crops_top_left, target_sizes):
         """The UNet's `added_cond_kwargs` (SD's UNet takes none)."""
@@ -91,6 +97,169 @@ class StableDiffusion:
             if getattr(args, name, None) is not None:
                 raise InputError(f"--{name} applies to SDXL models only (SDXL's time ids); "
                                  f"{args.pretrained_model_name_or_path!r} is {self.described} model")
+
+    def time_id_crops(self, args, crops_top_left):
+        """The crop top-lefts `added_conditions` receives: each sample's real crop (SD has no time ids and refuses
+        the crop flags, see check_crop_flags)."""
+        return crops_top_left
+
+    # Flags of a task's script that cannot apply to this family: {task: {flag: why}}, refused by `refuse_flags`.
+    refused_flags = {
+        "dreambooth_lora": {
+            **{flag: "it is upstream's train_dreambooth_lora_flux.py's flag (FLUX.1 models only)"
+               for flag in ("--guidance_scale", "--weighting_scheme", "--max_sequence_length",
+                            "--upcast_before_saving", "--enable_npu_flash_attention")},
+            "--do_edm_style_training": "upstream trains EDM-style on SDXL models only (train_dreambooth_lora_sdxl.py)",
+        },
+        "instruct_pix2pix": {
+            "--vae_precision": "it applies to SDXL only (SD's VAE runs in the mixed-precision dtype)",
+            "--crops_coords_top_left_h": "it applies to SDXL only (SDXL's time ids)",
+            "--crops_coords_top_left_w": "it applies to SDXL only (SDXL's time ids)",
+        },
+    }
+
+    def refuse_flags(self, args, task):
+        """A flag given that cannot apply to this family in `task` (`refused_flags`) is refused in one line naming
+        the flag and the model; the families differ in their data only (what each one lacks)."""
+        for flag, reason in self.refused_flags.get(task, {}).items():
+            value = getattr(args, flag.lstrip("-"), None)
+            if value is not None and value is not False:
+                raise InputError(f"{flag} cannot apply to the {self.title} model "
+                                 f"{args.pretrained_model_name_or_path!r}: {reason}")
+
+    # Whether the denoiser is conditioned on each image's original size and crop (SDXL's time ids): the training data
+    # then keeps them per sample (SD's UNet is not).
+    size_conditioned = False
+
+    # --- instruct_pix2pix ---
+    def edit_size_kwargs(self, image):
+        """The InstructPix2Pix pipeline call's arguments that make it edit `image` at its own size: none for SD's,
+        which always does (and takes no height/width)."""
+        return {}
+
+    # --- dreambooth_lora ---
+    # Upstream's DreamBooth LoRA targets; add_k_proj/add_v_proj exist only in DeepFloyd IF UNets (ignored elsewhere).
+    lora_targets = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+    # The LoRA file's key names: diffusers' lora.down/lora.up (upstream's SD scripts), not peft's lora_A/lora_B.
+    peft_lora_names = False
+    denoiser_name = "UNet"  # in messages
+    # Training sizes: multiples of this (the VAE downsamples by 8); the reason goes into the message.
+    size_multiple, size_reason = 8, "the VAE downsamples by 8"
+    # Conditions on hidden states below the encoder's last layer (SDXL): that layer's LoRA then gets no gradient.
+    text_encoder_last_layer_unused = False
+    # The frozen text encoders encode every prompt once and leave memory (FLUX.1's T5 is 9 GB); SD's stay loaded.
+    encodes_prompts_once = False
+    # Validation renders with a negative (empty) prompt: classifier-free guidance (FLUX.1 [dev] is guidance-distilled).
+    negative_prompt = True
+    # Upstream's SD scripts save the final LoRA weights in fp32; its Flux script in the training dtype.
+    saves_in_training_dtype = False
+    # --cache_latents without --center_crop: refused (a random crop changes every epoch); FLUX.1 caches centre crops.
+    caches_centre_crops = False
+    card_tags = ()  # the model card's tags beside hub_tag
+
+    def denoiser_class(self):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    def required_parts(self, args):
+        """The parts DreamBooth loads from the folder: vae/ is optional (DeepFloyd IF trains in pixel space) and
+        --tokenizer_name replaces tokenizer/."""
+        return tuple(part for part in self.parts
+                     if part != "vae" and not (part == "tokenizer" and getattr(args, "tokenizer_name", None)))
+
+    def prompt_lengths(self, args):
+        """Each tokenizer's padded length (None: its model_max_length): --tokenizer_max_length for SD's one."""
+        return (getattr(args, "tokenizer_max_length", None),) + (None,) * (len(self.tokenizer_parts) - 1)
+
+    def trainable_text_encoders(self, text_encoders):
+        """The text encoders --train_text_encoder adapts: all of them (FLUX.1 keeps T5 frozen)."""
+        return list(text_encoders)
+
+    def prompt_kwargs(self, args):
+        """The pipeline call's prompt arguments besides the prompt (FLUX.1: its T5 length)."""
+        return {}
+
+    def text_cache_config(self, args):
+        """What the text-embedding cache keys besides the encoders and token ids (FLUX.1: its encoding)."""
+        return {}
+
+    def load_dreambooth_models(self, args):
+        """(DDPMScheduler, [tokenizer], [text encoder], vae or None, UNet), as upstream's DreamBooth LoRA loads them:
+        --tokenizer_name replaces tokenizer/; the text encoder class is the one its config names (CLIP, or
+        DeepFloyd IF's T5, or AltDiffusion's Roberta); a model without vae/ (DeepFloyd IF) trains in pixel space.
+        Load errors are InputErrors naming the part."""
+        import transformers
+        from diffusers import DDPMScheduler
+
+        source, flag = args.pretrained_model_name_or_path, "--pretrained_model_name_or_path"
+        noise_scheduler = loading.load_part(args, "scheduler", DDPMScheduler.from_pretrained)
+        if args.tokenizer_name is not None:
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision,
+                                                                       use_fast=False)
+            except Exception as error:
+                raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load the tokenizer "
+                                 f"({first_line(error)})") from None
+        else:
+            tokenizer = loading.load_part(args, "tokenizer", transformers.AutoTokenizer.from_pretrained,
+                                          use_fast=False)
+        config = loading.load_part(args, "text_encoder", transformers.AutoConfig.from_pretrained)
+        architecture = (config.architectures or ["CLIPTextModel"])[0]
+        if architecture not in ("CLIPTextModel", "RobertaSeriesModelWithTransformation", "T5EncoderModel"):
+            raise InputError(f"{flag} {source!r}: text encoder {architecture} is not supported")
+        if architecture == "RobertaSeriesModelWithTransformation":
+            from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
+                RobertaSeriesModelWithTransformation as text_encoder_class,
+            )
+        else:
+            text_encoder_class = getattr(transformers, architecture)
+        text_encoder = loading.load_part(args, "text_encoder", text_encoder_class.from_pretrained,
+                                         variant=args.variant)
+        vae, vae_problem = None, f"{flag} {source!r}: no vae/ for a latent-space UNet"
+        if args.pretrained_vae_model_name_or_path is not None:
+            vae = self.load_vae(args)
+        elif not os.path.isdir(source) or os.path.isdir(os.path.join(source, "vae")):
+            try:
+                vae = self.load_vae(args)
+            except InputError as error:
+                if os.path.isdir(source):
+                    raise
+                vae_problem = str(error)  # perhaps a hub model without a VAE: its UNet decides below
+        unet = loading.load_part(args, "unet", self.denoiser_class().from_pretrained, variant=args.variant)
+        if vae is None and unet.config.in_channels not in (3, 6):  # pixel space: RGB, or RGB + the upscaler's input
+            raise InputError(vae_problem)
+        if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"{flag} {source!r}: unsupported prediction type "
+                             f"{noise_scheduler.config.prediction_type!r}")
+        return noise_scheduler, [tokenizer], [text_encoder], vae, unet
+
+    def batch_added_conditions(self, pooled, batch, args, dtype):
+        """The UNet's added_cond_kwargs for a training batch, in `dtype`: none for SD; SDXL's pooled embedding and
+        time ids from each sample's real size and crop (`time_id_crops`) and the size it trains at (its bucket, or
+        the --resolution square)."""
+        if not self.size_conditioned:
+            return None
+        target_size = batch.get("target_size", (args.resolution, args.resolution))
+        added = self.added_conditions(pooled.to(dtype), batch["original_size"],
+                                      self.time_id_crops(args, batch["crop_top_left"]), target_size)
+        return {key: value.to(dtype) for key, value in added.items()}
+
+    def denoise(self, unet, noisy_latents, timesteps, prompt_embeds, pooled, batch, args, dtype):
+        """The UNet's prediction for `noisy_latents` at `timesteps` (DDPM's integer steps), run in `dtype`, with the
+        batch's added conditions. DeepFloyd IF leftovers: an upscaler UNet takes the noisy image twice (its
+        conditioning channels), --class_labels_conditioning timesteps passes the timesteps as class labels, and a
+        learned variance in the output is dropped (not trained here, as upstream)."""
+        channels = noisy_latents.shape[1]
+        if getattr(unet, "module", unet).config.in_channels == channels * 2:  # through a DDP wrapper
+            noisy_latents = torch.cat([noisy_latents, noisy_latents], dim=1)
+        class_labels = timesteps if getattr(args, "class_labels_conditioning", None) == "timesteps" else None
+        prediction = unet(noisy_latents.to(dtype), timesteps, prompt_embeds.to(dtype), class_labels=class_labels,
+                          added_cond_kwargs=self.batch_added_conditions(pooled, batch, args, dtype),
+                          return_dict=False)[0]
+        if prediction.shape[1] == channels * 2:
+            prediction, _ = torch.chunk(prediction, 2, dim=1)
+        return prediction
 
 
 

@@ -22,7 +22,8 @@ class SDXL(StableDiffusion):
         "instruct_pix2pix": "StableDiffusionXLInstructPix2PixPipeline",
         "textual_inversion": "StableDiffusionXLPipeline",
     }
-    pipeline_kwargs = {}
+    # Training's images carry no invisible watermark (the pipeline adds one where the package is installed).
+    pipeline_kwargs = {"add_watermarker": False}
     hub_tag = "stable-diffusion-xl"
     license = "openrail++"
 
@@ -40,10 +41,14 @@ class SDXL(StableDiffusion):
         return (CLIPTextModel, CLIPTextModelWithProjection)
 
     def vae_dtype(self, args, weight_dtype):
-        """SDXL's own VAE overflows in fp16 (NaN latents), so upstream keeps it in fp32 unless
-        --pretrained_vae_model_name_or_path names another VAE (such as an fp16-safe one), which then runs in the
-        mixed-precision dtype like the other frozen models."""
-        return vae_dtype(weight_dtype, getattr(args, "pretrained_vae_model_name_or_path", None))
+        """SDXL's own VAE overflows in fp16 (NaN latents), so upstream keeps it in fp32 (or in --vae_precision, upstream
+        InstructPix2Pix SDXL's flag, where a script has it) unless --pretrained_vae_model_name_or_path names another
+        VAE (such as an fp16-safe one), which then runs in the mixed-precision dtype like the other frozen models."""
+        other_vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+        precision = getattr(args, "vae_precision", None)
+        if precision is not None and other_vae is None:
+            return VAE_PRECISIONS[precision]
+        return vae_dtype(weight_dtype, other_vae)
 
     def encode_prompt(self, text_encoders, input_ids):
         """As `StableDiffusionXLPipeline.encode_prompt` computes it with clip_skip=None: the penultimate hidden
@@ -68,6 +73,49 @@ class SDXL(StableDiffusion):
             if value is not None and value < 0:
                 raise InputError(f"--{name} must be >= 0, got {value}")
 
+    def time_id_crops(self, args, crops_top_left):
+        """Each sample's real crop, except where upstream's --crops_coords_top_left_h/_w are given: they go into
+        every time id (`crops_for_time_ids`)."""
+        return crops_for_time_ids(crops_top_left, getattr(args, "crops_coords_top_left_h", None),
+                                  getattr(args, "crops_coords_top_left_w", None))
+
+    # Flags that cannot apply to SDXL, per task (StableDiffusion.refuse_flags).
+    refused_flags = {
+        "dreambooth_lora": {
+            **StableDiffusion.refused_flags["dreambooth_lora"],
+            "--tokenizer_name": "it has two tokenizers, tokenizer/ and tokenizer_2/",
+            "--tokenizer_max_length": "SDXL prompts take 77 tokens",
+            "--text_encoder_use_attention_mask": "SDXL's CLIP encoders take none",
+            "--class_labels_conditioning": "it is for DeepFloyd IF",
+            "--validation_images": "it is for DeepFloyd IF's upscaler",
+            "--do_edm_style_training": "EDM-style training is not built here yet",
+        },
+        "textual_inversion": {"--tokenizer_name": "it has two tokenizers (tokenizer/ and tokenizer_2/) and the "
+                                                  "tokens are added to both"},
+    }
+
+    size_conditioned = True
+
+    # --- dreambooth_lora ---
+    text_encoder_last_layer_unused = True  # the penultimate hidden states condition the UNet
+
+    def required_parts(self, args):
+        return self.parts
+
+    def load_dreambooth_models(self, args):
+        """(DDPMScheduler, [tokenizer, tokenizer_2], [CLIPTextModel, CLIPTextModelWithProjection], vae, UNet)."""
+        from diffusers import DDPMScheduler
+
+        loaded = [loading.load_part(args, "scheduler", DDPMScheduler.from_pretrained), self.load_tokenizers(args),
+                  self.load_text_encoders(args), self.load_vae(args)]
+        return (*loaded, loading.load_part(args, "unet", self.denoiser_class().from_pretrained, variant=args.variant))
+
+    # --- instruct_pix2pix ---
+    def edit_size_kwargs(self, image):
+        """SDXL's InstructPix2Pix pipeline resizes the image it edits to `height`/`width` (default: the UNet's sample
+        size), so editing `image` at its own size takes both."""
+        return {"height": image.height, "width": image.width}
+
 
 def time_ids(original_sizes, crops_top_left, target_size, device=None, dtype=torch.float32):
     """SDXL's micro-conditioning, one row of 6 numbers per sample: original (height, width) of the image before any
@@ -89,6 +137,10 @@ def crops_for_time_ids(crops_top_left, top=None, left=None):
         if value is not None:
             crops[:, column] = value
     return crops
+
+
+# --vae_precision's values (InstructPix2Pix SDXL): the dtype SDXL's own VAE runs in.
+VAE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def vae_dtype(weight_dtype, pretrained_vae_model_name_or_path=None):
