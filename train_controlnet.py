@@ -32,13 +32,14 @@ from trainkit.cli import InputError
 
 # Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM = 1, 2, 3, 4, 5
-PIPELINE_PARTS = ("text_encoder", "vae", "unet", "scheduler")
-# SD has the first tokenizer and text encoder only; SDXL both (its batches and caches carry the second's token ids and
-# pooled embedding under these names).
-TOKENIZERS, TEXT_ENCODERS, INPUT_IDS = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), \
-    ("input_ids", "input_ids_2")
-# Flags whose upstream default differs between train_controlnet.py and train_controlnet_sdxl.py: (SD, SDXL).
-MODEL_DEFAULTS = {"tracker_project_name": ("train_controlnet", "sd_xl_train_controlnet")}
+# The batch keys of each tokenizer's token ids (as many as the family has tokenizers).
+INPUT_IDS = ("input_ids", "input_ids_2")
+# The families this script trains, and the flags whose upstream default differs between them
+# (train_controlnet.py, train_controlnet_sdxl.py).
+FAMILY_DEFAULTS = {
+    "sd": {"tracker_project_name": "train_controlnet"},
+    "sdxl": {"tracker_project_name": "sd_xl_train_controlnet"},
+}
 # The ControlNet examples resize with bilinear filtering; --image_interpolation_mode picks another filter.
 INTERPOLATION_MODES = {
     "bilinear": Image.BILINEAR,
@@ -192,11 +193,8 @@ def parse_args(argv=None):
     args = cli.parse_args_with_config(parser, argv)
     if args.feature_cache_dir is None:
         args.feature_cache_dir = feature_cache.default_feature_cache_dir()
-    # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
-    args.sdxl = families.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    for name, defaults in MODEL_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, defaults[args.sdxl])
+    # The base model's family; the flags its upstream script defaults differently follow.
+    args.family = families.select(args, FAMILY_DEFAULTS, "train_controlnet.py")
     return args
 
 
@@ -229,7 +227,7 @@ def validate_args(args):
                          "cannot be cached")
     if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
-    families.check_crop_flags(args)
+    args.family.check_crop_flags(args)
     if args.enable_npu_flash_attention:
         import importlib.util
 
@@ -237,9 +235,8 @@ def validate_args(args):
             raise InputError("--enable_npu_flash_attention needs an Ascend NPU and the torch_npu package")
     args.validation_pairs = validation_pairs(args)
 
-    parts = families.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS
     skipped = {"tokenizer": args.tokenizer_name, "vae": args.pretrained_vae_model_name_or_path}
-    cli.check_pipeline_folder(args.pretrained_model_name_or_path, [p for p in parts if not skipped.get(p)])
+    args.family.check_folder(args.pretrained_model_name_or_path, [p for p in args.family.parts if not skipped.get(p)])
     for flag, path in (("--controlnet_model_name_or_path", args.controlnet_model_name_or_path),
                        ("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)):
         if path is not None:
@@ -249,7 +246,7 @@ def validate_args(args):
     unet_config = os.path.join(args.pretrained_model_name_or_path, "unet", "config.json")
     if args.controlnet_model_name_or_path is not None and os.path.isdir(args.controlnet_model_name_or_path) \
             and os.path.isfile(unet_config):
-        # Before any model loads: an SD ControlNet on an SDXL model (or the reverse) fails here, by its config.
+        # Before any model loads: a ControlNet of another family (or size) fails here, by its config.
         check_controlnet_fits(args, read_json_config(os.path.join(args.controlnet_model_name_or_path, "config.json"),
                                                      "--controlnet_model_name_or_path"),
                               read_json_config(unet_config, "--pretrained_model_name_or_path"))
@@ -307,7 +304,7 @@ def read_json_config(path, flag):
 
 
 def check_controlnet_fits(args, controlnet_config, unet_config):
-    """A ControlNet adds residuals to the base UNet's blocks and reads its conditions (SDXL: pooled text + time ids):
+    """A ControlNet adds residuals to the base UNet's blocks and reads its conditions (the family's added conditions):
     the configs must agree on MATCHING_CONFIG. Checked on the config files before loading, and on the loaded models
     (hub ids)."""
     differences = [
@@ -316,10 +313,9 @@ def check_controlnet_fits(args, controlnet_config, unet_config):
         and _plain(controlnet_config[key]) != _plain(unet_config[key])
     ]
     if differences:
-        family = "an SDXL" if args.sdxl else "a Stable Diffusion"
         raise InputError(
             f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path!r} does not fit "
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} ({family} model): "
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} ({args.family.described} model): "
             f"{', '.join(differences)} (ControlNet vs UNet)"
         )
 
@@ -671,7 +667,7 @@ class ControlNetExamples(torch.utils.data.Dataset):
 
     def token_ids(self, caption):
         """One (max_length,) tensor of token ids per tokenizer."""
-        return [ids[0] for ids in families.tokenize_prompts(self.tokenizers, caption)]
+        return [ids[0] for ids in self.args.family.tokenize(self.tokenizers, caption)]
 
     def __len__(self):
         return self.size
@@ -851,13 +847,15 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
     """Fill the text-embedding cache for every caption of the rows this run trains on, and the empty prompt when
-    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries hold what `families.encode_prompt` returns
-    (SDXL: both encoders' hidden states and the pooled embedding) and are keyed by token ids, so a different
-    tokenizer is a miss too."""
+    --proportion_empty_prompts can pick it, and switch the dataset to it. Entries hold what the family's
+    `encode_prompt` returns (the hidden states, and the pooled embedding where there is one) and are keyed by token
+    ids, so a different tokenizer is a miss too."""
     if not isinstance(text_encoders, (list, tuple)):
         text_encoders = [text_encoders]
-    settings = {name: feature_cache.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
-    cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", {**settings, "dtype": str(weight_dtype)})
+    settings = {name: feature_cache.model_fingerprint(model)
+                for name, model in zip(args.family.text_encoder_parts, text_encoders)}
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings",
+                                       {**settings, "dtype": str(weight_dtype)})
     rows = train_dataset.rows()
     captions = set(all_captions(train_dataset.dataset.select(rows)[args.caption_column]))
     if args.proportion_empty_prompts > 0:
@@ -867,7 +865,7 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weigh
                     for caption, per_tokenizer in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = families.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
+        hidden_states, pooled = args.family.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
         return [{"hidden_states": states, "pooled_prompt_embeds": vector}
@@ -885,14 +883,15 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weigh
 
 
 def load_models(args):
-    """(noise_scheduler, tokenizers, text_encoders, vae, unet) from the pretrained pipeline: one tokenizer and text
-    encoder for SD, two for SDXL (a CLIPTextModel and a CLIPTextModelWithProjection); the VAE from
-    --pretrained_vae_model_name_or_path if given. Load errors are InputErrors naming the part that failed."""
+    """(noise_scheduler, tokenizers, text_encoders, vae, unet) from the pretrained pipeline: the family's tokenizers
+    (--tokenizer_name replaces the first) and text encoders; the VAE from --pretrained_vae_model_name_or_path if
+    given. Load errors are InputErrors naming the part that failed."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer
 
-    # Trained with DDPM noising whatever the pipeline samples with (SDXL ships EulerDiscreteScheduler), as upstream.
+    # Trained with DDPM noising whatever the pipeline samples with (some ship EulerDiscreteScheduler), as upstream.
     noise_scheduler = load_part(args, "scheduler", DDPMScheduler.from_pretrained)
+    first_tokenizer, *other_tokenizers = args.family.tokenizer_parts
     if args.tokenizer_name is not None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision,
@@ -901,13 +900,11 @@ def load_models(args):
             raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load "
                              f"({cli.first_line(error)})") from None
     else:
-        tokenizer = load_part(args, "tokenizer", AutoTokenizer.from_pretrained)
-    tokenizers = [tokenizer]
-    if args.sdxl:
-        tokenizers.append(load_part(args, "tokenizer_2", AutoTokenizer.from_pretrained))
-    # Each frozen part loads outside ZeRO-3's partitioning (frozen_models_outside_zero3 does not nest).
-    text_encoders = [load_frozen_part(args, part) for part in TEXT_ENCODERS[:len(tokenizers)]]
-    vae = load_frozen_part(args, "vae")
+        tokenizer = load_part(args, first_tokenizer, AutoTokenizer.from_pretrained)
+    tokenizers = [tokenizer] + [load_part(args, part, AutoTokenizer.from_pretrained) for part in other_tokenizers]
+    # Each frozen model loads outside ZeRO-3's partitioning (frozen_models_outside_zero3 does not nest).
+    text_encoders = load_frozen_text_encoders(args)
+    vae = load_frozen_vae(args)
     with distributed.frozen_models_outside_zero3():
         unet = load_part(args, "unet", UNet2DConditionModel.from_pretrained, variant=args.variant)
 
@@ -930,19 +927,23 @@ def load_part(args, part, loader, **kwargs):
                          f"({cli.first_line(error)})") from None
 
 
-def load_frozen_part(args, part, device=None, dtype=None):
-    """The VAE (--pretrained_vae_model_name_or_path's if given) or a text encoder: for load_models, and again for
-    validation after --cache_latents / --cache_text_embeddings dropped it (then on `device` in `dtype`)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
+def load_frozen_vae(args, device=None, dtype=None):
+    """The frozen VAE (--pretrained_vae_model_name_or_path's if given): for load_models, and again for validation
+    after --cache_latents dropped it (then on `device` in `dtype`)."""
     with distributed.frozen_models_outside_zero3():
-        if part == "vae":
-            model = families.load_vae(args)
-        else:
-            loader = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[part].from_pretrained
-            model = load_part(args, part, loader, variant=args.variant)
-    model.requires_grad_(False)
-    return model if device is None else model.to(device, dtype=dtype)
+        vae = args.family.load_vae(args)
+    vae.requires_grad_(False)
+    return vae if device is None else vae.to(device, dtype=dtype)
+
+
+def load_frozen_text_encoders(args, device=None, dtype=None):
+    """The family's frozen text encoders: for load_models, and again for validation after --cache_text_embeddings
+    dropped them (then on `device` in `dtype`)."""
+    with distributed.frozen_models_outside_zero3():
+        text_encoders = args.family.load_text_encoders(args)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
+    return text_encoders if device is None else [model.to(device, dtype=dtype) for model in text_encoders]
 
 
 def frozen_dtype(accelerator):
@@ -990,23 +991,20 @@ def build_optimizer(args, params):
 
 
 def added_conditions(batch, pooled_prompt_embeds, args):
-    """The `added_cond_kwargs` the ControlNet and the UNet both read: None for SD; for SDXL the pooled embedding and
-    each sample's time ids from its original size, real crop and target size (its bucket, or the --resolution
-    square), unless --crops_coords_top_left_h/_w are given (then they are the crop, as upstream)."""
-    if pooled_prompt_embeds is None:
-        return None
-    crops = families.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
-                                      args.crops_coords_top_left_w)
+    """The `added_cond_kwargs` the ControlNet and the UNet both read, as the family makes them (None where the UNet
+    takes none) from the pooled embedding and each sample's original size, real crop and target size (its bucket, or
+    the --resolution square); --crops_coords_top_left_h/_w, where the family takes them, replace the crop (as
+    upstream)."""
+    crops = args.family.time_id_crops(args, batch["crop_top_left"])
     target_sizes = batch.get("target_size", (args.resolution, args.resolution))
-    time_ids = families.sdxl_time_ids(batch["original_size"], crops, target_sizes, device=pooled_prompt_embeds.device)
-    return families.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+    return args.family.added_conditions(pooled_prompt_embeds, batch["original_size"], crops, target_sizes)
 
 
 def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, generator, args, weight_dtype,
                   scaling_factor):
     """The diffusion loss of one batch: encode images and captions with the frozen models (or take them from the
-    cache), noise the latents, let the ControlNet read the conditioning image (and, SDXL, the same added conditions
-    as the UNet) and feed its residuals into the frozen UNet, weight by Min-SNR.
+    cache), noise the latents, let the ControlNet read the conditioning image (and the same added conditions as the
+    UNet, where the family has them) and feed its residuals into the frozen UNet, weight by Min-SNR.
 
     Every random draw (latent sampling, noise, timesteps) comes from `generator`, so a resumed run repeats it."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -1015,13 +1013,13 @@ def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, 
         if "latent_dist" in batch:
             latent_dist = DiagonalGaussianDistribution(batch["latent_dist"])
         else:
-            latent_dist = vae.encode(batch["pixel_values"].to(families.vae_dtype(args, weight_dtype))).latent_dist
+            latent_dist = vae.encode(batch["pixel_values"].to(args.family.vae_dtype(args, weight_dtype))).latent_dist
         latents = latent_dist.sample(generator=generator).float() * scaling_factor
         if "encoder_hidden_states" in batch:
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
             input_ids = [batch[key] for key in INPUT_IDS if key in batch]
-            encoder_hidden_states, pooled = families.encode_prompt(text_encoders, input_ids)
+            encoder_hidden_states, pooled = args.family.encode_prompt(text_encoders, input_ids)
     added_cond_kwargs = added_conditions(batch, pooled, args)
     unet_added_cond_kwargs = added_cond_kwargs and {key: value.to(weight_dtype)
                                                     for key, value in added_cond_kwargs.items()}
@@ -1057,18 +1055,12 @@ def training_loss(controlnet, unet, vae, text_encoders, noise_scheduler, batch, 
 
 
 def validation_pipeline(args, scheduler, **components):
-    """StableDiffusionControlNetPipeline (SDXL: StableDiffusionXLControlNetPipeline) from the models in memory."""
-    from diffusers import (
-        StableDiffusionControlNetPipeline,
-        StableDiffusionXLControlNetPipeline,
-        UniPCMultistepScheduler,
-    )
+    """The family's ControlNet pipeline (e.g. StableDiffusionControlNetPipeline) from the models in memory."""
+    from diffusers import UniPCMultistepScheduler
 
     scheduler = UniPCMultistepScheduler.from_config(scheduler.config)
-    if args.sdxl:
-        return StableDiffusionXLControlNetPipeline(**components, scheduler=scheduler, add_watermarker=False)
-    return StableDiffusionControlNetPipeline(**components, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    pipeline_class = args.family.pipeline_class("controlnet")
+    return pipeline_class(**components, scheduler=scheduler, **args.family.pipeline_kwargs)
 
 
 def validation_size(args):
@@ -1097,11 +1089,11 @@ def generate_validation_images(accelerator, controlnet, unet, vae, text_encoders
         # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
         weight_dtype = frozen_dtype(accelerator)
         if vae is None:
-            vae = load_frozen_part(args, "vae", accelerator.device, families.vae_dtype(args, weight_dtype))
-        text_encoders = text_encoders or [load_frozen_part(args, part, accelerator.device, weight_dtype)
-                                          for part in TEXT_ENCODERS[:len(tokenizers)]]
+            vae = load_frozen_vae(args, accelerator.device, args.family.vae_dtype(args, weight_dtype))
+        text_encoders = text_encoders or load_frozen_text_encoders(args, accelerator.device, weight_dtype)
         pipeline = validation_pipeline(args, noise_scheduler, vae=vae, unet=unet, controlnet=controlnet,
-                                       **dict(zip(TEXT_ENCODERS, text_encoders)), **dict(zip(TOKENIZERS, tokenizers)))
+                                       **dict(zip(args.family.text_encoder_parts, text_encoders)),
+                                       **dict(zip(args.family.tokenizer_parts, tokenizers)))
         pipeline.set_progress_bar_config(disable=True)
         if args.enable_xformers_memory_efficient_attention:
             pipeline.enable_xformers_memory_efficient_attention()
@@ -1173,7 +1165,7 @@ def write_model_card(args, global_step, logs):
             make_image_grid(tiles, 1, len(tiles)).save(os.path.join(args.output_dir, f"images_{index}.png"))
             gallery += f"prompt: {log['prompt']}\n![images_{index}](./images_{index}.png)\n\n"
     example_prompt = logs[0]["prompt"] if logs else "red circle with blue background"
-    pipeline_name = "StableDiffusionXLControlNetPipeline" if args.sdxl else "StableDiffusionControlNetPipeline"
+    pipeline_name = args.family.pipelines["controlnet"]
     description = f"""
 # ControlNet trained on {args.pretrained_model_name_or_path}
 
@@ -1212,11 +1204,11 @@ image = pipeline({example_prompt!r}, image=load_image("conditioning.png")).image
     if args.masked_loss:
         mask_source = f"the `{args.mask_column}` column" if args.mask_column else "alpha channels / `name.mask.png`"
         description += f"| masked loss | yes, masks from {mask_source} |\n"
-    family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
-    tags = [family, f"{family}-diffusers", "text-to-image", "diffusers", "controlnet", "diffusers-training"]
+    hub_tag = args.family.hub_tag
+    tags = [hub_tag, f"{hub_tag}-diffusers", "text-to-image", "diffusers", "controlnet", "diffusers-training"]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
     card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
-                              license="openrail++" if args.sdxl else "creativeml-openrail-m", inference=True)
+                              license=args.family.license, inference=True)
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
                                    model_description=description)
     card.save(os.path.join(args.output_dir, "README.md"))
@@ -1341,10 +1333,10 @@ def main(argv=None):
     # known only now for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, families.vae_dtype(args, weight_dtype))
+        cache_latents(accelerator, train_dataset, vae, args, args.family.vae_dtype(args, weight_dtype))
         vae = None
     else:
-        vae.to(accelerator.device, dtype=families.vae_dtype(args, weight_dtype))
+        vae.to(accelerator.device, dtype=args.family.vae_dtype(args, weight_dtype))
     if args.cache_text_embeddings:
         cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype)
         text_encoders = None

@@ -302,6 +302,7 @@ def test_cached_examples_equal_fresh_encodings(tiny_sd, fill_parquet, tmp_path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     import train_controlnet as script
+    from trainkit import families
     from trainkit.randomness import RunState
 
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
@@ -311,7 +312,8 @@ def test_cached_examples_equal_fresh_encodings(tiny_sd, fill_parquet, tmp_path):
                      image_column="image", conditioning_image_column="conditioning_image", caption_column="text",
                      resolution=64, random_crop=False, random_flip=True, proportion_empty_prompts=0.4,
                      image_interpolation_mode=None,
-                     max_train_samples=5, feature_cache_dir=str(tmp_path / "cache"), train_batch_size=2)
+                     max_train_samples=5, feature_cache_dir=str(tmp_path / "cache"), train_batch_size=2,
+                     family=families.FAMILIES["sd"])
     examples = script.load_controlnet_dataset(args)
     fresh = script.ControlNetExamples(examples, tokenizer, args, RunState(3))
     cached = script.ControlNetExamples(examples, tokenizer, args, RunState(3))

@@ -30,6 +30,7 @@ from helpers import (
 )
 from conftest import MIXED_ASPECT_BUCKETS
 from test_controlnet import fill_example, write_paired_folder, write_parquet_dataset
+from trainkit import families
 
 SCRIPT = "train_controlnet.py"
 PROMPTS = ["red circle with blue background", "cyan circle with brown floral background"]
@@ -226,8 +227,8 @@ def _args(data, cache_dir, **overrides):
                 image_column="image", conditioning_image_column="conditioning_image", caption_column="text",
                 resolution=16, random_crop=False, random_flip=True, proportion_empty_prompts=0.4,
                 image_interpolation_mode=None, max_train_samples=None, feature_cache_dir=cache_dir,
-                train_batch_size=2, sdxl=True, crops_coords_top_left_h=None, crops_coords_top_left_w=None,
-                noise_offset=0, snr_gamma=None, pretrained_vae_model_name_or_path=None)
+                train_batch_size=2, family=families.FAMILIES["sdxl"], crops_coords_top_left_h=None,
+                crops_coords_top_left_w=None, noise_offset=0, snr_gamma=None, pretrained_vae_model_name_or_path=None)
     args.update(overrides)
     return Namespace(**args)
 
@@ -265,7 +266,7 @@ def test_time_ids_come_from_the_real_crop_unless_the_crop_flags_are_given(fill_s
     assert given["time_ids"].tolist() == [[32, 40, 0, 0, 16, 16]] * 2
     only_top = script.added_conditions(batch, pooled, _args(fill_sdxl, None, crops_coords_top_left_h=5))
     assert only_top["time_ids"].tolist() == [[32, 40, 5, 3, 16, 16], [32, 40, 5, 1, 16, 16]]
-    assert script.added_conditions(batch, None, args) is None  # SD
+    assert script.added_conditions(batch, None, _args(fill_sdxl, None, family=families.FAMILIES["sd"])) is None
 
 
 def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(paired_folder, tmp_path):
@@ -311,16 +312,13 @@ def test_cached_examples_and_loss_equal_fresh_ones(tiny_sdxl, fill_sdxl, tmp_pat
     the loss of a cached batch equals the fresh one within fp32 rounding; the ControlNet receives the same added
     conditions (pooled text, time ids) as the UNet."""
     import train_controlnet as script
-    from trainkit.families import encode_prompt_sdxl
     from trainkit.randomness import RunState
 
     args = _args(fill_sdxl, str(tmp_path / "cache"), pretrained_model_name_or_path=tiny_sdxl, revision=None,
                  variant=None, tokenizer_name=None, prediction_type=None, controlnet_model_name_or_path=None)
     noise_scheduler, tokenizers, text_encoders, vae, unet = script.load_models(args)
     assert len(tokenizers) == len(text_encoders) == 2 and type(text_encoders[1]).__name__.endswith("Projection")
-    from trainkit import families
-
-    assert families.vae_dtype(args, torch.float16) == torch.float32
+    assert args.family.vae_dtype(args, torch.float16) == torch.float32
     examples = script.load_controlnet_dataset(args)
     fresh = script.ControlNetExamples(examples, tokenizers, args, RunState(3))
     cached = script.ControlNetExamples(examples, tokenizers, args, RunState(3))
@@ -337,8 +335,8 @@ def test_cached_examples_and_loss_equal_fresh_ones(tiny_sdxl, fill_sdxl, tmp_pat
                 assert torch.equal(example["crop_top_left"], expected["crop_top_left"])
                 latent_dist = vae.encode(expected["pixel_values"][None]).latent_dist.parameters[0]
                 torch.testing.assert_close(example["latent_dist"], latent_dist, rtol=1e-4, atol=5e-5)
-                hidden, pooled = encode_prompt_sdxl(text_encoders, [expected["input_ids"][None],
-                                                                    expected["input_ids_2"][None]])
+                hidden, pooled = args.family.encode_prompt(text_encoders, [expected["input_ids"][None],
+                                                                           expected["input_ids_2"][None]])
                 torch.testing.assert_close(example["encoder_hidden_states"], hidden[0], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(example["pooled_prompt_embeds"], pooled[0], rtol=1e-5, atol=1e-5)
                 empty += tokenizers[0].decode(expected["input_ids"], skip_special_tokens=True) == ""
