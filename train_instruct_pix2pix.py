@@ -39,15 +39,16 @@ from trainkit.cli import InputError
 # Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, DROPOUT_STREAM = 1, 2, 3, 4, 5, 6
 EMPTY_PROMPT_STREAM = 7  # --proportion_empty_prompts: its own draws, so the other draws do not move with it
-PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
-# SD has the first text encoder only; SDXL both (batches and caches carry the second's token ids under INPUT_IDS[1]).
-TOKENIZERS, TEXT_ENCODERS, INPUT_IDS = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), \
-    ("input_ids", "input_ids_2")
-# Flags whose upstream default differs between train_instruct_pix2pix.py and its _sdxl twin: (SD, SDXL).
-MODEL_DEFAULTS = {"validation_epochs": (1, None), "validation_steps": (None, 100)}
-VAE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# The SDXL-only flags: refused on an SD model.
-SDXL_FLAGS = ("vae_precision", "crops_coords_top_left_h", "crops_coords_top_left_w")
+# The families this script trains, each with the defaults of its upstream script (train_instruct_pix2pix.py and
+# train_instruct_pix2pix_sdxl.py) where they differ, for flags left out: the validation cadence and the tracker project.
+FAMILY_DEFAULTS = {
+    "sd": {"validation_epochs": 1, "tracker_project_name": "instruct-pix2pix"},
+    "sdxl": {"validation_steps": 100, "tracker_project_name": "instruct-pix2pix-xl"},
+}
+TASK = "instruct_pix2pix"  # the families' key for this script's pipeline and flags
+# Batches and caches carry each tokenizer's ids under these names (SD: the first only).
+INPUT_IDS = ("input_ids", "input_ids_2")
+VAE_PRECISIONS = ("bf16", "fp16", "fp32")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -62,7 +63,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LATENT_CHANNELS, EDIT_IN_CHANNELS = 4, 8
 # Upstream's validation guidance: how strongly to follow the original image and the instruction.
 VALIDATION_IMAGE_GUIDANCE, VALIDATION_TEXT_GUIDANCE = 1.5, 7.0
-TRACKER_PROJECTS = ("instruct-pix2pix", "instruct-pix2pix-xl")  # (SD, SDXL), as upstream
 URL_PREFIXES = ("http://", "https://")
 
 
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     add("--pretrained_vae_model_name_or_path", type=str, default=None,
         help="A VAE folder or hub id to use instead of the pipeline's, e.g. an fp16-safe SDXL VAE; it runs in the "
              "mixed-precision dtype. The saved pipeline holds this VAE.")
-    add("--vae_precision", type=str, default=None, choices=sorted(VAE_PRECISIONS),
+    add("--vae_precision", type=str, default=None, choices=VAE_PRECISIONS,
         help="SDXL: the dtype the pipeline's own VAE runs in (default fp32: SDXL's VAE overflows in fp16), as "
              "upstream; not used with --pretrained_vae_model_name_or_path.")
     add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
@@ -199,11 +199,8 @@ def parse_args(argv=None):
         args.non_ema_revision = args.revision
     if args.feature_cache_dir is None:
         args.feature_cache_dir = feature_cache.default_feature_cache_dir()
-    # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
-    args.sdxl = families.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    for name, defaults in MODEL_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, defaults[args.sdxl])
+    # The base model's family; the flags its upstream script defaults differently follow.
+    args.family = families.select(args, FAMILY_DEFAULTS, "train_instruct_pix2pix.py")
     return args
 
 
@@ -237,12 +234,8 @@ def validate_args(args):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
     check_validation_args(args)
 
-    cli.check_pipeline_folder(args.pretrained_model_name_or_path,
-                                 families.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS)
-    for name in SDXL_FLAGS if not args.sdxl else ():
-        if getattr(args, name) is not None:
-            raise InputError(f"--{name} applies to SDXL only; {args.pretrained_model_name_or_path!r} is a Stable "
-                             "Diffusion model")
+    args.family.check_folder(args.pretrained_model_name_or_path)
+    args.family.refuse_flags(args, TASK)
     if args.pretrained_vae_model_name_or_path is not None:
         cli.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
     if args.dataset_name is None and args.train_data_dir is None:
@@ -491,9 +484,9 @@ def load_loss_mask(source, edited, mask_image=None):
 
 
 class EditExamples(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) from randomness.EpochSampler (or bucketing.BucketBatchSampler). The crop, the flip and the
-    dropout draws depend only on the run seed, the epoch and the sample index, so they are the same on resume and
-    with any number of workers or processes.
+    """Indexed by (epoch, index) from randomness.EpochSampler (or bucketing.BucketBatchSampler). The crop, the flip
+    and the dropout draws depend only on the run seed, the epoch and the sample index, so they are the same on resume
+    and with any number of workers or processes.
 
     With `--max_train_samples` the subset is drawn from the run seed too, lazily (a resumed run's seed is the
     checkpoint's).
@@ -644,14 +637,15 @@ class EditExamples(torch.utils.data.Dataset):
             for name, image_key in zip(("original_latent_dist", "edited_latent_dist"), self.image_keys[row]):
                 entry = self.latent_cache.load(image_key)
                 item[name] = entry["flipped" if flip else "latent_dist"]
-            height, width = entry["original_size"].tolist() if a.sdxl else (0, 0)  # the edited image's
+            # The edited image's size, for the time ids.
+            height, width = entry["original_size"].tolist() if a.family.size_conditioned else (0, 0)
             if self.masked_loss:
                 item["loss_mask"] = entry.get("mask_flipped" if flip else "mask", all_pixels(target))
-        if a.sdxl:
+        if a.family.size_conditioned:
             item.update(micro_conditioning(width, height, target, crop_position, flip))
         prompt = "" if self.drops_prompt(epoch, index) else example[a.edit_prompt_column] or ""
         if self.text_cache is None:
-            for name, ids in zip(INPUT_IDS, families.tokenize_prompts(self.tokenizers, prompt)):
+            for name, ids in zip(INPUT_IDS, a.family.tokenize(self.tokenizers, prompt)):
                 item[name] = ids[0]
         else:
             entry = self.text_cache.load(self.prompt_keys[prompt])
@@ -725,7 +719,7 @@ def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
         settings["preprocess"] = "instruct_pix2pix: RGB, resized to cover the bucket in the key, relative crop (0.5, " \
                                  "0.5), [-1, 1]"
     cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents",
-                                {**settings, "original_size": True} if args.sdxl else settings)
+                                {**settings, "original_size": True} if args.family.size_conditioned else settings)
     columns = image_columns(args)
     masks = train_dataset.check_masks()
     cell_columns = columns + ((mask_column(args),) if mask_column(args) else ())
@@ -767,7 +761,7 @@ def cache_latents(accelerator, train_dataset, vae, args, vae_dtype):
                 entry = {"latent_dist": parameters[i]}
                 if args.random_flip:
                     entry["flipped"] = parameters[len(images) + i]
-                if args.sdxl:
+                if args.family.size_conditioned:
                     entry["original_size"] = torch.tensor([image.height, image.width])
                 row, _, _, source = batch_inputs[position]
                 mask_image = decode(row, mask_column(args)) if source and source[0] == MASK_CELL else None
@@ -812,14 +806,14 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, tokenizers,
     cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", settings)
     rows = train_dataset.rows()
     prompts = {prompt or "" for prompt in train_dataset.dataset.select(rows)[args.edit_prompt_column]} | {""}
-    token_ids = {prompt: [ids[0] for ids in families.tokenize_prompts(tokenizers, prompt)] for prompt in sorted(prompts)}
+    token_ids = {prompt: [ids[0] for ids in args.family.tokenize(tokenizers, prompt)] for prompt in sorted(prompts)}
     # SD's keys are those of the token ids alone, as before SDXL.
     prompt_keys = {prompt: feature_cache.fingerprint(ids[0].tolist() if len(ids) == 1 else [i.tolist() for i in ids])
                    for prompt, ids in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = families.encode_prompt(text_encoders, [torch.stack(ids).to(accelerator.device)
-                                                            for ids in zip(*batch_ids)])
+        hidden_states, pooled = args.family.encode_prompt(text_encoders, [torch.stack(ids).to(accelerator.device)
+                                                                          for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
         return [{"hidden_states": states, "pooled": embeds} for states, embeds in zip(hidden_states, pooled)]
@@ -843,10 +837,9 @@ def load_models(args):
     encoder for SD, two for SDXL; the VAE from --pretrained_vae_model_name_or_path if given), the UNet widened to 8
     input channels; load errors are InputErrors naming the part that failed."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = args.pretrained_model_name_or_path
-    count = 2 if args.sdxl else 1
+    family = args.family
 
     def load(part, loader, **kwargs):
         try:
@@ -857,25 +850,15 @@ def load_models(args):
 
     # Trained with DDPM noising whatever the pipeline samples with (SDXL ships EulerDiscreteScheduler), as upstream.
     noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
-    tokenizers = [load(name, CLIPTokenizer.from_pretrained) for name in TOKENIZERS[:count]]
-    encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
+    tokenizers = family.load_tokenizers(args)
     with distributed.frozen_models_outside_zero3():
-        text_encoders = [load(name, cls.from_pretrained, variant=args.variant)
-                         for name, cls in zip(TEXT_ENCODERS[:count], encoder_classes)]
-        vae = families.load_vae(args)
+        text_encoders = family.load_text_encoders(args)
+        vae = family.load_vae(args)
     unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"--pretrained_model_name_or_path {source!r}: the scheduler predicts "
                          f"{noise_scheduler.config.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     return noise_scheduler, tokenizers, text_encoders, vae, widen_conv_in(unet)
-
-
-def vae_dtype(args, weight_dtype):
-    """The dtype the VAE runs in: SD's in the frozen models' dtype; SDXL's own in --vae_precision (default fp32, where
-    families.sdxl_vae_dtype's upcast rule puts it), another VAE in the frozen models' dtype, as upstream."""
-    if not args.sdxl or args.vae_precision is None or args.pretrained_vae_model_name_or_path is not None:
-        return families.vae_dtype(args, weight_dtype)
-    return VAE_PRECISIONS[args.vae_precision]
 
 
 def widen_conv_in(unet):
@@ -959,16 +942,13 @@ def apply_conditioning_dropout(encoder_hidden_states, original_latents, draws, p
 
 
 def added_conditions(batch, pooled_prompt_embeds, args):
-    """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled embedding and each sample's time ids from its
-    real original size and crop (an explicit --crops_coords_top_left_h/w wins, as upstream) and its target size (its
-    bucket, or --resolution square)."""
-    if pooled_prompt_embeds is None:
-        return None
-    crops = families.crops_for_time_ids(batch["crop_top_left"], args.crops_coords_top_left_h,
-                                      args.crops_coords_top_left_w)
+    """The UNet's `added_cond_kwargs` from the family: None for SD; for SDXL the pooled embedding and each sample's
+    time ids from its real original size and crop (an explicit --crops_coords_top_left_h/w wins, as upstream) and its
+    target size (its bucket, or --resolution square)."""
+    family = args.family
     targets = batch.get("target_size", (args.resolution, args.resolution))
-    time_ids = families.sdxl_time_ids(batch["original_size"], crops, targets)
-    return families.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+    return family.added_conditions(pooled_prompt_embeds, batch.get("original_size"),
+                                   family.time_id_crops(args, batch.get("crop_top_left")), targets)
 
 
 def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, vae_dtype, empty_prompt,
@@ -992,8 +972,8 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
         if "encoder_hidden_states" in batch:
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
-            encoder_hidden_states, pooled = families.encode_prompt(text_encoders, [batch[name] for name in INPUT_IDS
-                                                                        if name in batch])
+            encoder_hidden_states, pooled = args.family.encode_prompt(
+                text_encoders, [batch[name] for name in INPUT_IDS if name in batch])
         # Unscaled and deterministic (the mode), as the InstructPix2Pix pipelines encode the image they edit.
         original_latents = latent_dist("original").mode().float()
     if args.conditioning_dropout_prob:
@@ -1083,9 +1063,8 @@ def generate_validation_images(accelerator, pipeline, image, args, seed):
     pipeline.set_progress_bar_config(disable=True)
     if args.enable_xformers_memory_efficient_attention:
         pipeline.enable_xformers_memory_efficient_attention()
-    # SD's pipeline edits at the image's size; SDXL's resizes the image to its height/width (default: the UNet's
-    # sample size), so with --validation_height/--validation_width it is given the image's size.
-    size = {"height": image.height, "width": image.width} if args.sdxl and validation_size(args) else {}
+    # With --validation_height/--validation_width the pipeline edits at the image's size (SDXL's is told so).
+    size = args.family.edit_size_kwargs(image) if validation_size(args) else {}
     for k in mine:
         generator = randomness.make_generator(accelerator.device, seed, VALIDATION_STREAM, k)
         with torch.no_grad(), accelerator.autocast():
@@ -1112,15 +1091,16 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoders, to
     was_training = model.training
     model.eval()
     try:
-        frozen = dict(zip(TOKENIZERS, tokenizers))
+        family = args.family
+        frozen = dict(zip(family.tokenizer_parts, tokenizers))
         if vae is not None or args.pretrained_vae_model_name_or_path is not None:
-            frozen["vae"] = vae if vae is not None else families.load_vae(args).to(accelerator.device)
-        frozen.update(zip(TEXT_ENCODERS, text_encoders or ()))
+            frozen["vae"] = vae if vae is not None else family.load_vae(args).to(accelerator.device)
+        frozen.update(zip(family.text_encoder_parts, text_encoders or ()))
         pipeline = load_pipeline(args, unet=model, **frozen)
         weight_dtype = frozen_dtype(accelerator)
         if vae is None:
-            pipeline.vae.to(accelerator.device, dtype=vae_dtype(args, weight_dtype))
-        for name in TEXT_ENCODERS[:len(tokenizers)] if text_encoders is None else ():
+            pipeline.vae.to(accelerator.device, dtype=family.vae_dtype(args, weight_dtype))
+        for name in family.text_encoder_parts if text_encoders is None else ():
             getattr(pipeline, name).to(accelerator.device, dtype=weight_dtype)
         return generate_validation_images(accelerator, pipeline, image, args, seed)
     finally:
@@ -1129,18 +1109,13 @@ def validate_during_training(accelerator, unet, ema_unet, vae, text_encoders, to
             ema_unet.restore(model.parameters())
 
 
-def pipeline_class(args):
-    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline
-
-    return StableDiffusionXLInstructPix2PixPipeline if args.sdxl else StableDiffusionInstructPix2PixPipeline
-
-
 def load_pipeline(args, **components):
-    """The base model's InstructPix2Pix pipeline (SD or SDXL) with `components` in place of its own."""
-    extra = {} if args.sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    """The base model's InstructPix2Pix pipeline (its family's class) with `components` in place of its own."""
+    family = args.family
     with distributed.frozen_models_outside_zero3():
-        return pipeline_class(args).from_pretrained(args.pretrained_model_name_or_path, **components, **extra,
-                                              revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+        return family.pipeline_class(TASK).from_pretrained(
+            args.pretrained_model_name_or_path, **components, **family.pipeline_kwargs, revision=args.revision,
+            variant=args.variant, cache_dir=args.cache_dir)
 
 
 def log_validation_images(accelerator, original, edited, name, epoch, global_step, args):
@@ -1175,7 +1150,7 @@ def save_pipeline(model, ema_unet, args):
         model.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    vae = {} if args.pretrained_vae_model_name_or_path is None else {"vae": families.load_vae(args)}
+    vae = {} if args.pretrained_vae_model_name_or_path is None else {"vae": args.family.load_vae(args)}
     load_pipeline(args, unet=model, **vae).save_pretrained(args.output_dir)
     if ema_unet is not None:
         ema_unet.restore(model.parameters())
@@ -1202,7 +1177,7 @@ def write_model_card(args, global_step, original, edited):
     data = args.dataset_name or args.train_data_dir
     gallery = ""
     example_prompt = args.validation_prompt or "make it snowy"
-    pipeline_name = f"StableDiffusion{'XL' if args.sdxl else ''}InstructPix2PixPipeline"
+    pipeline_name = args.family.pipelines[TASK]
     if edited:
         make_image_grid([original] + edited, 1, len(edited) + 1).save(os.path.join(args.output_dir,
                                                                                    "val_imgs_grid.png"))
@@ -1242,11 +1217,11 @@ edited = pipeline({example_prompt!r}, image=image, image_guidance_scale=1.5, gui
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 """
-    tags = ["stable-diffusion-xl" if args.sdxl else "stable-diffusion", "stable-diffusion-diffusers", "image-to-image",
-            "instruct-pix2pix", "diffusers", "diffusers-training"]
+    tags = [args.family.hub_tag, "stable-diffusion-diffusers", "image-to-image", "instruct-pix2pix", "diffusers",
+            "diffusers-training"]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
     card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
-                              license="openrail++" if args.sdxl else "creativeml-openrail-m", inference=True)
+                              license=args.family.license, inference=True)
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
                                    model_description=description)
     card.save(os.path.join(args.output_dir, "README.md"))
@@ -1324,7 +1299,7 @@ def main(argv=None):
     # Frozen parts run in the mixed-precision dtype (SDXL's own VAE: --vae_precision, fp32 by default); the trained
     # UNet stays fp32 (its optimizer states too).
     weight_dtype = frozen_dtype(accelerator)
-    vae_weight_dtype = vae_dtype(args, weight_dtype)
+    vae_weight_dtype = args.family.vae_dtype(args, weight_dtype)
     for frozen in [vae, *text_encoders]:
         frozen.requires_grad_(False)
     unet.to(torch.float32).train()
@@ -1408,8 +1383,8 @@ def main(argv=None):
         for text_encoder in text_encoders:
             text_encoder.to(accelerator.device, dtype=weight_dtype)
         with torch.no_grad():
-            empty_prompt = families.encode_prompt(text_encoders, [ids.to(accelerator.device)
-                                                       for ids in families.tokenize_prompts(tokenizers, [""])])
+            empty_prompt = args.family.encode_prompt(text_encoders, [ids.to(accelerator.device)
+                                                                     for ids in args.family.tokenize(tokenizers, [""])])
     feature_cache.free_memory()
 
     if accelerator.is_main_process:
@@ -1422,7 +1397,7 @@ def main(argv=None):
                 token=args.hub_token,
             ).repo_id
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(TRACKER_PROJECTS[args.sdxl], config=tracked)
+        accelerator.init_trackers(args.tracker_project_name, config=tracked)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
@@ -1526,7 +1501,7 @@ def main(argv=None):
     final_images = None
     if validation_image is not None:
         with distributed.frozen_models_outside_zero3():
-            saved = pipeline_class(args).from_pretrained(args.output_dir).to(accelerator.device)
+            saved = args.family.pipeline_class(TASK).from_pretrained(args.output_dir).to(accelerator.device)
         final_images = generate_validation_images(accelerator, saved, validation_image, args, run_state.seed)
         del saved
         log_validation("final", args.num_train_epochs, final_images)

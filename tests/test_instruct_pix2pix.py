@@ -13,6 +13,8 @@ import torch
 from conftest import MIXED_ASPECT_BUCKETS, MIXED_ASPECT_IMAGES
 from PIL import Image, ImageDraw, ImageOps
 
+from trainkit.families import FAMILIES
+
 from helpers import (
     assert_different_weights,
     assert_one_line_error,
@@ -31,6 +33,7 @@ from helpers import (
 SCRIPT = "train_instruct_pix2pix.py"
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 COLUMNS = "columns: input_image, edited_image, edit_prompt"
+SD = FAMILIES["sd"]
 
 
 def edit_example(rng, width, height=None):
@@ -484,7 +487,7 @@ def _pairs_namespace(**values):
     defaults = {"original_image_column": "input_image", "edited_image_column": "edited_image",
                 "edit_prompt_column": "edit_prompt", "resolution": 16, "center_crop": False, "random_flip": True,
                 "max_train_samples": None, "dataset_name": None, "dataset_config_name": None, "cache_dir": None,
-                "train_data_dir": None, "sdxl": False}
+                "train_data_dir": None, "family": SD}
     defaults.update(values)
     return Namespace(**defaults)
 
@@ -649,9 +652,7 @@ def test_empty_prompts_at_their_rate_from_their_own_stream():
 
 
 def tokenize(tokenizer, prompts):
-    from trainkit.families import tokenize_prompts
-
-    return tokenize_prompts([tokenizer], prompts)[0]
+    return SD.tokenize([tokenizer], prompts)[0]
 
 
 @pytest.fixture(scope="module")
@@ -677,7 +678,8 @@ def loss_inputs(tiny_sd):
 
 
 def _loss(inputs, batch_changes=None, **flags):
-    args = Namespace(**{"conditioning_dropout_prob": None, "noise_offset": 0.0, "snr_gamma": None, **flags})
+    args = Namespace(**{"conditioning_dropout_prob": None, "noise_offset": 0.0, "snr_gamma": None, "family": SD,
+                        "resolution": 64, **flags})
     batch = {**inputs["batch"], **(batch_changes or {})}
     with torch.no_grad():
         return _script().training_loss(inputs["unet"], inputs["vae"], [inputs["text_encoder"]], inputs["scheduler"],
@@ -728,7 +730,7 @@ def test_masked_loss_equals_the_unmasked_loss_for_an_all_ones_mask_and_ignores_m
     assert _loss(loss_inputs, {"loss_mask": half}) != pytest.approx(_loss(loss_inputs))
 
     unet = _PredictionUNet((2, 4, 8, 8))
-    args = Namespace(conditioning_dropout_prob=None, noise_offset=0.0, snr_gamma=None)
+    args = Namespace(conditioning_dropout_prob=None, noise_offset=0.0, snr_gamma=None, family=SD, resolution=64)
     loss = _script().training_loss(unet, loss_inputs["vae"], [loss_inputs["text_encoder"]], loss_inputs["scheduler"],
                                    {**loss_inputs["batch"], "loss_mask": half}, torch.Generator().manual_seed(7), args,
                                    torch.float32, loss_inputs["empty"], loss_inputs["vae"].config.scaling_factor)

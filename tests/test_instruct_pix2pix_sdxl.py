@@ -34,7 +34,10 @@ from test_instruct_pix2pix import (  # noqa: F401
     write_parquet_dataset,
 )
 
+from trainkit.families import FAMILIES
+
 SCRIPT = "train_instruct_pix2pix.py"
+SD, SDXL = FAMILIES["sd"], FAMILIES["sdxl"]
 # Upstream's documented train_instruct_pix2pix_sdxl.py command line, scaled down for a CPU: batch 4 -> 2,
 # accumulation 4 -> 2, resolution 256 -> 64, 15000 steps -> 8, checkpoints every 5000 -> 2 steps.
 UPSTREAM_FLAGS = ["--resolution=64", "--random_flip", "--train_batch_size=2", "--gradient_accumulation_steps=2",
@@ -195,12 +198,12 @@ def test_time_ids_come_from_the_real_size_and_crop_unless_the_crop_flags_are_giv
     """Each sample's time ids are (original height, width, crop top, left, resolution, resolution): the crop that was
     really taken in the resized image (seen in the flipped image when flipped), checked against the pixels; an
     explicit --crops_coords_top_left_h/w replaces its coordinate in every sample, as upstream."""
-    from trainkit.families import tokenize_prompts
     from trainkit.randomness import RunState
 
     script = _script()
     args = _args(tiny_sdxl, sdxl_pairs, str(tmp_path), "--resolution=16", "--random_flip")
-    assert args.sdxl and args.validation_steps == 100 and args.validation_epochs is None
+    assert args.family is SDXL and args.validation_steps == 100 and args.validation_epochs is None
+    assert args.tracker_project_name == "instruct-pix2pix-xl"
     dataset = script.load_edit_dataset(args)
     tokenizers = script.load_models(args)[1]
     examples = script.EditExamples(dataset, tokenizers, args, RunState(seed=3))
@@ -218,7 +221,7 @@ def test_time_ids_come_from_the_real_size_and_crop_unless_the_crop_flags_are_giv
             assert torch.equal(item["edited_pixel_values"], expected) or (
                 torch.equal(item["edited_pixel_values"], unflipped))
             seen.add((top, left))
-            assert [ids.tolist() for ids in tokenize_prompts(tokenizers, dataset[index]["edit_prompt"])] == [
+            assert [ids.tolist() for ids in SDXL.tokenize(tokenizers, dataset[index]["edit_prompt"])] == [
                 [item["input_ids"].tolist()], [item["input_ids_2"].tolist()]]
     assert len({left for _, left in seen}) > 2 and {top for top, _ in seen} == {0}
 
@@ -230,6 +233,7 @@ def test_time_ids_come_from_the_real_size_and_crop_unless_the_crop_flags_are_giv
     assert script.added_conditions(batch, pooled, args)["time_ids"][:, 2:4].tolist() == [[0, 0], [0, 0]]
     args.crops_coords_top_left_w = None
     assert script.added_conditions(batch, pooled, args)["time_ids"][:, 2:4].tolist() == [[0, 3], [0, 1]]
+    args.family = SD
     assert script.added_conditions(batch, None, args) is None  # SD: no added conditions
 
 
@@ -260,7 +264,6 @@ def test_cache_equals_fresh_encodings_and_a_dropped_prompt_drops_the_pooled_embe
     guidance sees it."""
     from diffusers import DDPMScheduler
     from torch.utils.data import default_collate
-    from trainkit.families import encode_prompt, tokenize_prompts
     from trainkit.randomness import RunState
 
     script = _script()
@@ -281,7 +284,7 @@ def test_cache_equals_fresh_encodings_and_a_dropped_prompt_drops_the_pooled_embe
         return unet.seen
 
     with torch.no_grad():
-        empty = encode_prompt(text_encoders, tokenize_prompts(tokenizers, [""]))
+        empty = SDXL.encode_prompt(text_encoders, SDXL.tokenize(tokenizers, [""]))
     fresh = fed(script.EditExamples(dataset, tokenizers, args, RunState(seed=3)), vae, text_encoders, empty)
 
     accelerator = _FakeAccelerator()
@@ -363,7 +366,6 @@ def test_bucketed_cache_pairs_every_latent_mask_and_caption_with_its_sample_and_
     the filled cache as a resumed run does, every cached sample holds the latents of its own images at its bucket's
     size, its own mask and its own (or the empty) prompt's embeddings, as fresh encodings give them. A bucket list
     that moves only the portrait pairs to another bucket computes exactly their 4 images again."""
-    from trainkit.families import encode_prompt
     from trainkit.randomness import RunState
 
     script = _script()
@@ -390,8 +392,8 @@ def test_bucketed_cache_pairs_every_latent_mask_and_caption_with_its_sample_and_
                 for name in ("original", "edited"):
                     latents = vae.encode(expected[f"{name}_pixel_values"][None]).latent_dist.parameters[0]
                     torch.testing.assert_close(item[f"{name}_latent_dist"], latents, rtol=0, atol=1e-4)
-                states, pooled = encode_prompt(text_encoders, [expected[name][None] for name in ("input_ids",
-                                                                                                 "input_ids_2")])
+                states, pooled = SDXL.encode_prompt(text_encoders, [expected[name][None] for name in ("input_ids",
+                                                                                                      "input_ids_2")])
             torch.testing.assert_close(item["encoder_hidden_states"], states[0], rtol=0, atol=1e-5)
             torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[0], rtol=0, atol=1e-5)
             torch.testing.assert_close(item["loss_mask"], expected["loss_mask"], rtol=0, atol=1e-6)
@@ -422,11 +424,10 @@ def test_vae_precision_follows_upstream():
     """SDXL's own VAE runs in --vae_precision (default fp32, the SDXL family's upcast rule, whatever the mixed
     precision); a VAE from --pretrained_vae_model_name_or_path runs in the mixed-precision dtype (--vae_precision
     ignored, as upstream); SD's VAE always runs in the mixed-precision dtype."""
-    script = _script()
 
     def dtype(sdxl, vae_precision=None, vae=None, weight_dtype=torch.float16):
-        args = Namespace(sdxl=sdxl, vae_precision=vae_precision, pretrained_vae_model_name_or_path=vae)
-        return script.vae_dtype(args, weight_dtype)
+        args = Namespace(vae_precision=vae_precision, pretrained_vae_model_name_or_path=vae)
+        return (SDXL if sdxl else SD).vae_dtype(args, weight_dtype)
 
     assert dtype(True) == torch.float32 and dtype(True, "fp32") == torch.float32
     assert dtype(True, "fp16", weight_dtype=torch.float32) == torch.float16
