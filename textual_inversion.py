@@ -19,7 +19,7 @@ which holds the original matrix frozen and the new rows as the only trainable pa
 stays bit-identical by construction, the optimizer state is a few vectors (not the whole vocabulary), and a checkpoint
 only needs the new rows.
 
-SDXL (`textual_inversion_sdxl.py`'s command line, unchanged): an SDXL base model (families.is_sdxl_model) adds
+SDXL (`textual_inversion_sdxl.py`'s command line, unchanged): an SDXL base model (trainkit/families/sdxl.py) adds
 the tokens to both tokenizers and both text encoders, each initialised from the initializer token in that encoder,
 and trains the new rows of both; the UNet is conditioned as SDXL is (both encoders' penultimate hidden states, the
 pooled embedding and each image's time ids from its real original size and crop). Outputs: learned_embeds.safetensors
@@ -60,10 +60,9 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all")
-# One embeddings file per text encoder: SD has one, SDXL two (upstream textual_inversion_sdxl.py's names).
-EMBEDS_STEMS = ("learned_embeds", "learned_embeds_2")
-MODEL_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
-TOKENIZER_NAMES, TEXT_ENCODER_NAMES = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2")
+# The families this script trains (the task x family matrix); their defaults do not differ from the flags'.
+FAMILY_DEFAULTS = {"sd": {}, "sdxl": {}}
+TASK = "textual_inversion"
 
 # The prompts of the textual inversion paper: the concept is always seen inside a short caption.
 OBJECT_TEMPLATES = [
@@ -225,13 +224,10 @@ def validate_args(args):
     if not any(cli.image_files(args.train_data_dir)):
         extensions = ", ".join(cli.IMAGE_EXTENSIONS)
         raise InputError(f"--train_data_dir {args.train_data_dir!r} holds no images ({extensions})")
-    args.sdxl = _check_model_path(args)
+    args.family = families.select(args, FAMILY_DEFAULTS, "textual_inversion.py")
+    args.family.check_folder(args.pretrained_model_name_or_path)
+    args.family.refuse_flags(args, TASK)
     if args.tokenizer_name is not None:
-        if args.sdxl:
-            raise InputError(
-                f"--tokenizer_name cannot apply to the SDXL model {args.pretrained_model_name_or_path!r}: it has two "
-                "tokenizers (tokenizer/ and tokenizer_2/) and the tokens are added to both"
-            )
         cli.check_local_or_hub_id("--tokenizer_name", args.tokenizer_name)
     if args.pretrained_vae_model_name_or_path is not None:
         cli.check_local_or_hub_id("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)
@@ -266,21 +262,6 @@ def validate_args(args):
     return tokenizers
 
 
-def _check_model_path(args):
-    """Whether the base model is SDXL, once its folder is known to hold the parts it needs."""
-    path = args.pretrained_model_name_or_path
-    cli.check_local_or_hub_id("--pretrained_model_name_or_path", path)
-    sdxl = families.is_sdxl_model(path, args.revision)
-    if os.path.isdir(path):
-        parts = families.SDXL_PIPELINE_PARTS if sdxl else MODEL_SUBFOLDERS
-        missing = [name for name in parts if not os.path.isdir(os.path.join(path, name))]
-        if missing:
-            missing = ", ".join(f"{name}/" for name in missing)
-            kind = "an SDXL" if sdxl else "a Stable Diffusion"
-            raise InputError(f"--pretrained_model_name_or_path {path!r} is not {kind} folder (missing {missing})")
-    return sdxl
-
-
 def _check_checkpoint_matches(args):
     """A checkpoint holds the rows of one placeholder; resuming it under other token flags cannot be exact."""
     from safetensors import safe_open
@@ -300,29 +281,34 @@ def _check_checkpoint_matches(args):
             )
 
 
+def embeds_stems(family):
+    """One embeddings file per text encoder, named after it as upstream names them: learned_embeds for
+    text_encoder/, learned_embeds_2 for text_encoder_2/."""
+    return [f"learned_embeds{part.removeprefix('text_encoder')}" for part in family.text_encoder_parts]
+
+
+def input_ids_keys(family):
+    """A sample's token ids, one entry per tokenizer: input_ids for tokenizer/, input_ids_2 for tokenizer_2/."""
+    return [f"input_ids{part.removeprefix('tokenizer')}" for part in family.tokenizer_parts]
+
+
 def checkpoint_embeds_names(args):
     """The embeddings files of a checkpoint: one per text encoder."""
-    return [f"{stem}.safetensors" for stem in EMBEDS_STEMS[: 2 if args.sdxl else 1]]
+    return [f"{stem}.safetensors" for stem in embeds_stems(args.family)]
 
 
 def load_tokenizers(args):
-    """[tokenizer] for SD, [tokenizer, tokenizer_2] for SDXL."""
+    """The family's tokenizers (one per text encoder), or the one of --tokenizer_name (refused where the family has
+    two)."""
+    if args.tokenizer_name is None:
+        return args.family.load_tokenizers(args)
     from transformers import CLIPTokenizer
 
-    if args.tokenizer_name is not None:
-        sources = [("--tokenizer_name", args.tokenizer_name, None)]
-    else:
-        subfolders = TOKENIZER_NAMES[: 2 if args.sdxl else 1]
-        sources = [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, name) for name in subfolders]
-    tokenizers = []
-    for flag, source, subfolder in sources:
-        try:
-            kwargs = {"subfolder": subfolder} if subfolder else {}
-            tokenizers.append(CLIPTokenizer.from_pretrained(source, revision=args.revision, **kwargs))
-        except Exception as error:
-            what = subfolder or "tokenizer"
-            raise InputError(f"{flag} {source!r}: cannot load the {what} ({cli.first_line(error)})") from None
-    return tokenizers
+    try:
+        return [CLIPTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)]
+    except Exception as error:
+        raise InputError(f"--tokenizer_name {args.tokenizer_name!r}: cannot load the tokenizer "
+                         f"({cli.first_line(error)})") from None
 
 
 def placeholder_tokens(args):
@@ -333,7 +319,7 @@ def placeholder_tokens(args):
 
 def check_tokens(args, tokenizers):
     """The placeholder tokens must be new and the initializer one token, in every tokenizer (SDXL: both)."""
-    for name, tokenizer in zip(TOKENIZER_NAMES, tokenizers):
+    for name, tokenizer in zip(args.family.tokenizer_parts, tokenizers):
         vocabulary = tokenizer.get_vocab()  # includes tokens added earlier (e.g. a tokenizer saved by a previous run)
         for token in placeholder_tokens(args):
             if token in vocabulary:
@@ -515,21 +501,23 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     """Each image `--repeats` times (sample i is image i mod N), each sample with a caption template holding the
     placeholder tokens.
 
-    Indexed by (epoch, index) from randomness.EpochSampler or bucketing.BucketBatchSampler: the template, the crop (random
-    only with buckets and without --center_crop) and the flip depend only on the run seed, the epoch and the sample
-    index, so they are the same on resume and with any number of workers.
+    Indexed by (epoch, index) from randomness.EpochSampler or bucketing.BucketBatchSampler: the template, the crop
+    (random only with buckets and without --center_crop) and the flip depend only on the run seed, the epoch and the
+    sample index, so they are the same on resume and with any number of workers.
 
     Once `use_latent_cache` is called, samples hold the cached latent distribution of their image (in the drawn
     orientation) instead of pixels, and no image is read; the random draws stay the same, so the training run does
     not change.
 
-    `tokenizers`: one (SD) or a list (SDXL: the caption's ids for each, as `input_ids` and `input_ids_2`). Each
-    sample also holds its image's `original_size`, its `crop_top_left` and its `target_size` for SDXL's time ids,
-    and with --masked_loss its `loss_mask` on the latent grid (latent_mask)."""
+    `tokenizers`: one or a list, one per text encoder of `args.family` (the caption's ids for each, as
+    `input_ids`, `input_ids_2`: input_ids_keys). Each sample also holds its image's `original_size`, its
+    `crop_top_left` and its `target_size` for the family's added conditions (SDXL's time ids), and with
+    --masked_loss its `loss_mask` on the latent grid (latent_mask)."""
 
     def __init__(self, paths, tokenizers, placeholder_text, args, run_state):
         self.paths, self.placeholder_text = paths, placeholder_text
         self.tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
+        self.family, self.ids_keys = args.family, input_ids_keys(args.family)
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.repeats, self.framing = args.repeats, image_framing(args)
         self.masked = getattr(args, "masked_loss", False)
@@ -558,13 +546,13 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         image_index = index % len(self.paths)
         generator = randomness.make_generator("cpu", self.run_state.seed, AUGMENT_STREAM, epoch, index)
         template = self.templates[int(torch.randint(len(self.templates), (1,), generator=generator))]
-        ids = families.tokenize_prompts(self.tokenizers, template.format(self.placeholder_text))
+        ids = self.family.tokenize(self.tokenizers, template.format(self.placeholder_text))
         width, height = self.sizes[image_index]
         framing = self.framing.frame(width, height, generator)
         flip = torch.rand(1, generator=generator).item() < 0.5
         sample = {"original_size": torch.tensor((height, width)), "crop_top_left": torch.tensor(framing.crop_top_left),
                   "target_size": torch.tensor(framing.target)}
-        for name, input_ids in zip(("input_ids", "input_ids_2"), ids):
+        for name, input_ids in zip(self.ids_keys, ids):
             sample[name] = input_ids[0]
         if self.latent_cache is not None:
             entry = self.latent_cache.load(self.cache_keys[image_index])
@@ -587,19 +575,12 @@ def training_dataloader(train_dataset, args, run_state, pin_memory):
         sampler = randomness.EpochSampler(len(train_dataset), run_state, SHUFFLE_STREAM)
         batching = {"batch_size": args.train_batch_size, "sampler": sampler}
     else:
-        sampler = bucketing.BucketBatchSampler(train_dataset.targets(), args.train_batch_size, run_state, SHUFFLE_STREAM)
+        sampler = bucketing.BucketBatchSampler(train_dataset.targets(), args.train_batch_size, run_state,
+                                               SHUFFLE_STREAM)
         batching = {"batch_sampler": sampler}
     loader = torch.utils.data.DataLoader(train_dataset, num_workers=args.dataloader_num_workers, pin_memory=pin_memory,
                                          **batching)
     return loader, sampler
-
-
-def _to_device(device, weight_dtype, model):
-    """A frozen model on the device, cast only when training runs it in a lower precision."""
-    model.to(device)
-    if weight_dtype != torch.float32:
-        model.to(dtype=weight_dtype)
-    return model
 
 
 def latent_cache_settings(vae, args, weight_dtype):
@@ -626,7 +607,8 @@ def latent_cache_key(path, target, args):
         parts += list(target)
     if args.masked_loss:
         mask_path = bucketing.mask_path_for(path)
-        parts.append(feature_cache.image_fingerprint({"path": mask_path}) if os.path.isfile(mask_path) else "no mask file")
+        parts.append(feature_cache.image_fingerprint({"path": mask_path}) if os.path.isfile(mask_path)
+                     else "no mask file")
     return feature_cache.fingerprint(key, *parts) if parts else key
 
 
@@ -634,7 +616,8 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     """Fill the latent cache for every image (one entry per file at its training size, holding both orientations,
     and with --masked_loss both orientations of its latent-grid mask; the missing ones split across ranks) and switch
     the dataset to it."""
-    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents", latent_cache_settings(vae, args, weight_dtype))
+    settings = latent_cache_settings(vae, args, weight_dtype)
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents", settings)
     framings = {path: train_dataset.framing.frame(*size, None)  # a centre crop or none: nothing is drawn
                 for path, size in zip(train_dataset.paths, train_dataset.sizes)}
     cache_keys = [latent_cache_key(path, framings[path].target, args) for path in train_dataset.paths]
@@ -656,7 +639,7 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
                     entries[path]["mask_flipped"] = latent_mask(mask, framings[path], flip=True)
         return [entries[path] for path in paths]
 
-    _to_device(accelerator.device, weight_dtype, vae)
+    vae.to(accelerator.device, dtype=weight_dtype)
     cache.fill(accelerator, dict(zip(cache_keys, train_dataset.paths)), encode, args.train_batch_size)
     _load_rgb.cache_clear()  # training reads no image any more
     _load_mask.cache_clear()
@@ -744,12 +727,12 @@ def save_embeddings(embedding, placeholder_token, path, safe=True):
 
 def embeds_file_name(args, step=None, encoder=0):
     """learned_embeds[_2][-steps-N].safetensors (or .bin) for text encoder 0 or 1."""
-    stem = EMBEDS_STEMS[encoder] + ("" if step is None else f"-steps-{step}")
+    stem = embeds_stems(args.family)[encoder] + ("" if step is None else f"-steps-{step}")
     return stem + (".bin" if args.no_safe_serialization else ".safetensors")
 
 
 def save_all_embeddings(embeddings, args, folder, step=None, checkpoint=False):
-    """Every text encoder's new rows into `folder` (SDXL: learned_embeds and learned_embeds_2), as outputs or, with
+    """Every text encoder's new rows into `folder` (embeds_stems: SDXL writes two), as outputs or, with
     `checkpoint`, as a checkpoint holds them (always safetensors). Returns the paths."""
     names = checkpoint_embeds_names(args) if checkpoint else [
         embeds_file_name(args, step, encoder) for encoder in range(len(embeddings))]
@@ -764,19 +747,20 @@ def save_all_embeddings(embeddings, args, folder, step=None, checkpoint=False):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def validation_pipeline(text_encoders, tokenizers, unet, vae, noise_scheduler, args):
-    """A StableDiffusionPipeline (SD) or StableDiffusionXLPipeline (SDXL) around the models being trained."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+def text_parts(family, text_encoders, tokenizers):
+    """{part: model} of the text encoders and tokenizers, as the family's pipeline names them."""
+    return {**dict(zip(family.text_encoder_parts, text_encoders)), **dict(zip(family.tokenizer_parts, tokenizers))}
 
+
+def validation_pipeline(text_encoders, tokenizers, unet, vae, noise_scheduler, args):
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) around the models being trained."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    family = args.family
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
-    if args.sdxl:
-        return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
-        )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    return family.pipeline_class(TASK)(
+        vae=vae, **text_parts(family, text_encoders, tokenizers), **{family.denoiser_part: unet}, scheduler=scheduler,
+        **family.pipeline_kwargs,
     )
 
 
@@ -792,7 +776,7 @@ def generate_validation_images(accelerator, text_encoders, tokenizers, unet, vae
     if mine:
         if vae is None:
             # Dropped by --cache_latents: loaded again for the length of the validation.
-            vae = families.load_vae(args).to(accelerator.device, dtype=vae_dtype)
+            vae = args.family.load_vae(args).to(accelerator.device, dtype=vae_dtype)
         pipeline = validation_pipeline(text_encoders, tokenizers, unet, vae, noise_scheduler, args)
         pipeline.set_progress_bar_config(disable=True)
         for text_encoder in text_encoders:
@@ -836,19 +820,16 @@ def save_validation_images(accelerator, images, global_step, args):
 
 
 def save_full_pipeline(accelerator, text_encoders, embeddings, tokenizers, args):
-    """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder whose text encoders and tokenizers know the
-    new tokens; the UNet, VAE (--pretrained_vae_model_name_or_path's, if given) and scheduler are reloaded in their
-    stored precision."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    """The family's pipeline folder (StableDiffusionPipeline, StableDiffusionXLPipeline) whose text encoders and
+    tokenizers know the new tokens; the UNet, VAE (--pretrained_vae_model_name_or_path's, if given) and scheduler are
+    reloaded in their stored precision."""
     models = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
     for model, embedding in zip(models, embeddings):
         model.set_input_embeddings(embedding.as_embedding())
-    parts = {**dict(zip(TEXT_ENCODER_NAMES, models)), **dict(zip(TOKENIZER_NAMES, tokenizers))}
+    parts = text_parts(args.family, models, tokenizers)
     if args.pretrained_vae_model_name_or_path:
-        parts["vae"] = families.load_vae(args)
-    pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
-    pipeline = pipeline_class.from_pretrained(
+        parts["vae"] = args.family.load_vae(args)
+    pipeline = args.family.pipeline_class(TASK).from_pretrained(
         args.pretrained_model_name_or_path, **parts, revision=args.revision, variant=args.variant,
     )
     pipeline.save_pretrained(args.output_dir)
@@ -859,12 +840,16 @@ def save_full_pipeline(accelerator, text_encoders, embeddings, tokenizers, args)
 def write_model_card(args, global_step, validation_paths):
     from huggingface_hub import ModelCard, ModelCardData
 
+    family = args.family
     tokens = " ".join(placeholder_tokens(args))
-    pipeline_class = "StableDiffusionXLPipeline" if args.sdxl else "StableDiffusionPipeline"
+    pipeline_class = family.pipelines[TASK]
     location = args.hub_model_id or args.output_dir
-    second = (f'pipeline.load_textual_inversion("{location}", weight_name="learned_embeds_2.safetensors",\n'
-              '                                text_encoder=pipeline.text_encoder_2, tokenizer=pipeline.tokenizer_2)\n'
-              if args.sdxl else "")
+    # The first text encoder's file loads by default; each other one names its file, encoder and tokenizer.
+    others = zip(embeds_stems(family)[1:], family.text_encoder_parts[1:], family.tokenizer_parts[1:])
+    indent = " " * len("pipeline.load_textual_inversion(")
+    second = "".join(f'pipeline.load_textual_inversion("{location}", weight_name="{stem}.safetensors",\n'
+                     f'{indent}text_encoder=pipeline.{encoder}, tokenizer=pipeline.{tokenizer})\n'
+                     for stem, encoder, tokenizer in others)
     images = "\n".join(f"![validation {i}](./{path})" for i, path in enumerate(validation_paths))
     real_datasets = ""
     if args.buckets is not None:
@@ -900,10 +885,9 @@ pipeline.load_textual_inversion("{location}")
 | mixed precision | {args.mixed_precision} |
 {real_datasets}| seed | {args.seed} |
 """
-    family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
     card_data = ModelCardData(
         library_name="diffusers", license="creativeml-openrail-m", base_model=args.pretrained_model_name_or_path,
-        tags=[family, f"{family}-diffusers", "text-to-image", "diffusers", "textual_inversion"],
+        tags=[family.hub_tag, f"{family.hub_tag}-diffusers", "text-to-image", "diffusers", "textual_inversion"],
     )
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n{{ model_description }}",
                                    model_description=description)
@@ -916,23 +900,17 @@ pipeline.load_textual_inversion("{location}")
 
 
 def load_models(args):
-    """The frozen parts (noise scheduler, VAE, UNet) and the text encoders (SD: [CLIPTextModel]; SDXL: with a
-    CLIPTextModelWithProjection), from the base model."""
+    """The frozen parts (noise scheduler, VAE, UNet) and the family's text encoders (SD: [CLIPTextModel]; SDXL: with a
+    CLIPTextModelWithProjection), from the base model, in fp32 (the text encoders hold the trained rows; the frozen
+    parts move to the device in the training dtype)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    source = args.pretrained_model_name_or_path
-    classes = (CLIPTextModel, CLIPTextModelWithProjection)[: 2 if args.sdxl else 1]
-    try:
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=args.revision)
-        common_kwargs = dict(revision=args.revision, variant=args.variant)
-        text_encoders = [model_class.from_pretrained(source, subfolder=name, **common_kwargs)
-                         for model_class, name in zip(classes, TEXT_ENCODER_NAMES)]
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common_kwargs)
-    except Exception as error:
-        reason = cli.first_line(error)
-        raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load the model ({reason})") from None
-    vae = families.load_vae(args)
+    family, source = args.family, args.pretrained_model_name_or_path
+    noise_scheduler = families.loading.load_part(args, "scheduler", DDPMScheduler.from_pretrained)
+    text_encoders = family.load_text_encoders(args)
+    unet = families.loading.load_part(args, family.denoiser_part, UNet2DConditionModel.from_pretrained,
+                                      variant=args.variant)
+    vae = family.load_vae(args)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(
             f"--pretrained_model_name_or_path {source!r}: unsupported prediction type "
@@ -943,15 +921,13 @@ def load_models(args):
 
 def encode_batch(text_encoders, batch, args, weight_dtype):
     """The UNet's conditioning of a batch, with gradients into the new rows: (encoder_hidden_states, its
-    added_cond_kwargs). SD: the text encoder's last hidden state, no added conditions. SDXL: both encoders
-    (families.encode_prompt_sdxl), the pooled embedding and each sample's time ids from its image's real original
-    size, its crop and the size it trains at (its bucket)."""
-    if not args.sdxl:
-        return text_encoders[0](batch["input_ids"])[0].to(dtype=weight_dtype), None
-    prompt_embeds, pooled = families.encode_prompt_sdxl(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
-    time_ids = families.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"],
-                                    device=prompt_embeds.device, dtype=weight_dtype)
-    return prompt_embeds.to(weight_dtype), families.sdxl_added_conditions(pooled.to(weight_dtype), time_ids)
+    added_cond_kwargs), as the family encodes prompts (SD: the text encoder's last hidden state, no added conditions;
+    SDXL: both encoders, the pooled embedding and each sample's time ids from its image's real original size, its
+    crop and the size it trains at: its bucket). All in the frozen UNet's dtype, as upstream (and as the pipeline
+    makes the time ids: in the prompt's dtype)."""
+    family = args.family
+    prompt_embeds, pooled = family.encode_prompt(text_encoders, [batch[key] for key in input_ids_keys(family)])
+    return prompt_embeds.to(weight_dtype), family.batch_added_conditions(pooled, batch, args, weight_dtype)
 
 
 def main(argv=None):
@@ -989,10 +965,11 @@ def main(argv=None):
         for library in (datasets, diffusers, transformers):
             library.utils.logging.set_verbosity_error()
     distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
-    if args.sdxl and accelerator.state.deepspeed_plugin is not None:
+    if len(args.family.text_encoder_parts) > 1 and accelerator.state.deepspeed_plugin is not None:
         raise InputError(
-            f"DeepSpeed cannot train the SDXL model {args.pretrained_model_name_or_path!r}: its two text encoders "
-            "both train, and accelerate gives one model to a DeepSpeed engine; launch without DeepSpeed"
+            f"DeepSpeed cannot train the {args.family.title} model {args.pretrained_model_name_or_path!r}: its "
+            f"{len(args.family.text_encoder_parts)} text encoders all train, and accelerate gives one model to a "
+            "DeepSpeed engine; launch without DeepSpeed"
         )
     preemption = checkpointing.PreemptionHandler(accelerator)
 
@@ -1090,10 +1067,10 @@ def main(argv=None):
     *text_encoders, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         *text_encoders, optimizer, train_dataloader, lr_scheduler
     )
-    # The frozen models only run forward: keep them in the mixed precision dtype (the SDXL VAE: sdxl_vae_dtype).
+    # The frozen models only run forward: keep them in the mixed precision dtype (the VAE: the family's vae_dtype).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae_dtype = families.vae_dtype(args, weight_dtype)
-    _to_device(accelerator.device, weight_dtype, unet)
+    vae_dtype = args.family.vae_dtype(args, weight_dtype)
+    unet.to(accelerator.device, dtype=weight_dtype)
 
     global_step = checkpointing.resume_from_checkpoint(accelerator, args, run_state)
 
@@ -1104,7 +1081,7 @@ def main(argv=None):
         vae = None
         feature_cache.free_memory()
     else:
-        _to_device(accelerator.device, vae_dtype, vae)
+        vae.to(accelerator.device, dtype=vae_dtype)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)

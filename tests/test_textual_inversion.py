@@ -456,7 +456,7 @@ def test_exif_orientation_and_restorable_per_sample_randomness(tiny_sd, tmp_path
     from PIL import Image
     from transformers import CLIPTokenizer
 
-    from trainkit import randomness
+    from trainkit import families, randomness
     import textual_inversion as script
 
     path = str(tmp_path / "rotated.jpg")
@@ -467,7 +467,8 @@ def test_exif_orientation_and_restorable_per_sample_randomness(tiny_sd, tmp_path
     assert script._load_rgb(path).size == (20, 30)
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
-    args = Namespace(learnable_property="object", resolution=16, center_crop=False, repeats=4)
+    args = Namespace(learnable_property="object", resolution=16, center_crop=False, repeats=4,
+                     family=families.FAMILIES["sd"])
     dataset = script.TextualInversionDataset([path], tokenizer, "toy", args, randomness.RunState(seed=7))
     assert len(dataset) == 4
     samples = {(epoch, index): dataset[(epoch, index)] for epoch in range(3) for index in range(4)}
@@ -492,11 +493,12 @@ def _bucketed(script, tiny_sd, folder, tmp_path, **overrides):
     """(args, dataset) as main builds them, for the mixed-aspect folder with the explicit bucket list."""
     from transformers import CLIPTokenizer
 
-    from trainkit import bucketing, randomness
+    from trainkit import bucketing, families, randomness
 
     settings = dict(aspect_ratio_buckets=MIXED_ASPECT_BUCKETS, masked_loss=True, repeats=2)
     settings.update(overrides)
     args = script.parse_args(base_args(tiny_sd, folder, str(tmp_path / "out"), **settings))
+    args.family = families.detect(tiny_sd)
     bucketing.check_bucket_flags(args)
     paths, _ = script.readable_images(folder)
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")

@@ -253,12 +253,13 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     import textual_inversion as script
-    from trainkit import bucketing, randomness
+    from trainkit import bucketing, families, randomness
 
     names = [name for name, _, _ in MIXED_ASPECT_IMAGES]
     paths = [os.path.join(mixed_aspect_folder, f"{name}.png") for name in names]
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
-    args = Namespace(learnable_property="object", resolution=64, center_crop=False, repeats=1, sdxl=True,
+    args = Namespace(learnable_property="object", resolution=64, center_crop=False, repeats=1,
+                     family=families.FAMILIES["sdxl"],
                      placeholder_token=TOKEN, initializer_token="toy", num_vectors=1, masked_loss=False,
                      buckets=bucketing.Buckets(explicit=[(64, 96), (96, 64), (64, 64)]))
     encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
@@ -294,7 +295,7 @@ def test_time_ids_come_from_each_image_s_real_size_and_crop(tiny_sdxl, tmp_path)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     import textual_inversion as script
-    from trainkit import randomness
+    from trainkit import families, randomness
 
     wide, tall = str(tmp_path / "wide.png"), str(tmp_path / "tall.jpg")
     Image.new("RGB", (40, 20), "red").save(wide)
@@ -304,7 +305,8 @@ def test_time_ids_come_from_each_image_s_real_size_and_crop(tiny_sdxl, tmp_path)
     image.save(tall, exif=exif)
 
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
-    args = Namespace(learnable_property="object", resolution=16, center_crop=True, repeats=1, sdxl=True,
+    args = Namespace(learnable_property="object", resolution=16, center_crop=True, repeats=1,
+                     family=families.FAMILIES["sdxl"],
                      placeholder_token=TOKEN, initializer_token="toy", num_vectors=1)
     encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
                 CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")]
@@ -377,7 +379,7 @@ SDXL_BAD_INPUTS = {
     "tokenizer_name on SDXL": ({"tokenizer_name": "{model}/tokenizer"}, "--tokenizer_name cannot apply to the SDXL"),
     "missing VAE": ({"pretrained_vae_model_name_or_path": "/nonexistent/vae"}, "--pretrained_vae_model_name_or_path"),
     "SDXL folder without tokenizer_2": ({"pretrained_model_name_or_path": "{broken}"},
-                                        "is not an SDXL folder (missing tokenizer_2/)"),
+                                        "is not an SDXL pipeline folder (missing tokenizer_2/)"),
     "checkpoint without learned_embeds_2 (an SD one)": ({"resume_from_checkpoint": "{sd_checkpoint}"},
                                                         "holds no learned_embeds_2.safetensors"),
 }
