@@ -1755,10 +1755,8 @@ def main(argv=None):
     for model in (unet, *text_encoders, vae):
         if model is not None:
             model.requires_grad_(False)
-            model.to(accelerator.device)
-            if weight_dtype != torch.float32:
-                model.to(dtype=weight_dtype)
-    if vae is not None:  # SDXL's own VAE encodes in fp32 (family.vae_dtype)
+            model.to(accelerator.device, dtype=weight_dtype)  # one move and cast, no fp32 copy on the device
+    if vae is not None:  # SDXL's own VAE encodes in fp32 (family.vae_dtype), from the weights cast above
         vae.to(dtype=args.family.vae_dtype(args, weight_dtype))
     # The initial LoRA weights depend on the run seed only, not on what drew from the global RNG before (class-image
     # generation happens in some runs and not in others).

@@ -68,6 +68,7 @@ class Flux:
         loading.check_parts(path, self.parts if parts is None else parts, self.described)
 
     def required_parts(self, args):
+        """All of its parts (SD's may lack vae/: DeepFloyd IF)."""
         return self.parts
 
     def refuse_flags(self, args, task):

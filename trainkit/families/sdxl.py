@@ -100,6 +100,7 @@ class SDXL(StableDiffusion):
     text_encoder_last_layer_unused = True  # the penultimate hidden states condition the UNet
 
     def required_parts(self, args):
+        """All of its parts (SD's may lack vae/: DeepFloyd IF)."""
         return self.parts
 
     def load_dreambooth_models(self, args):
