@@ -1,6 +1,7 @@
 """Rules every latent-space script must apply identically (checked in-process: they fail before any model loads)."""
 
 import pytest
+from PIL import Image
 
 from helpers import assert_one_line_error, fail_in_process, sd_folder_layout, snapshot
 
@@ -66,7 +67,10 @@ def test_a_family_the_script_does_not_train_is_one_line(script, tmp_path, capsys
     for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "transformer", "scheduler"):
         (flux / part).mkdir(parents=True)
     write_json(str(flux / "model_index.json"), {"_class_name": "FluxPipeline"})
-    args = [arg.format(model=flux) for arg in REQUIRED[script]]
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), "red").save(data / "a.png")
+    args = [str(data) if arg == "/x/data" else arg.format(model=flux) for arg in REQUIRED[script]]
     status, stderr = fail_in_process(script, args + ["--output_dir", tmp_path / "out"], capsys)
     assert_one_line_error(status, stderr, [str(flux), "is a FLUX.1 model", f"{script}.py does not train",
                                            "Stable Diffusion, SDXL"])

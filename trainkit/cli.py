@@ -152,24 +152,6 @@ def check_local_or_hub_id(flag, value):
         raise InputError(f"{flag} {value!r} does not exist")
 
 
-def check_pipeline_folder(path, parts):
-    """`--pretrained_model_name_or_path`: a path must exist, and a local pipeline folder must hold every part
-    (`unet`, `vae`, ...) the script loads; a hub id is checked when loaded."""
-    check_local_or_hub_id("--pretrained_model_name_or_path", path)
-    if os.path.isdir(path):
-        missing = [part for part in parts if not os.path.isdir(os.path.join(path, part))]
-        from trainkit.families import is_flux_model
-
-        if "unet" in missing and is_flux_model(path):
-            raise InputError(f"--pretrained_model_name_or_path {path!r} is a FLUX.1 model, which only "
-                             "train_dreambooth_lora.py trains (FLUX.1 LoRA); this script trains SD and SDXL UNets")
-        if missing:
-            raise InputError(
-                f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion pipeline folder "
-                f"(missing {', '.join(f'{part}/' for part in missing)})"
-            )
-
-
 def require_package(module, flag, install):
     import importlib.util
 

@@ -32,5 +32,3 @@ def select(args, defaults, script):
             setattr(args, name, value)
     return family
 
-# TEMPORARY, removed before this change lands: the names the scripts used before the family layer.
-from trainkit.families._legacy import *  # noqa: E402,F403
