@@ -23,21 +23,21 @@ from PIL import Image
 
 from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
 from trainkit.cli import InputError
+from trainkit.families import loading
 
 # Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, EMPTY_PROMPT_STREAM = 1, 2, 3, 4, 5, 6
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
-# SD has the first text encoder only; SDXL both (its batches and caches carry the second's token ids and pooled
-# embedding under these names).
-TOKENIZERS, TEXT_ENCODERS, INPUT_IDS = ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), \
-    ("input_ids", "input_ids_2")
-# Flags whose upstream default differs between train_text_to_image.py and train_text_to_image_sdxl.py: (SD, SDXL).
-MODEL_DEFAULTS = {
-    "resolution": (512, 1024),
-    "output_dir": ("sd-model-finetuned", "sdxl-model-finetuned"),
-    "validation_epochs": (5, 1),
-    "tracker_project_name": ("text2image-fine-tune", "text2image-fine-tune-sdxl"),
+# The batch keys of each tokenizer's token ids, in the family's tokenizer order (a second tokenizer's ids go under
+# the second name).
+INPUT_IDS = ("input_ids", "input_ids_2")
+# The families this script trains, each with the flags whose upstream default differs between
+# train_text_to_image.py and train_text_to_image_sdxl.py.
+FAMILY_DEFAULTS = {
+    "sd": {"resolution": 512, "output_dir": "sd-model-finetuned", "validation_epochs": 5,
+           "tracker_project_name": "text2image-fine-tune"},
+    "sdxl": {"resolution": 1024, "output_dir": "sdxl-model-finetuned", "validation_epochs": 1,
+             "tracker_project_name": "text2image-fine-tune-sdxl"},
 }
 LR_SCHEDULERS = (
     "linear",
@@ -196,11 +196,9 @@ def parse_args(argv=None):
         args.non_ema_revision = args.revision
     if args.feature_cache_dir is None:
         args.feature_cache_dir = feature_cache.default_feature_cache_dir()
-    # An SDXL base model switches the script to SDXL; the flags upstream's SDXL script defaults differently follow.
-    args.sdxl = families.is_sdxl_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    for name, defaults in MODEL_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, defaults[args.sdxl])
+    # The base model's family decides the model-specific steps and fills the flags its upstream script defaults
+    # differently.
+    args.family = families.select(args, FAMILY_DEFAULTS, "train_text_to_image.py")
     return args
 
 
@@ -222,7 +220,7 @@ def validate_args(args):
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     objectives.check_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_begin,
-                               args.timestep_bias_end, args.timestep_bias_portion)
+                                   args.timestep_bias_end, args.timestep_bias_portion)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.lr_scheduler not in LR_SCHEDULERS:
@@ -240,8 +238,7 @@ def validate_args(args):
     if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
 
-    cli.check_pipeline_folder(args.pretrained_model_name_or_path,
-                                 families.SDXL_PIPELINE_PARTS if args.sdxl else PIPELINE_PARTS)
+    args.family.check_folder(args.pretrained_model_name_or_path)
     vae_path = args.pretrained_vae_model_name_or_path
     if vae_path is not None:
         cli.check_local_or_hub_id("--pretrained_vae_model_name_or_path", vae_path)
@@ -579,7 +576,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def token_ids(self, caption):
         """One (max_length,) tensor of token ids per tokenizer."""
-        return [ids[0] for ids in families.tokenize_prompts(self.tokenizers, caption)]
+        return [ids[0] for ids in self.args.family.tokenize(self.tokenizers, caption)]
 
     def __len__(self):
         return self.size
@@ -668,7 +665,8 @@ def cache_latents(accelerator, train_dataset, vae, args, weight_dtype):
     and, with --masked_loss, its latent-grid loss mask; with --random_flip both orientations of each."""
     from datasets import Image as ImageFeature
 
-    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents", latent_cache_settings(vae, weight_dtype, args))
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "latents",
+                                       latent_cache_settings(vae, weight_dtype, args))
     rows = train_dataset.rows()
     # Undecoded cells ({"bytes", "path"}), read in chunks: a dataset that embeds its images can be larger than memory.
     cells = train_dataset.dataset.cast_column(args.image_column, ImageFeature(decode=False))
@@ -771,11 +769,13 @@ def latent_entry_keys(train_dataset, image_keys, args):
 
 def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype):
     """Fill the text-embedding cache for every caption of the rows this run trains on (and the empty caption with
-    --proportion_empty_prompts) and switch the dataset to it. Entries hold what `families.encode_prompt` returns (for SDXL both
-    encoders' hidden states and the pooled embedding) and are keyed by token ids, so a different tokenizer is a miss
-    too."""
-    settings = {name: feature_cache.model_fingerprint(model) for name, model in zip(TEXT_ENCODERS, text_encoders)}
-    cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", {**settings, "dtype": str(weight_dtype)})
+    --proportion_empty_prompts) and switch the dataset to it. Entries hold what the family's `encode_prompt` returns
+    (the hidden states, and the pooled embedding where the family has one) and are keyed by token ids, so a different
+    tokenizer is a miss too."""
+    settings = {name: feature_cache.model_fingerprint(model)
+                for name, model in zip(args.family.text_encoder_parts, text_encoders)}
+    cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings",
+                                       {**settings, "dtype": str(weight_dtype)})
     rows = train_dataset.rows()
     captions = set(all_captions(train_dataset.dataset.select(rows)[args.caption_column]))
     if args.proportion_empty_prompts:
@@ -785,7 +785,8 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weigh
                     for caption, per_tokenizer in token_ids.items()}
 
     def encode(batch_ids):
-        hidden_states, pooled = families.encode_prompt(text_encoders, [torch.stack(ids) for ids in zip(*batch_ids)])
+        hidden_states, pooled = args.family.encode_prompt(text_encoders,
+                                                          [torch.stack(ids) for ids in zip(*batch_ids)])
         if pooled is None:
             return [{"hidden_states": states} for states in hidden_states]
         return [{"hidden_states": states, "pooled_prompt_embeds": vector}
@@ -802,33 +803,22 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weigh
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_models(args):
-    """(noise_scheduler, tokenizers, text_encoders, vae, unet) from the pretrained pipeline: one tokenizer and text
-    encoder for SD, two for SDXL (a CLIPTextModel and a CLIPTextModelWithProjection, as in SDXL base); the VAE from
-    --pretrained_vae_model_name_or_path if given. Load errors are InputErrors naming the part that failed."""
+def load_models(args, weight_dtype=torch.float32):
+    """(noise_scheduler, tokenizers, text_encoders, vae, unet) from the pretrained pipeline: the family's tokenizers
+    and frozen text encoders (loaded directly in `weight_dtype`, the frozen models' dtype), its VAE (or
+    --pretrained_vae_model_name_or_path's, in fp32 until it moves to the device) and the UNet to train (fp32). Load
+    errors are InputErrors naming the part that failed."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    source = args.pretrained_model_name_or_path
-    common_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
-
-    def load(part, loader, **kwargs):
-        try:
-            return loader(source, subfolder=part, **{**common_kwargs, **kwargs})
-        except Exception as error:
-            reason = cli.first_line(error)
-            raise InputError(f"--pretrained_model_name_or_path {source!r}: cannot load {part}/ ({reason})") from None
-
+    family = args.family
     # Trained with DDPM noising whatever the pipeline samples with (SDXL ships EulerDiscreteScheduler), as upstream.
-    noise_scheduler = load("scheduler", DDPMScheduler.from_pretrained)
-    count = 2 if args.sdxl else 1
-    tokenizers = [load(part, CLIPTokenizer.from_pretrained) for part in TOKENIZERS[:count]]
+    noise_scheduler = loading.load_part(args, "scheduler", DDPMScheduler.from_pretrained)
+    tokenizers = family.load_tokenizers(args)
     with distributed.frozen_models_outside_zero3():
-        classes = (CLIPTextModel, CLIPTextModelWithProjection)
-        text_encoders = [load(part, model_class.from_pretrained, variant=args.variant)
-                         for part, model_class in zip(TEXT_ENCODERS[:count], classes)]
-        vae = families.load_vae(args)
-    unet = load("unet", UNet2DConditionModel.from_pretrained, variant=args.variant, revision=args.non_ema_revision)
+        text_encoders = family.load_text_encoders(args, torch_dtype=weight_dtype)
+        vae = family.load_vae(args)
+    unet = loading.load_part(args, "unet", UNet2DConditionModel.from_pretrained, variant=args.variant,
+                             revision=args.non_ema_revision)
 
     if args.prediction_type is not None:
         # The scheduler config is what DREAM and the validation pipeline read.
@@ -842,9 +832,8 @@ def load_models(args):
 
 
 def pipeline_class(args):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
+    """The family's pipeline for text-to-image (validation and the saved model)."""
+    return args.family.pipeline_class("text_to_image")
 
 
 def build_ema(args, unet):
@@ -882,14 +871,12 @@ def build_optimizer(args, params):
 
 
 def added_conditions(batch, pooled_prompt_embeds, args):
-    """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled embedding and each sample's time ids from
-    its own original size and crop."""
-    if pooled_prompt_embeds is None:
-        return None
+    """The UNet's `added_cond_kwargs` from the family: None for SD; for SDXL the pooled embedding and each sample's
+    time ids from its own original size and crop."""
     # The target size is each sample's bucket (the --resolution square without buckets).
     target_size = batch.get("target_size", (args.resolution, args.resolution))
-    time_ids = families.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
-    return families.sdxl_added_conditions(pooled_prompt_embeds, time_ids)
+    return args.family.added_conditions(pooled_prompt_embeds, batch.get("original_size"), batch.get("crop_top_left"),
+                                        target_size)
 
 
 def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args, vae_dtype, scaling_factor,
@@ -914,14 +901,14 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
             input_ids = [batch[key] for key in INPUT_IDS if key in batch]
-            encoder_hidden_states, pooled = families.encode_prompt(text_encoders, input_ids)
+            encoder_hidden_states, pooled = args.family.encode_prompt(text_encoders, input_ids)
     added_cond_kwargs = added_conditions(batch, pooled, args)
 
     noise = objectives.sample_noise(latents, generator, args.noise_offset)
     timesteps = objectives.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator,
-                                        latents.device, timestep_weights)
-    noisy_latents = noise_scheduler.add_noise(latents, objectives.perturb_noise(noise, args.input_perturbation, generator),
-                                              timesteps)
+                                            latents.device, timestep_weights)
+    noisy_latents = noise_scheduler.add_noise(
+        latents, objectives.perturb_noise(noise, args.input_perturbation, generator), timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     target = objectives.loss_target(noise_scheduler, prediction_type, latents, noise, timesteps)
     if args.dream_training:
@@ -958,12 +945,12 @@ def validation_prompts(args):
 def validation_pipeline(args, **components):
     """The pretrained pipeline (SD or SDXL) with `components` (the trained UNet, the frozen models in memory) and
     the --pretrained_vae_model_name_or_path VAE if it is not among them."""
-    extra = {} if args.sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     with distributed.frozen_models_outside_zero3():
         if "vae" not in components and args.pretrained_vae_model_name_or_path:
-            components["vae"] = families.load_vae(args)
+            components["vae"] = args.family.load_vae(args)
         return pipeline_class(args).from_pretrained(
-            args.pretrained_model_name_or_path, **components, **extra, revision=args.revision, variant=args.variant,
+            args.pretrained_model_name_or_path, **components, **args.family.pipeline_kwargs, revision=args.revision,
+            variant=args.variant,
             cache_dir=args.cache_dir,
         )
 
@@ -980,14 +967,15 @@ def generate_validation_images(accelerator, unet, vae, text_encoders, tokenizers
     images = []
     if mine:
         # A frozen model the cache made unnecessary (None) is loaded again for the length of the validation.
-        frozen = dict(zip(TEXT_ENCODERS, text_encoders or []), **({"vae": vae} if vae is not None else {}))
-        pipeline = validation_pipeline(args, unet=unet, **dict(zip(TOKENIZERS, tokenizers)), **frozen)
+        family = args.family
+        frozen = dict(zip(family.text_encoder_parts, text_encoders or []), **({"vae": vae} if vae is not None else {}))
+        pipeline = validation_pipeline(args, unet=unet, **dict(zip(family.tokenizer_parts, tokenizers)), **frozen)
         weight_dtype = frozen_dtype(accelerator)
-        for name in TEXT_ENCODERS[:len(tokenizers)]:
+        for name in family.text_encoder_parts:
             if name not in frozen:
                 getattr(pipeline, name).to(accelerator.device, dtype=weight_dtype)
         if vae is None:
-            pipeline.vae.to(accelerator.device, dtype=families.vae_dtype(args, weight_dtype))
+            pipeline.vae.to(accelerator.device, dtype=family.vae_dtype(args, weight_dtype))
         pipeline.set_progress_bar_config(disable=True)
         if args.enable_xformers_memory_efficient_attention:
             pipeline.enable_xformers_memory_efficient_attention()
@@ -1052,7 +1040,7 @@ def save_pipeline(model, ema_unet, args):
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
     with distributed.frozen_models_outside_zero3():
-        custom_vae = {"vae": families.load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
+        custom_vae = {"vae": args.family.load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
         pipeline = pipeline_class(args).from_pretrained(
             args.pretrained_model_name_or_path, unet=model, **custom_vae, revision=args.revision, variant=args.variant,
             cache_dir=args.cache_dir,
@@ -1118,8 +1106,8 @@ image = pipeline({example_prompt!r}).images[0]
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 {extra_rows}"""
-    family = "stable-diffusion-xl" if args.sdxl else "stable-diffusion"
-    tags = [family, f"{family}-diffusers", "text-to-image", "diffusers", "diffusers-training"]
+    tag = args.family.hub_tag
+    tags = [tag, f"{tag}-diffusers", "text-to-image", "diffusers", "diffusers-training"]
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
     card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
                               license="creativeml-openrail-m", inference=True)
@@ -1178,10 +1166,10 @@ def main(argv=None):
         examples = load_captioned_dataset(args)
         layout = survey_images(examples, args)  # buckets and masks, from the image headers
 
-    noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args)
     # Frozen parts run in the mixed-precision dtype (SDXL's own VAE in fp32); the trained UNet stays fp32 (its
     # optimizer states too).
     weight_dtype = frozen_dtype(accelerator)
+    noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args, weight_dtype)
     vae.requires_grad_(False)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
@@ -1210,7 +1198,7 @@ def main(argv=None):
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(args, unet.parameters())
     steps_per_epoch = randomness.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
-                                             args.gradient_accumulation_steps)
+                                                 args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     else:
@@ -1227,7 +1215,7 @@ def main(argv=None):
         # A checkpoint is usable by itself: unet/ holds the trained weights, unet_ema/ the EMA. Every rank gathers
         # (ZeRO-3), the main process writes.
         for saved in models:
-            model = distributed.whole_model(accelerator, saved)
+            model = distributed.whole_model(accelerator, saved, device="cpu")
             if accelerator.is_main_process:
                 model.save_pretrained(os.path.join(output_dir, "unet"))
         if accelerator.is_main_process and ema_unet is not None:
@@ -1263,10 +1251,10 @@ def main(argv=None):
     # for a resumed run) and leave memory; validation loads them again when it needs them.
     scaling_factor = vae.config.scaling_factor
     if args.cache_latents:
-        cache_latents(accelerator, train_dataset, vae, args, families.vae_dtype(args, weight_dtype))
+        cache_latents(accelerator, train_dataset, vae, args, args.family.vae_dtype(args, weight_dtype))
         vae = None
     else:
-        vae.to(accelerator.device, dtype=families.vae_dtype(args, weight_dtype))
+        vae.to(accelerator.device, dtype=args.family.vae_dtype(args, weight_dtype))
     if args.cache_text_embeddings:
         cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weight_dtype)
         text_encoders = None
@@ -1300,7 +1288,7 @@ def main(argv=None):
     )
 
     first_epoch, batches_to_skip = randomness.resume_position(global_step, steps_per_epoch,
-                                                          args.gradient_accumulation_steps)
+                                                              args.gradient_accumulation_steps)
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train")
     progress_bar = tqdm(
@@ -1326,7 +1314,7 @@ def main(argv=None):
             )
             with accelerator.accumulate(unet):
                 loss = training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args,
-                                     families.vae_dtype(args, weight_dtype), scaling_factor, timestep_weights)
+                                     args.family.vae_dtype(args, weight_dtype), scaling_factor, timestep_weights)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)

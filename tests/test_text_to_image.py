@@ -372,7 +372,11 @@ def _script():
 
 
 def _namespace(**values):
+    """The script's arguments as parse_args leaves them for an SD model (`family=` another family's object)."""
+    from trainkit import families
+
     defaults = {
+        "family": families.FAMILIES["sd"],
         "dataset_name": None, "dataset_config_name": None, "train_data_dir": None, "cache_dir": None,
         "image_column": "image", "caption_column": "text", "max_train_samples": None, "resolution": 64,
         "center_crop": False, "random_flip": True, "image_interpolation_mode": "lanczos", "noise_offset": 0.0,

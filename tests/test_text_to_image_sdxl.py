@@ -35,6 +35,7 @@ from test_text_to_image import (  # noqa: F401
 )
 
 SCRIPT = "train_text_to_image.py"
+SDXL = families.FAMILIES["sdxl"]
 
 
 def _script():
@@ -268,10 +269,12 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes_exactly(tiny_sdxl, metad
 def test_an_sdxl_model_switches_the_script_and_its_upstream_defaults(tiny_sdxl, tiny_sd):
     script = _script()
     sdxl = script.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", "x"])
-    assert sdxl.sdxl and (sdxl.resolution, sdxl.output_dir, sdxl.validation_epochs, sdxl.tracker_project_name) == (
+    assert sdxl.family is SDXL
+    assert (sdxl.resolution, sdxl.output_dir, sdxl.validation_epochs, sdxl.tracker_project_name) == (
         1024, "sdxl-model-finetuned", 1, "text2image-fine-tune-sdxl")
     sd = script.parse_args(["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", "x"])
-    assert not sd.sdxl and (sd.resolution, sd.output_dir, sd.validation_epochs, sd.tracker_project_name) == (
+    assert sd.family is families.FAMILIES["sd"]
+    assert (sd.resolution, sd.output_dir, sd.validation_epochs, sd.tracker_project_name) == (
         512, "sd-model-finetuned", 5, "text2image-fine-tune")
     given = script.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", "x",
                                "--resolution", "64", "--validation_epochs", "3"])
@@ -293,7 +296,7 @@ def test_time_ids_come_from_each_images_real_size_and_crop(tiny_sdxl, metadata_f
 
     script = _script()
     dataset = script.load_captioned_dataset(_namespace(train_data_dir=metadata_folder))
-    train_set = script.CaptionedImages(dataset, _tokenizers(tiny_sdxl), _namespace(), RunState(seed=3))
+    train_set = script.CaptionedImages(dataset, _tokenizers(tiny_sdxl), _namespace(family=SDXL), RunState(seed=3))
     sizes, crops = set(), set()
     for epoch in range(4):
         for index in range(len(train_set)):
@@ -322,7 +325,8 @@ def test_bucketed_time_ids_carry_the_true_size_the_real_crop_and_the_bucket(tiny
     from trainkit.randomness import RunState
 
     script = _script()
-    args = _bucketed(train_data_dir=mixed_aspect_folder, use_aspect_ratio_buckets=True, bucket_divisibility=16)
+    args = _bucketed(train_data_dir=mixed_aspect_folder, use_aspect_ratio_buckets=True, bucket_divisibility=16,
+                     family=SDXL)
     dataset = script.load_captioned_dataset(args)
     layout = script.survey_images(dataset, args)
     train_set = script.CaptionedImages(dataset, _tokenizers(tiny_sdxl), args, RunState(seed=3), **layout)
@@ -357,11 +361,12 @@ def test_proportion_empty_prompts_drops_captions_from_restorable_randomness(tiny
     script = _script()
     dataset = script.load_captioned_dataset(_namespace(train_data_dir=metadata_folder))
     tokenizers = _tokenizers(tiny_sdxl)
-    empty = [ids[0] for ids in families.tokenize_prompts(tokenizers, "")]
+    empty = [ids[0] for ids in SDXL.tokenize(tokenizers, "")]
     keys = [(epoch, index) for epoch in range(20) for index in range(7)]
 
     def dropped(proportion):
-        train_set = script.CaptionedImages(dataset, tokenizers, _namespace(proportion_empty_prompts=proportion),
+        train_set = script.CaptionedImages(dataset, tokenizers,
+                                           _namespace(family=SDXL, proportion_empty_prompts=proportion),
                                            RunState(seed=3))
         items = [train_set[key] for key in keys]
         return [torch.equal(item["input_ids"], empty[0]) and torch.equal(item["input_ids_2"], empty[1])
@@ -381,7 +386,7 @@ def sdxl_loss_inputs(tiny_sdxl):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    input_ids = families.tokenize_prompts(_tokenizers(tiny_sdxl), ["a photo of a cat", "a dog"])
+    input_ids = SDXL.tokenize(_tokenizers(tiny_sdxl), ["a photo of a cat", "a dog"])
     return {
         "unet": UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet"),
         "vae": AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae"),
@@ -401,7 +406,7 @@ def _sdxl_loss(inputs, batch=None, weights=None, **flags):
 
     return _script().training_loss(
         inputs["unet"], inputs["vae"], inputs["text_encoders"], DDPMScheduler.from_config(inputs["scheduler_config"]),
-        batch or inputs["batch"], torch.Generator().manual_seed(7), _namespace(**flags), torch.float32,
+        batch or inputs["batch"], torch.Generator().manual_seed(7), _namespace(family=SDXL, **flags), torch.float32,
         inputs["vae"].config.scaling_factor, weights).item()
 
 
@@ -471,7 +476,7 @@ def test_bad_argument_gets_one_line_error_before_loading(case, tiny_sdxl, txt_fo
     broken = tmp_path / "broken_sdxl"  # an SDXL model_index.json, every part but text_encoder_2/
     broken.mkdir()
     shutil.copy(os.path.join(tiny_sdxl, "model_index.json"), broken)
-    for part in set(families.SDXL_PIPELINE_PARTS) - {"text_encoder_2"}:
+    for part in set(SDXL.parts) - {"text_encoder_2"}:
         (broken / part).mkdir()
     if "{wrong_mask}" in overrides.values():
         wrong_mask = tmp_path / "wrong_mask"  # the mixed-aspect images, one mask at half its image's size
