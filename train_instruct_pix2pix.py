@@ -1334,7 +1334,7 @@ def main(argv=None):
         # A checkpoint is usable by itself: unet/ holds the trained (8-channel) weights, unet_ema/ the EMA. Every rank
         # gathers (ZeRO-3), the main process writes.
         for saved in models:
-            model = distributed.whole_model(accelerator, saved)
+            model = distributed.whole_model(accelerator, saved, device="cpu")
             if accelerator.is_main_process:
                 model.save_pretrained(os.path.join(output_dir, "unet"))
         if accelerator.is_main_process and ema_unet is not None:
@@ -1491,7 +1491,7 @@ def main(argv=None):
         accelerator.wait_for_everyone()
     progress_bar.close()
 
-    final_unet = distributed.whole_model(accelerator, unet)
+    final_unet = distributed.whole_model(accelerator, unet, device="cpu")
     if accelerator.is_main_process:
         save_pipeline(final_unet, ema_unet, args)
         logger.info(f"Saved the InstructPix2Pix pipeline to {args.output_dir}")

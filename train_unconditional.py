@@ -483,7 +483,7 @@ def main(argv=None):
     def save_model_hook(models, weights, output_dir):
         # Every rank gathers (ZeRO-3), the main process writes.
         for saved in models:
-            unet = distributed.whole_model(accelerator, saved)
+            unet = distributed.whole_model(accelerator, saved, device="cpu")
             if accelerator.is_main_process:
                 unet.save_pretrained(os.path.join(output_dir, "unet"))
         if accelerator.is_main_process and ema_model is not None:
@@ -620,13 +620,13 @@ def main(argv=None):
                 path = save_sample_grid(accelerator, sample_images, epoch, global_step, args)
                 logger.info(f"Saved samples to {path}")
         if epoch % args.save_model_epochs == 0 and not is_last_epoch:
-            unet = distributed.whole_model(accelerator, model)
+            unet = distributed.whole_model(accelerator, model, device="cpu")
             if accelerator.is_main_process:
                 save_pipeline(unet, ema_model, noise_scheduler, args, global_step)
         accelerator.wait_for_everyone()
     progress_bar.close()
 
-    final_unet = distributed.whole_model(accelerator, model)
+    final_unet = distributed.whole_model(accelerator, model, device="cpu")
     if accelerator.is_main_process:
         save_pipeline(final_unet, ema_model, noise_scheduler, args, global_step)
         logger.info(f"Saved the DDPMPipeline to {args.output_dir}")

@@ -458,3 +458,24 @@ def test_a_loaded_models_fingerprint_reads_no_weight_but_follows_its_weight_file
 
     encoder = loading.load_part(args, "text_encoder", CLIPTextModel.from_pretrained)
     assert getattr(encoder, feature_cache.SOURCE_ATTRIBUTE)[0] == os.path.join(folder, "text_encoder")
+
+
+def test_whole_model_without_zero3_is_the_unwrapped_model_where_it_is():
+    """Issue 25 #9: savers ask for the gathered ZeRO-3 copy on the CPU (`device="cpu"`); without ZeRO-3 there is no
+    copy, and `device` moves nothing: the prepared model's own module comes back, same parameters, same device. (The
+    ZeRO-3 copy itself is checked by the ZeRO-3 launches in test_distributed.py: each checkpoint's gathered weights
+    load and equal the final ones.)"""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        prepared, _ = accelerator.prepare(model, optimizer)
+        for device in (None, "cpu", "meta"):  # "meta" would leave an empty module, had it been moved
+            whole = distributed.whole_model(accelerator, prepared, device=device)
+            assert whole is model and whole.weight.device.type == "cpu"
+            assert whole is distributed.whole_model(accelerator, prepared)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

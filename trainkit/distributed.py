@@ -67,13 +67,15 @@ def adopt_engine_settings(accelerator, train_batch_size, max_grad_norm, supports
         del config["train_batch_size"]
 
 
-def whole_model(accelerator, model):
+def whole_model(accelerator, model, device=None):
     """The trained (prepared) `model` with all of its weights in one module, for saving and validation.
 
     Under DeepSpeed ZeRO-3 each rank holds only a shard of every weight, so every rank must call this together: each
     gets a full fp32 copy, assembled from the optimizer's fp32 shards (fp16/bf16 training still saves full precision)
-    and usable without collectives (ranks may then render different numbers of validation images). Otherwise the
-    unwrapped model itself, at no cost."""
+    and usable without collectives (ranks may then render different numbers of validation images). The copy goes to
+    `device`, by default the accelerator's (for validation); callers that only save it pass `device="cpu"`, so that a
+    save does not hold a second whole fp32 model in accelerator memory on every rank. Otherwise the unwrapped model
+    itself, where it is, at no cost (`device` does not move it)."""
     unwrapped = accelerator.unwrap_model(model)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or plugin.zero_stage != 3:
@@ -87,7 +89,7 @@ def whole_model(accelerator, model):
     }
     copy = type(unwrapped).from_config(unwrapped.config)
     copy.load_state_dict(state_dict)
-    return copy.to(accelerator.device).train(unwrapped.training)
+    return copy.to(accelerator.device if device is None else device).train(unwrapped.training)
 
 
 @contextlib.contextmanager
