@@ -124,7 +124,12 @@ def parse_args(argv=None):
     add("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--gradient_checkpointing", action="store_true",
-        help="Trade compute for memory in the backward pass (through the ControlNet and the frozen UNet).")
+        help="Recompute the ControlNet's activations in the backward pass instead of keeping them: less memory, "
+             "slower (as upstream, the frozen UNet's are kept; see --gradient_checkpointing_unet).")
+    add("--gradient_checkpointing_unet", action="store_true",
+        help="Also recompute the frozen UNet's activations in the backward pass (the loss backpropagates through it "
+             "into the ControlNet's residuals, so it holds activations too): less memory, slower. Independent of "
+             "--gradient_checkpointing; give both for the least memory.")
     add("--learning_rate", type=float, default=5e-6)
     add("--scale_lr", action="store_true",
         help="Multiply the learning rate by processes x accumulation steps x batch size.")
@@ -1219,6 +1224,16 @@ image = pipeline({example_prompt!r}, image=load_image("conditioning.png")).image
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def enable_gradient_checkpointing(args, controlnet, unet):
+    """--gradient_checkpointing recomputes the ControlNet's activations (upstream's flag, upstream's meaning);
+    --gradient_checkpointing_unet the frozen UNet's, which the loss also backpropagates through into the ControlNet's
+    residuals. Either changes memory and speed only, never the result."""
+    if args.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    if args.gradient_checkpointing_unet:
+        unet.enable_gradient_checkpointing()
+
+
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
@@ -1274,10 +1289,7 @@ def main(argv=None):
     if args.enable_npu_flash_attention:
         unet.enable_npu_flash_attention()
         controlnet.enable_npu_flash_attention()
-    if args.gradient_checkpointing:
-        # The loss backpropagates through the frozen UNet into the ControlNet's residuals: both hold activations.
-        controlnet.enable_gradient_checkpointing()
-        unet.enable_gradient_checkpointing()
+    enable_gradient_checkpointing(args, controlnet, unet)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -1308,7 +1320,7 @@ def main(argv=None):
         # A checkpoint is usable by itself: controlnet/ loads with ControlNetModel.from_pretrained. Every rank gathers
         # (ZeRO-3), the main process writes.
         for saved in models:
-            model = distributed.whole_model(accelerator, saved)
+            model = distributed.whole_model(accelerator, saved, device="cpu")
             if accelerator.is_main_process:
                 model.save_pretrained(os.path.join(output_dir, "controlnet"))
         weights.clear()  # the controlnet/ folder replaces accelerate's own copy of the weights
@@ -1437,7 +1449,7 @@ def main(argv=None):
     progress_bar.close()
 
     # The final ControlNet: config.json + diffusion_pytorch_model.safetensors at the top of output_dir.
-    final_controlnet = distributed.whole_model(accelerator, controlnet)
+    final_controlnet = distributed.whole_model(accelerator, controlnet, device="cpu")
     if accelerator.is_main_process:
         final_controlnet.save_pretrained(args.output_dir)
         logger.info(f"Saved the ControlNet to {args.output_dir}")

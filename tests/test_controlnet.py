@@ -256,6 +256,54 @@ def test_controlnet_from_unet_starts_with_zero_convolutions(tiny_sd):
     assert torch.equal(controlled, plain)
 
 
+@pytest.mark.parametrize("flags, recomputed", [
+    ((), set()),
+    (("--gradient_checkpointing",), {"controlnet"}),  # upstream's flag, upstream's meaning
+    (("--gradient_checkpointing", "--gradient_checkpointing_unet"), {"controlnet", "unet"}),
+    (("--gradient_checkpointing_unet",), {"unet"}),
+])
+def test_gradient_checkpointing_recomputes_the_controlnet_and_the_frozen_unet_only_on_request(
+        flags, recomputed, tiny_sd, tmp_path):
+    """--gradient_checkpointing recomputes the ControlNet's activations in the backward pass, as upstream's does, and
+    not the frozen UNet's; --gradient_checkpointing_unet adds the UNet's. A recomputed block runs its forward a second
+    time during backward. The gradients are those of a run without checkpointing, bit for bit."""
+    from diffusers import UNet2DConditionModel
+
+    import train_controlnet
+
+    def training_step(flags):
+        args = train_controlnet.parse_args(base_args(tiny_sd, str(tmp_path / "out")) + list(flags))
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+        controlnet = train_controlnet.build_controlnet(args, unet)
+        unet.requires_grad_(False)
+        controlnet.train()
+        train_controlnet.enable_gradient_checkpointing(args, controlnet, unet)
+        # Calls counted as they start: a recomputation stops as soon as it has what backward needs.
+        calls = {"controlnet": 0, "unet": 0}
+        blocks = {"controlnet": controlnet.down_blocks[0].resnets[0], "unet": unet.up_blocks[-1].resnets[0]}
+        for name, block in blocks.items():
+            block.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(2, 4, 8, 8, generator=generator)
+        text = torch.randn(2, 77, 32, generator=generator)
+        condition = torch.rand(2, 3, 64, 64, generator=generator)
+        timesteps = torch.tensor([10, 500])
+        down, mid = controlnet(latents, timesteps, text, controlnet_cond=condition, return_dict=False)
+        prediction = unet(latents, timesteps, text, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+        prediction.square().mean().backward()
+        return {name for name, count in calls.items() if count == 2}, calls, \
+            {name: p.grad for name, p in controlnet.named_parameters()}
+
+    found, calls, gradients = training_step(flags)
+    assert found == recomputed and set(calls.values()) <= {1, 2}, calls
+    if flags:
+        _, plain_calls, plain = training_step(())
+        assert set(plain_calls.values()) == {1}
+        assert gradients.keys() == plain.keys()
+        assert all(torch.equal(gradients[name], plain[name]) for name in plain), "checkpointing changed the gradients"
+
+
 def test_image_and_conditioning_image_get_the_same_crop_and_flip():
     """Target in [-1, 1], conditioning in [0, 1], cropped and flipped identically; the random choices are a function
     of the generator's seed alone (restorable)."""
