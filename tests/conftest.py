@@ -14,6 +14,22 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "demo"))
 
 
+def pytest_configure(config):
+    """Before any test (in the controller, not in xdist workers): remove a stale build lock of torch's extension
+    cache. DeepSpeed compiles a small op on its first CPU run under that lock; a run killed mid-build leaves the lock
+    behind, and every later DeepSpeed launch would then wait on it forever."""
+    import glob
+    import time
+
+    if hasattr(config, "workerinput"):
+        return
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "torch_extensions")
+    for lock in glob.glob(os.path.join(root, "*", "*", "lock")) + glob.glob(os.path.join(root, "*", "lock")):
+        if time.time() - os.path.getmtime(lock) > 15 * 60:  # a real build of that op takes about a minute
+            os.remove(lock)
+
+
 @pytest.fixture(scope="session")
 def tiny_unet_config(tmp_path_factory):
     """A 2-level UNet2DModel config at 16 px: milliseconds per step on CPU, attention included."""
