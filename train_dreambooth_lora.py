@@ -283,6 +283,11 @@ def parse_args(argv=None):
         help="Encode every prompt (instance, class, name.txt and validation prompts) with the text encoder once, keep "
              "the embeddings on disk under --feature_cache_dir, reuse them in later runs, and train without the text "
              "encoder in memory: --pre_compute_text_embeddings, kept across runs. Not with --train_text_encoder.")
+    add("--max_prompts_in_memory", type=int, default=64,
+        help="FLUX.1, whose prompts are encoded once (T5's states: 4 MiB a prompt at 512 tokens, on every process): "
+             "with more distinct prompts than this (per-image captions), their embeddings go to the on-disk feature "
+             "cache (--cache_text_embeddings' files under --feature_cache_dir, filled split across processes) "
+             "instead of host memory. Default 64.")
     add("--feature_cache_dir", type=str, default=None,
         help="Where --cache_latents and --cache_text_embeddings keep their files (default: $DIFFUSION_TRAINING_CACHE "
              "or ~/.cache/diffusion-training). Entries are keyed by the images, prompts, model weights, resolution "
@@ -321,6 +326,7 @@ def validate_args(args):
         "max_train_steps", "gradient_accumulation_steps", "learning_rate", "lr_num_cycles", "checkpointing_steps",
         "checkpoints_total_limit", "validation_epochs", "rank", "tokenizer_max_length", "logging_steps",
         "validation_inference_steps", "repeats", "snr_gamma", "text_encoder_lr", "lora_alpha", "max_sequence_length",
+        "max_prompts_in_memory",
     )
     cli.require_multiple_of_8("--resolution", args.resolution)
     bucketing.check_bucket_flags(args)
@@ -1016,6 +1022,36 @@ def precompute_frozen_embeds(text_encoders, tokenizers, prompts, args):
     return {prompt: embedding_inputs(value)["prompt_embeds"] for prompt, value in embeddings.items()}
 
 
+def prompts_go_to_disk(args, prompts, logger):
+    """Whether the embeddings of `prompts`, encoded once by a family that frees its text encoders (FLUX.1: T5's
+    states, 4 MiB a prompt at 512 tokens, held by every process), go to the on-disk feature cache instead of host
+    memory: with more distinct prompts than --max_prompts_in_memory (per-image captions), so that host memory stays
+    bounded whatever the number of captions. The log says so and why."""
+    distinct = len(dict.fromkeys(prompts))
+    if not args.family.encodes_prompts_once or distinct <= args.max_prompts_in_memory:
+        return False
+    if os.path.isfile(args.feature_cache_dir):
+        raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder: {distinct} distinct "
+                         f"prompts (more than --max_prompts_in_memory {args.max_prompts_in_memory}) go to the feature "
+                         "cache")
+    logger.info(f"{distinct} distinct prompts, more than --max_prompts_in_memory {args.max_prompts_in_memory}: their "
+                f"embeddings go to the on-disk feature cache under {args.feature_cache_dir} (as with "
+                "--cache_text_embeddings, filled split across processes) and are read per batch, instead of every "
+                "process holding them all in host memory")
+    return True
+
+
+class FrozenEmbeds:
+    """{prompt: the frozen text encoders' prompt embeddings} like precompute_frozen_embeds' dict, read from the
+    feature cache (a CachedPromptEmbeddings) when asked for instead of held in memory."""
+
+    def __init__(self, cached):
+        self.cached = cached
+
+    def __getitem__(self, prompt):
+        return embedding_inputs(self.cached[prompt])["prompt_embeds"]
+
+
 def validation_embeddings(args, prompt_inputs, text_encoders, prompt):
     """{prompt: embeddings} for a validation pipeline whose frozen text encoders were freed: their embeddings computed
     once (`prompt_inputs`' frozen_embeds) beside the pooled embedding of the trained encoder."""
@@ -1252,12 +1288,14 @@ def save_lora_weights(folder, denoiser, text_encoders, family, dtype=None):
     """`folder/pytorch_lora_weights.safetensors` in diffusers' format (`unet.*` or FLUX.1 `transformer.*`,
     `text_encoder.*`, SDXL `text_encoder_2.*` keys) with the adapter configs (rank, alpha, targets) as metadata,
     which `pipe.load_lora_weights(folder)` reads. `text_encoders`: the trained ones (none without
-    --train_text_encoder). `dtype`: the weights' dtype in the file (default: as trained, fp32). Written by the
-    family's pipeline class (family.pipeline_class)."""
+    --train_text_encoder), their CLIP layers named `text_model.encoder.layers.N` (text_model_layout) whatever the
+    transformers version. `dtype`: the denoiser's weights' dtype in the file (default: as trained, fp32); the text
+    encoders' are always fp32, as upstream's Flux script saves them. Written by the family's pipeline class
+    (family.pipeline_class)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    def layers(model):
+    def layers(model, dtype=None):
         # No embedding layer is adapted; saying so spares peft a hub lookup for the base model's vocabulary size.
         state = get_peft_model_state_dict(model, save_embedding_layers=False)
         # Upstream's SD scripts write diffusers' `lora.down`/`lora.up` names, its Flux script peft's lora_A/lora_B.
@@ -1267,11 +1305,11 @@ def save_lora_weights(folder, denoiser, text_encoders, family, dtype=None):
     def text_encoder_layers(model):
         # DoRA: diffusers' text-encoder loader hands the keys to peft, which looks for the magnitude vector's
         # parameter name (`lora_magnitude_vector.weight`); without `.weight` it would keep the untrained magnitudes.
-        return {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value
-                for key, value in layers(model).items()}
+        return {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value.float()
+                for key, value in text_model_layout(model, layers(model)).items()}
 
     prefix = family.denoiser_part
-    parts = {f"{prefix}_lora_layers": layers(denoiser),
+    parts = {f"{prefix}_lora_layers": layers(denoiser, dtype),
              f"{prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
     for prefix, model in zip(family.text_encoder_parts, text_encoders or []):
         parts[f"{prefix}_lora_layers"] = text_encoder_layers(model)
@@ -1279,12 +1317,31 @@ def save_lora_weights(folder, denoiser, text_encoders, family, dtype=None):
     family.pipeline_class("dreambooth_lora").save_lora_weights(folder, **parts)
 
 
+def text_model_layout(model, state):
+    """A text encoder's LoRA state dict with its CLIP layers named `text_model.encoder.layers.N...`, the layout of
+    CLIPTextModel before transformers 5 (which dropped its `text_model` wrapper), which ComfyUI's key map expects and
+    diffusers' load_lora_weights reads on any transformers version; other encoders' keys are left as they are."""
+    if hasattr(model, "text_model") or getattr(model.config, "model_type", None) != "clip_text_model":
+        return state
+    return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in state.items()}
+
+
+def own_layout(model, state):
+    """text_model_layout's keys read back into `model`: without `text_model.` where the model has no such wrapper
+    (CLIPTextModel on transformers 5)."""
+    if hasattr(model, "text_model"):
+        return state
+    return {key.removeprefix("text_model."): value for key, value in state.items()}
+
+
 def save_kohya_weights(folder, unet, text_encoders, family):
     """`folder/pytorch_lora_weights_kohya.safetensors`: the same adapters in the key layout of kohya's sd-scripts,
     A1111 and ComfyUI (`lora_unet_*`, `lora_te_*` (SDXL: `lora_te1_*`, `lora_te2_*`) with `.lora_down.weight`,
     `.lora_up.weight`, `.alpha`), made by
     diffusers' convert_state_dict_to_kohya from the adapters' peft state dicts (upstream's conversion from the saved
-    file garbles the UNet's keys when the text encoder is trained too). Written under a temporary name first."""
+    file garbles the UNet's keys when the text encoder is trained too). Each layer's `.alpha` is its adapter's
+    --lora_alpha (convert_state_dict_to_kohya writes the rank), so that kohya, A1111 and ComfyUI scale the update by
+    alpha / rank as diffusers does. Written under a temporary name first."""
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -1310,6 +1367,13 @@ def save_kohya_weights(folder, unet, text_encoders, family):
                 for key, value in converted.items()}
 
     kohya = kohya_names(state)
+    # The true alpha of each layer (kohya tools scale its update by alpha / rank, the rows of its lora_down), from
+    # its model's adapter: `lora_unet_`, `lora_te_` / `lora_te1_` (the first text encoder), `lora_te2_`.
+    models = {"lora_unet_": unet, "lora_te_": (text_encoders or [None])[0]}
+    models.update({f"lora_te{index}_": model for index, model in enumerate(text_encoders or [], start=1)})
+    for key in [key for key in kohya if key.endswith(".alpha")]:
+        model = next(model for start, model in models.items() if key.startswith(start))
+        kohya[key] = torch.tensor(float(model.peft_config["default"].lora_alpha))
     # convert_state_dict_to_kohya leaves DoRA's magnitude vectors misnamed; kohya/LyCORIS keep them beside the layer's
     # lora_down as `dora_scale`, shaped (out_features, 1).
     for key, magnitude in magnitudes.items():
@@ -1323,8 +1387,11 @@ def save_kohya_weights(folder, unet, text_encoders, family):
 
 def load_lora_weights(folder, denoiser, text_encoders, family):
     """Restore the adapters saved by save_lora_weights into `denoiser` (and the trained `text_encoders`), exactly."""
-    from diffusers.training_utils import _set_state_dict_into_text_encoder
-    from diffusers.utils import convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
     from peft.utils import set_peft_model_state_dict
 
     pipeline_class, prefix = family.pipeline_class("dreambooth_lora"), family.denoiser_part + "."
@@ -1339,7 +1406,16 @@ def load_lora_weights(folder, denoiser, text_encoders, family):
         raise InputError(f"{folder}/{LORA_WEIGHTS_NAME}: unexpected LoRA keys for the {prefix[:-1]} "
                          f"({unexpected[0]}, ...)")
     for prefix, text_encoder in zip(family.text_encoder_parts, text_encoders or []):
-        _set_state_dict_into_text_encoder(state_dict, prefix=f"{prefix}.", text_encoder=text_encoder)
+        # The file names CLIP layers `text_model.encoder.layers.N` (text_model_layout); CLIPTextModel on
+        # transformers 5 has no `text_model`, and peft would skip the keys silently.
+        layers = own_layout(text_encoder, {key[len(prefix) + 1:]: value for key, value in state_dict.items()
+                                           if key.startswith(f"{prefix}.")})
+        layers = convert_state_dict_to_peft(convert_state_dict_to_diffusers(layers))
+        incompatible = set_peft_model_state_dict(text_encoder, layers, adapter_name="default")
+        unexpected = getattr(incompatible, "unexpected_keys", None)
+        if unexpected:
+            raise InputError(f"{folder}/{LORA_WEIGHTS_NAME}: unexpected LoRA keys for the {prefix} "
+                             f"({unexpected[0]}, ...)")
 
 
 def parameter_groups(args, unet_params, text_encoder_params):
@@ -1752,12 +1828,13 @@ def main(argv=None):
     noise_scheduler, tokenizers, text_encoders, vae, unet = args.family.load_dreambooth_models(args)
     # Frozen weights run in the mixed-precision dtype; the LoRA weights (and their optimizer states) stay fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # One move and cast each, no fp32 copy on the device. The VAE goes straight to the dtype it encodes in
+    # (family.vae_dtype): SDXL's own VAE keeps its stored fp32 weights, never rounded through fp16/bf16 on the way.
+    vae_dtype = args.family.vae_dtype(args, weight_dtype)
     for model in (unet, *text_encoders, vae):
         if model is not None:
             model.requires_grad_(False)
-            model.to(accelerator.device, dtype=weight_dtype)  # one move and cast, no fp32 copy on the device
-    if vae is not None:  # SDXL's own VAE encodes in fp32 (family.vae_dtype), from the weights cast above
-        vae.to(dtype=args.family.vae_dtype(args, weight_dtype))
+            model.to(accelerator.device, dtype=vae_dtype if model is vae else weight_dtype)
     # The initial LoRA weights depend on the run seed only, not on what drew from the global RNG before (class-image
     # generation happens in some runs and not in others).
     torch.manual_seed(randomness.derive_seed(run_state.seed, LORA_INIT_STREAM))
@@ -1786,10 +1863,11 @@ def main(argv=None):
     prompts += ([args.validation_prompt, ""] if args.validation_prompt is not None else []) + \
         ([""] if args.proportion_empty_prompts else [])
     frozen_embeds, trained = None, len(args.family.trainable_text_encoders(text_encoders))
+    on_disk = args.cache_text_embeddings or prompts_go_to_disk(args, prompts, logger)
     if args.pre_compute_text_embeddings or args.cache_text_embeddings or encode_once:
-        # Encoded once; then the text encoders are freed. With --cache_text_embeddings the embeddings are kept on disk
-        # and reused by later runs.
-        if args.cache_text_embeddings:
+        # Encoded once; then the text encoders are freed. With --cache_text_embeddings (or past
+        # --max_prompts_in_memory) the embeddings are kept on disk and reused by later runs.
+        if on_disk:
             prompt_embeddings = cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
                                                       weight_dtype)
         else:
@@ -1798,11 +1876,15 @@ def main(argv=None):
     elif trained < len(text_encoders):
         # --train_text_encoder trains the LoRA of some text encoders (FLUX.1: CLIP's); the frozen ones' embeddings
         # (T5's states) are computed once and they leave memory (upstream keeps them loaded).
-        frozen_embeds = precompute_frozen_embeds(text_encoders, tokenizers, prompts, args)
+        if on_disk:
+            frozen_embeds = FrozenEmbeds(cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
+                                                               weight_dtype))
+        else:
+            frozen_embeds = precompute_frozen_embeds(text_encoders, tokenizers, prompts, args)
         frozen = ", ".join(args.family.text_encoder_parts[trained:])
         text_encoders = text_encoders[:trained] + [None] * (len(text_encoders) - trained)
-        logger.info(f"The frozen {frozen} encoded the {len(frozen_embeds)} distinct prompts once and left memory; the "
-                    "others' LoRA trains")
+        logger.info(f"The frozen {frozen} encoded the {len(dict.fromkeys(prompts))} distinct prompts once and left "
+                    "memory; the others' LoRA trains")
     # FLUX.1's VAE also shifts its latents; DeepFloyd IF has no VAE.
     latent_scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)) if vae is not None \
         else (1.0, None)

@@ -127,6 +127,8 @@ def test_captioned_dataset_dora_text_encoder_groups_and_kohya_file(tiny_sd, flag
     # Both models' adapters, with DoRA magnitude vectors, in the file.
     weights = lora(out)
     assert {key.split(".")[0] for key in weights} == {"unet", "text_encoder"}
+    assert all(key.startswith("text_encoder.text_model.encoder.layers.") for key in weights
+               if key.startswith("text_encoder."))
     magnitude_keys = [key for key in weights if "lora_magnitude_vector" in key]
     assert {key.split(".")[0] for key in magnitude_keys} == {"unet", "text_encoder"}
 
@@ -143,9 +145,10 @@ def test_captioned_dataset_dora_text_encoder_groups_and_kohya_file(tiny_sd, flag
     pipeline.load_lora_weights(out)
     assert not (render(pipeline) == base).all()
     for prefix, model in (("unet", pipeline.unet), ("text_encoder", pipeline.text_encoder)):
-        loaded = _magnitudes(model)
-        saved = {key[len(prefix) + 1:].split(".lora_magnitude_vector")[0]: value for key, value in weights.items()
-                 if key.startswith(prefix + ".") and "lora_magnitude_vector" in key}
+        # The file names CLIP's layers `text_model.encoder.layers.N` whatever transformers' own module names are.
+        loaded = {name.removeprefix("text_model."): value for name, value in _magnitudes(model).items()}
+        saved = {key[len(prefix) + 1:].split(".lora_magnitude_vector")[0].removeprefix("text_model."): value
+                 for key, value in weights.items() if key.startswith(prefix + ".") and "lora_magnitude_vector" in key}
         assert loaded.keys() == saved.keys() and saved
         for layer, value in saved.items():
             torch.testing.assert_close(loaded[layer], value.to(loaded[layer].dtype), rtol=0, atol=0)
@@ -278,6 +281,34 @@ def test_kohya_file_renders_like_the_diffusers_file_unet_and_text_encoder(tiny_s
     script.save_lora_weights(str(tmp_path), unet, [text_encoder], FAMILIES["sd"])
     script.save_kohya_weights(str(tmp_path), unet, [text_encoder], FAMILIES["sd"])
     assert any(key.startswith("lora_te_text_model_encoder_layers_") for key in load_file(str(tmp_path / KOHYA)))
+    _assert_kohya_renders_like_diffusers(tiny_sd, str(tmp_path))
+
+
+def test_kohya_file_carries_the_true_alpha(tiny_sd, tmp_path):
+    """--rank 4 --lora_alpha 16: every kohya layer's `.alpha` is 16 (not the rank), so kohya, A1111 and ComfyUI scale
+    the update by 16 / 4 as diffusers does: loaded by load_lora_weights (which reads the kohya alphas), the kohya file
+    renders what the diffusers file renders, UNet and text encoder alike."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    script = _script()
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    torch.manual_seed(0)
+    script.add_lora_adapters(_namespace(rank=4, lora_alpha=16, lora_dropout=0.0, use_dora=False,
+                                        train_text_encoder=True), unet, [text_encoder])
+    with torch.no_grad():
+        for model in (unet, text_encoder):
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.1)
+    script.save_lora_weights(str(tmp_path), unet, [text_encoder], FAMILIES["sd"])
+    script.save_kohya_weights(str(tmp_path), unet, [text_encoder], FAMILIES["sd"])
+    kohya = load_file(str(tmp_path / KOHYA))
+    alphas = {key: value for key, value in kohya.items() if key.endswith(".alpha")}
+    assert any(key.startswith("lora_unet_") for key in alphas) and any(key.startswith("lora_te_") for key in alphas)
+    assert {value.item() for value in alphas.values()} == {16.0}
+    assert {kohya[key.replace(".alpha", ".lora_down.weight")].shape[0] for key in alphas} == {4}
     _assert_kohya_renders_like_diffusers(tiny_sd, str(tmp_path))
 
 

@@ -241,6 +241,65 @@ def test_flux_caches_equal_fresh_encodings_and_resume_exactly_with_accumulation(
     assert_trained_between(os.path.join(fresh, "checkpoint-2"), fresh)
 
 
+def _cache_entries(cache_dir, kind):
+    return [name for _, _, files in os.walk(os.path.join(cache_dir, kind)) for name in files
+            if name.endswith(".safetensors")]
+
+
+def test_flux_per_image_captions_past_the_bound_go_to_the_disk_cache(tiny_flux, tmp_path):
+    """Per-image captions (name.txt), 3 distinct prompts, --max_prompts_in_memory 2: the prompts encoded once do not
+    stay in host memory; they go to the on-disk feature cache (the log says so and why), so that training equals the
+    --cache_text_embeddings run bit for bit. With --train_text_encoder (CLIP trains, T5's states computed once) the
+    T5 states go there too, and training equals the in-memory run within rounding."""
+    data = tmp_path / "captioned"
+    data.mkdir()
+    for index, image in enumerate(_images(3)):
+        image.save(data / f"dog_{index}.png")
+        (data / f"dog_{index}.txt").write_text(f"a photo of sks dog number {index}")
+    settings = {"center_crop": True, "max_train_steps": 2, "checkpointing_steps": 2}
+    bounded_cache, cached_cache = str(tmp_path / "bounded_cache"), str(tmp_path / "cached_cache")
+    bounded, cached = str(tmp_path / "bounded"), str(tmp_path / "cached")
+    result = train(SCRIPT, flux_args(tiny_flux, str(data), bounded, **settings, max_prompts_in_memory=2,
+                                     feature_cache_dir=bounded_cache))
+    assert "3 distinct prompts, more than --max_prompts_in_memory 2" in result.stderr
+    assert "text_embeddings: 0 of 3 cached" in result.stderr
+    assert len(_cache_entries(bounded_cache, "text_embeddings")) == 3
+    train(SCRIPT, flux_args(tiny_flux, str(data), cached, **settings, cache_text_embeddings=True,
+                            feature_cache_dir=cached_cache))
+    assert_same_lora(bounded, cached)
+    # Within the bound (the default 64) nothing is written: the embeddings stay in memory, as before.
+    in_memory = str(tmp_path / "in_memory")
+    result = train(SCRIPT, flux_args(tiny_flux, str(data), in_memory, **settings,
+                                     feature_cache_dir=str(tmp_path / "unused_cache")))
+    assert "--max_prompts_in_memory" not in result.stderr and not os.path.exists(tmp_path / "unused_cache")
+
+    text_encoder = {**settings, "train_text_encoder": True}
+    bounded_te, in_memory_te = str(tmp_path / "bounded_te"), str(tmp_path / "in_memory_te")
+    result = train(SCRIPT, flux_args(tiny_flux, str(data), bounded_te, **text_encoder, max_prompts_in_memory=2,
+                                     feature_cache_dir=str(tmp_path / "te_cache")))
+    assert "3 distinct prompts, more than --max_prompts_in_memory 2" in result.stderr
+    assert len(_cache_entries(str(tmp_path / "te_cache"), "text_embeddings")) == 3
+    train(SCRIPT, flux_args(tiny_flux, str(data), in_memory_te, **text_encoder))
+    expected, got = lora(in_memory_te), lora(bounded_te)
+    assert parts(got) == {"transformer", "text_encoder"} and expected.keys() == got.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=2e-6)
+
+
+def test_flux_prompts_past_the_bound_with_a_file_as_feature_cache_dir_get_one_line_error(tiny_flux, tmp_path):
+    """Past --max_prompts_in_memory the prompts go to --feature_cache_dir: a file there is one line naming both."""
+    data = tmp_path / "captioned"
+    data.mkdir()
+    for index, image in enumerate(_images(2)):
+        image.save(data / f"dog_{index}.png")
+        (data / f"dog_{index}.txt").write_text(f"a photo of sks dog number {index}")
+    (tmp_path / "cache_file").write_text("not a folder")
+    result = train(SCRIPT, flux_args(tiny_flux, str(data), str(tmp_path / "out"), max_train_steps=1,
+                                     max_prompts_in_memory=1, feature_cache_dir=str(tmp_path / "cache_file")),
+                   check=False)
+    assert_one_line_error(result.returncode, result.stderr, ["--feature_cache_dir", "--max_prompts_in_memory"])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 2 processes, SIGTERM
 # --------------------------------------------------------------------------------------------------------------------
@@ -380,13 +439,17 @@ def test_lora_layers_take_short_names_and_full_module_paths(tiny_flux, instance_
 
 
 def test_bf16_training_saves_in_bf16_unless_upcast_before_saving(tiny_flux, instance_folder, tmp_path):
-    """As upstream's Flux script: with --mixed_precision bf16 the final LoRA file is written in bf16 (checkpoints keep
-    the fp32 weights they resume from), and --upcast_before_saving writes it in fp32. bf16 autocast runs on CPU."""
+    """As upstream's Flux script: with --mixed_precision bf16 the final file holds the transformer's LoRA in bf16
+    (checkpoints keep the fp32 weights they resume from) and CLIP's (--train_text_encoder) in fp32, and
+    --upcast_before_saving writes it all in fp32. bf16 autocast runs on CPU."""
     for upcast, final_dtype in ((False, torch.bfloat16), (True, torch.float32)):
         out = str(tmp_path / f"upcast_{upcast}")
         train(SCRIPT, flux_args(tiny_flux, instance_folder, out, max_train_steps=1, checkpointing_steps=1,
-                                mixed_precision="bf16", upcast_before_saving=upcast))
-        assert {value.dtype for value in lora(out).values()} == {final_dtype}
+                                mixed_precision="bf16", upcast_before_saving=upcast, train_text_encoder=True))
+        weights = lora(out)
+        assert parts(weights) == {"transformer", "text_encoder"}
+        assert {value.dtype for key, value in weights.items() if key.startswith("transformer.")} == {final_dtype}
+        assert {value.dtype for key, value in weights.items() if key.startswith("text_encoder.")} == {torch.float32}
         assert {value.dtype for value in lora(os.path.join(out, "checkpoint-1")).values()} == {torch.float32}
 
 

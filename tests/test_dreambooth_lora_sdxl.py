@@ -355,3 +355,96 @@ def test_sdxl_buckets_with_cached_latents_and_masks_resume_exactly_on_two_proces
     image = pipeline(INSTANCE_PROMPT, num_inference_steps=2, height=64, width=96, output_type="np",
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 96, 3) and torch.isfinite(torch.from_numpy(image)).all()
+
+
+def _adapted_sdxl_models(model, seed):
+    """The UNet and both text encoders of the tiny SDXL with the script's LoRA adapters, moved well away from their
+    start (B starts at zero) by `seed`."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    script = _script()
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    text_encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
+                     CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2")]
+    torch.manual_seed(seed)
+    script.add_lora_adapters(argparse.Namespace(rank=4, lora_alpha=4, lora_dropout=0.0, use_dora=False,
+                                                train_text_encoder=True, lora_targets=None, lora_layers=None,
+                                                family=FAMILIES["sdxl"]), unet, text_encoders)
+    with torch.no_grad():
+        for part in (unet, *text_encoders):
+            for name, parameter in part.named_parameters():
+                if "lora_" in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.3)
+    return unet, text_encoders
+
+
+def _lora_state(models):
+    return {f"{index}.{name}": parameter.detach().clone() for index, part in enumerate(models)
+            for name, parameter in part.named_parameters() if "lora_" in name}
+
+
+def test_text_encoder_lora_keys_carry_text_model_and_load_back_exactly(tiny_sdxl, tmp_path):
+    """pytorch_lora_weights.safetensors names the CLIP layers as ComfyUI's key map and diffusers expect,
+    `text_encoder.text_model.encoder.layers.N...` and `text_encoder_2.text_model.encoder.layers.N...`, whatever the
+    transformers version (5 dropped CLIPTextModel's `text_model` wrapper); the script's own load (resume) restores
+    every adapter exactly, and StableDiffusionXLPipeline.load_lora_weights renders what the trained models render."""
+    script = _script()
+    unet, text_encoders = _adapted_sdxl_models(tiny_sdxl, seed=0)
+    script.save_lora_weights(str(tmp_path), unet, text_encoders, FAMILIES["sdxl"])
+    weights = lora(str(tmp_path))
+    for part in ("text_encoder", "text_encoder_2"):
+        keys = [key for key in weights if key.split(".")[0] == part]
+        assert keys and all(key.startswith(f"{part}.text_model.encoder.layers.") for key in keys), keys[:3]
+
+    fresh_unet, fresh_text_encoders = _adapted_sdxl_models(tiny_sdxl, seed=1)
+    expected = _lora_state([unet, *text_encoders])
+    assert _lora_state([fresh_unet, *fresh_text_encoders]).keys() == expected.keys()
+    script.load_lora_weights(str(tmp_path), fresh_unet, fresh_text_encoders, FAMILIES["sdxl"])
+    restored = _lora_state([fresh_unet, *fresh_text_encoders])
+    assert all(torch.equal(restored[key], value) for key, value in expected.items())
+
+    from diffusers import StableDiffusionXLPipeline
+
+    for part in (unet, *text_encoders):
+        part.eval()
+    trained = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, unet=unet, text_encoder=text_encoders[0],
+                                                        text_encoder_2=text_encoders[1])
+    trained.set_progress_bar_config(disable=True)
+    pipeline = _sdxl_pipeline(tiny_sdxl)
+    base = render(pipeline)
+    pipeline.load_lora_weights(str(tmp_path))
+    assert {"unet", "text_encoder", "text_encoder_2"} <= set(pipeline.get_list_adapters())
+    loaded = _lora_parameters(pipeline)
+    assert sum(key.startswith("text_encoder.") for key in loaded) == sum(
+        key.startswith("1.") for key in expected)
+    expected_image = render(trained)
+    assert abs(expected_image - base).max() > 1e-3
+    assert abs(render(pipeline) - expected_image).max() < 1e-5
+
+
+def test_bf16_run_encodes_with_the_sdxl_vaes_own_fp32_weights(tiny_sdxl, instance_folder, tmp_path):
+    """--mixed_precision bf16 (bf16 autocast runs on CPU) with --cache_latents: SDXL's own VAE encodes in fp32 with
+    the file's fp32 weights, never rounded through bf16: the cached latents are those of the VAE as loaded."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file as load_entry
+
+    script = _script()
+    cache = str(tmp_path / "cache")
+    train(SCRIPT, base_args(tiny_sdxl, instance_folder, str(tmp_path / "out"), center_crop=True, cache_latents=True,
+                            feature_cache_dir=cache, mixed_precision="bf16", max_train_steps=1,
+                            checkpointing_steps=1))
+    entries = {}
+    for root, _, files in os.walk(os.path.join(cache, "latents")):
+        entries.update({name: os.path.join(root, name) for name in files if name.endswith(".safetensors")})
+    assert len(entries) == 3
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    items, _ = script.read_image_folder(instance_folder, INSTANCE_PROMPT)
+    for path, _ in items:
+        image = script.preprocess_image(script.load_rgb(path), 64, script.INTERPOLATION_MODES["lanczos"], True, None)
+        with torch.no_grad():
+            expected = vae.encode(image[None]).latent_dist.parameters[0]
+        key = script.latent_key(script.LatentView(path, (64, 64)), None, False)
+        got = load_entry(entries[f"{key}.safetensors"])["latent_dist"]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
