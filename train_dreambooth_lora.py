@@ -1351,11 +1351,9 @@ def save_kohya_weights(folder, unet, text_encoders, family):
         layers = get_peft_model_state_dict(unet, save_embedding_layers=False)
         state.update({f"unet.{key}": value for key, value in layers.items()})
     for prefix, text_encoder in zip(family.text_encoder_parts, text_encoders or []):
-        # kohya, A1111 and ComfyUI name CLIP layers `text_model.encoder.layers.N`; transformers 5 dropped the
-        # `text_model` wrapper from CLIPTextModel, so it is put back (ComfyUI would skip the layers otherwise).
-        layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
-        state.update({f"{prefix}.{'' if key.startswith('text_model.') else 'text_model.'}{key}": value
-                      for key, value in layers.items()})
+        # kohya, A1111 and ComfyUI name CLIP layers `text_model.encoder.layers.N` (ComfyUI skips the others).
+        layers = text_model_layout(text_encoder, get_peft_model_state_dict(text_encoder, save_embedding_layers=False))
+        state.update({f"{prefix}.{key}": value for key, value in layers.items()})
     magnitudes = {key: state.pop(key) for key in list(state) if key.endswith(".lora_magnitude_vector")}
 
     def kohya_names(state_dict):
