@@ -59,13 +59,18 @@ from PIL import Image, ImageOps
 
 from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
 from trainkit.cli import InputError
+from trainkit.lora import (
+    KOHYA_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+    add_lora_adapters,
+    load_lora_weights,
+    save_kohya_weights,
+    save_lora_weights,
+)
 
 # Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, DROPOUT_STREAM, VALIDATION_STREAM, CLASS_IMAGE_STREAM = 1, 2, 3, 4, 5, 6
 LORA_INIT_STREAM, CAPTION_DROPOUT_STREAM = 7, 8
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
-TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -1261,159 +1266,6 @@ def load_pipeline(args, **kwargs):
         reason = cli.first_line(error)
         raise InputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: "
                          f"cannot load the pipeline ({reason})") from None
-
-
-def add_lora_adapters(args, denoiser, text_encoders):
-    """LoRA on the UNet's attention projections or FLUX.1's attention and feed-forward ones (--lora_layers: those
-    layers), and on the CLIP text encoder(s) with --train_text_encoder (FLUX.1's T5 stays frozen, as upstream);
-    every other weight stays frozen. Gaussian init: A random, B zero, so training starts from the base model's
-    output."""
-    from peft import LoraConfig
-
-    def config(targets):
-        return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          use_dora=args.use_dora, init_lora_weights="gaussian", target_modules=targets)
-
-    targets = args.lora_targets or args.family.lora_targets
-    try:
-        denoiser.add_adapter(config(targets))
-    except ValueError as error:  # a --lora_layers name the config check could not see (a hub model offline)
-        raise InputError(f"--lora_layers {args.lora_layers!r}: {cli.first_line(error)}") from None
-    if args.train_text_encoder:
-        for text_encoder in args.family.trainable_text_encoders(text_encoders):
-            text_encoder.add_adapter(config(TEXT_ENCODER_LORA_TARGETS))
-
-
-def save_lora_weights(folder, denoiser, text_encoders, family, dtype=None):
-    """`folder/pytorch_lora_weights.safetensors` in diffusers' format (`unet.*` or FLUX.1 `transformer.*`,
-    `text_encoder.*`, SDXL `text_encoder_2.*` keys) with the adapter configs (rank, alpha, targets) as metadata,
-    which `pipe.load_lora_weights(folder)` reads. `text_encoders`: the trained ones (none without
-    --train_text_encoder), their CLIP layers named `text_model.encoder.layers.N` (text_model_layout) whatever the
-    transformers version. `dtype`: the denoiser's weights' dtype in the file (default: as trained, fp32); the text
-    encoders' are always fp32, as upstream's Flux script saves them. Written by the family's pipeline class
-    (family.pipeline_class)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    def layers(model, dtype=None):
-        # No embedding layer is adapted; saying so spares peft a hub lookup for the base model's vocabulary size.
-        state = get_peft_model_state_dict(model, save_embedding_layers=False)
-        # Upstream's SD scripts write diffusers' `lora.down`/`lora.up` names, its Flux script peft's lora_A/lora_B.
-        state = state if family.peft_lora_names else convert_state_dict_to_diffusers(state)
-        return state if dtype is None else {key: value.to(dtype) for key, value in state.items()}
-
-    def text_encoder_layers(model):
-        # DoRA: diffusers' text-encoder loader hands the keys to peft, which looks for the magnitude vector's
-        # parameter name (`lora_magnitude_vector.weight`); without `.weight` it would keep the untrained magnitudes.
-        return {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value.float()
-                for key, value in text_model_layout(model, layers(model)).items()}
-
-    prefix = family.denoiser_part
-    parts = {f"{prefix}_lora_layers": layers(denoiser, dtype),
-             f"{prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
-    for prefix, model in zip(family.text_encoder_parts, text_encoders or []):
-        parts[f"{prefix}_lora_layers"] = text_encoder_layers(model)
-        parts[f"{prefix}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    family.pipeline_class("dreambooth_lora").save_lora_weights(folder, **parts)
-
-
-def text_model_layout(model, state):
-    """A text encoder's LoRA state dict with its CLIP layers named `text_model.encoder.layers.N...`, the layout of
-    CLIPTextModel before transformers 5 (which dropped its `text_model` wrapper), which ComfyUI's key map expects and
-    diffusers' load_lora_weights reads on any transformers version; other encoders' keys are left as they are."""
-    if hasattr(model, "text_model") or getattr(model.config, "model_type", None) != "clip_text_model":
-        return state
-    return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in state.items()}
-
-
-def own_layout(model, state):
-    """text_model_layout's keys read back into `model`: without `text_model.` where the model has no such wrapper
-    (CLIPTextModel on transformers 5)."""
-    if hasattr(model, "text_model"):
-        return state
-    return {key.removeprefix("text_model."): value for key, value in state.items()}
-
-
-def save_kohya_weights(folder, unet, text_encoders, family):
-    """`folder/pytorch_lora_weights_kohya.safetensors`: the same adapters in the key layout of kohya's sd-scripts,
-    A1111 and ComfyUI (`lora_unet_*`, `lora_te_*` (SDXL: `lora_te1_*`, `lora_te2_*`) with `.lora_down.weight`,
-    `.lora_up.weight`, `.alpha`), made by
-    diffusers' convert_state_dict_to_kohya from the adapters' peft state dicts (upstream's conversion from the saved
-    file garbles the UNet's keys when the text encoder is trained too). Each layer's `.alpha` is its adapter's
-    --lora_alpha (convert_state_dict_to_kohya writes the rank), so that kohya, A1111 and ComfyUI scale the update by
-    alpha / rank as diffusers does. Written under a temporary name first."""
-    from diffusers.utils import convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    state = {}
-    if unet is not None:
-        layers = get_peft_model_state_dict(unet, save_embedding_layers=False)
-        state.update({f"unet.{key}": value for key, value in layers.items()})
-    for prefix, text_encoder in zip(family.text_encoder_parts, text_encoders or []):
-        # kohya, A1111 and ComfyUI name CLIP layers `text_model.encoder.layers.N` (ComfyUI skips the others).
-        layers = text_model_layout(text_encoder, get_peft_model_state_dict(text_encoder, save_embedding_layers=False))
-        state.update({f"{prefix}.{key}": value for key, value in layers.items()})
-    magnitudes = {key: state.pop(key) for key in list(state) if key.endswith(".lora_magnitude_vector")}
-
-    def kohya_names(state_dict):
-        # diffusers names the text encoders `lora_te1_` / `lora_te2_` (SDXL's); a lone one (SD 1.x/2.x) `lora_te_`.
-        converted = convert_state_dict_to_kohya(state_dict)
-        if len(family.text_encoder_parts) > 1:
-            return converted
-        return {key.replace("lora_te1_", "lora_te_", 1) if key.startswith("lora_te1_") else key: value
-                for key, value in converted.items()}
-
-    kohya = kohya_names(state)
-    # The true alpha of each layer (kohya tools scale its update by alpha / rank, the rows of its lora_down), from
-    # its model's adapter: `lora_unet_`, `lora_te_` / `lora_te1_` (the first text encoder), `lora_te2_`.
-    models = {"lora_unet_": unet, "lora_te_": (text_encoders or [None])[0]}
-    models.update({f"lora_te{index}_": model for index, model in enumerate(text_encoders or [], start=1)})
-    for key in [key for key in kohya if key.endswith(".alpha")]:
-        model = next(model for start, model in models.items() if key.startswith(start))
-        kohya[key] = torch.tensor(float(model.peft_config["default"].lora_alpha))
-    # convert_state_dict_to_kohya leaves DoRA's magnitude vectors misnamed; kohya/LyCORIS keep them beside the layer's
-    # lora_down as `dora_scale`, shaped (out_features, 1).
-    for key, magnitude in magnitudes.items():
-        layer_key = key[: -len(".lora_magnitude_vector")] + ".lora_A.weight"
-        down = next(name for name in kohya_names({layer_key: magnitude}) if ".lora_down." in name)
-        kohya[f"{down.split('.')[0]}.dora_scale"] = magnitude[:, None]
-    path = os.path.join(folder, KOHYA_WEIGHTS_NAME)
-    save_file({key: value.detach().contiguous() for key, value in kohya.items()}, path + ".partial")
-    os.replace(path + ".partial", path)
-
-
-def load_lora_weights(folder, denoiser, text_encoders, family):
-    """Restore the adapters saved by save_lora_weights into `denoiser` (and the trained `text_encoders`), exactly."""
-    from diffusers.utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
-    from peft.utils import set_peft_model_state_dict
-
-    pipeline_class, prefix = family.pipeline_class("dreambooth_lora"), family.denoiser_part + "."
-    state_dict = pipeline_class.lora_state_dict(folder, weight_name=LORA_WEIGHTS_NAME)
-    state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # SD/SDXL also return alphas
-    denoiser_state = convert_unet_state_dict_to_peft(
-        {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-    )
-    incompatible = set_peft_model_state_dict(denoiser, denoiser_state, adapter_name="default")
-    unexpected = getattr(incompatible, "unexpected_keys", None)
-    if unexpected:
-        raise InputError(f"{folder}/{LORA_WEIGHTS_NAME}: unexpected LoRA keys for the {prefix[:-1]} "
-                         f"({unexpected[0]}, ...)")
-    for prefix, text_encoder in zip(family.text_encoder_parts, text_encoders or []):
-        # The file names CLIP layers `text_model.encoder.layers.N` (text_model_layout); CLIPTextModel on
-        # transformers 5 has no `text_model`, and peft would skip the keys silently.
-        layers = own_layout(text_encoder, {key[len(prefix) + 1:]: value for key, value in state_dict.items()
-                                           if key.startswith(f"{prefix}.")})
-        layers = convert_state_dict_to_peft(convert_state_dict_to_diffusers(layers))
-        incompatible = set_peft_model_state_dict(text_encoder, layers, adapter_name="default")
-        unexpected = getattr(incompatible, "unexpected_keys", None)
-        if unexpected:
-            raise InputError(f"{folder}/{LORA_WEIGHTS_NAME}: unexpected LoRA keys for the {prefix} "
-                             f"({unexpected[0]}, ...)")
 
 
 def parameter_groups(args, unet_params, text_encoder_params):
