@@ -58,11 +58,15 @@ import torch
 from PIL import Image, ImageOps
 
 from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
+from trainkit import big_models
 from trainkit.cli import InputError
 from trainkit.lora import (
     KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
     add_lora_adapters,
+    check_checkpoint_matches,
+    check_lora_layers,
+    ddp_settings,
     load_lora_weights,
     save_kohya_weights,
     save_lora_weights,
@@ -276,6 +280,8 @@ def parse_args(argv=None):
     add("--enable_npu_flash_attention", action="store_true",
         help="FLUX.1 on Ascend NPUs: the transformer's attention by torch_npu's flash attention (upstream's flag).")
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
+    # Big models (upstream's newer DreamBooth scripts, every family here): quantized base, offload, float8.
+    big_models.add_arguments(parser)
     # Additions
     add("--logging_steps", type=int, default=10,
         help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
@@ -324,6 +330,7 @@ def validate_args(args):
     args.family = families.select(args, FAMILY_DEFAULTS, "train_dreambooth_lora.py")
     args.family.check_folder(args.pretrained_model_name_or_path, args.family.required_parts(args))
     args.family.refuse_flags(args, "dreambooth_lora")
+    big_models.check_arguments(args)
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     cli.require_positive(
@@ -434,43 +441,6 @@ def check_sizes(args):
                              f"({args.family.size_reason})")
 
 
-def check_lora_layers(args):
-    """--lora_layers -> args.lora_targets (None: the defaults). Each name must match (as peft matches target
-    modules: the whole name or its last dotted parts) a Linear or Conv2d layer of the UNet / transformer, checked
-    on its config with no weights loaded. A hub model whose config cannot be read is checked when it loads."""
-    args.lora_targets = None
-    if args.lora_layers is None:
-        return
-    targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
-    if not targets:
-        raise InputError("--lora_layers names no module (expected e.g. 'attn.to_k,attn.to_q')")
-    args.lora_targets = targets
-    names = adaptable_module_names(args)
-    if names is None:
-        return
-    for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in names):
-            examples = ", ".join(sorted({name.split(".", 2)[-1] for name in names})[:6])
-            raise InputError(f"--lora_layers: {target!r} names no Linear or Conv2d layer of the "
-                             f"{args.family.denoiser_name} of "
-                             f"{args.pretrained_model_name_or_path!r} (its layers include {examples}, ...)")
-
-
-def adaptable_module_names(args):
-    """The names of the UNet's / transformer's Linear and Conv2d layers, from its config on the meta device (no
-    weights read), or None when the config cannot be read."""
-    from accelerate import init_empty_weights
-
-    model_class, part = args.family.denoiser_class(), args.family.denoiser_part
-    try:
-        config = model_class.load_config(args.pretrained_model_name_or_path, subfolder=part, revision=args.revision)
-        with init_empty_weights():
-            model = model_class.from_config(config)
-    except Exception:  # a hub id offline, a broken config: the model load reports it
-        return None
-    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
-
-
 def validate_data_args(args):
     """Instance images come from a folder or from a dataset (upstream: exactly one of the two)."""
     if (args.instance_data_dir is None) == (args.dataset_name is None):
@@ -530,31 +500,6 @@ def validate_optimizer_args(args):
                           "--learning_rate (as upstream)", stacklevel=1)
     elif args.use_8bit_adam:
         cli.require_package("bitsandbytes", "--use_8bit_adam", "pip install bitsandbytes")
-
-
-def check_checkpoint_matches(args):
-    """A checkpoint holds the adapters of one setup; resuming it with or without --train_text_encoder differently
-    cannot continue the same run."""
-    from safetensors import safe_open
-
-    path = os.path.join(args.resume_path, LORA_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise InputError(f"--resume_from_checkpoint {args.resume_path!r} holds no {LORA_WEIGHTS_NAME}")
-    with safe_open(path, framework="pt") as file:
-        keys = list(file.keys())
-    has_text_encoder = any(key.startswith("text_encoder.") for key in keys)
-    if has_text_encoder != args.train_text_encoder:
-        trained = "trained" if has_text_encoder else "did not train"
-        raise InputError(
-            f"--resume_from_checkpoint {args.resume_path!r} {trained} the text encoder; "
-            f"{'add' if has_text_encoder else 'remove'} --train_text_encoder to resume it"
-        )
-    has_dora = any("lora_magnitude_vector" in key for key in keys)
-    if has_dora != args.use_dora:
-        raise InputError(
-            f"--resume_from_checkpoint {args.resume_path!r} {'trained' if has_dora else 'did not train'} DoRA "
-            f"adapters; {'add' if has_dora else 'remove'} --use_dora to resume it"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1606,15 +1551,6 @@ def make_train_dataloader(dataset, args, run_state, accelerator):
     return loader, sampler
 
 
-def ddp_settings(args):
-    """SDXL conditions on text_encoder's penultimate layer, so the LoRA weights of its last layer get no gradient:
-    DDP must be told to expect unused parameters when the text encoders train (upstream does the same)."""
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    unused = args.train_text_encoder and args.family.text_encoder_last_layer_unused
-    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
-
-
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
@@ -1651,6 +1587,7 @@ def main(argv=None):
         for library in (transformers, diffusers):
             library.utils.logging.set_verbosity_error()
     distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    big_models.check_engine(args, accelerator)
     if args.train_text_encoder and accelerator.state.deepspeed_plugin is not None:
         # accelerate hands one model to a DeepSpeed engine; the UNet and text encoder LoRA would need two.
         raise InputError("--train_text_encoder trains two models, which accelerate cannot give to one DeepSpeed "
