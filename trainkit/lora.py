@@ -164,3 +164,74 @@ def load_lora_weights(folder, denoiser, text_encoders, family, task="dreambooth_
         if unexpected:
             raise InputError(f"{folder}/{LORA_WEIGHTS_NAME}: unexpected LoRA keys for the {prefix} "
                              f"({unexpected[0]}, ...)")
+
+
+def check_lora_layers(args):
+    """--lora_layers -> args.lora_targets (None: the script's defaults). Each name must match (as peft matches target
+    modules: the whole name or its last dotted parts) a Linear or Conv2d layer of the UNet / transformer, checked
+    on its config with no weights loaded. A hub model whose config cannot be read is checked when it loads."""
+    args.lora_targets = None
+    if args.lora_layers is None:
+        return
+    targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    if not targets:
+        raise InputError("--lora_layers names no module (expected e.g. 'attn.to_k,attn.to_q')")
+    args.lora_targets = targets
+    names = adaptable_module_names(args)
+    if names is None:
+        return
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            examples = ", ".join(sorted({name.split(".", 2)[-1] for name in names})[:6])
+            raise InputError(f"--lora_layers: {target!r} names no Linear or Conv2d layer of the "
+                             f"{args.family.denoiser_name} of "
+                             f"{args.pretrained_model_name_or_path!r} (its layers include {examples}, ...)")
+
+
+def adaptable_module_names(args):
+    """The names of the UNet's / transformer's Linear and Conv2d layers, from its config on the meta device (no
+    weights read), or None when the config cannot be read."""
+    from accelerate import init_empty_weights
+
+    model_class, part = args.family.denoiser_class(), args.family.denoiser_part
+    try:
+        config = model_class.load_config(args.pretrained_model_name_or_path, subfolder=part, revision=args.revision)
+        with init_empty_weights():
+            model = model_class.from_config(config)
+    except Exception:  # a hub id offline, a broken config: the model load reports it
+        return None
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def check_checkpoint_matches(args):
+    """A checkpoint holds the adapters of one setup; resuming it with or without --train_text_encoder or --use_dora
+    differently cannot continue the same run."""
+    from safetensors import safe_open
+
+    path = os.path.join(args.resume_path, LORA_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise InputError(f"--resume_from_checkpoint {args.resume_path!r} holds no {LORA_WEIGHTS_NAME}")
+    with safe_open(path, framework="pt") as file:
+        keys = list(file.keys())
+    has_text_encoder = any(key.startswith("text_encoder.") for key in keys)
+    if has_text_encoder != args.train_text_encoder:
+        trained = "trained" if has_text_encoder else "did not train"
+        raise InputError(
+            f"--resume_from_checkpoint {args.resume_path!r} {trained} the text encoder; "
+            f"{'add' if has_text_encoder else 'remove'} --train_text_encoder to resume it"
+        )
+    has_dora = any("lora_magnitude_vector" in key for key in keys)
+    if has_dora != args.use_dora:
+        raise InputError(
+            f"--resume_from_checkpoint {args.resume_path!r} {'trained' if has_dora else 'did not train'} DoRA "
+            f"adapters; {'add' if has_dora else 'remove'} --use_dora to resume it"
+        )
+
+
+def ddp_settings(args):
+    """SDXL conditions on text_encoder's penultimate layer, so the LoRA weights of its last layer get no gradient:
+    DDP must be told to expect unused parameters when the text encoders train (upstream does the same)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    unused = args.train_text_encoder and args.family.text_encoder_last_layer_unused
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
