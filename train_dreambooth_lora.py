@@ -955,9 +955,9 @@ def prompt_embeddings_of(hidden_states, pooled):
 def precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args):
     """{prompt: embeddings on the CPU} for each distinct prompt, encoded once (--pre_compute_text_embeddings)."""
     prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args))
-    device = text_encoders[0].device
     embeddings = {}
-    with torch.no_grad():
+    with torch.no_grad(), big_models.visiting(args, *text_encoders):  # --offload: on the device meanwhile
+        device = text_encoders[0].device
         for prompt in dict.fromkeys(prompts):
             inputs = {key: value[None].to(device) for key, value in prompt_inputs(prompt).items()}
             hidden, pooled = encode_prompts(args, text_encoders, inputs)
@@ -1077,7 +1077,8 @@ def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
                     entry["flipped_crop_top_left"] = torch.tensor((top, resized_width - left - view.size[1]))
         return entries
 
-    cache.fill(accelerator, {key: view for view, key in image_keys.items()}, encode, args.train_batch_size)
+    with big_models.visiting(args, vae):  # --offload: the VAE visits the device to encode
+        cache.fill(accelerator, {key: view for view, key in image_keys.items()}, encode, args.train_batch_size)
     return cache, image_keys
 
 
@@ -1129,7 +1130,9 @@ def cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
         return [{"hidden_states": states, "pooled_prompt_embeds": vector}
                 for states, vector in zip(hidden_states, pooled)]
 
-    cache.fill(accelerator, {keys[prompt]: value for prompt, value in inputs.items()}, encode, args.train_batch_size)
+    with big_models.visiting(args, *text_encoders):  # --offload: the text encoders visit the device to encode
+        cache.fill(accelerator, {keys[prompt]: value for prompt, value in inputs.items()}, encode,
+                   args.train_batch_size)
     return CachedPromptEmbeddings(cache, keys)
 
 
@@ -1199,6 +1202,9 @@ def load_pipeline(args, **kwargs):
     naming the model."""
     from diffusers import DiffusionPipeline
 
+    if args.bnb_config is not None and kwargs.get(args.family.denoiser_part) is None:
+        # The frozen denoiser quantized as in training: the model may only fit the device so.
+        kwargs[args.family.denoiser_part] = families.loading.load_denoiser(args)
     if args.pretrained_vae_model_name_or_path is not None and kwargs.get("vae") is None:
         kwargs["vae"] = args.family.load_vae(args)
         if kwargs.get("dtype") is not None:
@@ -1262,11 +1268,13 @@ def training_loss(denoiser, vae, text_encoders, noise_scheduler, batch, generato
     (--cache_latents), and its prompt embeddings, precomputed or encoded now (with --train_text_encoder the LoRA layers
     need the graph; otherwise nothing in the encoder requires grad). Every random draw (latent sampling, noise,
     timesteps) comes from `generator`, so a resumed run repeats it."""
-    latents = batch_latents(vae, batch, generator, weight_dtype, *latent_scaling)
+    with big_models.visiting(args, vae if "latent_dist" not in batch else None):  # --offload: here to encode
+        latents = batch_latents(vae, batch, generator, weight_dtype, *latent_scaling)
     if "prompt_embeds" in batch:
         prompt_embeds, pooled = batch["prompt_embeds"], batch.get("pooled_prompt_embeds")
     else:
-        prompt_embeds, pooled = encode_prompts(args, text_encoders, batch)
+        with big_models.visiting(args, *text_encoders):
+            prompt_embeds, pooled = encode_prompts(args, text_encoders, batch)
     return denoising_loss(denoiser, noise_scheduler, latents, prompt_embeds, pooled, batch, generator, args,
                           weight_dtype)
 
@@ -1618,10 +1626,16 @@ def main(argv=None):
     # One move and cast each, no fp32 copy on the device. The VAE goes straight to the dtype it encodes in
     # (family.vae_dtype): SDXL's own VAE keeps its stored fp32 weights, never rounded through fp16/bf16 on the way.
     vae_dtype = args.family.vae_dtype(args, weight_dtype)
+    # --offload: the VAE and frozen text encoders stay on the CPU and visit the device to encode (big_models.visiting).
     for model in (unet, *text_encoders, vae):
-        if model is not None:
+        if model is not None and not big_models.is_quantized(model):  # quantized onto the device as it loaded
             model.requires_grad_(False)
-            model.to(accelerator.device, dtype=vae_dtype if model is vae else weight_dtype)
+            model.to(accelerator.device if model is unet else big_models.home_device(args, accelerator.device),
+                     dtype=vae_dtype if model is vae else weight_dtype)
+    if big_models.is_quantized(unet):
+        logger.info(f"Quantized {args.family.denoiser_part}: {big_models.describe_footprint(unet)}")
+    if args.do_fp8_training:
+        logger.info(f"--do_fp8_training: {big_models.convert_to_float8(unet)} linear layers train in float8")
     # The initial LoRA weights depend on the run seed only, not on what drew from the global RNG before (class-image
     # generation happens in some runs and not in others).
     torch.manual_seed(randomness.derive_seed(run_state.seed, LORA_INIT_STREAM))
@@ -1842,7 +1856,8 @@ def main(argv=None):
             if frozen_embeds is not None:  # FLUX.1 with T5 freed: the trained CLIP's pooled embedding, T5's states
                 encoders = [components[part] for part in args.family.text_encoder_parts]
                 embeddings = validation_embeddings(args, prompt_inputs, encoders, args.validation_prompt)
-            images = generate_validation_images(accelerator, pipeline, args, run_state.seed, embeddings)
+            with big_models.visiting(args, vae, *(text_encoders or [])):  # --offload: back to the CPU afterwards
+                images = generate_validation_images(accelerator, pipeline, args, run_state.seed, embeddings)
             del pipeline
             if accelerator.is_main_process:
                 folder = log_validation_images(accelerator, images, f"epoch_{epoch:04d}", epoch, global_step, args)

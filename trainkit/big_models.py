@@ -12,9 +12,9 @@ import torch
 
 from trainkit.cli import InputError, first_line
 
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-               "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-QUANT_STORAGE_NAMES = {**DTYPE_NAMES, "uint8": torch.uint8, "int8": torch.int8}
+# The dtype names BitsAndBytesConfig reads (torch attribute names).
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+QUANT_STORAGE_NAMES = (*DTYPE_NAMES, "uint8", "int8")
 FP8_MIN_CAPABILITY = (8, 9)  # float8 matmuls: Ada Lovelace (sm_89), Hopper (sm_90) and newer
 
 
@@ -141,3 +141,142 @@ def check_engine(args, accelerator):
                          "frozen weights that bitsandbytes packs; use ZeRO-2 or a single process per GPU")
     if accelerator.distributed_type == DistributedType.FSDP:
         raise InputError("--bnb_quantization_config_path cannot be used with FSDP")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The quantized frozen denoiser
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def training_dtype(args):
+    """The dtype the frozen weights run in: --mixed_precision's (what accelerate chose), fp32 without it."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(getattr(args, "mixed_precision", None), torch.float32)
+
+
+def quantize(model, config, compute_dtype, device):
+    """Quantize `model`'s nn.Linear layers in place with bitsandbytes as `config` (BitsAndBytesConfig keyword
+    arguments) says, onto `device`, and return it frozen, flagged as diffusers flags a model its own bitsandbytes
+    quantizer loaded (so that peft gives its LoRA layers the bitsandbytes LoRA classes and pipelines do not recast
+    it).
+
+    One path for CPUs and GPUs: diffusers' replace_with_bnb_linear swaps each Linear for an empty bitsandbytes
+    Linear4bit / Linear8bitLt (skipping llm_int8_skip_modules and the model's fp32 modules, as diffusers' quantizer
+    does), the layer takes the Linear's weight, and bitsandbytes quantizes it as the layer moves to `device`, one
+    layer at a time, so that the whole model never sits on the device in `compute_dtype`. As upstream, 4-bit layers
+    compute in the training dtype, and peft's prepare_model_for_kbit_training keeps the other frozen weights (norms,
+    biases, convolutions) in fp32."""
+    import bitsandbytes as bnb
+    from diffusers import BitsAndBytesConfig
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+    from diffusers.quantizers.quantization_config import QuantizationMethod
+    from peft import prepare_model_for_kbit_training
+
+    kwargs = dict(config)
+    if kwargs.get("load_in_4bit"):
+        kwargs["bnb_4bit_compute_dtype"] = compute_dtype  # upstream's rule: 4-bit layers compute in the training dtype
+    bnb_config = BitsAndBytesConfig(**kwargs)
+    model.requires_grad_(False)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    skipped = list(bnb_config.llm_int8_skip_modules or []) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    replace_with_bnb_linear(model, modules_to_not_convert=skipped, quantization_config=bnb_config)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) or name not in linears:
+            continue
+        linear, empty = linears.pop(name), layer.weight
+        weight = linear.weight.data.to(compute_dtype).contiguous()
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=empty.blocksize,
+                                             compress_statistics=empty.compress_statistics,
+                                             quant_type=empty.quant_type, quant_storage=empty.quant_storage,
+                                             module=layer)
+        else:
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=empty.has_fp16_weights)
+        layer.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        del linear, weight
+        layer.to(device)  # bitsandbytes quantizes here
+    four_bit = bool(config.get("load_in_4bit"))
+    model.is_loaded_in_4bit, model.is_loaded_in_8bit = four_bit, not four_bit
+    model.quantization_method = QuantizationMethod.BITS_AND_BYTES
+    model.is_quantized = True  # ModelMixin.to refuses a dtype cast, which would break the packed weights
+    model.to(device)  # the layers bitsandbytes does not quantize
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # as upstream
+    model.requires_grad_(False)
+    return model
+
+
+def is_quantized(model):
+    """Whether `model` is a bitsandbytes-quantized denoiser (quantize)."""
+    return getattr(model, "quantization_method", None) is not None and getattr(model, "is_quantized", False)
+
+
+def frozen_footprint(model):
+    """(parameters, bytes) of `model`'s frozen weights, a quantized weight counted as the parameters it stands for
+    and its bytes including its quantization statistics (4-bit: absmax, nested statistics, code book; 8-bit: row
+    scales)."""
+    import bitsandbytes as bnb
+
+    parameters = size = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            continue
+        if isinstance(parameter, bnb.nn.Params4bit) and parameter.quant_state is not None:
+            state = parameter.quant_state
+            parameters += state.shape.numel()
+            size += parameter.nbytes + sum(value.nbytes for value in state.as_dict(packed=True).values()
+                                           if isinstance(value, torch.Tensor))
+        elif isinstance(parameter, bnb.nn.Int8Params) and getattr(parameter, "SCB", None) is not None:
+            parameters += parameter.numel()
+            size += parameter.nbytes + parameter.SCB.nbytes
+        else:
+            parameters += parameter.numel()
+            size += parameter.nbytes
+    return parameters, size
+
+
+def describe_footprint(model):
+    """One line for the log: the frozen denoiser's parameters, bytes and bytes per parameter."""
+    parameters, size = frozen_footprint(model)
+    return (f"{parameters / 1e6:.1f}M frozen parameters in {size / 2**20:.1f} MiB "
+            f"({size / max(parameters, 1):.3f} bytes per parameter)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --offload and --do_fp8_training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def home_device(args, device):
+    """Where the VAE and frozen text encoders live between encodings: the CPU with --offload, else `device`."""
+    return torch.device("cpu") if getattr(args, "offload", False) else device
+
+
+def visiting(args, *models):
+    """A context in which `models` (None ones skipped) are on the training device: with --offload they move there
+    on entry and back where they were on exit (diffusers.training_utils.offload_models, upstream's helper); without
+    it they never left, and nothing moves."""
+    from accelerate import PartialState
+    from diffusers.training_utils import offload_models
+
+    present = [model for model in models if model is not None]
+    return offload_models(*present, device=PartialState().device, offload=getattr(args, "offload", False) and
+                          bool(present))
+
+
+def fp8_module_filter(module, name):
+    """Upstream's filter: every linear layer but the output projection (proj_out) and those with a dimension not a
+    multiple of 16 (float8 matmuls need them so)."""
+    if name == "proj_out":
+        return False
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return True
+
+
+def convert_to_float8(model):
+    """--do_fp8_training: torchao swaps the denoiser's linear layers (fp8_module_filter) for Float8Linear, whose
+    matmuls run in float8 with dynamic scaling (as upstream: pad_inner_dim). Call before LoRA is added. Returns the
+    number of layers converted. check_fp8_support ran before (torchao present, a GPU of compute capability 8.9+)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    convert_to_float8_training(model, module_filter_fn=fp8_module_filter, config=Float8LinearConfig(pad_inner_dim=True))
+    return sum(type(module).__name__ == "Float8Linear" for module in model.modules())

@@ -106,8 +106,7 @@ class Flux:
         text_encoders = [loading.load_part(args, part, model_class.from_pretrained, variant=args.variant)
                          for part, model_class in zip(self.text_encoder_parts, (CLIPTextModel, T5EncoderModel))]
         vae = loading.load_vae(args)
-        transformer = loading.load_part(args, "transformer", self.denoiser_class().from_pretrained,
-                                        variant=args.variant)
+        transformer = loading.load_denoiser(args)  # quantized with --bnb_quantization_config_path
         return noise_scheduler, tokenizers, text_encoders, vae, transformer
 
     def vae_dtype(self, args, weight_dtype):

@@ -80,6 +80,24 @@ def load_part(args, part, from_pretrained, **kwargs):
     return loaded
 
 
+def load_denoiser(args):
+    """The family's denoiser (`args.family.denoiser_part`: unet/, transformer/) as load_part loads it; with
+    --bnb_quantization_config_path, loaded in the training dtype and quantized by bitsandbytes onto the training
+    device (big_models.quantize), so that LoRA trains on a 4- or 8-bit frozen base."""
+    from trainkit import big_models
+
+    family = args.family
+    config = getattr(args, "bnb_config", None)
+    if config is None:
+        return load_part(args, family.denoiser_part, family.denoiser_class().from_pretrained, variant=args.variant)
+    from accelerate import PartialState
+
+    dtype = big_models.training_dtype(args)
+    denoiser = load_part(args, family.denoiser_part, family.denoiser_class().from_pretrained, variant=args.variant,
+                         torch_dtype=dtype)
+    return big_models.quantize(denoiser, config, dtype, PartialState().device)
+
+
 def weights_folder(source, subfolder=None, revision=None, cache_dir=None):
     """The local folder a model's files were just loaded from: the folder itself, or the hub cache's snapshot of that
     revision (None when it cannot be found; the feature cache then reads the weights to key them)."""

@@ -226,7 +226,7 @@ class StableDiffusion:
                 if os.path.isdir(source):
                     raise
                 vae_problem = str(error)  # perhaps a hub model without a VAE: its UNet decides below
-        unet = loading.load_part(args, "unet", self.denoiser_class().from_pretrained, variant=args.variant)
+        unet = loading.load_denoiser(args)  # quantized with --bnb_quantization_config_path
         if vae is None and unet.config.in_channels not in (3, 6):  # pixel space: RGB, or RGB + the upscaler's input
             raise InputError(vae_problem)
         if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):

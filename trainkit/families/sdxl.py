@@ -109,7 +109,7 @@ class SDXL(StableDiffusion):
 
         loaded = [loading.load_part(args, "scheduler", DDPMScheduler.from_pretrained), self.load_tokenizers(args),
                   self.load_text_encoders(args), self.load_vae(args)]
-        return (*loaded, loading.load_part(args, "unet", self.denoiser_class().from_pretrained, variant=args.variant))
+        return (*loaded, loading.load_denoiser(args))  # quantized with --bnb_quantization_config_path
 
     # --- instruct_pix2pix ---
     def edit_size_kwargs(self, image):
