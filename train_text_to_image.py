@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Fine-tune the UNet of a Stable Diffusion or SDXL pipeline on images with captions (full fine-tuning, optional
-EMA).
+"""Fine-tune the UNet of a Stable Diffusion or SDXL pipeline on images with captions: full fine-tuning (optional EMA),
+or with `--rank N` LoRA adapters on the UNet (and with --train_text_encoder on the text encoder(s)).
 
 A drop-in replacement for diffusers' `examples/text_to_image/train_text_to_image.py` and, given an SDXL base model,
 for `train_text_to_image_sdxl.py`: the same flags and defaults, the same output layout (a `StableDiffusionPipeline`
 or `StableDiffusionXLPipeline` folder in `--output_dir`, `checkpoint-N/` folders), plus `--config`,
 `--logging_steps`, exact resume, atomic checkpoints, preemption handling, a plain folder of images with `name.txt`
 captions as data, and the raw (non-EMA) weights kept in `unet_raw/` when `--use_ema` is on.
+
+`--rank N` switches to LoRA mode, a drop-in replacement for `train_text_to_image_lora.py` and (SDXL)
+`train_text_to_image_lora_sdxl.py` with `--rank` added: the frozen UNet and text encoders run in the training dtype,
+the adapters train in fp32, and `--output_dir` receives `pytorch_lora_weights.safetensors` (rank and alpha in its
+metadata) for `pipe.load_lora_weights(output_dir)`; every checkpoint holds the same file.
 
     accelerate launch train_text_to_image.py --pretrained_model_name_or_path ./sd-folder \\
         --train_data_dir ./captioned-images --resolution 512 --use_ema --output_dir sd-finetuned
@@ -21,24 +26,34 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, objectives, randomness
+from trainkit import bucketing, checkpointing, cli, distributed, families, feature_cache, lora, objectives, randomness
 from trainkit.cli import InputError
 from trainkit.families import loading
 
 # Independent random streams, derived from the run seed (see randomness.derive_seed).
 SHUFFLE_STREAM, AUGMENT_STREAM, NOISE_STREAM, SUBSET_STREAM, VALIDATION_STREAM, EMPTY_PROMPT_STREAM = 1, 2, 3, 4, 5, 6
+LORA_INIT_STREAM, LORA_DROPOUT_STREAM = 7, 8
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 # The batch keys of each tokenizer's token ids, in the family's tokenizer order (a second tokenizer's ids go under
 # the second name).
 INPUT_IDS = ("input_ids", "input_ids_2")
 # The families this script trains, each with the flags whose upstream default differs between
-# train_text_to_image.py and train_text_to_image_sdxl.py.
+# train_text_to_image.py and train_text_to_image_sdxl.py; under "lora", the values of LoRA mode (--rank) where
+# train_text_to_image_lora.py / train_text_to_image_lora_sdxl.py differ from those (see mode_defaults).
 FAMILY_DEFAULTS = {
     "sd": {"resolution": 512, "output_dir": "sd-model-finetuned", "validation_epochs": 5,
-           "tracker_project_name": "text2image-fine-tune"},
+           "tracker_project_name": "text2image-fine-tune",
+           "lora": {"output_dir": "sd-model-finetuned-lora", "validation_epochs": 1}},
     "sdxl": {"resolution": 1024, "output_dir": "sdxl-model-finetuned", "validation_epochs": 1,
-             "tracker_project_name": "text2image-fine-tune-sdxl"},
+             "tracker_project_name": "text2image-fine-tune-sdxl",
+             "lora": {"output_dir": "sd-model-finetuned-lora", "validation_epochs": 1,
+                      "tracker_project_name": "text2image-fine-tune"}},
 }
+# Upstream's LoRA targets in the UNet (train_text_to_image_lora*.py): the attention projections.
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# Flags of full fine-tuning only (refused with --rank), and of LoRA mode only (refused without it).
+FULL_FINE_TUNE_FLAGS = ("use_ema", "offload_ema", "foreach_ema", "non_ema_revision")
+LORA_FLAGS = ("lora_alpha", "lora_layers", "lora_dropout", "use_dora", "train_text_encoder", "output_kohya_format")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -82,7 +97,8 @@ def parse_args(argv=None):
     add("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
     add("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
     add("--non_ema_revision", type=str, default=None,
-        help="Revision of the UNet to train (the EMA copy starts from --revision). Defaults to --revision.")
+        help="Revision of the UNet to train (the EMA copy starts from --revision). Defaults to --revision. Full "
+             "fine-tuning only.")
     add("--prediction_type", type=str, default=None,
         help="epsilon or v_prediction; default: the pretrained scheduler's prediction type.")
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention.")
@@ -109,14 +125,16 @@ def parse_args(argv=None):
     add("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main one.")
     # Training (upstream)
     add("--output_dir", type=str, default=None,
-        help="Where the pipeline and checkpoints go (default sd-model-finetuned; SDXL sdxl-model-finetuned).")
+        help="Where the pipeline (LoRA mode: the LoRA weights) and checkpoints go (default sd-model-finetuned; SDXL "
+             "sdxl-model-finetuned; LoRA mode sd-model-finetuned-lora, as upstream's LoRA scripts).")
     add("--seed", type=int, default=None, help="Seed for data order, augmentation, noise and validation images.")
     add("--train_batch_size", type=int, default=16, help="Batch size per device.")
     add("--num_train_epochs", type=int, default=100)
     add("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet backward.")
-    add("--learning_rate", type=float, default=1e-4)
+    add("--learning_rate", type=float, default=1e-4,
+        help="Initial learning rate (1e-4, as upstream's full fine-tuning and LoRA scripts alike).")
     add("--scale_lr", action="store_true",
         help="Multiply the learning rate by processes x accumulation steps x batch size.")
     add("--lr_scheduler", type=str, default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
@@ -141,9 +159,12 @@ def parse_args(argv=None):
     add("--input_perturbation", type=float, default=0, help="Scale of input perturbation (recommended 0.1).")
     add("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
     add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    add("--use_ema", action="store_true", help="Keep an EMA of the UNet weights; the final pipeline holds the EMA.")
-    add("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates.")
-    add("--foreach_ema", action="store_true", help="Update the EMA with torch's faster foreach kernels.")
+    add("--use_ema", action="store_true",
+        help="Keep an EMA of the UNet weights; the final pipeline holds the EMA. Full fine-tuning only.")
+    add("--offload_ema", action="store_true",
+        help="Keep the EMA weights in CPU memory between updates. Full fine-tuning only.")
+    add("--foreach_ema", action="store_true",
+        help="Update the EMA with torch's faster foreach kernels. Full fine-tuning only.")
     add("--adam_beta1", type=float, default=0.9)
     add("--adam_beta2", type=float, default=0.999)
     add("--adam_weight_decay", type=float, default=1e-2)
@@ -164,15 +185,36 @@ def parse_args(argv=None):
              "--validation_prompts, both are rendered).")
     add("--num_validation_images", type=int, default=4, help="How many images of --validation_prompt to render.")
     add("--validation_epochs", type=int, default=None,
-        help="Render the validation prompts every N epochs (default 5; SDXL 1).")
+        help="Render the validation prompts every N epochs (default 5; SDXL and LoRA mode 1).")
     add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml or all.")
     add("--tracker_project_name", type=str, default=None,
-        help="Default text2image-fine-tune; SDXL text2image-fine-tune-sdxl.")
+        help="Default text2image-fine-tune; SDXL text2image-fine-tune-sdxl (LoRA mode: text2image-fine-tune).")
     add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     add("--push_to_hub", action="store_true")
     add("--hub_token", type=str, default=None)
     add("--hub_model_id", type=str, default=None)
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
+    add("--debug_loss", action="store_true",
+        help="Also log each step's loss under loss_for_<file name> for every image of the batch whose file name is "
+             "known (upstream SDXL LoRA's flag).")
+    # LoRA mode (upstream train_text_to_image_lora.py / train_text_to_image_lora_sdxl.py: --rank, --train_text_encoder)
+    add("--rank", type=int, default=None,
+        help="Train LoRA adapters of this rank (upstream's LoRA scripts: 4) on the UNet's attention projections "
+             "instead of the whole UNet; without it, full fine-tuning.")
+    add("--train_text_encoder", action="store_true",
+        help="LoRA mode: also train LoRA adapters on the text encoder (SDXL: both text encoders).")
+    add("--lora_alpha", type=int, default=None,
+        help="LoRA mode: LoRA alpha (the update is scaled by alpha / rank); default --rank, as upstream.")
+    add("--lora_layers", type=str, default=None,
+        help="LoRA mode: comma-separated UNet module names to adapt (peft target_modules, matched as name "
+             "suffixes), e.g. 'attn2.to_k,attn2.to_v'; default upstream's to_k,to_q,to_v,to_out.0.")
+    add("--lora_dropout", type=float, default=None, help="LoRA mode: dropout probability of the LoRA layers (0).")
+    add("--use_dora", action="store_true",
+        help="LoRA mode: weight-decomposed LoRA (DoRA, https://arxiv.org/abs/2402.09353); the saved file holds the "
+             "trained magnitude vectors and load_lora_weights reads them.")
+    add("--output_kohya_format", action="store_true",
+        help="LoRA mode: also write pytorch_lora_weights_kohya.safetensors, the key layout of kohya, A1111 and "
+             "ComfyUI.")
     # Additions
     add("--logging_steps", type=int, default=10,
         help="Log the mean loss every N optimizer steps (the loss is not read back from the device in between).")
@@ -192,14 +234,48 @@ def parse_args(argv=None):
     bucketing.add_bucket_arguments(parser)
     bucketing.add_mask_arguments(parser, column=True)
     args = cli.parse_args_with_config(parser, argv)
+    check_mode_flags(args)
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     if args.feature_cache_dir is None:
         args.feature_cache_dir = feature_cache.default_feature_cache_dir()
     # The base model's family decides the model-specific steps and fills the flags its upstream script defaults
     # differently.
-    args.family = families.select(args, FAMILY_DEFAULTS, "train_text_to_image.py")
+    args.family = families.select(args, mode_defaults(lora_mode(args)), "train_text_to_image.py")
+    if lora_mode(args):
+        args.lora_alpha = args.rank if args.lora_alpha is None else args.lora_alpha
+        args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
     return args
+
+
+def lora_mode(args):
+    """LoRA mode: --rank given."""
+    return getattr(args, "rank", None) is not None
+
+
+def mode_defaults(with_lora):
+    """FAMILY_DEFAULTS' rows for the mode: in LoRA mode a row's "lora" values replace its full fine-tune ones."""
+    return {name: {**{flag: value for flag, value in row.items() if flag != "lora"},
+                   **(row["lora"] if with_lora else {})}
+            for name, row in FAMILY_DEFAULTS.items()}
+
+
+def check_mode_flags(args):
+    """Full fine-tuning's flags are refused with --rank, LoRA mode's without it, in one line. Raises InputError."""
+    def given(name):
+        value = getattr(args, name)
+        return value is not None and value is not False
+
+    if lora_mode(args):
+        for name in FULL_FINE_TUNE_FLAGS:
+            if given(name):
+                raise InputError(f"--{name} applies to full fine-tuning only; LoRA mode (--rank {args.rank}) trains "
+                                 "adapters on the frozen UNet (drop --rank to fine-tune the whole UNet)")
+    else:
+        for name in LORA_FLAGS:
+            if given(name):
+                raise InputError(f"--{name} applies to LoRA mode only: add --rank N (upstream's LoRA scripts use 4) "
+                                 "to train LoRA adapters")
 
 
 def validate_args(args):
@@ -207,8 +283,17 @@ def validate_args(args):
     cli.require_positive(
         args, "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
         "learning_rate", "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
-        "logging_steps", "validation_inference_steps", "dream_detail_preservation",
+        "logging_steps", "validation_inference_steps", "dream_detail_preservation", "rank", "lora_alpha",
     )
+    args.lora_targets = None
+    if lora_mode(args):
+        if not 0 <= args.lora_dropout < 1:
+            raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+        if args.train_text_encoder and args.cache_text_embeddings:
+            raise InputError("--cache_text_embeddings cannot be used with --train_text_encoder: the text encoder "
+                             "trains, so its embeddings change every step")
+        if args.train_text_encoder:
+            cli.check_compatible_versions("text-encoder LoRA")
     for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset", "input_perturbation", "max_grad_norm",
                  "num_validation_images"):
         if getattr(args, name) < 0:
@@ -239,6 +324,8 @@ def validate_args(args):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
 
     args.family.check_folder(args.pretrained_model_name_or_path)
+    if lora_mode(args):
+        lora.check_lora_layers(args)  # needs the folder's UNet config
     vae_path = args.pretrained_vae_model_name_or_path
     if vae_path is not None:
         cli.check_local_or_hub_id("--pretrained_vae_model_name_or_path", vae_path)
@@ -263,6 +350,12 @@ def validate_args(args):
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir!r} exists and is not a folder")
     args.resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_path is not None:
+        if lora_mode(args):
+            lora.check_checkpoint_matches(args)
+        elif not os.path.isdir(os.path.join(args.resume_path, "unet")):
+            raise InputError(f"--resume_from_checkpoint {args.resume_path!r} holds no unet/ (a LoRA checkpoint? add "
+                             "the --rank it was trained with)")
 
     reporters = {name.strip() for name in args.report_to.split(",")}
     if reporters & {"wandb", "all"}:
@@ -614,6 +707,8 @@ class CaptionedImages(torch.utils.data.Dataset):
             item["pixel_values"], original_size, crop = processed[:3]
             if processed.mask is not None:
                 item["loss_mask"] = processed.mask
+            if getattr(a, "debug_loss", False):  # an image decoded from a file knows its name
+                item["filename"] = os.path.basename(getattr(image, "filename", "") or "")
         else:
             # The same draw preprocess_image makes for the flip (a centre crop draws nothing).
             flip = a.random_flip and torch.rand(1, generator=generator).item() < 0.5
@@ -806,8 +901,8 @@ def cache_text_embeddings(accelerator, train_dataset, text_encoders, args, weigh
 def load_models(args, weight_dtype=torch.float32):
     """(noise_scheduler, tokenizers, text_encoders, vae, unet) from the pretrained pipeline: the family's tokenizers
     and frozen text encoders (loaded directly in `weight_dtype`, the frozen models' dtype), its VAE (or
-    --pretrained_vae_model_name_or_path's, in fp32 until it moves to the device) and the UNet to train (fp32). Load
-    errors are InputErrors naming the part that failed."""
+    --pretrained_vae_model_name_or_path's, in fp32 until it moves to the device) and the UNet to train (fp32; LoRA
+    mode: frozen, in `weight_dtype`). Load errors are InputErrors naming the part that failed."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     family = args.family
@@ -817,8 +912,10 @@ def load_models(args, weight_dtype=torch.float32):
     with distributed.frozen_models_outside_zero3():
         text_encoders = family.load_text_encoders(args, torch_dtype=weight_dtype)
         vae = family.load_vae(args)
+    # LoRA mode: the UNet is frozen too, so it loads directly in the frozen models' dtype.
     unet = loading.load_part(args, "unet", UNet2DConditionModel.from_pretrained, variant=args.variant,
-                             revision=args.non_ema_revision)
+                             revision=args.non_ema_revision,
+                             **({"torch_dtype": weight_dtype} if lora_mode(args) else {}))
 
     if args.prediction_type is not None:
         # The scheduler config is what DREAM and the validation pipeline read.
@@ -897,6 +994,8 @@ def training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, a
         else:
             latent_dist = vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist
         latents = latent_dist.sample(generator=generator).float() * scaling_factor
+    # LoRA mode with --train_text_encoder: the text encoders' adapters train, so the gradient flows through them.
+    with torch.set_grad_enabled(bool(getattr(args, "train_text_encoder", False))):
         if "encoder_hidden_states" in batch:
             encoder_hidden_states, pooled = batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds")
         else:
@@ -1030,6 +1129,25 @@ def log_validation_images(accelerator, images, name, epoch, global_step, args):
     return folder
 
 
+def unwrapped(accelerator, models):
+    """The models as validation pipelines take them (a trained text encoder without its DDP wrapper); None stays."""
+    return None if models is None else [accelerator.unwrap_model(model) for model in models]
+
+
+def save_lora_outputs(unet, text_encoders, args, logger):
+    """LoRA mode: pytorch_lora_weights.safetensors (the adapters of the UNet, and of the trained text encoders, in
+    fp32, rank and alpha in the metadata) for the family's pipeline's load_lora_weights, and with
+    --output_kohya_format the kohya/A1111/ComfyUI copy."""
+    lora.save_lora_weights(args.output_dir, unet, text_encoders, args.family, task="text_to_image")
+    logger.info(f"Saved {os.path.join(args.output_dir, lora.LORA_WEIGHTS_NAME)}")
+    if args.output_kohya_format:
+        if args.use_dora:
+            logger.warning(f"{lora.KOHYA_WEIGHTS_NAME}: diffusers' load_lora_weights skips the DoRA magnitudes "
+                           "(dora_scale) of kohya files; use the diffusers file there")
+        lora.save_kohya_weights(args.output_dir, unet, text_encoders, args.family)
+        logger.info(f"Saved {os.path.join(args.output_dir, lora.KOHYA_WEIGHTS_NAME)}")
+
+
 def save_pipeline(model, ema_unet, args):
     """Write the StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) with the trained UNet `model` (from
     `distributed.whole_model`) to --output_dir: the EMA weights in unet/ when --use_ema (the raw trained weights in
@@ -1073,10 +1191,25 @@ def write_model_card(args, global_step, images):
         extra_rows += f"| aspect-ratio buckets | {args.buckets.describe()} |\n"
     if args.masked_loss:
         extra_rows += f"| masked loss | {args.mask_column or 'alpha channels / name.mask.png'} |\n"
+    model, output = args.pretrained_model_name_or_path, args.hub_model_id or args.output_dir
+    if lora_mode(args):
+        trained = "the UNet" + (" and the text encoders" if args.train_text_encoder else "")
+        title = f"LoRA text-to-image fine-tuning of {model}"
+        summary = f"LoRA adapters (rank {args.rank}) for {trained} of **{model}**"
+        usage = (f'pipeline = {pipeline_name}.from_pretrained("{model}")\n'
+                 f'pipeline.load_lora_weights("{output}")')
+        weights_row = (f"| LoRA rank, alpha, dropout, DoRA, layers | {args.rank}, {args.lora_alpha}, "
+                       f"{args.lora_dropout}, {args.use_dora}, {','.join(args.lora_targets or LORA_TARGETS)} |\n"
+                       f"| text encoder LoRA | {args.train_text_encoder} |")
+    else:
+        title, summary = f"Text-to-image fine-tuning of {model}", f"The UNet of **{model}**"
+        usage = f'pipeline = {pipeline_name}.from_pretrained("{output}")'
+        weights = "EMA (raw trained weights in `unet_raw/`)" if args.use_ema else "trained"
+        weights_row = f"| weights in `unet/` | {weights} |"
     description = f"""
-# Text-to-image fine-tuning of {args.pretrained_model_name_or_path}
+# {title}
 
-The UNet of **{args.pretrained_model_name_or_path}** fine-tuned on **{data}** with `train_text_to_image.py` for
+{summary} fine-tuned on **{data}** with `train_text_to_image.py` for
 {global_step} optimizer steps {size}.
 
 {gallery}
@@ -1085,7 +1218,7 @@ The UNet of **{args.pretrained_model_name_or_path}** fine-tuned on **{data}** wi
 ```python
 from diffusers import {pipeline_name}
 
-pipeline = {pipeline_name}.from_pretrained("{args.hub_model_id or args.output_dir}")
+{usage}
 image = pipeline({example_prompt!r}).images[0]
 ```
 
@@ -1093,7 +1226,7 @@ image = pipeline({example_prompt!r}).images[0]
 
 | setting | value |
 |---|---|
-| weights in `unet/` | {"EMA (raw trained weights in `unet_raw/`)" if args.use_ema else "trained"} |
+{weights_row}
 | epochs, steps | {args.num_train_epochs}, {global_step} |
 | batch size per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
 | learning rate, scheduler, warmup | {args.learning_rate}, {args.lr_scheduler}, {args.lr_warmup_steps} |
@@ -1108,6 +1241,7 @@ image = pipeline({example_prompt!r}).images[0]
 {extra_rows}"""
     tag = args.family.hub_tag
     tags = [tag, f"{tag}-diffusers", "text-to-image", "diffusers", "diffusers-training"]
+    tags += [("dora" if args.use_dora else "lora")] if lora_mode(args) else []
     base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
     card_data = ModelCardData(library_name="diffusers", tags=tags, base_model=base_model,
                               license="creativeml-openrail-m", inference=True)
@@ -1135,7 +1269,7 @@ def main(argv=None):
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
     from diffusers import UNet2DConditionModel
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+    from diffusers.training_utils import EMAModel, cast_training_params
     from tqdm.auto import tqdm
 
     accelerator = Accelerator(
@@ -1146,7 +1280,8 @@ def main(argv=None):
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
         # Validation and saving run between steps; give them far more than the default collective timeout.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))]
+        + (lora.ddp_settings(args) if lora_mode(args) else []),
     )
     args.mixed_precision = accelerator.mixed_precision  # what accelerate chose (flag, launch option or config)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -1154,7 +1289,13 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (datasets, transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
+    # LoRA mode trains a few weights inside the frozen UNet, which ZeRO-3 would shard with it.
+    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm,
+                                      supports_zero3=not lora_mode(args))
+    if lora_mode(args) and args.train_text_encoder and accelerator.state.deepspeed_plugin is not None:
+        # accelerate hands one model to a DeepSpeed engine; the UNet and text encoder LoRA would need two.
+        raise InputError("--train_text_encoder trains two models, which accelerate cannot give to one DeepSpeed "
+                         "engine: drop the flag or launch without DeepSpeed")
     preemption = checkpointing.PreemptionHandler(accelerator)
 
     run_state = randomness.RunState(randomness.run_seed(args, accelerator))
@@ -1167,13 +1308,26 @@ def main(argv=None):
         layout = survey_images(examples, args)  # buckets and masks, from the image headers
 
     # Frozen parts run in the mixed-precision dtype (SDXL's own VAE in fp32); the trained UNet stays fp32 (its
-    # optimizer states too).
+    # optimizer states too). LoRA mode: the whole UNet is frozen in the mixed-precision dtype and the adapters (on
+    # it, and with --train_text_encoder on the text encoders) train in fp32, as diffusers' cast_training_params
+    # leaves them.
     weight_dtype = frozen_dtype(accelerator)
     noise_scheduler, tokenizers, text_encoders, vae, unet = load_models(args, weight_dtype)
     vae.requires_grad_(False)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
-    unet.to(torch.float32).train()
+    trained_models = [unet]
+    if lora_mode(args):
+        unet.requires_grad_(False)
+        # The initial adapter weights depend on the run seed only.
+        torch.manual_seed(randomness.derive_seed(run_state.seed, LORA_INIT_STREAM))
+        lora.add_lora_adapters(args, unet, text_encoders, targets=args.lora_targets or LORA_TARGETS)
+        if args.train_text_encoder:
+            trained_models += args.family.trainable_text_encoders(text_encoders)
+        cast_training_params(trained_models, dtype=torch.float32)
+        unet.train()
+    else:
+        unet.to(torch.float32).train()
     ema_unet = build_ema(args, unet) if args.use_ema else None
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -1181,6 +1335,8 @@ def main(argv=None):
         unet.enable_npu_flash_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        for text_encoder in trained_models[1:]:
+            text_encoder.gradient_checkpointing_enable()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -1196,7 +1352,8 @@ def main(argv=None):
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = build_optimizer(args, unet.parameters())
+    params_to_optimize = [p for model in trained_models for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args, params_to_optimize)
     steps_per_epoch = randomness.steps_per_epoch(len(train_dataloader), accelerator.num_processes,
                                                  args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -1211,7 +1368,18 @@ def main(argv=None):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
+    def trained_text_encoders():
+        return [accelerator.unwrap_model(model) for model in trained_models[1:]]
+
     def save_model_hook(models, weights, output_dir):
+        if lora_mode(args):
+            # The checkpoint holds what trains, in the final output's file (usable by itself with load_lora_weights);
+            # the frozen base weights are not copied.
+            if accelerator.is_main_process:
+                lora.save_lora_weights(output_dir, accelerator.unwrap_model(unet), trained_text_encoders(),
+                                       args.family, task="text_to_image")
+            weights.clear()
+            return
         # A checkpoint is usable by itself: unet/ holds the trained weights, unet_ema/ the EMA. Every rank gathers
         # (ZeRO-3), the main process writes.
         for saved in models:
@@ -1223,6 +1391,12 @@ def main(argv=None):
         weights.clear()  # the unet/ folder replaces accelerate's own copy of the weights
 
     def load_model_hook(models, input_dir):
+        if lora_mode(args):
+            models.clear()  # the frozen weights come from the base model; only the adapters are restored
+            lora.load_lora_weights(input_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.family,
+                                   task="text_to_image")
+            cast_training_params([accelerator.unwrap_model(model) for model in trained_models], dtype=torch.float32)
+            return
         # Under DeepSpeed `models` is empty: the engine restores its own (sharded) weights.
         if ema_unet is not None:
             loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel,
@@ -1236,9 +1410,13 @@ def main(argv=None):
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler
+    *trained_models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        *trained_models, optimizer, train_dataloader, lr_scheduler
     )
+    unet = trained_models[0]
+    # The trained text encoders (LoRA mode) in their prepared form, the frozen ones as they are.
+    prepared = {id(accelerator.unwrap_model(model)): model for model in trained_models[1:]}
+    text_encoders = [prepared.get(id(model), model) for model in text_encoders]
     if ema_unet is not None:
         if args.offload_ema and accelerator.device.type == "cuda":
             ema_unet.pin_memory()  # fast non-blocking copies to and from the GPU at each EMA update
@@ -1260,7 +1438,8 @@ def main(argv=None):
         text_encoders = None
     else:
         for text_encoder in text_encoders:
-            text_encoder.to(accelerator.device, dtype=weight_dtype)
+            if text_encoder not in trained_models:  # a trained one's adapters stay fp32
+                text_encoder.to(accelerator.device, dtype=weight_dtype)
     feature_cache.free_memory()
     timestep_weights = objectives.timestep_bias_weights(
         args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps, args.timestep_bias_multiplier,
@@ -1303,7 +1482,8 @@ def main(argv=None):
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:
             break
-        unet.train()
+        for model in trained_models:
+            model.train()
         loader, start = train_dataloader, 0
         if epoch == first_epoch and batches_to_skip:
             loader, start = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
@@ -1312,17 +1492,26 @@ def main(argv=None):
             generator = randomness.make_generator(
                 accelerator.device, run_state.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index
             )
-            with accelerator.accumulate(unet):
+            if lora_mode(args):
+                # LoRA dropout draws from the global RNG, which data loading and resuming also touch: reseed it from
+                # the batch's place in the run so that a resumed run drops exactly what the uninterrupted one did.
+                torch.manual_seed(randomness.derive_seed(run_state.seed, LORA_DROPOUT_STREAM, epoch, batch_index,
+                                                         accelerator.process_index))
+            with accelerator.accumulate(*trained_models):
                 loss = training_loss(unet, vae, text_encoders, noise_scheduler, batch, generator, args,
                                      args.family.vae_dtype(args, weight_dtype), scaling_factor, timestep_weights)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             running_loss += loss.detach()
             running_batches += 1
+            if args.debug_loss and batch.get("filename"):
+                # Upstream SDXL LoRA's per-file loss (a read back from the device: for debugging only).
+                accelerator.log({f"loss_for_{name}": loss.item() for name in batch["filename"] if name},
+                                step=global_step)
 
             if not accelerator.sync_gradients:
                 continue
@@ -1355,8 +1544,10 @@ def main(argv=None):
 
         # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
         if validation_prompts(args) and epoch % args.validation_epochs == 0:
+            for model in trained_models:  # no LoRA dropout in validation images (training mode returns next epoch)
+                model.eval()
             images = validate_with_ema(accelerator, distributed.whole_model(accelerator, unet), ema_unet, vae,
-                                       text_encoders, tokenizers, args, run_state.seed)
+                                       unwrapped(accelerator, text_encoders), tokenizers, args, run_state.seed)
             if accelerator.is_main_process:
                 folder = log_validation_images(accelerator, images, f"epoch_{epoch:04d}", epoch, global_step, args)
                 logger.info(f"Saved validation images to {folder}")
@@ -1367,15 +1558,21 @@ def main(argv=None):
     final_unet = distributed.whole_model(accelerator, unet)
     final_images = None
     if validation_prompts(args):
+        for model in trained_models:
+            model.eval()
         final_images = validate_with_ema(
-            accelerator, final_unet, ema_unet, vae, text_encoders, tokenizers, args, run_state.seed
+            accelerator, final_unet, ema_unet, vae, unwrapped(accelerator, text_encoders), tokenizers, args,
+            run_state.seed
         )
     if accelerator.is_main_process:
-        save_pipeline(final_unet, ema_unet, args)
+        if lora_mode(args):
+            save_lora_outputs(final_unet, trained_text_encoders(), args, logger)
+        else:
+            save_pipeline(final_unet, ema_unet, args)
+            logger.info(f"Saved the {pipeline_class(args).__name__} to {args.output_dir}")
         if final_images:
             log_validation_images(accelerator, final_images, "final", args.num_train_epochs, global_step, args)
         write_model_card(args, global_step, final_images)
-        logger.info(f"Saved the {pipeline_class(args).__name__} to {args.output_dir}")
         if args.push_to_hub:
             from huggingface_hub import upload_folder
 
