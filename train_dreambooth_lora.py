@@ -1632,8 +1632,8 @@ def main(argv=None):
             model.requires_grad_(False)
             model.to(accelerator.device if model is unet else big_models.home_device(args, accelerator.device),
                      dtype=vae_dtype if model is vae else weight_dtype)
-    if big_models.is_quantized(unet):
-        logger.info(f"Quantized {args.family.denoiser_part}: {big_models.describe_footprint(unet)}")
+    quantized = " (quantized)" if big_models.is_quantized(unet) else ""
+    logger.info(f"Frozen {args.family.denoiser_part}{quantized}: {big_models.describe_footprint(unet)}")
     if args.do_fp8_training:
         logger.info(f"--do_fp8_training: {big_models.convert_to_float8(unet)} linear layers train in float8")
     # The initial LoRA weights depend on the run seed only, not on what drew from the global RNG before (class-image

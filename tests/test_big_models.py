@@ -19,7 +19,8 @@ from test_dreambooth_lora import INSTANCE_PROMPT, assert_same_lora, base_args, l
 SCRIPT = "train_dreambooth_lora.py"
 NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}
 INT8 = {"load_in_8bit": True}
-FOOTPRINT = re.compile(r"Quantized (\w+): ([\d.]+)M frozen parameters in [\d.]+ MiB \(([\d.]+) bytes per parameter\)")
+FOOTPRINT = re.compile(r"Frozen (\w+) \(quantized\): ([\d.]+)M parameters in [\d.]+ MiB \(([\d.]+) bytes per "
+                       r"parameter\)")
 
 
 def _write_json(folder, name, value):
@@ -70,6 +71,7 @@ def _footprint_of(layer):
 
     weight_only = torch.nn.Module()
     weight_only.weight = layer.weight
+    weight_only.quantization_method, weight_only.is_quantized = "bitsandbytes", True  # as big_models.quantize flags
     return frozen_footprint(weight_only)
 
 

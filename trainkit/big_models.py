@@ -213,12 +213,13 @@ def frozen_footprint(model):
     """(parameters, bytes) of `model`'s frozen weights, a quantized weight counted as the parameters it stands for
     and its bytes including its quantization statistics (4-bit: absmax, nested statistics, code book; 8-bit: row
     scales)."""
+    frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
+    if not is_quantized(model):
+        return sum(p.numel() for p in frozen), sum(p.numel() * p.element_size() for p in frozen)
     import bitsandbytes as bnb
 
     parameters = size = 0
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            continue
+    for parameter in frozen:
         if isinstance(parameter, bnb.nn.Params4bit) and parameter.quant_state is not None:
             state = parameter.quant_state
             parameters += state.shape.numel()
@@ -236,7 +237,7 @@ def frozen_footprint(model):
 def describe_footprint(model):
     """One line for the log: the frozen denoiser's parameters, bytes and bytes per parameter."""
     parameters, size = frozen_footprint(model)
-    return (f"{parameters / 1e6:.1f}M frozen parameters in {size / 2**20:.1f} MiB "
+    return (f"{parameters / 1e6:.1f}M parameters in {size / 2**20:.1f} MiB "
             f"({size / max(parameters, 1):.3f} bytes per parameter)")
 
 
