@@ -1210,9 +1210,12 @@ def load_pipeline(args, **kwargs):
         if kwargs.get("dtype") is not None:
             kwargs["vae"].to(dtype=kwargs["dtype"])
     try:
-        return DiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **kwargs
-        )
+        # Under ZeRO-3 transformers would partition the text encoders it loads, which then cannot run (upstream's
+        # Flux script fails so): the pipeline's parts load whole.
+        with distributed.frozen_models_outside_zero3():
+            return DiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **kwargs
+            )
     except Exception as error:
         reason = cli.first_line(error)
         raise InputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: "
@@ -1411,15 +1414,21 @@ def validation_pipeline(args, **components):
     return pipeline
 
 
-def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddings):
+def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddings, lockstep=False):
     """Render --num_validation_images images of --validation_prompt (one per --validation_images image when given),
     split across ranks so that no rank idles past a collective timeout. Image i always uses a generator seeded from
     (run seed, i), so images do not depend on the number of processes. The main process gets the PIL images in
-    order, other ranks None."""
+    order, other ranks None.
+
+    `lockstep`: the denoiser is sharded (ZeRO-3), so each of its forward passes gathers its weights from every rank:
+    every rank renders the same number of images, those past the last one rendered again and dropped."""
     from accelerate.utils import gather_object
 
     count = len(args.validation_images) if args.validation_images else args.num_validation_images
     mine = list(range(accelerator.process_index, count, accelerator.num_processes))
+    if lockstep:
+        rounds = -(-count // accelerator.num_processes)
+        mine = [accelerator.process_index + round * accelerator.num_processes for round in range(rounds)]
     if prompt_embeddings is not None:  # the text encoders were freed (--pre_compute_text_embeddings)
         # prompt_embeds (SDXL: and pooled_prompt_embeds), and their negative_ counterparts from the empty prompt.
         positive = embedding_inputs(prompt_embeddings[args.validation_prompt])
@@ -1434,12 +1443,14 @@ def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddi
         pipeline.to(accelerator.device)
         for index in mine:
             generator = randomness.make_generator(accelerator.device, seed, VALIDATION_STREAM, index)
-            extra = {"image": load_rgb(args.validation_images[index])} if args.validation_images else {}
+            extra = {"image": load_rgb(args.validation_images[min(index, count - 1)])} \
+                if args.validation_images else {}
             extra.update(validation_size(args))
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(**prompt, **extra, num_inference_steps=args.validation_inference_steps,
                                  generator=generator).images[0]
-            images.append((index, np.asarray(image)))
+            if index < count:
+                images.append((index, np.asarray(image)))
     gathered = gather_object(images) if accelerator.num_processes > 1 else images
     if not accelerator.is_main_process:
         return None
@@ -1594,7 +1605,7 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         for library in (transformers, diffusers):
             library.utils.logging.set_verbosity_error()
-    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm)
+    distributed.adopt_engine_settings(accelerator, args.train_batch_size, args.max_grad_norm, supports_zero3=True)
     big_models.check_engine(args, accelerator)
     if args.train_text_encoder and accelerator.state.deepspeed_plugin is not None:
         # accelerate hands one model to a DeepSpeed engine; the UNet and text encoder LoRA would need two.
@@ -1620,7 +1631,11 @@ def main(argv=None):
         class_items = class_items[: args.num_class_images]
         logger.info(f"Prior preservation: {len(class_items)} class images ({generated} generated this run)")
 
-    noise_scheduler, tokenizers, text_encoders, vae, unet = args.family.load_dreambooth_models(args)
+    # Under ZeRO-3 every part loads whole (the frozen VAE and text encoders must stay so); the denoiser is sharded
+    # below, before anything moves it to the device.
+    with distributed.frozen_models_outside_zero3():
+        noise_scheduler, tokenizers, text_encoders, vae, unet = args.family.load_dreambooth_models(args)
+    sharded = distributed.zero_stage(accelerator) == 3
     # Frozen weights run in the mixed-precision dtype; the LoRA weights (and their optimizer states) stay fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # One move and cast each, no fp32 copy on the device. The VAE goes straight to the dtype it encodes in
@@ -1630,7 +1645,8 @@ def main(argv=None):
     for model in (unet, *text_encoders, vae):
         if model is not None and not big_models.is_quantized(model):  # quantized onto the device as it loaded
             model.requires_grad_(False)
-            model.to(accelerator.device if model is unet else big_models.home_device(args, accelerator.device),
+            model.to("cpu" if sharded and model is unet else accelerator.device if model is unet else
+                     big_models.home_device(args, accelerator.device),
                      dtype=vae_dtype if model is vae else weight_dtype)
     quantized = " (quantized)" if big_models.is_quantized(unet) else ""
     logger.info(f"Frozen {args.family.denoiser_part}{quantized}: {big_models.describe_footprint(unet)}")
@@ -1652,6 +1668,15 @@ def main(argv=None):
             text_encoder.gradient_checkpointing_enable()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if sharded:
+        # ZeRO-3: the denoiser, frozen base and LoRA alike, is split across the ranks in the engine's dtype (DeepSpeed
+        # keeps the LoRA weights' fp32 copies in its optimizer), each rank's 1/N moved to its device; no rank ever
+        # holds it whole on its accelerator again (saving gathers the LoRA weights only, validation runs sharded).
+        unet.to(dtype=weight_dtype)
+        distributed.shard_for_zero3(accelerator, unet)
+        held, total = distributed.sharded_share(unet)
+        logger.info(f"ZeRO-3: rank {accelerator.process_index} holds {held} of the {total} frozen "
+                    f"{args.family.denoiser_part} weights", main_process_only=False)
 
     # The items do not depend on the run seed, so the caches can be filled before a resumed run loads its state.
     prompt_embeddings = None
@@ -1734,13 +1759,17 @@ def main(argv=None):
 
     def save_model_hook(models, weights, output_dir):
         # A checkpoint holds what is trained, as the final output does (usable by itself with load_lora_weights);
-        # the frozen base weights are not copied.
+        # the frozen base weights are not copied. Under DeepSpeed every rank gathers the LoRA weights (only them).
+        state = distributed.trained_weights(accelerator, unet)
         if accelerator.is_main_process:
-            save_lora_weights(output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.family)
+            save_lora_weights(output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.family,
+                              denoiser_state=state)
         weights.clear()
 
     def load_model_hook(models, input_dir):
         models.clear()  # the frozen weights come from the base model; only the adapters are restored
+        if distributed.zero_stage(accelerator) is not None:
+            return  # DeepSpeed's engine restored them itself (ZeRO-3: into its shards), with their fp32 copies
         load_lora_weights(input_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.family)
         cast_training_params(trained_models, dtype=torch.float32)
 
@@ -1751,6 +1780,7 @@ def main(argv=None):
         *trained_models, optimizer, train_dataloader, lr_scheduler
     )
     unet = trained_models[0]
+    distributed.keep_frozen_weights_out_of_checkpoints(accelerator, unet)
     if args.train_text_encoder:
         text_encoders = trained_models[1:] + text_encoders[len(trained_models) - 1:]  # the frozen ones stay
 
@@ -1787,6 +1817,26 @@ def main(argv=None):
     checkpointer = checkpointing.Checkpointer(
         accelerator, args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, preemption
     )
+
+    def images_of_trained_models():
+        """Validation images from the models being trained, in eval mode (no LoRA dropout). A pipeline without a VAE
+        (DeepFloyd IF) has no vae component to pass; one dropped after --cache_latents is loaded again. Under ZeRO-3
+        the denoiser stays sharded: every rank renders as many images, in step (generate_validation_images)."""
+        components = validation_components(
+            args, accelerator.unwrap_model(unet), tokenizers,
+            [model and accelerator.unwrap_model(model) for model in text_encoders] if text_encoders else None, vae)
+        for model in trained_models:
+            model.eval()
+        pipeline = validation_pipeline(args, **components)
+        if args.cache_latents:
+            pipeline.vae.to(dtype=args.family.vae_dtype(args, weight_dtype))
+        embeddings = prompt_embeddings
+        if frozen_embeds is not None:  # FLUX.1 with T5 freed: the trained CLIP's pooled embedding, T5's states
+            encoders = [components[part] for part in args.family.text_encoder_parts]
+            embeddings = validation_embeddings(args, prompt_inputs, encoders, args.validation_prompt)
+        with big_models.visiting(args, vae, *(text_encoders or [])):  # --offload: back to the CPU afterwards
+            return generate_validation_images(accelerator, pipeline, args, run_state.seed, embeddings,
+                                              lockstep=sharded)
 
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:
@@ -1842,47 +1892,35 @@ def main(argv=None):
 
         # Upstream cadence: validation images at the end of every --validation_epochs-th epoch.
         if args.validation_prompt and epoch % args.validation_epochs == 0 and args.num_validation_images:
-            # The models being trained, in eval mode (no LoRA dropout). A pipeline without a VAE (DeepFloyd IF) has
-            # no vae component to pass; one dropped after --cache_latents is loaded again for the validation.
-            components = validation_components(
-                args, accelerator.unwrap_model(unet), tokenizers,
-                [model and accelerator.unwrap_model(model) for model in text_encoders] if text_encoders else None, vae)
-            for model in trained_models:
-                model.eval()
-            pipeline = validation_pipeline(args, **components)
-            if args.cache_latents:
-                pipeline.vae.to(dtype=args.family.vae_dtype(args, weight_dtype))
-            embeddings = prompt_embeddings
-            if frozen_embeds is not None:  # FLUX.1 with T5 freed: the trained CLIP's pooled embedding, T5's states
-                encoders = [components[part] for part in args.family.text_encoder_parts]
-                embeddings = validation_embeddings(args, prompt_inputs, encoders, args.validation_prompt)
-            with big_models.visiting(args, vae, *(text_encoders or [])):  # --offload: back to the CPU afterwards
-                images = generate_validation_images(accelerator, pipeline, args, run_state.seed, embeddings)
-            del pipeline
+            images = images_of_trained_models()
             if accelerator.is_main_process:
                 folder = log_validation_images(accelerator, images, f"epoch_{epoch:04d}", epoch, global_step, args)
                 logger.info(f"Saved validation images to {folder}")
         accelerator.wait_for_everyone()
     progress_bar.close()
 
+    state = distributed.trained_weights(accelerator, unet)  # under DeepSpeed, every rank gathers the LoRA weights
     if accelerator.is_main_process:
         # Upstream's Flux script saves in the training precision unless told to upcast; the SD scripts save fp32.
         saved_dtype = weight_dtype if args.family.saves_in_training_dtype and not args.upcast_before_saving else None
         save_lora_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(), args.family,
-                          dtype=saved_dtype)
+                          dtype=saved_dtype, denoiser_state=state)
         logger.info(f"Saved {os.path.join(args.output_dir, LORA_WEIGHTS_NAME)}")
         if args.output_kohya_format:
             if args.use_dora:
                 logger.warning(f"{KOHYA_WEIGHTS_NAME}: diffusers' load_lora_weights skips the DoRA magnitudes "
                                "(dora_scale) of kohya files; use the diffusers file there")
             save_kohya_weights(args.output_dir, accelerator.unwrap_model(unet), trained_text_encoders(),
-                               args.family)
+                               args.family, denoiser_state=state)
             logger.info(f"Saved {os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)}")
     accelerator.wait_for_everyone()
 
     # A last round of validation images from a fresh base pipeline with the saved LoRA file loaded: what users get.
+    # Under ZeRO-3 no rank loads the base whole: they come from the trained, still sharded model (the saved weights).
     final_images = None
-    if args.validation_prompt and args.num_validation_images:
+    if args.validation_prompt and args.num_validation_images and sharded:
+        final_images = images_of_trained_models()
+    elif args.validation_prompt and args.num_validation_images:
         # FLUX.1 with its prompts encoded once: the text encoders (T5 above all) need not load again.
         unused = {part: None for part in args.family.text_encoder_parts} \
             if args.family.encodes_prompts_once and prompt_embeddings is not None else {}

@@ -115,3 +115,69 @@ def frozen_models_outside_zero3():
             yield
         finally:
             plugin.set_deepspeed_weakref()
+
+
+def zero_stage(accelerator):
+    """The DeepSpeed ZeRO stage (2 or 3), or None without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return None if plugin is None else plugin.zero_stage
+
+
+def shard_for_zero3(accelerator, model):
+    """Under ZeRO-3, partition `model`'s parameters (trained and frozen) across the ranks now, before `prepare`: each
+    rank keeps 1/N of every weight, moved to its device one parameter at a time, so that the whole model never sits on
+    one accelerator (DeepSpeed's engine would first move a model not built under `zero.Init` to the device whole). The
+    parameters must already be in the engine's dtype (DeepSpeed casts the others, not partitioned ones). Returns True
+    when it sharded; a no-op returning False otherwise."""
+    if zero_stage(accelerator) != 3:
+        return False
+    import deepspeed
+
+    # What partitioning reads (the ZeRO section, the precision); accelerate fills the config's `auto` batch and
+    # bucket sizes only in `prepare`, and DeepSpeed refuses them unfilled.
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    partitioning = {key: value for key, value in config.items() if key in ("fp16", "bf16")}
+    partitioning["zero_optimization"] = {key: value for key, value in config["zero_optimization"].items()
+                                         if value != "auto"}
+    partitioning.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    deepspeed.zero.Init(module=model, config_dict_or_path=partitioning)
+    return True
+
+
+def sharded_share(model):
+    """(elements this rank holds, elements in all) of `model`'s frozen ZeRO-3-partitioned parameters."""
+    frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
+    held = sum(parameter.ds_tensor.numel() for parameter in frozen if hasattr(parameter, "ds_tensor"))
+    return held, sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in frozen)
+
+
+def trained_weights(accelerator, model):
+    """{name: full fp32 tensor on the CPU} of the prepared `model`'s trained parameters (those that require grad), or
+    None without DeepSpeed, where the unwrapped model holds them whole as they are.
+
+    Under DeepSpeed every rank must call this together: each trained parameter is assembled from the optimizer's fp32
+    shards (fp16/bf16 training still saves full precision). Only these are gathered: a frozen base model under ZeRO-3
+    stays sharded."""
+    if zero_stage(accelerator) is None:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, parameter in accelerator.unwrap_model(model).named_parameters():
+        if parameter.requires_grad:
+            full = safe_get_full_fp32_param(parameter)  # None where DeepSpeed keeps no fp32 copy: the weight itself
+            state[name] = (parameter if full is None else full).detach().float().cpu()
+    return state
+
+
+def keep_frozen_weights_out_of_checkpoints(accelerator, engine):
+    """DeepSpeed writes every frozen weight of its model into each checkpoint (under ZeRO-3, each rank's shard of
+    them): for a LoRA on a 12B base, the base again in every checkpoint. The frozen weights come from the base model
+    at every start, so the prepared `engine`'s checkpoints leave them out and loading does not expect them; a no-op
+    without DeepSpeed."""
+    if zero_stage(accelerator) is None:
+        return
+    import functools
+
+    engine.save_checkpoint = functools.partial(engine.save_checkpoint, exclude_frozen_parameters=True)
+    engine.load_checkpoint = functools.partial(engine.load_checkpoint, load_module_strict=False)

@@ -34,20 +34,22 @@ def add_lora_adapters(args, denoiser, text_encoders, targets=None):
             text_encoder.add_adapter(config(TEXT_ENCODER_LORA_TARGETS))
 
 
-def save_lora_weights(folder, denoiser, text_encoders, family, dtype=None, task="dreambooth_lora"):
+def save_lora_weights(folder, denoiser, text_encoders, family, dtype=None, task="dreambooth_lora",
+                      denoiser_state=None):
     """`folder/pytorch_lora_weights.safetensors` in diffusers' format (`unet.*` or FLUX.1 `transformer.*`,
     `text_encoder.*`, SDXL `text_encoder_2.*` keys) with the adapter configs (rank, alpha, targets) as metadata,
     which `pipe.load_lora_weights(folder)` reads. `text_encoders`: the trained ones (none without
     --train_text_encoder), their CLIP layers named `text_model.encoder.layers.N` (text_model_layout) whatever the
     transformers version. `dtype`: the denoiser's weights' dtype in the file (default: as trained, fp32); the text
-    encoders' are always fp32, as upstream's Flux script saves them. Written by the family's pipeline class
-    (family.pipeline_class)."""
+    encoders' are always fp32, as upstream's Flux script saves them. `denoiser_state`: the denoiser's trained weights
+    by parameter name where the model does not hold them whole (distributed.trained_weights under DeepSpeed ZeRO-3).
+    Written by the family's pipeline class (family.pipeline_class)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    def layers(model, dtype=None):
+    def layers(model, dtype=None, state=None):
         # No embedding layer is adapted; saying so spares peft a hub lookup for the base model's vocabulary size.
-        state = get_peft_model_state_dict(model, save_embedding_layers=False)
+        state = get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
         # Upstream's SD scripts write diffusers' `lora.down`/`lora.up` names, its Flux script peft's lora_A/lora_B.
         state = state if family.peft_lora_names else convert_state_dict_to_diffusers(state)
         return state if dtype is None else {key: value.to(dtype) for key, value in state.items()}
@@ -59,7 +61,7 @@ def save_lora_weights(folder, denoiser, text_encoders, family, dtype=None, task=
                 for key, value in text_model_layout(model, layers(model)).items()}
 
     prefix = family.denoiser_part
-    parts = {f"{prefix}_lora_layers": layers(denoiser, dtype),
+    parts = {f"{prefix}_lora_layers": layers(denoiser, dtype, denoiser_state),
              f"{prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
     for prefix, model in zip(family.text_encoder_parts, text_encoders or []):
         parts[f"{prefix}_lora_layers"] = text_encoder_layers(model)
@@ -84,21 +86,22 @@ def own_layout(model, state):
     return {key.removeprefix("text_model."): value for key, value in state.items()}
 
 
-def save_kohya_weights(folder, unet, text_encoders, family):
+def save_kohya_weights(folder, unet, text_encoders, family, denoiser_state=None):
     """`folder/pytorch_lora_weights_kohya.safetensors`: the same adapters in the key layout of kohya's sd-scripts,
     A1111 and ComfyUI (`lora_unet_*`, `lora_te_*` (SDXL: `lora_te1_*`, `lora_te2_*`) with `.lora_down.weight`,
     `.lora_up.weight`, `.alpha`), made by
     diffusers' convert_state_dict_to_kohya from the adapters' peft state dicts (upstream's conversion from the saved
     file garbles the UNet's keys when the text encoder is trained too). Each layer's `.alpha` is its adapter's
     --lora_alpha (convert_state_dict_to_kohya writes the rank), so that kohya, A1111 and ComfyUI scale the update by
-    alpha / rank as diffusers does. Written under a temporary name first."""
+    alpha / rank as diffusers does. `denoiser_state`: as for save_lora_weights. Written under a temporary name
+    first."""
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     state = {}
     if unet is not None:
-        layers = get_peft_model_state_dict(unet, save_embedding_layers=False)
+        layers = get_peft_model_state_dict(unet, state_dict=denoiser_state, save_embedding_layers=False)
         state.update({f"unet.{key}": value for key, value in layers.items()})
     for prefix, text_encoder in zip(family.text_encoder_parts, text_encoders or []):
         # kohya, A1111 and ComfyUI name CLIP layers `text_model.encoder.layers.N` (ComfyUI skips the others).
