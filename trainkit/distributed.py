@@ -140,7 +140,14 @@ def shard_for_zero3(accelerator, model):
     partitioning["zero_optimization"] = {key: value for key, value in config["zero_optimization"].items()
                                          if value != "auto"}
     partitioning.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-    deepspeed.zero.Init(module=model, config_dict_or_path=partitioning)
+    # The shards go where the engine would put them (offload_param: the CPU), as DeepSpeed's own partitioning of a
+    # model at `prepare` passes them; the buffers, which are never partitioned and which the engine then no longer
+    # moves, go to the device.
+    offload = partitioning["zero_optimization"].get("offload_param") or {}
+    deepspeed.zero.Init(module=model, config_dict_or_path=partitioning, remote_device=offload.get("device"),
+                        pin_memory=bool(offload.get("pin_memory", False)))
+    for buffer in model.buffers():
+        buffer.data = buffer.data.to(accelerator.device)
     return True
 
 
