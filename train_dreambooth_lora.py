@@ -263,22 +263,38 @@ def parse_args(argv=None):
     add("--do_edm_style_training", action="store_true",
         help="EDM-style training (https://arxiv.org/abs/2206.00364): upstream trains it on SDXL models only; refused "
              "here on Stable Diffusion models.")
-    # FLUX.1 (upstream train_dreambooth_lora_flux.py); refused on SD and SDXL models.
+    # FLUX.1 and Qwen-Image (upstream train_dreambooth_lora_flux.py, train_dreambooth_lora_qwen_image.py); refused
+    # on SD and SDXL models.
     add("--guidance_scale", type=float, default=None,
         help="FLUX.1: the guidance the transformer's guidance embedding is given in training (FLUX.1 [dev] is "
              "guidance-distilled); default 3.5.")
     add("--weighting_scheme", type=str, default=None, choices=objectives.FLOW_WEIGHTING_SCHEMES,
-        help="FLUX.1: how training timesteps are drawn and the loss weighted (diffusers' SD3/Flux helpers); "
+        help="FLUX.1, Qwen-Image: how training timesteps are drawn and the loss weighted (diffusers' SD3/Flux "
+             "helpers); "
              "default none: uniform timesteps and loss.")
-    add("--logit_mean", type=float, default=0.0, help="FLUX.1: the mean of the logit_normal weighting scheme.")
-    add("--logit_std", type=float, default=1.0, help="FLUX.1: the std of the logit_normal weighting scheme.")
-    add("--mode_scale", type=float, default=1.29, help="FLUX.1: the scale of the mode weighting scheme.")
+    add("--logit_mean", type=float, default=0.0, help="FLUX.1, Qwen-Image: the logit_normal scheme's mean.")
+    add("--logit_std", type=float, default=1.0, help="FLUX.1, Qwen-Image: the logit_normal scheme's std.")
+    add("--mode_scale", type=float, default=1.29, help="FLUX.1, Qwen-Image: the scale of the mode weighting scheme.")
     add("--max_sequence_length", type=int, default=None,
-        help="FLUX.1: T5 prompt tokens (padded and truncated to this); default 512, its maximum.")
+        help="FLUX.1: T5 prompt tokens (padded and truncated to this); default 512, its maximum. Qwen-Image: the "
+             "prompt states are cut to this many tokens (each prompt keeps its own length below it); default 512, "
+             "at most 1024.")
     add("--upcast_before_saving", action="store_true",
-        help="FLUX.1: save the final LoRA weights in fp32 instead of the mixed-precision dtype (as upstream).")
+        help="FLUX.1, Qwen-Image: save the final LoRA weights in fp32 instead of the mixed-precision dtype (as "
+             "upstream).")
     add("--enable_npu_flash_attention", action="store_true",
         help="FLUX.1 on Ascend NPUs: the transformer's attention by torch_npu's flash attention (upstream's flag).")
+    add("--skip_final_inference", action="store_true",
+        help="Render no images from the saved LoRA after training (upstream Qwen-Image's flag; any model); "
+             "--validation_prompt's images during training are still rendered.")
+    add("--final_validation_prompt", type=str, default=None,
+        help="The prompt of the images rendered from the saved LoRA after training when --validation_prompt is not "
+             "given (upstream Qwen-Image's flag; any model; ignored with --validation_prompt, as upstream).")
+    add("--pretrained_tokenizer_4_name_or_path", type=str, default=None,
+        help="Taken by upstream's Qwen-Image script (left over from its HiDream script) and never read: accepted on "
+             "Qwen-Image models with a warning, refused on others.")
+    add("--pretrained_text_encoder_4_name_or_path", type=str, default=None,
+        help="As --pretrained_tokenizer_4_name_or_path.")
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
     # Big models (upstream's newer DreamBooth scripts, every family here): quantized base, offload, float8.
     big_models.add_arguments(parser)
@@ -320,6 +336,10 @@ FAMILY_DEFAULTS = {
     "flux": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
              "adam_weight_decay_text_encoder": 1e-3, "output_dir": "flux-dreambooth-lora", "lora_alpha": 4,
              "guidance_scale": 3.5, "weighting_scheme": "none", "max_sequence_length": 512},
+    # train_dreambooth_lora_qwen_image.py's (its output_dir default names HiDream, the script it was made from).
+    "qwen_image": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4,
+                   "output_dir": "hidream-dreambooth-lora", "lora_alpha": 4, "weighting_scheme": "none",
+                   "max_sequence_length": 512},
 }
 
 
@@ -373,7 +393,8 @@ def validate_args(args):
                          "so its embeddings change every step")
     if (args.cache_latents or args.cache_text_embeddings) and os.path.isfile(args.feature_cache_dir):
         raise InputError(f"--feature_cache_dir {args.feature_cache_dir!r} is a file, not a folder")
-    for flag, prompt in (("--instance_prompt", args.instance_prompt), ("--validation_prompt", args.validation_prompt)):
+    for flag, prompt in (("--instance_prompt", args.instance_prompt), ("--validation_prompt", args.validation_prompt),
+                         ("--final_validation_prompt", args.final_validation_prompt)):
         if prompt is not None and not prompt.strip():
             raise InputError(f"{flag} is empty")
 
@@ -784,19 +805,21 @@ class PromptInputs:
     --cache_text_embeddings, the text encoders' output computed once per distinct prompt (`embeddings`: a dict, or a
     CachedPromptEmbeddings reading the disk cache), or, with `frozen_embeds` (the prompt embeddings of the text
     encoders --train_text_encoder leaves frozen, computed once: FLUX.1's T5), the first tokenizer's ids and those.
-    `max_lengths`: each tokenizer's padded length (None: its model_max_length), from the family's prompt_lengths."""
+    `max_lengths`: each tokenizer's padded length (None: its model_max_length), from the family's prompt_lengths;
+    `tokenize`: the family's tokenize_prompt (default: padded to those lengths, as SD's pipelines pad)."""
 
-    def __init__(self, tokenizers, max_lengths=None, embeddings=None, frozen_embeds=None):
+    def __init__(self, tokenizers, max_lengths=None, embeddings=None, frozen_embeds=None, tokenize=None):
         self.tokenizers, self.embeddings, self.frozen_embeds = tokenizers, embeddings, frozen_embeds
         self.max_lengths = max_lengths or (None,) * len(tokenizers or ())
+        self.tokenize = tokenize or tokenize_prompt
 
     def __call__(self, prompt):
         if self.embeddings is not None:
             return embedding_inputs(self.embeddings[prompt])
         if self.frozen_embeds is not None:
-            input_ids = tokenize_prompt(self.tokenizers[0], [prompt], self.max_lengths[0]).input_ids[0]
+            input_ids = self.tokenize(self.tokenizers[0], [prompt], self.max_lengths[0]).input_ids[0]
             return {"input_ids": input_ids, "frozen_prompt_embeds": self.frozen_embeds[prompt]}
-        tokens = [tokenize_prompt(tokenizer, [prompt], length)
+        tokens = [self.tokenize(tokenizer, [prompt], length)
                   for tokenizer, length in zip(self.tokenizers, self.max_lengths)]
         inputs = {f"input_ids{f'_{index + 1}' if index else ''}": ids.input_ids[0] for index, ids in enumerate(tokens)}
         if len(tokens) == 1:  # --text_encoder_use_attention_mask
@@ -921,7 +944,19 @@ def collate_examples(examples):
     the predictions in two (upstream's layout)."""
     halves = [example["instance"] for example in examples] + [example["class"] for example in examples
                                                               if "class" in example]
-    return {key: torch.stack([half[key] for half in halves]) for key in halves[0]}
+    batch = {}
+    for key in halves[0]:
+        values = [half[key] for half in halves]
+        lengths = [value.shape[0] for value in values]
+        if key == "prompt_embeds" and len(set(lengths)) > 1:
+            # Prompt embeddings of each prompt's own length (Qwen-Image's): zero-padded to the longest, with
+            # `prompt_embeds_mask` marking each sample's real text positions, as the pipeline pads a prompt batch.
+            longest = max(lengths)
+            values = [torch.cat([value, value.new_zeros(longest - length, *value.shape[1:])])
+                      for value, length in zip(values, lengths)]
+            batch["prompt_embeds_mask"] = torch.stack([torch.arange(longest) < length for length in lengths]).long()
+        batch[key] = torch.stack(values)
+    return batch
 
 
 def tokenize_prompt(tokenizer, prompts, max_length=None):
@@ -942,7 +977,7 @@ def encode_prompts(args, text_encoders, inputs):
         extra["attention_mask"] = inputs["attention_mask"]
     if "frozen_prompt_embeds" in inputs:
         extra["prompt_embeds"] = inputs["frozen_prompt_embeds"]
-    return args.family.encode_prompt(text_encoders, input_ids, **extra)
+    return args.family.encode_prompt(text_encoders, input_ids, **extra, **args.family.encode_kwargs(args))
 
 
 def prompt_embeddings_of(hidden_states, pooled):
@@ -954,7 +989,7 @@ def prompt_embeddings_of(hidden_states, pooled):
 
 def precompute_prompt_embeddings(text_encoders, tokenizers, prompts, args):
     """{prompt: embeddings on the CPU} for each distinct prompt, encoded once (--pre_compute_text_embeddings)."""
-    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args))
+    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args), tokenize=args.family.tokenize_prompt)
     embeddings = {}
     with torch.no_grad(), big_models.visiting(args, *text_encoders):  # --offload: on the device meanwhile
         device = text_encoders[0].device
@@ -1058,7 +1093,7 @@ def cache_latents(accelerator, vae, views, args, weight_dtype, masks=None):
             pixels = torch.stack([prepared[i][0] for i in members])
             if random_flip:
                 pixels = torch.cat([pixels, pixels.flip(-1)])
-            parameters = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist.parameters
+            parameters = args.family.latent_dist(vae, pixels.to(accelerator.device, vae.dtype)).parameters
             for position, i in enumerate(members):
                 entries[i]["latent_dist"] = parameters[position]
                 if random_flip:
@@ -1117,12 +1152,16 @@ def cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
         config[f"text_encoder_{index}"] = feature_cache.model_fingerprint(text_encoder)
     config.update(args.family.text_cache_config(args))
     cache = feature_cache.FeatureCache(args.feature_cache_dir, "text_embeddings", config)
-    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args))
+    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args), tokenize=args.family.tokenize_prompt)
     inputs = {prompt: prompt_inputs(prompt) for prompt in dict.fromkeys(prompts)}
     keys = {prompt: feature_cache.fingerprint(*[value.tolist() for value in tokens.values()])
             for prompt, tokens in inputs.items()}
 
     def encode(batch):
+        if len({tokens["input_ids"].shape for tokens in batch}) > 1:
+            # Ids padded to the longest prompt only (Qwen-Image's template tokens): one prompt at a time, so that
+            # each one's states are the ones the pipeline computes for it alone.
+            return [entry for tokens in batch for entry in encode([tokens])]
         stacked = {key: torch.stack([tokens[key] for tokens in batch]).to(accelerator.device) for key in batch[0]}
         hidden_states, pooled = encode_prompts(args, text_encoders, stacked)
         if pooled is None:
@@ -1272,7 +1311,7 @@ def training_loss(denoiser, vae, text_encoders, noise_scheduler, batch, generato
     need the graph; otherwise nothing in the encoder requires grad). Every random draw (latent sampling, noise,
     timesteps) comes from `generator`, so a resumed run repeats it."""
     with big_models.visiting(args, vae if "latent_dist" not in batch else None):  # --offload: here to encode
-        latents = batch_latents(vae, batch, generator, weight_dtype, *latent_scaling)
+        latents = batch_latents(vae, batch, generator, weight_dtype, *latent_scaling, family=args.family)
     if "prompt_embeds" in batch:
         prompt_embeds, pooled = batch["prompt_embeds"], batch.get("pooled_prompt_embeds")
     else:
@@ -1343,9 +1382,10 @@ def flow_matching_objective(noise_scheduler, latents, generator, args):
 OBJECTIVES = {"ddpm": ddpm_objective, "flow_matching": flow_matching_objective}
 
 
-def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_factor=None):
-    """The batch's latents, (sample - shift_factor) * scaling_factor (FLUX.1's VAE has a shift, SD's none), drawn
-    from the cached latent distribution or the VAE's, or the pixels themselves (DeepFloyd IF: pixel space)."""
+def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_factor=None, family=None):
+    """The batch's latents, (sample - shift_factor) * scaling_factor (the family's latent_scaling: FLUX.1's VAE has a
+    shift, SD's none, Qwen-Image's are per channel), drawn from the cached latent distribution or the VAE's
+    (family.latent_dist), or the pixels themselves (DeepFloyd IF: pixel space)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     with torch.no_grad():
@@ -1353,10 +1393,10 @@ def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_fac
             latents = DiagonalGaussianDistribution(batch["latent_dist"]).sample(generator=generator).float()
         elif vae is not None:
             pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (family.vae_dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
+            latents = family.latent_dist(vae, pixels).sample(generator=generator).float()
         else:
             return batch["pixel_values"].to(weight_dtype).float()
-        if shift_factor:
+        if shift_factor is not None:
             latents = latents - shift_factor
         return latents * scaling_factor
 
@@ -1463,6 +1503,15 @@ def validation_size(args):
     if args.validation_height is None and args.validation_width is None:
         return {}
     return {"height": args.validation_height or args.resolution, "width": args.validation_width or args.resolution}
+
+
+def final_validation_prompt(args):
+    """The prompt of the images rendered from the saved LoRA after training: --validation_prompt, else
+    --final_validation_prompt (upstream's Qwen-Image script crashes with it alone: its embeddings were never
+    computed); None with --skip_final_inference."""
+    if args.skip_final_inference:
+        return None
+    return args.validation_prompt or args.final_validation_prompt
 
 
 def log_validation_images(accelerator, images, name, epoch, global_step, args):
@@ -1686,7 +1735,8 @@ def main(argv=None):
     # Every prompt a batch or a validation image can use ("" is also the negative prompt of classifier-free guidance
     # and every dropped instance prompt).
     prompts = [prompt for _, prompt in instance_items + class_items]
-    prompts += ([args.validation_prompt, ""] if args.validation_prompt is not None else []) + \
+    validation_prompts = [prompt for prompt in (args.validation_prompt, final_validation_prompt(args)) if prompt]
+    prompts += (list(dict.fromkeys(validation_prompts)) + [""] if validation_prompts else []) + \
         ([""] if args.proportion_empty_prompts else [])
     frozen_embeds, trained = None, len(args.family.trainable_text_encoders(text_encoders))
     on_disk = args.cache_text_embeddings or prompts_go_to_disk(args, prompts, logger)
@@ -1712,9 +1762,9 @@ def main(argv=None):
         logger.info(f"The frozen {frozen} encoded the {len(dict.fromkeys(prompts))} distinct prompts once and left "
                     "memory; the others' LoRA trains")
     # FLUX.1's VAE also shifts its latents; DeepFloyd IF has no VAE.
-    latent_scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)) if vae is not None \
-        else (1.0, None)
-    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args), prompt_embeddings, frozen_embeds)
+    latent_scaling = args.family.latent_scaling(vae, accelerator.device) if vae is not None else (1.0, None)
+    prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args), prompt_embeddings, frozen_embeds,
+                                 tokenize=args.family.tokenize_prompt)
     train_dataset = DreamBoothDataset(instance_items, class_items, prompt_inputs, args, run_state, buckets=buckets,
                                       masks=masks, caption_dropout=args.proportion_empty_prompts)
     if buckets is not None:
@@ -1918,9 +1968,12 @@ def main(argv=None):
     # A last round of validation images from a fresh base pipeline with the saved LoRA file loaded: what users get.
     # Under ZeRO-3 no rank loads the base whole: they come from the trained, still sharded model (the saved weights).
     final_images = None
-    if args.validation_prompt and args.num_validation_images and sharded:
+    final_prompt = final_validation_prompt(args)
+    if final_prompt:  # the prompt of the final images and of the model card's gallery
+        args.validation_prompt = final_prompt
+    if final_prompt and args.num_validation_images and sharded:
         final_images = images_of_trained_models()
-    elif args.validation_prompt and args.num_validation_images:
+    elif final_prompt and args.num_validation_images:
         # FLUX.1 with its prompts encoded once: the text encoders (T5 above all) need not load again.
         unused = {part: None for part in args.family.text_encoder_parts} \
             if args.family.encodes_prompts_once and prompt_embeddings is not None else {}

@@ -127,6 +127,14 @@ def tiny_flux(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen_image(tmp_path_factory):
+    """A tiny random Qwen-Image pipeline (tests/tiny_sd.build_tiny_qwen_image), built once per test module."""
+    from tiny_sd import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(str(tmp_path_factory.mktemp("tiny_qwen_image")))
+
+
+@pytest.fixture(scope="module")
 def other_vae(tiny_sdxl, tmp_path_factory):
     """A VAE folder (as --pretrained_vae_model_name_or_path takes it) with other weights than the pipeline's."""
     import torch

@@ -15,9 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_unconditional.py", "train_text_to_image.py", "train_dreambooth_lora.py", "train_controlnet.py",
            "train_instruct_pix2pix.py", "textual_inversion.py")
 # An identifier that names a family (`args.sdxl`, `is_flux_model`, `model_kind`, `load_sdxl_text_models`, ...).
-FAMILY_IDENTIFIER = re.compile(r"sdxl|flux|model_kind|(^|_)xl($|_)|(^|_)sd($|_)", re.IGNORECASE)
+FAMILY_IDENTIFIER = re.compile(r"sdxl|flux|qwen|model_kind|(^|_)xl($|_)|(^|_)sd($|_)", re.IGNORECASE)
 # A string that names a family or one of its classes ("sdxl", "StableDiffusionXLPipeline", "FLUX.1", ...).
-FAMILY_STRING = re.compile(r"^(sd|sdxl|flux)$|SDXL|StableDiffusionXL|\bFlux|FLUX|\bXL\b|-xl\b|_xl\b")
+FAMILY_STRING = re.compile(r"^(sd|sdxl|flux)$|SDXL|StableDiffusionXL|\bFlux|FLUX|\bXL\b|-xl\b|_xl\b|[Qq]wen")
 
 
 def script_tree(script, root=ROOT):

@@ -198,6 +198,82 @@ def build_tiny_flux(folder, seed=0):
     return folder
 
 
+# Qwen-Image
+
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_TEMPLATE_WORDS = ["system", "user", "assistant", "Describe", "the", "image", "by", "detailing", "color", "shape",
+                       "size", "texture", "quantity", "text", "spatial", "relationships", "of", "objects", "and",
+                       "background"]
+
+
+def write_qwen_tokenizer(folder):
+    """A byte-level BPE trained here (tokenizers' BpeTrainer) on the words of QwenImagePipeline's prompt template and
+    of the tests' prompts, so that each is one token (the template's system prefix is 34 tokens, as with the real
+    Qwen2.5-VL tokenizer), plus the chat special tokens; saved as a Qwen2Tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = QWEN_TEMPLATE_WORDS + WORDS
+    corpus = [" ".join(words), *words, *(" " + word for word in words)]
+    trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus * 2, trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in state["merges"]]
+    vocab = dict(state["vocab"])
+    for special in QWEN_SPECIAL_TOKENS:
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_qwen_image(folder, seed=0):
+    """A tiny random Qwen-Image pipeline in `folder` (returned): the layout of Qwen/Qwen-Image (tokenizer/ a Qwen2
+    tokenizer, text_encoder/ Qwen2_5_VLForConditionalGeneration, vae/ AutoencoderKLQwenImage with per-channel
+    latents_mean/latents_std, transformer/ QwenImageTransformer2DModel, scheduler/ FlowMatchEulerDiscreteScheduler
+    with dynamic shifting), with diffusers' own pipeline tests' tiny sizes (get_dummy_components) but the real 8x VAE
+    (dim_mult of 4 levels) and latent statistics that are not 0/1, so that their use shows: latents are 1/8 of the
+    image with 4 channels, packed 2x2 into 16 transformer channels (resolution a multiple of 16)."""
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(os.path.join(folder, "tokenizer"))
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>")},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tokenizer), bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), vision_token_id=ids("<|vision_pad|>"),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, -0.1],
+                                 latents_std=[0.5, 1.5, 0.8, 1.2])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=z_dim * 4, out_channels=z_dim, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer).save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
     import sys
 

@@ -1,14 +1,15 @@
 """Model families: which family a base model folder holds, and the one module that knows each (`sd`: Stable Diffusion
-1.x/2.x, `sdxl`, `flux`: FLUX.1). A script asks `select` for the family of --pretrained_model_name_or_path and calls
-it for everything that differs between families; the script names a family only in its defaults rows (upstream's
-per-script defaults), which are the task x family matrix: a family without a row is refused in one line."""
+1.x/2.x, `sdxl`, `flux`: FLUX.1, `qwen_image`: Qwen-Image). A script asks `select` for the family of
+--pretrained_model_name_or_path and calls it for everything that differs between families; the script names a family
+only in its defaults rows (upstream's per-script defaults), which are the task x family matrix: a family without a row
+is refused in one line."""
 
 from trainkit.cli import InputError
-from trainkit.families import flux, sd, sdxl
+from trainkit.families import flux, qwen_image, sd, sdxl
 from trainkit.families.loading import read_model_index
 
 # Detection order: the most specific first; SD is what is left.
-FAMILIES = {family.name: family for family in (flux.FAMILY, sdxl.FAMILY, sd.FAMILY)}
+FAMILIES = {family.name: family for family in (flux.FAMILY, qwen_image.FAMILY, sdxl.FAMILY, sd.FAMILY)}
 
 
 def detect(pretrained_model_name_or_path, revision=None, cache_dir=None):

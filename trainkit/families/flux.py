@@ -54,6 +54,9 @@ class Flux:
             "--crops_coords_top_left_h": "they go into SDXL's time ids",
             "--crops_coords_top_left_w": "they go into SDXL's time ids",
             "--enable_xformers_memory_efficient_attention": "the Flux transformer has no xformers attention",
+            **{flag: "upstream's train_dreambooth_lora_qwen_image.py takes it and never reads it (Qwen-Image models "
+                     "only)" for flag in ("--pretrained_tokenizer_4_name_or_path",
+                                          "--pretrained_text_encoder_4_name_or_path")},
         },
     }
 
@@ -112,6 +115,12 @@ class Flux:
     def vae_dtype(self, args, weight_dtype):
         """The VAE encodes in the frozen models' dtype."""
         return weight_dtype
+
+    # As SD's: the VAE's latent distribution, its scaling and shift factors, CLIP / T5 ids padded to their lengths.
+    latent_dist = StableDiffusion.latent_dist
+    latent_scaling = StableDiffusion.latent_scaling
+    tokenize_prompt = StableDiffusion.tokenize_prompt
+    encode_kwargs = StableDiffusion.encode_kwargs
 
     # --- prompts ---------------------------------------------------------------------------------------------------
 

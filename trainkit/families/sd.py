@@ -68,6 +68,26 @@ class StableDiffusion:
         """The dtype the VAE encodes in: the frozen models' dtype."""
         return weight_dtype
 
+    def latent_dist(self, vae, pixels):
+        """The VAE's latent distribution of `pixels` (batch, 3, height, width), (batch, channels, h, w) latents
+        (Qwen-Image's video VAE takes a frame axis)."""
+        return vae.encode(pixels).latent_dist
+
+    def latent_scaling(self, vae, device):
+        """(scale, shift) such that (latents - shift) * scale are the denoiser's latents: the VAE's scaling_factor and
+        shift_factor (FLUX.1's VAE has one, SD's none); Qwen-Image's are per channel."""
+        return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
+
+    def tokenize_prompt(self, tokenizer, prompts, max_length=None):
+        """One tokenizer's ids (and attention mask) of `prompts`, padded to `max_length` (default its
+        model_max_length) as the pipeline pads them; Qwen-Image's wrap them in its prompt template."""
+        return tokenizer(prompts, truncation=True, padding="max_length",
+                         max_length=max_length or tokenizer.model_max_length, return_tensors="pt")
+
+    def encode_kwargs(self, args):
+        """encode_prompt's arguments from the flags (Qwen-Image: --max_sequence_length); none here."""
+        return {}
+
     # --- prompts ---------------------------------------------------------------------------------------------------
 
     def tokenize(self, tokenizers, prompts):
@@ -107,8 +127,13 @@ class StableDiffusion:
     refused_flags = {
         "dreambooth_lora": {
             **{flag: "it is upstream's train_dreambooth_lora_flux.py's flag (FLUX.1 models only)"
-               for flag in ("--guidance_scale", "--weighting_scheme", "--max_sequence_length",
-                            "--upcast_before_saving", "--enable_npu_flash_attention")},
+               for flag in ("--guidance_scale", "--enable_npu_flash_attention")},
+            **{flag: "it is a flag of upstream's train_dreambooth_lora_flux.py and train_dreambooth_lora_qwen_image.py "
+                     "(FLUX.1 and Qwen-Image models only)"
+               for flag in ("--weighting_scheme", "--max_sequence_length", "--upcast_before_saving")},
+            **{flag: "upstream's train_dreambooth_lora_qwen_image.py takes it and never reads it (Qwen-Image models "
+                     "only)" for flag in ("--pretrained_tokenizer_4_name_or_path",
+                                          "--pretrained_text_encoder_4_name_or_path")},
             "--do_edm_style_training": "upstream trains EDM-style on SDXL models only (train_dreambooth_lora_sdxl.py)",
         },
         "instruct_pix2pix": {
