@@ -40,6 +40,14 @@ on a fixed packed batch with T5 embeddings of 64 tokens, the pooled embedding, p
 transformer's own step is about a fifth of the SD UNet's, so a fixed per-step cost of the script weighs about five
 times as much in its overhead percentage.
 
+The `dreambooth_lora_qwen_image` row trains train_dreambooth_lora.py (base, cached) on a Qwen-Image-shaped pipeline:
+a small QwenImageTransformer2DModel (4 blocks, 4 heads of 32), a 64-wide, 4-layer Qwen2.5-VL text encoder behind the
+pipeline's prompt template, and an AutoencoderKLQwenImage (a video VAE run on one frame, 4 latent channels, 16x16
+latents packed 2x2 into 64 tokens of 16 channels), with the dreambooth row's flags. Its prompt states keep the
+prompt's own length (5 tokens here, the template's 34 dropped), as upstream. Its floor is the transformer with the
+script's default LoRA (to_k, to_q, to_v, to_out.0 of every block; rank 4, alpha 4) on a fixed packed batch with those
+5 text tokens and the per-sample img_shapes.
+
     python bench/bench.py                                   # every script, its default variants, 40 steps
     python bench/bench.py --scripts controlnet --variants base,set_grads_to_none --steps 10
     git worktree add /tmp/before a736386 && python bench/bench.py --rounds 3 --baseline_repo /tmp/before
@@ -87,6 +95,10 @@ FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "at
                      "ff_context.net.2"]
 FLUX_LORA_ALPHA = 4
 FLUX_GUIDANCE_SCALE = 3.5
+# The Qwen-Image row (dreambooth_lora_qwen_image): what train_dreambooth_lora.py adds to its transformer by default
+# (upstream's targets, r = --rank 4, lora_alpha = its Qwen-Image default 4).
+QWEN_IMAGE_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+QWEN_IMAGE_LORA_ALPHA = 4
 FLOOR_WARMUP_STEPS = 3
 MAX_GRAD_NORM = 1.0
 
@@ -259,6 +271,45 @@ def build_bench_flux_model(folder):
     ).save_pretrained(folder)
 
 
+def build_bench_qwen_image_model(folder):
+    """A random Qwen-Image-layout pipeline (QwenImagePipeline: tokenizer/ the tests' Qwen2 tokenizer, text_encoder/ a
+    Qwen2_5_VLForConditionalGeneration 64 wide with 4 layers, vae/ an AutoencoderKLQwenImage with 4 latent channels
+    and per-channel latent statistics, transformer/ a QwenImageTransformer2DModel of 4 blocks, 4 heads of 32,
+    scheduler/ FlowMatchEulerDiscreteScheduler with dynamic shifting): 128 px -> 16x16 latents -> 64 tokens."""
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
+    from tiny_sd import write_qwen_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = write_qwen_tokenizer(os.path.join(folder, "tokenizer"))
+    ids = tokenizer.convert_tokens_to_ids
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                     "num_key_value_heads": 4, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+                     "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+                     "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>")},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 64},
+        hidden_size=64, vocab_size=len(tokenizer), bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        vision_token_id=ids("<|vision_pad|>"), image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+    )).eval()
+    vae = AutoencoderKLQwenImage(base_dim=32, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, -0.1],
+                                 latents_std=[0.5, 1.5, 0.8, 1.2])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=4,
+                                              attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                                              guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer).save_pretrained(folder)
+
+
 def draw_example(index):
     """One synthetic example: a coloured shape on a light background (the training image), the same shape in
     another colour (the edited image for pix2pix), the shape's outline on black (ControlNet's conditioning image),
@@ -405,6 +456,10 @@ FLUX_ROWS = {
                              "extra_flags": ["--max_sequence_length", str(FLUX_MAX_SEQUENCE_LENGTH)]},
 }
 SCRIPTS.update(FLUX_ROWS)
+# The Qwen-Image row: train_dreambooth_lora.py (it trains Qwen-Image when the model folder is a QwenImagePipeline)
+# with the dreambooth row's flags on the bench Qwen-Image pipeline. Its floor is its own (FLOORS).
+QWEN_IMAGE_ROWS = {"dreambooth_lora_qwen_image": {**SD_SCRIPTS["dreambooth_lora"], "model": "qwen_image"}}
+SCRIPTS.update(QWEN_IMAGE_ROWS)
 
 
 def base_script(script):
@@ -811,6 +866,46 @@ def floor_dreambooth_lora_flux(model, device):
     return trained, loss
 
 
+def floor_dreambooth_lora_qwen_image(model, device):
+    """Only LoRA adapters on the Qwen-Image transformer train (the script's default targets in every block, rank 4,
+    alpha 4). The batch is what the script feeds it: the 16x16 latents packed 2x2 into 64 tokens of 16 channels, the
+    prompt's text states (INSTANCE_PROMPT's own length after the template, no mask: one prompt), img_shapes per
+    sample and a flow-matching timestep in [0, 1)."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from peft import LoraConfig
+    from transformers import Qwen2Tokenizer
+
+    sys.path.insert(0, THIS_REPO)
+    from trainkit.families.qwen_image import FAMILY
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=QWEN_IMAGE_LORA_ALPHA,
+                                       init_lora_weights="gaussian", target_modules=QWEN_IMAGE_LORA_TARGETS))
+    transformer.train()
+    config = transformer.config
+    tokenizer = Qwen2Tokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_length = FAMILY.tokenize_prompt(tokenizer, [INSTANCE_PROMPT]).input_ids.shape[1] - 34  # template dropped
+    generator = torch.Generator().manual_seed(0)
+    side = RESOLUTION // 8 // 2
+    tokens, channels = side * side, config.in_channels
+    batch = {
+        "hidden_states": torch.randn(BATCH_SIZE, tokens, channels, generator=generator),
+        "target": torch.randn(BATCH_SIZE, tokens, config.patch_size ** 2 * config.out_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(BATCH_SIZE, text_length, config.joint_attention_dim, generator=generator),
+        "timestep": torch.rand(BATCH_SIZE, generator=generator),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    inputs = {key: value for key, value in batch.items() if key != "target"}
+    img_shapes = [[(1, side, side)]] * BATCH_SIZE
+    trained = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+
+    def loss():
+        return mse(transformer(**inputs, img_shapes=img_shapes, return_dict=False)[0], batch)
+    return trained, loss
+
+
 # One floor function per SD row; a `_sdxl` row uses its SD row's (each works on both models). The Flux row has its
 # own.
 FLOORS = {
@@ -820,6 +915,7 @@ FLOORS = {
     "instruct_pix2pix": floor_instruct_pix2pix,
     "textual_inversion": floor_textual_inversion,
     "dreambooth_lora_flux": floor_dreambooth_lora_flux,
+    "dreambooth_lora_qwen_image": floor_dreambooth_lora_qwen_image,
 }
 
 
@@ -962,6 +1058,9 @@ def main():
     if any(SCRIPTS[script].get("model") == "flux" for script in args.scripts):
         args.models["flux"] = ensure_built(os.path.join(args.work_dir, "model-flux"), build_bench_flux_model,
                                            "bench Flux pipeline")
+    if any(SCRIPTS[script].get("model") == "qwen_image" for script in args.scripts):
+        args.models["qwen_image"] = ensure_built(os.path.join(args.work_dir, "model-qwen-image"),
+                                                 build_bench_qwen_image_model, "bench Qwen-Image pipeline")
     args.data = ensure_built(os.path.join(args.work_dir, "data"), build_datasets, "datasets")
     if any(script in MIXED_ROWS for script in args.scripts):
         ensure_built(args.data + "-mixed", build_mixed_dataset, "mixed-aspect data set")
