@@ -165,12 +165,18 @@ def test_exact_resume_with_accumulation_buckets_masks_captions_and_the_feature_c
     assert any(not torch.equal(a[key], b[key]) for key in a)  # steps 3-4 trained
 
 
-def test_prior_preservation_and_final_validation_prompt_alone(tiny_qwen_image, instance_folder, tmp_path):
-    """Prior preservation (class images given: the pipeline's own 1024 px class images take ~20 s each here) and
-    --final_validation_prompt without --validation_prompt, which upstream crashes on (KeyError 'prompt_embeds'):
-    here the final images of that prompt are rendered from the saved LoRA and shown in the model card; no
-    intermediate validation ran."""
+def test_prior_preservation_quantized_offloaded_and_final_validation_prompt_alone(tiny_qwen_image, instance_folder,
+                                                                                  tmp_path):
+    """Prior preservation (class images given: the pipeline's own 1024 px class images take ~20 s each here) on an
+    nf4-quantized transformer (--bnb_quantization_config_path, README_qwen.md's JSON; bitsandbytes runs on a CPU) with
+    --offload, and --final_validation_prompt without --validation_prompt, which upstream crashes on (KeyError
+    'prompt_embeds'): here the final images of that prompt are rendered from the saved LoRA and shown in the model
+    card; no intermediate validation ran."""
     from conftest import _shape_images
+
+    from helpers import write_json
+
+    bnb_config = write_json(str(tmp_path / "bnb.json"), {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
 
     class_dir = tmp_path / "class"
     class_dir.mkdir()
@@ -180,8 +186,10 @@ def test_prior_preservation_and_final_validation_prompt_alone(tiny_qwen_image, i
     result = train(SCRIPT, qwen_args(tiny_qwen_image, instance_folder, out, with_prior_preservation=True,
                                      class_data_dir=str(class_dir), class_prompt=CLASS_PROMPT, num_class_images=2,
                                      max_train_steps=2, final_validation_prompt="a photo of sks dog in a bucket",
-                                     num_validation_images=2, **SMALL_VALIDATION))
+                                     num_validation_images=2, bnb_quantization_config_path=bnb_config,
+                                     offload=True, **SMALL_VALIDATION))
     assert "Prior preservation: 2 class images (0 generated this run)" in result.stderr
+    assert "Frozen transformer (quantized)" in result.stderr
     assert os.listdir(os.path.join(out, "validation")) == ["final"]
     assert len(os.listdir(os.path.join(out, "validation", "final"))) == 2
     with open(os.path.join(out, "README.md")) as file:
