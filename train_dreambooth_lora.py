@@ -1964,6 +1964,11 @@ def main(argv=None):
                                args.family, denoiser_state=state)
             logger.info(f"Saved {os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)}")
     accelerator.wait_for_everyone()
+    if big_models.is_quantized(accelerator.unwrap_model(unet)):
+        # The final pipeline loads a quantized denoiser of its own: free the trained one first (a device that holds
+        # the quantized base once may not hold it twice).
+        unet = trained_models = optimizer = None
+        accelerator.free_memory()
 
     # A last round of validation images from a fresh base pipeline with the saved LoRA file loaded: what users get.
     # Under ZeRO-3 no rank loads the base whole: they come from the trained, still sharded model (the saved weights).
