@@ -108,8 +108,7 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_qw
     """test_dreambooth_lora_qwenimage.py's command lines, folded into two runs: --cache_latents, --lora_layers
     transformer_blocks.0.attn.to_k, --lora_alpha 8 --rank 4, --learning_rate 5e-4 --scale_lr, a checkpoint every 2
     of 4 steps; then resumed from checkpoint-4 to 8 steps with --checkpoints_total_limit 2, which leaves
-    checkpoint-6 and checkpoint-8. No flag gives an output_dir-independent default here but upstream's (the
-    output_dir default, hidream-dreambooth-lora, is upstream's)."""
+    checkpoint-6 and checkpoint-8 (with --gradient_checkpointing, which upstream's tests leave out)."""
     out = str(tmp_path / "out")
     common = [f"--pretrained_model_name_or_path={tiny_qwen_image}", f"--instance_data_dir={instance_folder}",
               f"--output_dir={out}", "--instance_prompt=photo", "--resolution=32", "--train_batch_size=1",
@@ -117,14 +116,18 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_qw
               "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--lora_layers",
               "transformer_blocks.0.attn.to_k", "--lora_alpha=8", "--rank=4",
               f"--feature_cache_dir={tmp_path / 'cache'}"]
-    result = train(SCRIPT, common + ["--max_train_steps=4"])
+    # Ours beside upstream's: a validation image at the end of epoch 0 (32 px), none after training
+    # (--skip_final_inference).
+    result = train(SCRIPT, common + ["--max_train_steps=4", "--validation_prompt=a dog", "--num_validation_images=1",
+                                     "--validation_height=32", "--validation_width=32", "--skip_final_inference"])
     assert "the latents of centre crops are cached" in result.stderr
+    assert os.listdir(os.path.join(out, "validation")) == ["epoch_0000"]
     assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
     weights = lora(out)
     assert weights and all(key.startswith("transformer.transformer_blocks.0.attn.to_k.") for key in weights)
     assert metadata(out) == (4, 8)
     result = train(SCRIPT, common + ["--max_train_steps=8", "--resume_from_checkpoint=checkpoint-4",
-                                     "--checkpoints_total_limit=2"])
+                                     "--checkpoints_total_limit=2", "--gradient_checkpointing"])
     assert "latents: 3 of 3 cached" in result.stderr
     assert checkpoints(out) == {"checkpoint-6", "checkpoint-8"}
     assert_same_lora(os.path.join(out, "checkpoint-8"), out)
