@@ -1,15 +1,17 @@
 """train_dreambooth_lora.py on a Qwen-Image base model (tests/tiny_sd.build_tiny_qwen_image): upstream
 train_dreambooth_lora_qwen_image.py's README and test command lines, the conditioning QwenImagePipeline computes
 (template, dropped template tokens, attention mask, per-sample text lengths and img_shapes, normalised and packed
-latents), --lora_layers, --rank / --lora_alpha in the file's metadata, rotation and resume, exact resume with
-accumulation, aspect-ratio buckets, masks, captions of different lengths and both feature caches, prior preservation,
---final_validation_prompt alone, and the one-line errors of the flags that cannot apply.
+latents), --lora_layers, --rank / --lora_alpha in the file's metadata, rotation and resume, exact resume on 2
+processes with accumulation, aspect-ratio buckets, masks, captions, prior preservation and both feature caches, an
+nf4 transformer with --offload, --final_validation_prompt alone, --skip_final_inference, and the one-line errors of
+the flags that cannot apply.
 
 Resolution 32 (a multiple of 16: 4x4 latents, 2x2 tokens); validation images at 32 px (--validation_height/_width):
 the pipeline's default 1024 px takes ~20 s an image through the tiny video VAE on a CPU. Few launches, each read by
 several checks."""
 
 import os
+import re
 import shutil
 
 import pytest
@@ -140,28 +142,44 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_qw
 QWEN_BUCKETS = "32,48;48,32;32,32"
 
 
-def test_exact_resume_with_accumulation_buckets_masks_captions_and_the_feature_caches(
+def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_the_feature_caches(
         tiny_qwen_image, mixed_aspect_folder, tmp_path):
-    """Accumulation 2, batch 2, aspect-ratio buckets (each holds two images: img_shapes per bucket), masks, per-image
-    captions of different lengths (the prompt states padded per batch, prompt_embeds_mask marking each sample's
-    text), caption dropout, centre crops, 4 steps with a checkpoint every 2. The straight run's checkpoint-2, resumed
-    in a fresh folder with --cache_latents --cache_text_embeddings (filled by the resumed run), ends bit for bit like
-    the straight run: the caches hold what the uncached run computes."""
-    settings = {"gradient_accumulation_steps": 2, "train_batch_size": 2, "max_train_steps": 4,
-                "checkpointing_steps": 2, "aspect_ratio_buckets": QWEN_BUCKETS, "masked_loss": True,
-                "proportion_empty_prompts": 0.3, "center_crop": True, "weighting_scheme": "logit_normal"}
+    """CPU DDP over gloo on real-dataset settings: accumulation 2, aspect-ratio buckets (img_shapes per bucket), masks,
+    per-image captions, caption dropout, prior preservation (the class prompt and the captions differ in length: the
+    prompt states are padded per batch, prompt_embeds_mask marking each sample's text), --cache_latents and
+    --cache_text_embeddings, 4 steps with a checkpoint every 2 (6 images: the run crosses an epoch). The straight
+    run fills the caches; its checkpoint-2, resumed in a fresh folder from them, ends bit for bit like it; the
+    processes exit cleanly. (The video VAE's latents are not batch-invariant on a CPU, ~3e-7: cached latents equal
+    the uncached run's only where it encoded the same batches.)"""
+    from conftest import _shape_images
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for index, image in enumerate(_shape_images(2, seed=5)):
+        image.save(class_dir / f"{index}.png")
+    settings = {"gradient_accumulation_steps": 2, "max_train_steps": 4, "checkpointing_steps": 2,
+                "aspect_ratio_buckets": QWEN_BUCKETS, "masked_loss": True, "proportion_empty_prompts": 0.3,
+                "center_crop": True, "weighting_scheme": "logit_normal", "with_prior_preservation": True,
+                "class_data_dir": str(class_dir), "class_prompt": CLASS_PROMPT, "num_class_images": 2,
+                "cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": str(tmp_path / "cache")}
     straight = str(tmp_path / "straight")
-    result = train(SCRIPT, qwen_args(tiny_qwen_image, mixed_aspect_folder, straight, **settings))
+    result = launch(SCRIPT, qwen_args(tiny_qwen_image, mixed_aspect_folder, straight, **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert "4 steps in all, batch 1 per device, total batch 4" in result.stderr
     assert "32x32: 2, 32x48: 2, 48x32: 2" in result.stderr
+    assert re.search(r"latents: 0 of [1-9]", result.stderr) and re.search(r"text_embeddings: 0 of [1-9]",
+                                                                          result.stderr)
     assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
+    assert set(os.listdir(os.path.join(straight, "checkpoint-2"))) >= {"random_states_0.pkl", "random_states_1.pkl"}
 
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
-    result = train(SCRIPT, qwen_args(tiny_qwen_image, mixed_aspect_folder, resumed, resume_from_checkpoint="latest",
-                                     cache_latents=True, cache_text_embeddings=True,
-                                     feature_cache_dir=str(tmp_path / "cache"), **settings))
-    assert "latents: 0 of 6 cached" in result.stderr and "text_embeddings: 0 of 7 cached" in result.stderr
+    result = launch(SCRIPT, qwen_args(tiny_qwen_image, mixed_aspect_folder, resumed, resume_from_checkpoint="latest",
+                                      **settings), num_processes=2)
+    assert "terminate called" not in result.stderr
+    assert re.search(r"latents: ([1-9]\d*) of \1 cached", result.stderr), result.stderr[-3000:]
+    assert re.search(r"text_embeddings: ([1-9]\d*) of \1 cached", result.stderr), result.stderr[-3000:]
     for folder in ("checkpoint-4", "."):
         assert_same_lora(os.path.join(straight, folder), os.path.join(resumed, folder))
     a, b = lora(os.path.join(straight, "checkpoint-2")), lora(straight)
