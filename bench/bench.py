@@ -48,6 +48,28 @@ prompt's own length (5 tokens here, the template's 34 dropped), as upstream. Its
 script's default LoRA (to_k, to_q, to_v, to_out.0 of every block; rank 4, alpha 4) on a fixed packed batch with those
 5 text tokens and the per-sample img_shapes.
 
+The `dreambooth_lora_flux_big` row (SPEC §13, big models) trains train_dreambooth_lora.py on a FLUX.1-shaped
+pipeline whose transformer is large enough that its weights dominate memory (FLUX_BIG_TRANSFORMER: 3 double-stream and
+6 single-stream blocks, 12 heads of 64, about 118M parameters; the small text encoders and VAE of the Flux row), with
+--cache_latents --cache_text_embeddings (so that the VAE and text encoders are out of the way, as a big-model run keeps
+them), in bf16 on CUDA (--mixed_precision bf16) and fp32 on a CPU (where bf16 matmuls are emulated, ~10x slower), in
+one variant per memory mode: `full` (the frozen base unquantized, in the training dtype), `int8` and `nf4`
+(--bnb_quantization_config_path with load_in_8bit / nf4 load_in_4bit; 4-bit layers compute in the training dtype) and
+`nf4_offload` (nf4 and --offload).
+Two more columns for them:
+
+- bytes per frozen denoiser parameter: what the script logs after loading ("Frozen transformer: N parameters in B
+  bytes"), quantization statistics included (trainkit.big_models.frozen_footprint).
+- steady training peak (CPU): the largest resident set size (VmRSS, sampled every 0.2 s) between the first and the
+  last logged step, so loading (which reads the weights in full precision before quantizing them) does not hide
+  what each mode saves while training. These runs set MALLOC_MMAP_THRESHOLD_=65536, so that freed memory leaves
+  the resident set (glibc otherwise keeps the heap at its loading high-water mark). On CUDA the peak allocated
+  memory of the whole run is the figure (the transformer is quantized layer by layer as it moves to the GPU, so
+  loading does not raise it).
+
+On a CPU --offload cannot save anything (the device is the host); the row shows that it costs nothing either. Run
+these rows with few steps: `--scripts dreambooth_lora_flux_big --steps 4`.
+
     python bench/bench.py                                   # every script, its default variants, 40 steps
     python bench/bench.py --scripts controlnet --variants base,set_grads_to_none --steps 10
     git worktree add /tmp/before a736386 && python bench/bench.py --rounds 3 --baseline_repo /tmp/before
@@ -65,6 +87,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -99,6 +122,12 @@ FLUX_GUIDANCE_SCALE = 3.5
 # (upstream's targets, r = --rank 4, lora_alpha = its Qwen-Image default 4).
 QWEN_IMAGE_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 QWEN_IMAGE_LORA_ALPHA = 4
+# The big-model rows' transformer (about 118M parameters; FLUX.1-dev's own: 19 double, 38 single blocks, 24 heads of
+# 128, 12B) and their bitsandbytes configs (--bnb_quantization_config_path files, written under --work_dir).
+FLUX_BIG_TRANSFORMER = {"num_layers": 3, "num_single_layers": 6, "attention_head_dim": 64, "num_attention_heads": 12,
+                        "axes_dims_rope": (16, 24, 24)}
+BNB_CONFIGS = {"int8": {"load_in_8bit": True},
+               "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}}
 FLOOR_WARMUP_STEPS = 3
 MAX_GRAD_NORM = 1.0
 
@@ -227,13 +256,14 @@ def write_t5_tokenizer(folder, model_max_length=512):
     return tokenizer
 
 
-def build_bench_flux_model(folder):
+def build_bench_flux_model(folder, **transformer_shape):
     """A random FLUX.1-layout pipeline (FluxPipeline: tokenizer/ + text_encoder/ a CLIPTextModel whose pooled output
     conditions the transformer, tokenizer_2/ + text_encoder_2/ a T5EncoderModel whose hidden states are its text
     tokens, vae/, transformer/, scheduler/ FlowMatchEulerDiscreteScheduler) with a small Flux-shaped transformer:
     2 double-stream and 4 single-stream blocks, 4 heads of 32 (rope axes 4+14+14), guidance-embedded as FLUX.1-dev,
     16 input channels = the VAE's 4 latent channels packed 2x2 (128 px -> 16x16 latents -> 64 tokens). The text
-    encoders are 64 wide, 4 layers; the VAE is the SD bench model's shape with Flux's shift and scaling factors."""
+    encoders are 64 wide, 4 layers; the VAE is the SD bench model's shape with Flux's shift and scaling factors.
+    `transformer_shape` replaces the transformer's sizes (the big-model rows: FLUX_BIG_TRANSFORMER)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -254,9 +284,10 @@ def build_bench_flux_model(folder):
         feed_forward_proj="gated-gelu", pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
         decoder_start_token_id=tokenizer_2.pad_token_id, is_encoder_decoder=False, use_cache=False,
     ))
+    shape = {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 32, "num_attention_heads": 4,
+             "axes_dims_rope": (4, 14, 14), **transformer_shape}
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
-        joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 14, 14),
+        patch_size=1, in_channels=16, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True, **shape,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
@@ -460,6 +491,11 @@ SCRIPTS.update(FLUX_ROWS)
 # with the dreambooth row's flags on the bench Qwen-Image pipeline. Its floor is its own (FLOORS).
 QWEN_IMAGE_ROWS = {"dreambooth_lora_qwen_image": {**SD_SCRIPTS["dreambooth_lora"], "model": "qwen_image"}}
 SCRIPTS.update(QWEN_IMAGE_ROWS)
+# The big-model row (its variants are the memory modes, BIG_MODEL_VARIANTS): training on cached latents and prompt
+# embeddings, on the big Flux pipeline, in bf16 on CUDA (fp32 on a CPU: see BIG_MODEL_MIXED_PRECISION).
+BIG_MODEL_ROWS = {
+    "dreambooth_lora_flux_big": {**FLUX_ROWS["dreambooth_lora_flux"], "model": "flux_big"},
+}
 
 
 def base_script(script):
@@ -480,9 +516,23 @@ VARIANTS = {
 }
 # "before": the base flags, run with --baseline_repo's copy of the script, in the same rounds as this checkout's base.
 BEFORE = "before"
+# The memory modes of the big-model row ("{bnb}" is its config file for that mode); added to SCRIPTS and VARIANTS after
+# them, so that base and cached do not run for it by default.
+BIG_MODEL_VARIANTS = {
+    "full": ([], list(BIG_MODEL_ROWS)),
+    "int8": (["--bnb_quantization_config_path", "{int8}"], list(BIG_MODEL_ROWS)),
+    "nf4": (["--bnb_quantization_config_path", "{nf4}"], list(BIG_MODEL_ROWS)),
+    "nf4_offload": (["--bnb_quantization_config_path", "{nf4}", "--offload"], list(BIG_MODEL_ROWS)),
+}
+SCRIPTS.update(BIG_MODEL_ROWS)
+VARIANTS.update(BIG_MODEL_VARIANTS)
+# --mixed_precision of the big-model row per device: bf16 on CUDA, as such models train; none on a CPU, whose bf16
+# matmuls without AVX-512 BF16 are emulated (about 10x slower than fp32: 104 s a step measured on this bench).
+BIG_MODEL_MIXED_PRECISION = {"cuda": "bf16", "cpu": "no"}
 # The other scripts always free their gradients: only train_controlnet.py has --set_grads_to_none (upstream's name).
 ONLY_FOR = {"set_grads_to_none": ["controlnet", "controlnet" + SDXL_SUFFIX],
-            "buckets": list(MIXED_ROWS), "buckets_cached": list(MIXED_ROWS)}
+            "buckets": list(MIXED_ROWS), "buckets_cached": list(MIXED_ROWS),
+            **{variant: list(BIG_MODEL_ROWS) for variant in BIG_MODEL_VARIANTS}}
 
 
 def plan(scripts, variants, with_baseline=False):
@@ -503,8 +553,13 @@ def plan(scripts, variants, with_baseline=False):
     return pairs
 
 
-def variant_flags(script, variant, cache_dir):
+def variant_flags(script, variant, cache_dir, bnb_configs=None, device="cpu"):
     flags = VARIANTS["base" if variant == BEFORE else variant][0]
+    if variant in BIG_MODEL_VARIANTS:
+        # Cached latents and prompt embeddings (filled by the first run; the entries do not depend on the mode).
+        return [flag.format(**bnb_configs) for flag in flags] + [
+            "--cache_latents", "--cache_text_embeddings", "--feature_cache_dir", cache_dir,
+            "--mixed_precision", BIG_MODEL_MIXED_PRECISION[device]]
     if variant in ("cached", "buckets_cached"):
         flags = ["--cache_latents", "--feature_cache_dir", cache_dir]
         if SCRIPTS[script]["cache_text"]:
@@ -544,12 +599,13 @@ def child_env(threads, device, cuda_peak_file=None):
     return env
 
 
-def resident_high_water_mib(pid):
-    """The process's peak resident set size so far (VmHWM), in MiB; None once it has exited."""
+def resident_high_water_mib(pid, field="VmHWM"):
+    """The process's peak resident set size so far (VmHWM; field="VmRSS": its resident set size now), in MiB; None
+    once it has exited."""
     try:
         with open(f"/proc/{pid}/status") as file:
             for line in file:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
@@ -561,7 +617,7 @@ def run_measured(command, env, log_path):
     seconds, peak RSS in MiB of that process itself (ru_maxrss from wait4's rusage: the whole run, final save
     included), and (wall time, VmHWM MiB) samples taken while it ran, from which the peak up to the end of training
     is read (VmHWM only grows, so the last sample before the last logged step covers every step before it)."""
-    high_water = []
+    high_water, resident = [], []
     with open(log_path, "w") as output:
         started = time.time()
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
@@ -572,10 +628,12 @@ def run_measured(command, env, log_path):
             now, peak = time.time(), resident_high_water_mib(process.pid)
             if peak is not None:
                 high_water.append((now, peak))
+                resident.append((now, resident_high_water_mib(process.pid, "VmRSS")))
             time.sleep(0.2)
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     return {"status": process.returncode, "started": started, "wall_s": time.time() - started,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "high_water": high_water}  # ru_maxrss is KiB on Linux
+            "peak_rss_mib": usage.ru_maxrss / 1024, "high_water": high_water,  # ru_maxrss is KiB on Linux
+            "resident": [(when, mib) for when, mib in resident if mib is not None]}
 
 
 def failure_reason(status, log_path):
@@ -609,11 +667,17 @@ def run_script(args, script, variant, suffix=""):
     os.makedirs(output_dir)
     log_path = os.path.join(args.work_dir, "runs", f"{name}.log")
     cuda_peak_file = os.path.join(output_dir, "cuda-peak.json") if args.device == "cuda" else None
-    flags = variant_flags(script, variant, cache_folder(args, script, variant))
+    flags = variant_flags(script, variant, cache_folder(args, script, variant), args.bnb_configs, args.device)
     repo = args.baseline_repo if variant == BEFORE else args.repo
     command = script_command(repo, script, model_for(args, script), args.data, output_dir, args.steps, flags)
     log(f"{name}: {' '.join(command)}")
-    run = run_measured(command, child_env(args.threads, args.device, cuda_peak_file), log_path)
+    env = child_env(args.threads, args.device, cuda_peak_file)
+    if script in BIG_MODEL_ROWS:
+        # Every allocation of 64 KiB or more gets its own mapping, returned to the system when freed: the resident set
+        # then follows the live tensors (glibc's default raises that threshold to the largest block freed, e.g. a
+        # weight freed after quantizing, and keeps later blocks' memory after they are freed).
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    run = run_measured(command, env, log_path)
     if run["status"] != 0:
         return {"error": failure_reason(run["status"], log_path)}
     times = logged_step_times(os.path.join(output_dir, "logs"), SCRIPTS[script]["loss_tag"])
@@ -628,6 +692,12 @@ def run_script(args, script, variant, suffix=""):
     result = {"s_per_step": seconds_per_step, "startup_s": first_time - run["started"] - first_step * seconds_per_step,
               "wall_s": run["wall_s"], "peak_rss_mib": run["peak_rss_mib"], "peak_mib": run["peak_rss_mib"],
               "training_peak_mib": during_training[-1] if during_training else None}
+    if script in BIG_MODEL_ROWS:
+        steady = [mib for sampled, mib in run["resident"] if first_time <= sampled <= last_time]
+        result["steady_training_peak_mib"] = max(steady) if steady else None
+        with open(log_path, errors="replace") as file:
+            footprint = FROZEN_FOOTPRINT.search(file.read())
+        result["bytes_per_frozen_parameter"] = float(footprint.group(1)) if footprint else None
     if cuda_peak_file:
         if not os.path.exists(cuda_peak_file):
             return {"error": f"no CUDA peak written (did the run use CUDA?); see {log_path}"}
@@ -641,7 +711,14 @@ def run_script(args, script, variant, suffix=""):
     return result
 
 
+# The script's log line about its frozen denoiser (train_dreambooth_lora.py, trainkit.big_models.describe_footprint).
+FROZEN_FOOTPRINT = re.compile(r"Frozen \w+(?: \(quantized\))?: [\d.]+M parameters in [\d.]+ MiB \(([\d.]+) bytes per "
+                              r"parameter\)")
+
+
 def cache_folder(args, script, variant):
+    if variant in BIG_MODEL_VARIANTS:  # one cache for every memory mode: the same VAE and text encoders
+        return os.path.join(args.work_dir, "feature-cache", script)
     return os.path.join(args.work_dir, "feature-cache", f"{script}-{variant}")
 
 
@@ -916,6 +993,8 @@ FLOORS = {
     "textual_inversion": floor_textual_inversion,
     "dreambooth_lora_flux": floor_dreambooth_lora_flux,
     "dreambooth_lora_qwen_image": floor_dreambooth_lora_qwen_image,
+    # The big-model row: the same transformer step (fp32, unquantized) on its own bigger transformer.
+    "dreambooth_lora_flux_big": floor_dreambooth_lora_flux,
 }
 
 
@@ -965,7 +1044,8 @@ def combine_rounds(rounds, floors):
     row = {"s_per_step_rounds": [result["s_per_step"] for result in rounds],
            "s_per_step": min(result["s_per_step"] for result in rounds)}
     for key in ("startup_s", "wall_s", "peak_rss_mib", "peak_mib", "training_peak_mib", "cuda_peak_allocated_mib",
-                "host_training_peak_mib", "fill_startup_s"):
+                "host_training_peak_mib", "fill_startup_s", "steady_training_peak_mib",
+                "bytes_per_frozen_parameter"):
         values = [result[key] for result in rounds if result.get(key) is not None]
         if values:
             row[key] = statistics.median(values)
@@ -986,20 +1066,22 @@ def cell(value, format_spec):
 
 def table(rows):
     header = ["script", "variant", "s/step", "s/step per round", "floor s/step", "overhead vs floor",
-              "training peak MiB", "floor peak MiB", "whole-run peak MiB", "startup s", "cache-filling startup s"]
+              "training peak MiB", "floor peak MiB", "whole-run peak MiB", "startup s", "cache-filling startup s",
+              "steady training peak MiB", "bytes per frozen denoiser parameter"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         floor = row["floor"]
         floor_time, floor_peak = (None, None) if "error" in floor else (floor["s_per_step"], floor["peak_mib"])
         if "error" in row:
-            cells = [row["error"], "", cell(floor_time, ".3f"), "", "", cell(floor_peak, ".0f"), "", "", ""]
+            cells = [row["error"], "", cell(floor_time, ".3f"), "", "", cell(floor_peak, ".0f"), "", "", "", "", ""]
         else:
             overhead = row["overhead"]
             cells = [cell(row["s_per_step"], ".3f"), " ".join(f"{value:.3f}" for value in row["s_per_step_rounds"]),
                      cell(floor_time, ".3f"), "" if overhead is None else f"{overhead:+.0f}%",
                      cell(row["training_peak_mib"], ".0f"),
                      cell(floor_peak, ".0f"), cell(row["peak_mib"], ".0f"), cell(row["startup_s"], ".1f"),
-                     cell(row.get("fill_startup_s"), ".1f")]
+                     cell(row.get("fill_startup_s"), ".1f"), cell(row.get("steady_training_peak_mib"), ".0f"),
+                     cell(row.get("bytes_per_frozen_parameter"), ".3f")]
         lines.append("| " + " | ".join([row["script"], row["variant"]] + cells) + " |")
     return "\n".join(lines)
 
@@ -1061,6 +1143,15 @@ def main():
     if any(SCRIPTS[script].get("model") == "qwen_image" for script in args.scripts):
         args.models["qwen_image"] = ensure_built(os.path.join(args.work_dir, "model-qwen-image"),
                                                  build_bench_qwen_image_model, "bench Qwen-Image pipeline")
+    args.bnb_configs = {}
+    if any(SCRIPTS[script].get("model") == "flux_big" for script in args.scripts):
+        args.models["flux_big"] = ensure_built(
+            os.path.join(args.work_dir, "model-flux-big"),
+            lambda folder: build_bench_flux_model(folder, **FLUX_BIG_TRANSFORMER), "bench big Flux pipeline")
+        for mode, config in BNB_CONFIGS.items():
+            args.bnb_configs[mode] = os.path.join(args.work_dir, f"bnb-{mode}.json")
+            with open(args.bnb_configs[mode], "w") as file:
+                json.dump(config, file)
     args.data = ensure_built(os.path.join(args.work_dir, "data"), build_datasets, "datasets")
     if any(script in MIXED_ROWS for script in args.scripts):
         ensure_built(args.data + "-mixed", build_mixed_dataset, "mixed-aspect data set")
