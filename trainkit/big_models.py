@@ -199,6 +199,16 @@ def quantize(model, config, compute_dtype, device):
     model.quantization_method = QuantizationMethod.BITS_AND_BYTES
     model.is_quantized = True  # ModelMixin.to refuses a dtype cast, which would break the packed weights
     model.to(device)  # the layers bitsandbytes does not quantize
+    if torch.device(device).type == "cpu":
+        # Their weights (biases, norms) still point into the memory-mapped weights file, which would stay mapped, and
+        # resident once quantizing read it, as long as one of them does: give them memory of their own.
+        for parameter in model.parameters():
+            if not isinstance(parameter, (bnb.nn.Params4bit, bnb.nn.Int8Params)):
+                parameter.data = parameter.data.clone()
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[key] = buffer.clone()
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # as upstream
     model.requires_grad_(False)
     return model
