@@ -30,6 +30,17 @@ def pytest_configure(config):
             os.remove(lock)
 
 
+
+@pytest.fixture(autouse=True)
+def no_accelerate_state_between_tests():
+    """accelerate keeps its process-wide state (PartialState, AcceleratorState) for the life of a test worker. An
+    in-process test that loads a model the way a script does (onto PartialState().device) leaves it behind, and every
+    later in-process error case in that worker would then look as if its script had created an Accelerator
+    (helpers.fail_in_process asserts it did not): each test starts and ends without it."""
+    yield
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
+
 @pytest.fixture(scope="session")
 def tiny_unet_config(tmp_path_factory):
     """A 2-level UNet2DModel config at 16 px: milliseconds per step on CPU, attention included."""

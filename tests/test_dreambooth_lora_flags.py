@@ -483,7 +483,7 @@ def test_upstream_sdxl_flag_defaults_and_warnings(recwarn):
                 "resolution": None, "pretrained_vae_model_name_or_path": None}
     assert {key: getattr(args, key) for key in defaults} == defaults
     # Flags left out take the default of the upstream script matching the base model (SD / SDXL).
-    assert script.FAMILY_DEFAULTS == {
+    assert {name: script.FAMILY_DEFAULTS[name] for name in ("sd", "sdxl", "flux")} == {
         "sd": {"resolution": 512, "learning_rate": 5e-4, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
                "adam_weight_decay_text_encoder": None, "output_dir": "lora-dreambooth-model"},
         "sdxl": {"resolution": 1024, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
