@@ -81,20 +81,20 @@ def load_part(args, part, from_pretrained, **kwargs):
 
 
 def load_denoiser(args):
-    """The family's denoiser (`args.family.denoiser_part`: unet/, transformer/) as load_part loads it; with
-    --bnb_quantization_config_path, loaded in the training dtype and quantized by bitsandbytes onto the training
-    device (big_models.quantize), so that LoRA trains on a 4- or 8-bit frozen base."""
+    """The family's frozen denoiser (`args.family.denoiser_part`: unet/, transformer/), loaded straight in the
+    training dtype (never a whole fp32 copy in host memory: 48 GB for a 12B transformer); with
+    --bnb_quantization_config_path, then quantized by bitsandbytes onto the training device (big_models.quantize),
+    so that LoRA trains on a 4- or 8-bit frozen base."""
     from trainkit import big_models
 
-    family = args.family
-    config = getattr(args, "bnb_config", None)
-    if config is None:
-        return load_part(args, family.denoiser_part, family.denoiser_class().from_pretrained, variant=args.variant)
-    from accelerate import PartialState
-
-    dtype = big_models.training_dtype(args)
+    family, dtype = args.family, big_models.training_dtype(args)
     denoiser = load_part(args, family.denoiser_part, family.denoiser_class().from_pretrained, variant=args.variant,
                          torch_dtype=dtype)
+    config = getattr(args, "bnb_config", None)
+    if config is None:
+        return denoiser
+    from accelerate import PartialState
+
     return big_models.quantize(denoiser, config, dtype, PartialState().device)
 
 
