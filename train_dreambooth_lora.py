@@ -295,6 +295,9 @@ def parse_args(argv=None):
              "Qwen-Image models with a warning, refused on others.")
     add("--pretrained_text_encoder_4_name_or_path", type=str, default=None,
         help="As --pretrained_tokenizer_4_name_or_path.")
+    # (FLUX.2 flags here)
+    # (SD3 flags here)
+    # (Z-Image flags here)
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
     # Big models (upstream's newer DreamBooth scripts, every family here): quantized base, offload, float8.
     big_models.add_arguments(parser)
@@ -340,6 +343,10 @@ FAMILY_DEFAULTS = {
     "qwen_image": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4,
                    "output_dir": "hidream-dreambooth-lora", "lora_alpha": 4, "weighting_scheme": "none",
                    "max_sequence_length": 512},
+    # (FLUX.2 [dev] row here)
+    # (FLUX.2 [klein] row here)
+    # (SD3 row here)
+    # (Z-Image row here)
 }
 
 

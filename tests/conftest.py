@@ -145,6 +145,13 @@ def tiny_qwen_image(tmp_path_factory):
     return build_tiny_qwen_image(str(tmp_path_factory.mktemp("tiny_qwen_image")))
 
 
+# (FLUX.2 fixtures here)
+
+# (SD3 fixtures here)
+
+# (Z-Image fixtures here)
+
+
 @pytest.fixture(scope="module")
 def other_vae(tiny_sdxl, tmp_path_factory):
     """A VAE folder (as --pretrained_vae_model_name_or_path takes it) with other weights than the pipeline's."""

@@ -8,8 +8,16 @@ from trainkit.cli import InputError
 from trainkit.families import flux, qwen_image, sd, sdxl
 from trainkit.families.loading import read_model_index
 
-# Detection order: the most specific first; SD is what is left.
-FAMILIES = {family.name: family for family in (flux.FAMILY, qwen_image.FAMILY, sdxl.FAMILY, sd.FAMILY)}
+# Detection order: the most specific first; SD is what is left. One family a line.
+FAMILIES = {family.name: family for family in (
+    # (FLUX.2 families here, before FLUX.1)
+    flux.FAMILY,
+    qwen_image.FAMILY,
+    # (SD3 family here)
+    # (Z-Image family here)
+    sdxl.FAMILY,
+    sd.FAMILY,
+)}
 
 
 def detect(pretrained_model_name_or_path, revision=None, cache_dir=None):
