@@ -295,7 +295,8 @@ def parse_args(argv=None):
              "Qwen-Image models with a warning, refused on others.")
     add("--pretrained_text_encoder_4_name_or_path", type=str, default=None,
         help="As --pretrained_tokenizer_4_name_or_path.")
-    # (FLUX.2 flags here)
+    # (FLUX.2 [dev] flags here)
+    # (FLUX.2 [klein] flags here)
     # (SD3 flags here)
     # (Z-Image flags here)
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")

@@ -491,7 +491,8 @@ SCRIPTS.update(FLUX_ROWS)
 # with the dreambooth row's flags on the bench Qwen-Image pipeline. Its floor is its own (FLOORS).
 QWEN_IMAGE_ROWS = {"dreambooth_lora_qwen_image": {**SD_SCRIPTS["dreambooth_lora"], "model": "qwen_image"}}
 SCRIPTS.update(QWEN_IMAGE_ROWS)
-# (FLUX.2 rows here)
+# (FLUX.2 [dev] row here)
+# (FLUX.2 [klein] row here)
 # (SD3 row here)
 # (Z-Image row here)
 # The big-model row (its variants are the memory modes, BIG_MODEL_VARIANTS): training on cached latents and prompt

@@ -145,7 +145,9 @@ def tiny_qwen_image(tmp_path_factory):
     return build_tiny_qwen_image(str(tmp_path_factory.mktemp("tiny_qwen_image")))
 
 
-# (FLUX.2 fixtures here)
+# (FLUX.2 [dev] fixtures here)
+
+# (FLUX.2 [klein] fixtures here)
 
 # (SD3 fixtures here)
 

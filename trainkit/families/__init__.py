@@ -10,7 +10,8 @@ from trainkit.families.loading import read_model_index
 
 # Detection order: the most specific first; SD is what is left. One family a line.
 FAMILIES = {family.name: family for family in (
-    # (FLUX.2 families here, before FLUX.1)
+    # (FLUX.2 [dev] family here, before FLUX.1)
+    # (FLUX.2 [klein] family here, before FLUX.1)
     flux.FAMILY,
     qwen_image.FAMILY,
     # (SD3 family here)
