@@ -295,10 +295,29 @@ def parse_args(argv=None):
              "Qwen-Image models with a warning, refused on others.")
     add("--pretrained_text_encoder_4_name_or_path", type=str, default=None,
         help="As --pretrained_tokenizer_4_name_or_path.")
-    # (FLUX.2 [dev] flags here)
-    # (FLUX.2 [klein] flags here)
-    # (SD3 flags here)
-    # (Z-Image flags here)
+    # FLUX.2 (upstream train_dreambooth_lora_flux2.py and _flux2_klein.py); refused on other models.
+    add("--text_encoder_out_layers", type=int, nargs="+", default=None,
+        help="FLUX.2: the text encoder's hidden layers whose states, concatenated per token, are the prompt "
+             "embeddings (hidden_states[n], as the pipeline's text_encoder_out_layers); default 10 20 30 (FLUX.2 "
+             "[dev]), as upstream.")
+    add("--remote_text_encoder", action="store_true",
+        help="FLUX.2: upstream encodes the prompts with Hugging Face's hosted text-encoder service; refused here "
+             "in one line: --cache_text_embeddings encodes each prompt once and trains without the text encoder.")
+    add("--caption_dropout", type=float, default=None,
+        help="Upstream FLUX.2 [klein]'s name for --proportion_empty_prompts (any model): the share of instance "
+             "prompts replaced by the empty one (class prompts never are); default 0. Not with a different "
+             "--proportion_empty_prompts.")
+    # SD3/3.5 (upstream train_dreambooth_lora_sd3.py); refused on other models.
+    add("--precondition_outputs", type=int, default=None,
+        help="SD3/3.5: 1 trains on the EDM-style preconditioned output (the prediction turned into clean latents, "
+             "noisy - sigma * prediction, regressed onto the latents), 0 on the velocity; default 1, as upstream.")
+    add("--lora_blocks", type=str, default=None,
+        help="SD3/3.5: comma-separated transformer block numbers (e.g. '12,30'): LoRA only on --lora_layers (or the "
+             "default targets) inside those blocks; default: every block.")
+    add("--fsdp_text_encoder", action="store_true",
+        help="Upstream Z-Image's and FLUX.2's flag (its text encoder sharded by PyTorch FSDP): refused, as FSDP is "
+             "not supported here; the frozen text encoder encodes each prompt once before training and leaves memory, "
+             "and --offload keeps it on the CPU meanwhile.")
     add("--local_rank", type=int, default=-1, help="Set by the launcher; not needed with accelerate launch.")
     # Big models (upstream's newer DreamBooth scripts, every family here): quantized base, offload, float8.
     big_models.add_arguments(parser)
@@ -344,10 +363,22 @@ FAMILY_DEFAULTS = {
     "qwen_image": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4,
                    "output_dir": "hidream-dreambooth-lora", "lora_alpha": 4, "weighting_scheme": "none",
                    "max_sequence_length": 512},
-    # (FLUX.2 [dev] row here)
-    # (FLUX.2 [klein] row here)
-    # (SD3 row here)
-    # (Z-Image row here)
+    # train_dreambooth_lora_flux2.py's (its output_dir default names FLUX.1's).
+    "flux2": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "output_dir": "flux-dreambooth-lora",
+              "lora_alpha": 4, "guidance_scale": 3.5, "weighting_scheme": "none", "max_sequence_length": 512,
+              "text_encoder_out_layers": [10, 20, 30]},
+    # train_dreambooth_lora_flux2_klein.py's (its text encoder takes no LoRA: the text-encoder flags are unused).
+    "flux2_klein": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4,
+                    "output_dir": "flux-dreambooth-lora", "lora_alpha": 4, "guidance_scale": 3.5,
+                    "weighting_scheme": "none", "max_sequence_length": 512, "text_encoder_out_layers": [10, 20, 30]},
+    # train_dreambooth_lora_sd3.py's.
+    "sd3": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+            "adam_weight_decay_text_encoder": 1e-3, "output_dir": "sd3-dreambooth", "weighting_scheme": "logit_normal",
+            "max_sequence_length": 77, "precondition_outputs": 1},
+    # train_dreambooth_lora_z_image.py's (it also takes the text-encoder flags, and never trains the text encoder).
+    "z_image": {"resolution": 512, "learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+                "adam_weight_decay_text_encoder": 1e-3, "output_dir": "z-image-dreambooth-lora", "lora_alpha": 4,
+                "weighting_scheme": "none", "max_sequence_length": 512},
 }
 
 
@@ -359,6 +390,9 @@ def validate_args(args):
     args.family.check_folder(args.pretrained_model_name_or_path, args.family.required_parts(args))
     args.family.refuse_flags(args, "dreambooth_lora")
     big_models.check_arguments(args)
+    if getattr(args, "fsdp_text_encoder", False):
+        raise InputError("--fsdp_text_encoder: PyTorch FSDP is not supported here; the frozen text encoder encodes "
+                         "each prompt once before training and leaves memory (--offload keeps it on the CPU meanwhile)")
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     cli.require_positive(
@@ -492,7 +526,16 @@ def validate_data_args(args):
 
 
 def validate_real_data_args(args):
-    """--proportion_empty_prompts, --masked_loss and --mask_column (the bucket flags: bucketing.check_bucket_flags)."""
+    """--proportion_empty_prompts (or --caption_dropout), --masked_loss and --mask_column (the bucket flags:
+    bucketing.check_bucket_flags)."""
+    dropout = getattr(args, "caption_dropout", None)
+    if dropout is not None:
+        if not 0 <= dropout <= 1:
+            raise InputError(f"--caption_dropout must be in [0, 1], got {dropout}")
+        if args.proportion_empty_prompts not in (0, dropout):
+            raise InputError(f"--caption_dropout {dropout} and --proportion_empty_prompts "
+                             f"{args.proportion_empty_prompts} are one setting: give one of them")
+        args.proportion_empty_prompts = dropout
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.mask_column is not None:
@@ -816,8 +859,9 @@ class PromptInputs:
     `max_lengths`: each tokenizer's padded length (None: its model_max_length), from the family's prompt_lengths;
     `tokenize`: the family's tokenize_prompt (default: padded to those lengths, as SD's pipelines pad)."""
 
-    def __init__(self, tokenizers, max_lengths=None, embeddings=None, frozen_embeds=None, tokenize=None):
+    def __init__(self, tokenizers, max_lengths=None, embeddings=None, frozen_embeds=None, tokenize=None, trained=1):
         self.tokenizers, self.embeddings, self.frozen_embeds = tokenizers, embeddings, frozen_embeds
+        self.trained = trained  # with frozen_embeds: the ids of this many (trained) text encoders
         self.max_lengths = max_lengths or (None,) * len(tokenizers or ())
         self.tokenize = tokenize or tokenize_prompt
 
@@ -825,8 +869,10 @@ class PromptInputs:
         if self.embeddings is not None:
             return embedding_inputs(self.embeddings[prompt])
         if self.frozen_embeds is not None:
-            input_ids = self.tokenize(self.tokenizers[0], [prompt], self.max_lengths[0]).input_ids[0]
-            return {"input_ids": input_ids, "frozen_prompt_embeds": self.frozen_embeds[prompt]}
+            inputs = {f"input_ids{f'_{index + 1}' if index else ''}": self.tokenize(tokenizer, [prompt], length)
+                      .input_ids[0] for index, (tokenizer, length)
+                      in enumerate(zip(self.tokenizers[:self.trained], self.max_lengths))}
+            return {**inputs, "frozen_prompt_embeds": self.frozen_embeds[prompt]}
         tokens = [self.tokenize(tokenizer, [prompt], length)
                   for tokenizer, length in zip(self.tokenizers, self.max_lengths)]
         inputs = {f"input_ids{f'_{index + 1}' if index else ''}": ids.input_ids[0] for index, ids in enumerate(tokens)}
@@ -979,9 +1025,9 @@ def encode_prompts(args, text_encoders, inputs):
     pipeline encodes prompts): SD the text encoder's last hidden state (with --text_encoder_use_attention_mask its
     attention mask), SDXL both encoders' penultimate hidden states and text_encoder_2's pooled embedding, FLUX.1 T5's
     last hidden state (or its `frozen_prompt_embeds`) and CLIP's pooled output."""
-    input_ids = [inputs[key] for key in ("input_ids", "input_ids_2") if key in inputs]
+    input_ids = [inputs[key] for key in ("input_ids", "input_ids_2", "input_ids_3") if key in inputs]
     extra = {}
-    if getattr(args, "text_encoder_use_attention_mask", False):
+    if getattr(args, "text_encoder_use_attention_mask", False) or args.family.encodes_with_attention_mask:
         extra["attention_mask"] = inputs["attention_mask"]
     if "frozen_prompt_embeds" in inputs:
         extra["prompt_embeds"] = inputs["frozen_prompt_embeds"]
@@ -1047,11 +1093,15 @@ class FrozenEmbeds:
 
 def validation_embeddings(args, prompt_inputs, text_encoders, prompt):
     """{prompt: embeddings} for a validation pipeline whose frozen text encoders were freed: their embeddings computed
-    once (`prompt_inputs`' frozen_embeds) beside the pooled embedding of the trained encoder."""
-    with torch.no_grad():
-        hidden, pooled = encode_prompts(args, text_encoders, {key: value[None]
-                                                              for key, value in prompt_inputs(prompt).items()})
-    return {prompt: prompt_embeddings_of(hidden[0], pooled[0])}
+    once (`prompt_inputs`' frozen_embeds) beside the pooled embedding of the trained encoder; the empty negative
+    prompt's too where the family samples with classifier-free guidance (SD3)."""
+    embeddings = {}
+    for text in [prompt] + ([""] if args.family.negative_prompt else []):
+        with torch.no_grad():
+            hidden, pooled = encode_prompts(args, text_encoders, {key: value[None]
+                                                                  for key, value in prompt_inputs(text).items()})
+        embeddings[text] = prompt_embeddings_of(hidden[0], pooled[0])
+    return embeddings
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1226,7 +1276,8 @@ def generate_class_images(accelerator, args, seed, logger):
             indices = mine[start:start + args.sample_batch_size]
             generators = [randomness.make_generator(accelerator.device, seed, CLASS_IMAGE_STREAM, i) for i in indices]
             with torch.no_grad():
-                images = pipeline([args.class_prompt] * len(indices), generator=generators).images
+                # prompt= by name: Flux2Pipeline's first argument is an input image.
+                images = pipeline(prompt=[args.class_prompt] * len(indices), generator=generators).images
             for index, image in zip(indices, images):
                 digest = hashlib.sha1(image.tobytes(), usedforsecurity=False).hexdigest()
                 path = os.path.join(folder, f"{index}-{digest}.jpg")
@@ -1379,8 +1430,13 @@ def flow_matching_objective(noise_scheduler, latents, generator, args):
         noise_scheduler, latents.shape[0], args.weighting_scheme, generator, latents.device, args.logit_mean,
         args.logit_std, args.mode_scale)
     noisy_latents, target = objectives.flow_matching_inputs(latents, noise, sigmas)
+    precondition = getattr(args, "precondition_outputs", None)  # SD3's: the loss on the clean latents predicted
+    if precondition:
+        target = latents
 
     def part_loss(prediction, target, mask, part):
+        if precondition:
+            prediction = objectives.preconditioned_outputs(prediction, half(noisy_latents, part), half(sigmas, part))
         return objectives.flow_matching_loss(prediction, target, half(sigmas, part), args.weighting_scheme, mask)
 
     return noisy_latents, timesteps, target, part_loss
@@ -1397,11 +1453,14 @@ def batch_latents(vae, batch, generator, weight_dtype, scaling_factor, shift_fac
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     with torch.no_grad():
-        if "latent_dist" in batch:
-            latents = DiagonalGaussianDistribution(batch["latent_dist"]).sample(generator=generator).float()
-        elif vae is not None:
-            pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (family.vae_dtype)
-            latents = family.latent_dist(vae, pixels).sample(generator=generator).float()
+        if "latent_dist" in batch or vae is not None:
+            if "latent_dist" in batch:
+                dist = DiagonalGaussianDistribution(batch["latent_dist"])
+            else:
+                pixels = batch["pixel_values"].to(vae.dtype)  # SDXL's own VAE runs in fp32 (family.vae_dtype)
+                dist = family.latent_dist(vae, pixels)
+            # The distribution's mode where the family trains on it (FLUX.2, as upstream), a sample otherwise.
+            latents = (dist.mode() if family.latents_from_mode else dist.sample(generator=generator)).float()
         else:
             return batch["pixel_values"].to(weight_dtype).float()
         if shift_factor is not None:
@@ -1484,6 +1543,7 @@ def generate_validation_images(accelerator, pipeline, args, seed, prompt_embeddi
         if args.family.negative_prompt:  # FLUX.1 [dev] is guidance-distilled: no negative prompt
             negative = embedding_inputs(prompt_embeddings[""])
             prompt.update({f"negative_{key}": value[None].to(accelerator.device) for key, value in negative.items()})
+        prompt = args.family.pipeline_embeddings(prompt)
     else:
         prompt = {"prompt": args.validation_prompt, **args.family.prompt_kwargs(args)}
     images = []
@@ -1772,7 +1832,7 @@ def main(argv=None):
     # FLUX.1's VAE also shifts its latents; DeepFloyd IF has no VAE.
     latent_scaling = args.family.latent_scaling(vae, accelerator.device) if vae is not None else (1.0, None)
     prompt_inputs = PromptInputs(tokenizers, args.family.prompt_lengths(args), prompt_embeddings, frozen_embeds,
-                                 tokenize=args.family.tokenize_prompt)
+                                 tokenize=args.family.tokenize_prompt, trained=trained)
     train_dataset = DreamBoothDataset(instance_items, class_items, prompt_inputs, args, run_state, buckets=buckets,
                                       masks=masks, caption_dropout=args.proportion_empty_prompts)
     if buckets is not None:

@@ -5,17 +5,17 @@ only in its defaults rows (upstream's per-script defaults), which are the task x
 is refused in one line."""
 
 from trainkit.cli import InputError
-from trainkit.families import flux, qwen_image, sd, sdxl
+from trainkit.families import flux, flux2, flux2_klein, qwen_image, sd, sd3, sdxl, z_image
 from trainkit.families.loading import read_model_index
 
 # Detection order: the most specific first; SD is what is left. One family a line.
 FAMILIES = {family.name: family for family in (
-    # (FLUX.2 [dev] family here, before FLUX.1)
-    # (FLUX.2 [klein] family here, before FLUX.1)
+    flux2.FAMILY,
+    flux2_klein.FAMILY,
     flux.FAMILY,
     qwen_image.FAMILY,
-    # (SD3 family here)
-    # (Z-Image family here)
+    sd3.FAMILY,
+    z_image.FAMILY,
     sdxl.FAMILY,
     sd.FAMILY,
 )}

@@ -40,6 +40,8 @@ class Flux:
     negative_prompt = False  # FLUX.1 [dev] is guidance-distilled: no classifier-free guidance
     saves_in_training_dtype = True  # upstream saves in the training dtype unless --upcast_before_saving
     caches_centre_crops = True  # upstream caches one crop per image, made once; its command lines omit --center_crop
+    # As StableDiffusion's (Flux is not its subclass): latents sampled from the VAE's distribution, as upstream.
+    latents_from_mode = False
     refused_flags = {
         "dreambooth_lora": {
             "--snr_gamma": "Min-SNR weights DDPM noise levels; FLUX.1 trains by flow matching (see --weighting_scheme)",
@@ -61,10 +63,11 @@ class Flux:
     }
 
     def recognises(self, path, index):
-        """A Flux* pipeline in model_index.json or, in a local folder, a transformer/ whose config names
-        FluxTransformer2DModel."""
-        if str(index.get("_class_name", "")).startswith("Flux"):
-            return True
+        """A Flux* pipeline in model_index.json (not a FLUX.2 one: Flux2*) or, in a local folder, a transformer/
+        whose config names FluxTransformer2DModel."""
+        name = str(index.get("_class_name", ""))
+        if name.startswith("Flux"):
+            return not name.startswith("Flux2")
         return loading.read_part_config(path, "transformer").get("_class_name") == "FluxTransformer2DModel"
 
     def check_folder(self, path, parts=None):

@@ -143,10 +143,20 @@ class StableDiffusion:
         },
     }
 
+    # Flags of a task's script that only this family's upstream script has: {task: {flag: why others refuse it}}.
+    own_flags = {}
+
     def refuse_flags(self, args, task):
-        """A flag given that cannot apply to this family in `task` (`refused_flags`) is refused in one line naming
-        the flag and the model; the families differ in their data only (what each one lacks)."""
-        for flag, reason in self.refused_flags.get(task, {}).items():
+        """A flag given that cannot apply to this family in `task` (`refused_flags`, or another family's
+        `own_flags`) is refused in one line naming the flag and the model; the families differ in their data only
+        (what each one lacks)."""
+        from trainkit.families import FAMILIES
+
+        # Flags only some families' upstream scripts have (a family's `own_flags`) are refused by the others.
+        mine = getattr(self, "own_flags", {}).get(task, {})
+        others = {flag: reason for family in FAMILIES.values()
+                  for flag, reason in getattr(family, "own_flags", {}).get(task, {}).items() if flag not in mine}
+        for flag, reason in {**others, **self.refused_flags.get(task, {})}.items():
             value = getattr(args, flag.lstrip("-"), None)
             if value is not None and value is not False:
                 raise InputError(f"{flag} cannot apply to the {self.title} model "
@@ -180,6 +190,11 @@ class StableDiffusion:
     saves_in_training_dtype = False
     # --cache_latents without --center_crop: refused (a random crop changes every epoch); FLUX.1 caches centre crops.
     caches_centre_crops = False
+    # The text encoder is always given the tokenizer's attention mask (Z-Image pads its prompt ids to
+    # --max_sequence_length, as its pipeline does); SD's only with --text_encoder_use_attention_mask.
+    encodes_with_attention_mask = False
+    # Train on the mode of the VAE's latent distribution instead of a sample of it (FLUX.2, as upstream).
+    latents_from_mode = False
     card_tags = ()  # the model card's tags beside hub_tag
 
     def denoiser_class(self):
@@ -204,6 +219,11 @@ class StableDiffusion:
     def prompt_kwargs(self, args):
         """The pipeline call's prompt arguments besides the prompt (FLUX.1: its T5 length)."""
         return {}
+
+    def pipeline_embeddings(self, embeddings):
+        """Precomputed prompt embeddings ({"prompt_embeds": (1, tokens, features) tensor, ...}) as the pipeline call
+        takes them: as they are here (Z-Image's pipeline takes lists of per-prompt tensors)."""
+        return embeddings
 
     def text_cache_config(self, args):
         """What the text-embedding cache keys besides the encoders and token ids (FLUX.1: its encoding)."""
