@@ -145,13 +145,43 @@ def tiny_qwen_image(tmp_path_factory):
     return build_tiny_qwen_image(str(tmp_path_factory.mktemp("tiny_qwen_image")))
 
 
-# (FLUX.2 [dev] fixtures here)
+@pytest.fixture(scope="module")
+def tiny_flux2(tmp_path_factory):
+    """A tiny random FLUX.2 [dev] pipeline (tests/tiny_flux2.build_tiny_flux2), built once per test module."""
+    from tiny_flux2 import build_tiny_flux2
 
-# (FLUX.2 [klein] fixtures here)
+    return build_tiny_flux2(str(tmp_path_factory.mktemp("tiny_flux2")))
 
-# (SD3 fixtures here)
 
-# (Z-Image fixtures here)
+@pytest.fixture(scope="module")
+def tiny_flux2_klein(tmp_path_factory):
+    """A tiny random FLUX.2 [klein] base pipeline (tests/tiny_flux2_klein.build_tiny_flux2_klein), built once per test
+    module."""
+    from tiny_flux2_klein import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(str(tmp_path_factory.mktemp("tiny_flux2_klein")))
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    """A tiny random SD3 pipeline whose two CLIPs differ in width (tests/tiny_sd3.build_tiny_sd3), once per module."""
+    from tiny_sd3 import build_tiny_sd3
+
+    return build_tiny_sd3(str(tmp_path_factory.mktemp("tiny_sd3")))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd35(tmp_path_factory):
+    """Its SD3.5 variant: qk_norm "rms_norm" and a dual-attention block (build_tiny_sd3(sd35=True))."""
+    from tiny_sd3 import build_tiny_sd3
+
+    return build_tiny_sd3(str(tmp_path_factory.mktemp("tiny_sd35")), sd35=True)
+
+@pytest.fixture(scope="module")
+def tiny_z_image(tmp_path_factory):
+    """A tiny random Z-Image pipeline (tests/tiny_z_image.build_tiny_z_image), built once per test module."""
+    from tiny_z_image import build_tiny_z_image
+
+    return build_tiny_z_image(str(tmp_path_factory.mktemp("tiny_z_image")))
 
 
 @pytest.fixture(scope="module")
