@@ -170,16 +170,22 @@ def load_lora_weights(folder, denoiser, text_encoders, family, task="dreambooth_
 
 
 def check_lora_layers(args):
-    """--lora_layers -> args.lora_targets (None: the script's defaults). Each name must match (as peft matches target
-    modules: the whole name or its last dotted parts) a Linear or Conv2d layer of the UNet / transformer, checked
-    on its config with no weights loaded. A hub model whose config cannot be read is checked when it loads."""
+    """--lora_layers (and SD3's --lora_blocks: those targets inside the blocks named) -> args.lora_targets (None:
+    the script's defaults). Each --lora_layers name must match (as peft matches target modules: the whole name or its
+    last dotted parts) a Linear or Conv2d layer of the UNet / transformer, checked on its config with no weights
+    loaded. A hub model whose config cannot be read is checked when it loads."""
     args.lora_targets = None
+    blocks = getattr(args, "lora_blocks", None)  # SD3's: the targets inside those transformer blocks only
+    if args.lora_layers is None and blocks is None:
+        return
+    targets = args.family.lora_targets
+    if args.lora_layers is not None:
+        targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+        if not targets:
+            raise InputError("--lora_layers names no module (expected e.g. 'attn.to_k,attn.to_q')")
+    args.lora_targets = targets if blocks is None else args.family.lora_block_targets(args, targets)
     if args.lora_layers is None:
         return
-    targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
-    if not targets:
-        raise InputError("--lora_layers names no module (expected e.g. 'attn.to_k,attn.to_q')")
-    args.lora_targets = targets
     names = adaptable_module_names(args)
     if names is None:
         return

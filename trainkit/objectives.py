@@ -165,6 +165,13 @@ def flow_matching_inputs(latents, noise, sigmas):
     return (1.0 - sigmas) * latents + sigmas * noise, noise - latents
 
 
+def preconditioned_outputs(prediction, noisy_latents, sigmas):
+    """The clean latents a velocity `prediction` at `sigmas` implies, noisy - sigma * velocity (the EDM-style output
+    preconditioning of upstream SD3's --precondition_outputs, https://arxiv.org/abs/2206.00364 section 5), computed as
+    upstream does; the loss then compares them with the latents."""
+    return prediction * (-sigmas) + noisy_latents
+
+
 def flow_matching_loss(prediction, target, sigmas, weighting_scheme, mask=None):
     """diffusion_loss weighted per sample by diffusers' compute_loss_weighting_for_sd3 (sigma_sqrt, cosmap; uniform
     otherwise), the same per-sample mean upstream's Flux script takes."""
