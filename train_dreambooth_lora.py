@@ -35,6 +35,12 @@ objectives.sample_flow_matching_sigmas / flow_matching_inputs / flow_matching_lo
 (--max_sequence_length) and CLIP's pooled embedding; `transformer.*` keys for FluxPipeline.load_lora_weights. Its
 prompts are encoded once and the text encoders freed unless the CLIP LoRA trains (then T5 alone is).
 
+A Z-Image base model (a ZImagePipeline) switches the script to upstream's `train_dreambooth_lora_z_image.py`
+(trainkit/families/z_image.py): LoRA on the transformer's attention projections; conditioned on the Qwen3 encoder's
+second-to-last hidden state of each prompt's real tokens (a list of per-prompt states, as ZImagePipeline gives them);
+the transformer is given (1000 - t) / 1000 and its output negated; prompts encoded once; validation on the device the
+run uses, with classifier-free guidance from the precomputed embeddings.
+
 The flags of upstream's SDXL script work on SD models too: instance images from a dataset (`--dataset_name`,
 `--image_column`, `--caption_column` prompts, `--repeats`, `--random_flip`), DoRA (`--use_dora`), Prodigy
 (`--optimizer prodigy` and its flags), text-encoder learning rate and weight decay, Min-SNR (`--snr_gamma`) and a
@@ -267,7 +273,8 @@ def parse_args(argv=None):
     # on SD and SDXL models.
     add("--guidance_scale", type=float, default=None,
         help="FLUX.1: the guidance the transformer's guidance embedding is given in training (FLUX.1 [dev] is "
-             "guidance-distilled); default 3.5.")
+             "guidance-distilled); default 3.5. Z-Image: accepted and ignored with a warning, as upstream's Z-Image "
+             "script takes it (its README passes 5.0) and never reads it.")
     add("--weighting_scheme", type=str, default=None, choices=objectives.FLOW_WEIGHTING_SCHEMES,
         help="FLUX.1, Qwen-Image: how training timesteps are drawn and the loss weighted (diffusers' SD3/Flux "
              "helpers); "
@@ -278,12 +285,14 @@ def parse_args(argv=None):
     add("--max_sequence_length", type=int, default=None,
         help="FLUX.1: T5 prompt tokens (padded and truncated to this); default 512, its maximum. Qwen-Image: the "
              "prompt states are cut to this many tokens (each prompt keeps its own length below it); default 512, "
-             "at most 1024.")
+             "at most 1024. Z-Image: the chat-template prompt ids are padded and truncated to this (each prompt then "
+             "keeps its real tokens, as ZImagePipeline); default 512.")
     add("--upcast_before_saving", action="store_true",
         help="FLUX.1, Qwen-Image: save the final LoRA weights in fp32 instead of the mixed-precision dtype (as "
              "upstream).")
     add("--enable_npu_flash_attention", action="store_true",
-        help="FLUX.1 on Ascend NPUs: the transformer's attention by torch_npu's flash attention (upstream's flag).")
+        help="FLUX.1, Z-Image on Ascend NPUs: the transformer's attention by torch_npu's flash attention (upstream's "
+             "flag).")
     add("--skip_final_inference", action="store_true",
         help="Render no images from the saved LoRA after training (upstream Qwen-Image's flag; any model); "
              "--validation_prompt's images during training are still rendered.")
