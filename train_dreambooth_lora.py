@@ -276,20 +276,21 @@ def parse_args(argv=None):
              "guidance-distilled); default 3.5. Z-Image: accepted and ignored with a warning, as upstream's Z-Image "
              "script takes it (its README passes 5.0) and never reads it.")
     add("--weighting_scheme", type=str, default=None, choices=objectives.FLOW_WEIGHTING_SCHEMES,
-        help="FLUX.1, Qwen-Image: how training timesteps are drawn and the loss weighted (diffusers' SD3/Flux "
-             "helpers); "
-             "default none: uniform timesteps and loss.")
-    add("--logit_mean", type=float, default=0.0, help="FLUX.1, Qwen-Image: the logit_normal scheme's mean.")
-    add("--logit_std", type=float, default=1.0, help="FLUX.1, Qwen-Image: the logit_normal scheme's std.")
-    add("--mode_scale", type=float, default=1.29, help="FLUX.1, Qwen-Image: the scale of the mode weighting scheme.")
+        help="FLUX.1, Qwen-Image, SD3/3.5: how training timesteps are drawn and the loss weighted (diffusers' "
+             "SD3/Flux helpers); default none: uniform timesteps and loss (SD3/3.5: logit_normal, as upstream).")
+    add("--logit_mean", type=float, default=0.0, help="FLUX.1, Qwen-Image, SD3/3.5: the logit_normal scheme's mean.")
+    add("--logit_std", type=float, default=1.0, help="FLUX.1, Qwen-Image, SD3/3.5: the logit_normal scheme's std.")
+    add("--mode_scale", type=float, default=1.29,
+        help="FLUX.1, Qwen-Image, SD3/3.5: the scale of the mode weighting scheme.")
     add("--max_sequence_length", type=int, default=None,
         help="FLUX.1: T5 prompt tokens (padded and truncated to this); default 512, its maximum. Qwen-Image: the "
              "prompt states are cut to this many tokens (each prompt keeps its own length below it); default 512, "
              "at most 1024. Z-Image: the chat-template prompt ids are padded and truncated to this (each prompt then "
-             "keeps its real tokens, as ZImagePipeline); default 512.")
+             "keeps its real tokens, as ZImagePipeline); default 512. SD3/3.5: T5 prompt tokens after the CLIPs' 77; "
+             "default 77, as upstream, at most 512.")
     add("--upcast_before_saving", action="store_true",
-        help="FLUX.1, Qwen-Image: save the final LoRA weights in fp32 instead of the mixed-precision dtype (as "
-             "upstream).")
+        help="FLUX.1, Qwen-Image, SD3/3.5: save the final LoRA weights in fp32 instead of the mixed-precision dtype "
+             "(as upstream).")
     add("--enable_npu_flash_attention", action="store_true",
         help="FLUX.1, Z-Image on Ascend NPUs: the transformer's attention by torch_npu's flash attention (upstream's "
              "flag).")

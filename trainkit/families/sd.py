@@ -128,8 +128,8 @@ class StableDiffusion:
         "dreambooth_lora": {
             **{flag: "it is upstream's train_dreambooth_lora_flux.py's flag (FLUX.1 models only)"
                for flag in ("--guidance_scale", "--enable_npu_flash_attention")},
-            **{flag: "it is a flag of upstream's train_dreambooth_lora_flux.py and train_dreambooth_lora_qwen_image.py "
-                     "(FLUX.1 and Qwen-Image models only)"
+            **{flag: "it is a flag of upstream's flow-matching scripts (train_dreambooth_lora_flux.py, _sd3.py, "
+                     "_qwen_image.py: FLUX.1, SD3/3.5 and Qwen-Image models only)"
                for flag in ("--weighting_scheme", "--max_sequence_length", "--upcast_before_saving")},
             **{flag: "upstream's train_dreambooth_lora_qwen_image.py takes it and never reads it (Qwen-Image models "
                      "only)" for flag in ("--pretrained_tokenizer_4_name_or_path",
