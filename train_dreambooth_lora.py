@@ -1286,8 +1286,10 @@ def generate_class_images(accelerator, args, seed, logger):
             indices = mine[start:start + args.sample_batch_size]
             generators = [randomness.make_generator(accelerator.device, seed, CLASS_IMAGE_STREAM, i) for i in indices]
             with torch.no_grad():
-                # prompt= by name: Flux2Pipeline's first argument is an input image.
-                images = pipeline(prompt=[args.class_prompt] * len(indices), generator=generators).images
+                # prompt= by name: Flux2Pipeline's first argument is an input image. The prompt encoded as in training
+                # and validation (family.prompt_kwargs: FLUX.2's --text_encoder_out_layers, the sequence length).
+                images = pipeline(prompt=[args.class_prompt] * len(indices), **args.family.prompt_kwargs(args),
+                                  generator=generators).images
             for index, image in zip(indices, images):
                 digest = hashlib.sha1(image.tobytes(), usedforsecurity=False).hexdigest()
                 path = os.path.join(folder, f"{index}-{digest}.jpg")

@@ -40,8 +40,10 @@ class Flux:
     negative_prompt = False  # FLUX.1 [dev] is guidance-distilled: no classifier-free guidance
     saves_in_training_dtype = True  # upstream saves in the training dtype unless --upcast_before_saving
     caches_centre_crops = True  # upstream caches one crop per image, made once; its command lines omit --center_crop
-    # As StableDiffusion's (Flux is not its subclass): latents sampled from the VAE's distribution, as upstream.
+    # As StableDiffusion's (Flux is not its subclass): latents sampled from the VAE's distribution, as upstream; the
+    # text encoders get no attention mask (FluxPipeline passes none).
     latents_from_mode = False
+    encodes_with_attention_mask = False
     refused_flags = {
         "dreambooth_lora": {
             "--snr_gamma": "Min-SNR weights DDPM noise levels; FLUX.1 trains by flow matching (see --weighting_scheme)",
@@ -124,6 +126,7 @@ class Flux:
     latent_scaling = StableDiffusion.latent_scaling
     tokenize_prompt = StableDiffusion.tokenize_prompt
     encode_kwargs = StableDiffusion.encode_kwargs
+    pipeline_embeddings = StableDiffusion.pipeline_embeddings
 
     # --- prompts ---------------------------------------------------------------------------------------------------
 
