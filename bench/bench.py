@@ -48,6 +48,14 @@ prompt's own length (5 tokens here, the template's 34 dropped), as upstream. Its
 script's default LoRA (to_k, to_q, to_v, to_out.0 of every block; rank 4, alpha 4) on a fixed packed batch with those
 5 text tokens and the per-sample img_shapes.
 
+The `dreambooth_lora_z_image` row trains train_dreambooth_lora.py (base, cached) on a Z-Image-shaped pipeline
+(build_bench_z_image_model: tests/tiny_z_image.py at bench sizes): a ZImageTransformer2DModel of 4 layers plus one
+noise and one context refiner layer, 4 heads of 32, a 64-wide, 4-layer Qwen3 text encoder behind the Qwen3 chat
+template (padded to 512 tokens, each prompt's real ones kept), and an AutoencoderKL of the SD bench model's widths with
+16 latent channels (16x16 latents, 64 image tokens), with the dreambooth row's flags. Its floor is the transformer
+with the script's default LoRA (to_k, to_q, to_v, to_out.0 of every layer and refiner; rank 4, alpha 4) on a fixed
+list of latents and of the instance prompt's states.
+
 The `dreambooth_lora_flux_big` row (SPEC §13, big models) trains train_dreambooth_lora.py on a FLUX.1-shaped
 pipeline whose transformer is large enough that its weights dominate memory (FLUX_BIG_TRANSFORMER: 3 double-stream and
 6 single-stream blocks, 12 heads of 64, about 118M parameters; the small text encoders and VAE of the Flux row), with
@@ -491,10 +499,341 @@ SCRIPTS.update(FLUX_ROWS)
 # with the dreambooth row's flags on the bench Qwen-Image pipeline. Its floor is its own (FLOORS).
 QWEN_IMAGE_ROWS = {"dreambooth_lora_qwen_image": {**SD_SCRIPTS["dreambooth_lora"], "model": "qwen_image"}}
 SCRIPTS.update(QWEN_IMAGE_ROWS)
-# (FLUX.2 [dev] row here)
-# (FLUX.2 [klein] row here)
-# (SD3 row here)
-# (Z-Image row here)
+# The FLUX.2 [dev] row: train_dreambooth_lora.py (it trains FLUX.2 [dev] when the model folder is a Flux2Pipeline) with
+# the dreambooth row's flags on the bench FLUX.2 [dev] pipeline, Mistral-3 prompts of FLUX2_MAX_SEQUENCE_LENGTH tokens
+# (upstream's 512 would make the text tokens 8x the image's 64 on a model this small) and upstream's guidance 3.5 in
+# the guidance embedding. Its floor is its own (FLOORS): the transformer with the script's default LoRA on a fixed
+# batch of those shapes.
+FLUX2_MAX_SEQUENCE_LENGTH = 64
+FLUX2_TEXT_HIDDEN, FLUX2_TEXT_LAYERS = 64, 30  # 30 layers: upstream's default --text_encoder_out_layers 10 20 30
+FLUX2_GUIDANCE_SCALE = 3.5
+FLUX2_ROWS = {
+    "dreambooth_lora_flux2": {**SD_SCRIPTS["dreambooth_lora"], "model": "flux2",
+                              "extra_flags": ["--max_sequence_length", str(FLUX2_MAX_SEQUENCE_LENGTH)]},
+}
+SCRIPTS.update(FLUX2_ROWS)
+
+
+def build_bench_flux2_model(folder):
+    """A random FLUX.2 [dev]-layout pipeline (Flux2Pipeline: tokenizer/ the tests' chat-template tokenizer,
+    text_encoder/ a Mistral3ForConditionalGeneration whose text model is 64 wide with 30 layers, vae/ an
+    AutoencoderKLFlux2 with 4 latent channels and batch-norm statistics, transformer/ a Flux2Transformer2DModel of 2
+    double- and 4 single-stream blocks, 4 heads of 32, with the guidance embedding, scheduler/
+    FlowMatchEulerDiscreteScheduler with dynamic shifting): 128 px -> 16x16 latents -> patchified 2x2 into 64 tokens
+    of 16 channels."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
+    from tiny_flux2 import write_flux2_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = write_flux2_tokenizer(os.path.join(folder, "tokenizer"))
+    ids = tokenizer.convert_tokens_to_ids
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": FLUX2_TEXT_HIDDEN,
+                     "intermediate_size": 256, "max_position_embeddings": 1024, "num_attention_heads": 4,
+                     "num_hidden_layers": FLUX2_TEXT_LAYERS, "num_key_value_heads": 4, "head_dim": 16,
+                     "sliding_window": None, "bos_token_id": ids("<s>"), "eos_token_id": ids("</s>"),
+                     "pad_token_id": ids("<pad>")},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "intermediate_size": 37, "image_size": 30, "patch_size": 6, "num_channels": 3},
+        bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>"), image_seq_length=4,
+        vision_feature_layer=-1, image_token_index=ids("[IMG]"))).eval()
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=RESOLUTION, use_quant_conv=False,
+        use_post_quant_conv=False)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 16))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=3 * FLUX2_TEXT_HIDDEN, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+    Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                  transformer=transformer).save_pretrained(folder)
+
+
+def floor_dreambooth_lora_flux2(model, device):
+    """Only LoRA adapters on the FLUX.2 [dev] transformer train (the script's default targets: FLUX.2's lora_targets,
+    rank 4, alpha 4). The batch is what the script feeds it: the 16x16 latents patchified 2x2 into 64 tokens of 16
+    channels with their 4-axis ids, FLUX2_MAX_SEQUENCE_LENGTH text tokens (3 layers' hidden states side by side) with
+    theirs, a flow-matching timestep in [0, 1), the guidance FLUX2_GUIDANCE_SCALE."""
+    import torch
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+    from peft import LoraConfig
+
+    sys.path.insert(0, THIS_REPO)
+    from trainkit.families.flux2 import FAMILY
+
+    transformer = Flux2Transformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=FAMILY.lora_targets))
+    transformer.train()
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    side = RESOLUTION // 8 // 2
+    latents = torch.randn(BATCH_SIZE, config.in_channels, side, side, generator=generator)
+    text = torch.randn(BATCH_SIZE, FLUX2_MAX_SEQUENCE_LENGTH, config.joint_attention_dim, generator=generator)
+    batch = {
+        "hidden_states": Flux2Pipeline._pack_latents(latents),
+        "target": torch.randn(BATCH_SIZE, side * side, config.in_channels, generator=generator),
+        "encoder_hidden_states": text,
+        "timestep": torch.rand(BATCH_SIZE, generator=generator),
+        "guidance": torch.full([BATCH_SIZE], FLUX2_GUIDANCE_SCALE),
+        "img_ids": Flux2Pipeline._prepare_latent_ids(latents),
+        "txt_ids": Flux2Pipeline._prepare_text_ids(text),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    inputs = {key: value for key, value in batch.items() if key != "target"}
+    trained = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+
+    def loss():
+        return mse(transformer(**inputs, return_dict=False)[0], batch)
+    return trained, loss
+
+
+# The FLUX.2 [klein] row: train_dreambooth_lora.py (it trains FLUX.2 [klein] when the model folder is a
+# Flux2KleinPipeline) with the dreambooth row's flags on the bench klein pipeline, Qwen3 prompts of
+# KLEIN_MAX_SEQUENCE_LENGTH tokens (upstream's 512 would make the text tokens 8x the image's 64 on a model this small).
+# Its floor is its own (FLOORS): the transformer with the script's default LoRA on a fixed batch of those shapes.
+KLEIN_MAX_SEQUENCE_LENGTH = 64
+KLEIN_TEXT_HIDDEN, KLEIN_TEXT_LAYERS = 64, 30  # 30 layers: upstream's default --text_encoder_out_layers 10 20 30
+KLEIN_ROWS = {
+    "dreambooth_lora_flux2_klein": {**SD_SCRIPTS["dreambooth_lora"], "model": "flux2_klein",
+                                    "extra_flags": ["--max_sequence_length", str(KLEIN_MAX_SEQUENCE_LENGTH)]},
+}
+SCRIPTS.update(KLEIN_ROWS)
+
+
+def build_bench_flux2_klein_model(folder):
+    """A random FLUX.2 [klein]-layout pipeline (Flux2KleinPipeline: tokenizer/ the tests' Qwen2 tokenizer with its
+    Qwen3 chat template, text_encoder/ a Qwen3ForCausalLM 64 wide with 30 layers, vae/ an AutoencoderKLFlux2 with 4
+    latent channels and batch-norm statistics, transformer/ a Flux2Transformer2DModel of 2 double- and 4
+    single-stream blocks, 4 heads of 32, no guidance embedding, scheduler/ FlowMatchEulerDiscreteScheduler with
+    dynamic shifting): 128 px -> 16x16 latents -> patchified 2x2 into 64 tokens of 16 channels."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, \
+        Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
+    from tiny_flux2_klein import write_qwen3_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = write_qwen3_tokenizer(os.path.join(folder, "tokenizer"))
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=KLEIN_TEXT_HIDDEN, intermediate_size=256, num_hidden_layers=KLEIN_TEXT_LAYERS,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, vocab_size=len(tokenizer),
+        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)).eval()
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=RESOLUTION, use_quant_conv=False,
+        use_post_quant_conv=False)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 16))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=3 * KLEIN_TEXT_HIDDEN, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+    Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       transformer=transformer).save_pretrained(folder)
+
+
+def floor_dreambooth_lora_flux2_klein(model, device):
+    """Only LoRA adapters on the klein transformer train (the script's default targets: FLUX.2 [klein]'s
+    lora_targets, rank 4, alpha 4). The batch is what the script feeds it: the 16x16 latents patchified 2x2 into 64
+    tokens of 16 channels with their 4-axis ids, KLEIN_MAX_SEQUENCE_LENGTH text tokens (3 layers' hidden states side
+    by side) with theirs, a flow-matching timestep in [0, 1), no guidance."""
+    import torch
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from peft import LoraConfig
+
+    sys.path.insert(0, THIS_REPO)
+    from trainkit.families.flux2_klein import FAMILY
+
+    transformer = Flux2Transformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=FAMILY.lora_targets))
+    transformer.train()
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    side = RESOLUTION // 8 // 2
+    latents = torch.randn(BATCH_SIZE, config.in_channels, side, side, generator=generator)
+    text = torch.randn(BATCH_SIZE, KLEIN_MAX_SEQUENCE_LENGTH, config.joint_attention_dim, generator=generator)
+    batch = {
+        "hidden_states": Flux2KleinPipeline._pack_latents(latents),
+        "target": torch.randn(BATCH_SIZE, side * side, config.in_channels, generator=generator),
+        "encoder_hidden_states": text,
+        "timestep": torch.rand(BATCH_SIZE, generator=generator),
+        "img_ids": Flux2KleinPipeline._prepare_latent_ids(latents),
+        "txt_ids": Flux2KleinPipeline._prepare_text_ids(text),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    inputs = {key: value for key, value in batch.items() if key != "target"}
+    trained = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+
+    def loss():
+        return mse(transformer(**inputs, guidance=None, return_dict=False)[0], batch)
+    return trained, loss
+# The SD3 row: train_dreambooth_lora.py (it trains SD3 when the model folder is a StableDiffusion3Pipeline) with the
+# dreambooth row's flags on the bench SD3 pipeline, upstream's 77 T5 tokens (after the CLIPs' 77: 154 text tokens).
+# Its floor is its own (FLOORS): the transformer with the script's default LoRA on a fixed batch of those shapes.
+SD3_MAX_SEQUENCE_LENGTH = 77
+SD3_ROWS = {"dreambooth_lora_sd3": {**SD_SCRIPTS["dreambooth_lora"], "model": "sd3"}}
+SCRIPTS.update(SD3_ROWS)
+
+
+def build_bench_sd3_model(folder):
+    """A random SD3-layout pipeline (StableDiffusion3Pipeline: tokenizer/ + text_encoder/ and tokenizer_2/ +
+    text_encoder_2/ CLIPTextModelWithProjection 32 and 64 wide (4 layers, projections of 32), tokenizer_3/ +
+    text_encoder_3/ a T5EncoderModel 64 wide, vae/ the SD bench model's shape with SD3's shift and scaling factors,
+    transformer/ an SD3Transformer2DModel of 4 blocks, 4 heads of 32, 2x2 patches, scheduler/
+    FlowMatchEulerDiscreteScheduler with SD3's shift 3.0): 128 px -> 16x16 latents -> 64 image tokens."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, \
+        StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
+    from tiny_sd import write_t5_tokenizer, write_tokenizer
+
+    torch.manual_seed(0)
+    tokenizers = [write_tokenizer(os.path.join(folder, name)) for name in ("tokenizer", "tokenizer_2")]
+    tokenizer_3 = write_t5_tokenizer(os.path.join(folder, "tokenizer_3"))
+
+    def clip(width):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            bos_token_id=tokenizers[0].bos_token_id, eos_token_id=tokenizers[0].eos_token_id,
+            pad_token_id=tokenizers[0].pad_token_id, vocab_size=len(tokenizers[0]), hidden_size=width,
+            intermediate_size=4 * width, num_attention_heads=4, num_hidden_layers=4, max_position_embeddings=77,
+            projection_dim=32,
+        ))
+
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=64, d_kv=16, d_ff=256, num_layers=4, num_heads=4,
+        feed_forward_proj="gated-gelu", pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id,
+        decoder_start_token_id=tokenizer_3.pad_token_id, is_encoder_decoder=False, use_cache=False,
+    ))
+    transformer = SD3Transformer2DModel(
+        sample_size=RESOLUTION // 8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+        out_channels=4, pos_embed_max_size=RESOLUTION // 8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
+        text_encoder=clip(32), tokenizer=tokenizers[0], text_encoder_2=clip(64), tokenizer_2=tokenizers[1],
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=transformer,
+    ).save_pretrained(folder)
+
+
+def floor_dreambooth_lora_sd3(model, device):
+    """Only LoRA adapters on the SD3 transformer train (the script's default targets: both streams' attention
+    projections in every block, rank 4, alpha 4). The batch is what the script feeds it: 16x16 latents (the
+    transformer patches them 2x2), 77 CLIP + SD3_MAX_SEQUENCE_LENGTH T5 text tokens, the two CLIPs' pooled
+    embeddings, a timestep in the scheduler's 0-1000 units."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    sys.path.insert(0, THIS_REPO)
+    from trainkit.families.sd3 import FAMILY
+
+    transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=DREAMBOOTH_LORA_RANK,
+                                       init_lora_weights="gaussian", target_modules=FAMILY.lora_targets))
+    transformer.train()
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    side = RESOLUTION // 8
+    batch = {
+        "hidden_states": torch.randn(BATCH_SIZE, config.in_channels, side, side, generator=generator),
+        "target": torch.randn(BATCH_SIZE, config.out_channels, side, side, generator=generator),
+        "encoder_hidden_states": torch.randn(BATCH_SIZE, 77 + SD3_MAX_SEQUENCE_LENGTH, config.joint_attention_dim,
+                                             generator=generator),
+        "pooled_projections": torch.randn(BATCH_SIZE, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.rand(BATCH_SIZE, generator=generator) * 1000,
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    inputs = {key: value for key, value in batch.items() if key != "target"}
+    trained = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+
+    def loss():
+        return mse(transformer(**inputs, return_dict=False)[0], batch)
+    return trained, loss
+# The Z-Image row: train_dreambooth_lora.py (it trains Z-Image when the model folder is a ZImagePipeline) with the
+# dreambooth row's flags on the bench Z-Image pipeline; its prompt states keep each prompt's own length (the chat
+# template's), as upstream. Its floor is its own (FLOORS): the transformer with the script's default LoRA (upstream's
+# targets, rank 4, its Z-Image default alpha 4) on a fixed batch of those shapes.
+Z_IMAGE_ROWS = {"dreambooth_lora_z_image": {**SD_SCRIPTS["dreambooth_lora"], "model": "z_image"}}
+SCRIPTS.update(Z_IMAGE_ROWS)
+Z_IMAGE_LORA_ALPHA = 4
+
+
+def build_bench_z_image_model(folder):
+    """A random Z-Image-layout pipeline (tests/tiny_z_image.build_tiny_z_image at bench sizes: ZImagePipeline with a
+    ZImageTransformer2DModel of 4 main layers and one noise and one context refiner layer, 4 heads of 32, a Qwen3Model
+    64 wide with 4 layers behind the Qwen3 chat template, an AutoencoderKL of the SD bench model's widths with 16
+    latent channels and Z-Image's scaling and shift factors, FlowMatchEulerDiscreteScheduler with shift 3): 128 px ->
+    16x16 latents -> 64 image tokens."""
+    sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
+    from tiny_z_image import build_tiny_z_image
+
+    build_tiny_z_image(folder, dim=128, heads=4, layers=4, text_dim=64, text_layers=4,
+                       vae_channels=(32, 64, 128, 128))
+
+
+def floor_dreambooth_lora_z_image(model, device):
+    """Only LoRA adapters on the Z-Image transformer train (the script's default targets in every layer and refiner,
+    rank 4, alpha 4). The batch is what the script feeds it: a list of (16, 1, 16, 16) latents, a list of the
+    prompt's states (INSTANCE_PROMPT's own length in the chat template, 64 features), the time in [0, 1]; the
+    output is stacked (and negated, as the script does)."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+    from peft import LoraConfig
+    from transformers import Qwen2Tokenizer
+
+    sys.path.insert(0, THIS_REPO)
+    from trainkit.families.z_image import FAMILY
+
+    transformer = ZImageTransformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=Z_IMAGE_LORA_ALPHA,
+                                       init_lora_weights="gaussian", target_modules=FAMILY.lora_targets))
+    transformer.train()
+    config = transformer.config
+    tokenizer = Qwen2Tokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_length = int(FAMILY.tokenize_prompt(tokenizer, [INSTANCE_PROMPT], 512).attention_mask.sum())
+    generator = torch.Generator().manual_seed(0)
+    side = RESOLUTION // 8
+    latents = torch.randn(BATCH_SIZE, config.in_channels, 1, side, side, generator=generator).to(device)
+    captions = torch.randn(BATCH_SIZE, text_length, config.cap_feat_dim, generator=generator).to(device)
+    batch = {"target": torch.randn(BATCH_SIZE, config.in_channels, side, side, generator=generator).to(device)}
+    time = torch.rand(BATCH_SIZE, generator=generator).to(device)
+    trained = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+
+    def loss():
+        prediction = transformer(list(latents.unbind(0)), time, list(captions.unbind(0)), return_dict=False)[0]
+        return mse(-torch.stack(prediction).squeeze(2), batch)
+    return trained, loss
 # The big-model row (its variants are the memory modes, BIG_MODEL_VARIANTS): training on cached latents and prompt
 # embeddings, on the big Flux pipeline, in bf16 on CUDA (fp32 on a CPU: see BIG_MODEL_MIXED_PRECISION).
 BIG_MODEL_ROWS = {
@@ -997,6 +1336,10 @@ FLOORS = {
     "textual_inversion": floor_textual_inversion,
     "dreambooth_lora_flux": floor_dreambooth_lora_flux,
     "dreambooth_lora_qwen_image": floor_dreambooth_lora_qwen_image,
+    "dreambooth_lora_flux2_klein": floor_dreambooth_lora_flux2_klein,
+    "dreambooth_lora_flux2": floor_dreambooth_lora_flux2,
+    "dreambooth_lora_sd3": floor_dreambooth_lora_sd3,
+    "dreambooth_lora_z_image": floor_dreambooth_lora_z_image,
     # The big-model row: the same transformer step (fp32, unquantized) on its own bigger transformer.
     "dreambooth_lora_flux_big": floor_dreambooth_lora_flux,
 }
@@ -1147,6 +1490,18 @@ def main():
     if any(SCRIPTS[script].get("model") == "qwen_image" for script in args.scripts):
         args.models["qwen_image"] = ensure_built(os.path.join(args.work_dir, "model-qwen-image"),
                                                  build_bench_qwen_image_model, "bench Qwen-Image pipeline")
+    if any(SCRIPTS[script].get("model") == "flux2" for script in args.scripts):
+        args.models["flux2"] = ensure_built(os.path.join(args.work_dir, "model-flux2"), build_bench_flux2_model,
+                                            "bench FLUX.2 [dev] pipeline")
+    if any(SCRIPTS[script].get("model") == "flux2_klein" for script in args.scripts):
+        args.models["flux2_klein"] = ensure_built(os.path.join(args.work_dir, "model-flux2-klein"),
+                                                  build_bench_flux2_klein_model, "bench FLUX.2 [klein] pipeline")
+    if any(SCRIPTS[script].get("model") == "sd3" for script in args.scripts):
+        args.models["sd3"] = ensure_built(os.path.join(args.work_dir, "model-sd3"), build_bench_sd3_model,
+                                          "bench SD3 pipeline")
+    if any(SCRIPTS[script].get("model") == "z_image" for script in args.scripts):
+        args.models["z_image"] = ensure_built(os.path.join(args.work_dir, "model-z-image"), build_bench_z_image_model,
+                                              "bench Z-Image pipeline")
     args.bnb_configs = {}
     if any(SCRIPTS[script].get("model") == "flux_big" for script in args.scripts):
         args.models["flux_big"] = ensure_built(

@@ -119,7 +119,8 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_fl
     tiny model's 1, three layers here as the tiny klein's transformer takes), folded into two runs: --cache_latents,
     --lora_layers single_transformer_blocks.0.attn.to_qkv_mlp_proj, --lora_alpha 8 --rank 4, --learning_rate 5e-4
     --scale_lr, a checkpoint every 2 of 4 steps; then resumed from checkpoint-4 to 8 steps with
-    --checkpoints_total_limit 2, which leaves checkpoint-6 and checkpoint-8."""
+    --checkpoints_total_limit 2, which leaves checkpoint-6 and checkpoint-8 (with --offload and a
+    --final_validation_prompt of its own)."""
     out = str(tmp_path / "out")
     common = [f"--pretrained_model_name_or_path={tiny_flux2_klein}", f"--instance_data_dir={instance_folder}",
               f"--output_dir={out}", "--instance_prompt", "dog", "--resolution", "32", "--train_batch_size", "1",
@@ -139,11 +140,19 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_fl
     assert weights and all(key.startswith("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.")
                            for key in weights)
     assert metadata(out) == (4, 8)
+    # Ours beside upstream's: --offload (the text encoder visits the device to encode, then leaves), and
+    # --final_validation_prompt alone: the final image of that prompt, rendered from the saved LoRA.
     result = train(SCRIPT, common + ["--max_train_steps=8", "--resume_from_checkpoint=checkpoint-4",
-                                     "--checkpoints_total_limit=2"])
+                                     "--checkpoints_total_limit=2", "--offload",
+                                     "--final_validation_prompt=a dog in a bucket", "--num_validation_images=1",
+                                     "--validation_height=32", "--validation_width=32",
+                                     "--validation_inference_steps=2"])
     assert "latents: 3 of 3 cached" in result.stderr
     assert checkpoints(out) == {"checkpoint-6", "checkpoint-8"}
     assert_same_lora(os.path.join(out, "checkpoint-8"), out)
+    assert len(os.listdir(os.path.join(out, "validation", "final"))) == 1
+    with open(os.path.join(out, "README.md")) as file:
+        assert "a dog in a bucket" in file.read()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -276,3 +285,41 @@ def test_prompt_conditioning_is_the_pipelines(tiny_flux2_klein):
     ids = family.tokenize_prompt(pipeline.tokenizer, [INSTANCE_PROMPT], 512)
     text = pipeline.tokenizer.decode(ids.input_ids[0][ids.attention_mask[0].bool()])
     assert text == f"<|im_start|>user\n{INSTANCE_PROMPT}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_latents_and_the_transformer_call_are_the_klein_pipelines(tiny_flux2_klein):
+    """Latents: the VAE's mode, patchified 2x2 and normalised by its batch-norm statistics as upstream's klein script
+    does (what Flux2KleinPipeline's decoding undoes), kept on the VAE's grid; the transformer call: patchified and
+    packed with the pipeline's 4-axis latent ids and text ids, no guidance (the klein transformer has no guidance
+    embedding, and --guidance_scale changes nothing), timesteps / 1000, unpacked by the ids; a non-square bucket."""
+    import argparse
+
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    from trainkit.families import FAMILIES
+
+    family = FAMILIES["flux2_klein"]
+    vae = AutoencoderKLFlux2.from_pretrained(tiny_flux2_klein, subfolder="vae")
+    pixels = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        latents = family.latent_dist(vae, pixels).mode()
+        patched = Flux2KleinPipeline._patchify_latents(vae.encode(pixels).latent_dist.mode())
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    expected = (patched - mean) / std
+    torch.testing.assert_close(Flux2KleinPipeline._patchify_latents(latents), expected)
+    assert latents.shape == (2, 4, 4, 6)
+
+    transformer = Flux2Transformer2DModel.from_pretrained(tiny_flux2_klein, subfolder="transformer")
+    assert not transformer.config.guidance_embeds
+    embeds, timesteps = torch.randn(2, 7, 48), torch.tensor([250.0, 750.0])
+    with torch.no_grad():
+        predictions = [family.denoise(transformer, latents, timesteps, embeds, None, {},
+                                      argparse.Namespace(guidance_scale=scale), torch.float32) for scale in (1.0, 3.5)]
+        patched = Flux2KleinPipeline._patchify_latents(latents)
+        ids = Flux2KleinPipeline._prepare_latent_ids(patched)
+        direct = transformer(hidden_states=Flux2KleinPipeline._pack_latents(patched), timestep=timesteps / 1000,
+                             guidance=None, encoder_hidden_states=embeds,
+                             txt_ids=Flux2KleinPipeline._prepare_text_ids(embeds), img_ids=ids, return_dict=False)[0]
+    unpacked = Flux2KleinPipeline._unpatchify_latents(Flux2KleinPipeline._unpack_latents_with_ids(direct, ids))
+    assert torch.equal(predictions[0], unpacked) and torch.equal(predictions[1], unpacked)

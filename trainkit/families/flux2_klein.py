@@ -46,11 +46,18 @@ class Flux2Klein(flux2.Flux2):
 
         return Qwen3ForCausalLM
 
-    def load_tokenizer(self, args):
-        """tokenizer/ as upstream and the pipeline load it: a Qwen2TokenizerFast."""
+    def load_text_encoding(self, args):
+        """([Qwen2TokenizerFast], [Qwen3ForCausalLM in the training dtype]), the classes upstream and the pipeline
+        load (upstream loads the encoder in fp32 and casts it to the training dtype: the same weights). Load errors
+        are InputErrors naming the part."""
         from transformers import Qwen2TokenizerFast
 
-        return loading.load_part(args, "tokenizer", Qwen2TokenizerFast.from_pretrained)
+        from trainkit import big_models
+
+        tokenizer = loading.load_part(args, "tokenizer", Qwen2TokenizerFast.from_pretrained)
+        text_encoder = loading.load_part(args, "text_encoder", self.text_encoder_class().from_pretrained,
+                                         variant=args.variant, torch_dtype=big_models.training_dtype(args))
+        return [tokenizer], [text_encoder]
 
     def refuse_flags(self, args, task):
         """[dev]'s checks (--text_encoder_out_layers against the folder's configs among them), then
