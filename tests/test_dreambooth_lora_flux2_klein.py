@@ -120,7 +120,8 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_fl
     --lora_layers single_transformer_blocks.0.attn.to_qkv_mlp_proj, --lora_alpha 8 --rank 4, --learning_rate 5e-4
     --scale_lr, a checkpoint every 2 of 4 steps; then resumed from checkpoint-4 to 8 steps with
     --checkpoints_total_limit 2, which leaves checkpoint-6 and checkpoint-8 (with --offload and a
-    --final_validation_prompt of its own)."""
+    --final_validation_prompt of its own); and checkpoint-2 resumed in a fresh folder to 4 steps, bit for bit the
+    first run's LoRA."""
     out = str(tmp_path / "out")
     common = [f"--pretrained_model_name_or_path={tiny_flux2_klein}", f"--instance_data_dir={instance_folder}",
               f"--output_dir={out}", "--instance_prompt", "dog", "--resolution", "32", "--train_batch_size", "1",
@@ -130,9 +131,9 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_fl
               "single_transformer_blocks.0.attn.to_qkv_mlp_proj", "--lora_alpha=8", "--rank=4",
               f"--feature_cache_dir={tmp_path / 'cache'}"]
     # Ours beside upstream's: a validation image at the end of epoch 0, none after training (--skip_final_inference).
-    result = train(SCRIPT, common + ["--max_train_steps=4", "--validation_prompt=a dog", "--num_validation_images=1",
-                                     "--validation_height=32", "--validation_width=32",
-                                     "--validation_inference_steps=2", "--skip_final_inference"])
+    first = ["--max_train_steps=4", "--validation_prompt=a dog", "--num_validation_images=1", "--validation_height=32",
+             "--validation_width=32", "--validation_inference_steps=2", "--skip_final_inference"]
+    result = train(SCRIPT, common + first)
     assert "the latents of centre crops are cached" in result.stderr
     assert os.listdir(os.path.join(out, "validation")) == ["epoch_0000"]
     assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
@@ -140,6 +141,12 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_fl
     assert weights and all(key.startswith("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.")
                            for key in weights)
     assert metadata(out) == (4, 8)
+    # Exact resume, 1 process, no accumulation: checkpoint-2 resumed in a fresh folder ends bit for bit like the run.
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    train(SCRIPT, [flag.replace(out, resumed) for flag in common] + first + ["--resume_from_checkpoint=latest"])
+    assert_same_lora(out, resumed)
     # Ours beside upstream's: --offload (the text encoder visits the device to encode, then leaves), and
     # --final_validation_prompt alone: the final image of that prompt, rendered from the saved LoRA.
     result = train(SCRIPT, common + ["--max_train_steps=8", "--resume_from_checkpoint=checkpoint-4",
