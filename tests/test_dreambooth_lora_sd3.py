@@ -178,12 +178,13 @@ def test_sd35_lora_blocks_checkpoint_holds_both_clips_and_resumes_exactly(tiny_s
 SD3_BUCKETS = "32,48;48,32;32,32"
 
 
-def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_the_feature_caches(
+def test_two_processes_resume_exactly_with_clip_lora_buckets_masks_prior_preservation_and_the_feature_caches(
         tiny_sd3, mixed_aspect_folder, tmp_path):
     """CPU DDP over gloo on real-dataset settings: accumulation 2, aspect-ratio buckets, masks, per-image captions,
-    caption dropout, prior preservation, --cache_latents and --cache_text_embeddings, --precondition_outputs 0 with
-    --weighting_scheme sigma_sqrt, 4 steps with a checkpoint every 2. The straight run fills the caches; its
-    checkpoint-2, resumed in a fresh folder from them, ends bit for bit like it."""
+    caption dropout, prior preservation, both CLIPs' LoRA (DDP-wrapped encoders) with the frozen T5's states in the
+    on-disk text-embedding cache (more distinct prompts than --max_prompts_in_memory 2), --cache_latents,
+    --precondition_outputs 0 with --weighting_scheme sigma_sqrt, 4 steps with a checkpoint every 2. The straight run
+    fills the caches; its checkpoint-2, resumed in a fresh folder from them, ends bit for bit like it."""
     from conftest import _shape_images
 
     class_dir = tmp_path / "class"
@@ -194,7 +195,7 @@ def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_
                 "aspect_ratio_buckets": SD3_BUCKETS, "masked_loss": True, "proportion_empty_prompts": 0.3,
                 "center_crop": True, "weighting_scheme": "sigma_sqrt", "precondition_outputs": 0,
                 "with_prior_preservation": True, "class_data_dir": str(class_dir), "class_prompt": CLASS_PROMPT,
-                "num_class_images": 2, "cache_latents": True, "cache_text_embeddings": True,
+                "num_class_images": 2, "cache_latents": True, "train_text_encoder": True, "max_prompts_in_memory": 2,
                 "feature_cache_dir": str(tmp_path / "cache")}
     straight = str(tmp_path / "straight")
     result = launch(SCRIPT, sd3_args(tiny_sd3, mixed_aspect_folder, straight, **settings), num_processes=2)
@@ -204,6 +205,7 @@ def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_
     assert re.search(r"latents: 0 of [1-9]", result.stderr) and re.search(r"text_embeddings: 0 of [1-9]",
                                                                           result.stderr)
     assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
+    assert parts(lora(straight)) == {"transformer", "text_encoder", "text_encoder_2"}
 
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)

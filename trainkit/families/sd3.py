@@ -149,10 +149,11 @@ class StableDiffusion3(StableDiffusion):
         concatenated. `prompt_embeds`: the whole prompt embeddings computed once (T5 is frozen while the CLIP LoRA
         trains): their T5 positions are used and T5 (text_encoders[2], then None) does not run."""
         states, pooled = [], []
+        dtype = getattr(text_encoders[0], "module", text_encoders[0]).dtype  # through a DDP wrapper
         for text_encoder, ids in zip(text_encoders[:2], input_ids[:2]):
             output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
             pooled.append(output[0])
-            states.append(output.hidden_states[-2].to(dtype=text_encoders[0].dtype))
+            states.append(output.hidden_states[-2].to(dtype=dtype))
         clip_states = torch.cat(states, dim=-1)
         if prompt_embeds is None:
             t5 = text_encoders[2]
