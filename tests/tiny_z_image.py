@@ -23,10 +23,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_z_image(folder, seed=0, dim=32, layers=2, text_dim=16, text_layers=3):
-    """A tiny random Z-Image pipeline in `folder` (returned). `dim` / `layers`: the transformer's width and depth,
-    `text_dim` / `text_layers` the Qwen3 encoder's (bench/bench.py builds a larger one). The encoder has 3 layers so
-    that its second-to-last hidden state (the one Z-Image conditions on) is neither the embeddings nor the last."""
+def build_tiny_z_image(folder, seed=0, dim=32, heads=2, layers=2, text_dim=16, text_layers=3,
+                       vae_channels=(8, 16, 16, 16)):
+    """A tiny random Z-Image pipeline in `folder` (returned). `dim` / `heads` / `layers`: the transformer's width,
+    heads and depth, `text_dim` / `text_layers` the Qwen3 encoder's, `vae_channels` the VAE's 4 levels (bench/bench.py
+    builds a larger one). The encoder has 3 layers so that its second-to-last hidden state (the one Z-Image
+    conditions on) is neither the embeddings nor the last."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
@@ -41,7 +43,6 @@ def build_tiny_z_image(folder, seed=0, dim=32, layers=2, text_dim=16, text_layer
                          bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                          pad_token_id=ids("<|endoftext|>"))
     text_encoder = Qwen3Model(config).eval()
-    heads = 2
     head_dim = dim // heads
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=dim, n_layers=layers, n_refiner_layers=1,
@@ -51,7 +52,7 @@ def build_tiny_z_image(folder, seed=0, dim=32, layers=2, text_dim=16, text_layer
         transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
         transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 16, 16, 16],
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=list(vae_channels),
                         layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
                         scaling_factor=0.3611, shift_factor=0.1159)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
