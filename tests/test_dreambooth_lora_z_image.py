@@ -222,6 +222,7 @@ BAD_INPUTS = {
     "text-encoder LoRA": ({"train_text_encoder": True}, ["--train_text_encoder", "Z-Image"]),
     "DDPM-only flag": ({"snr_gamma": 5}, ["--snr_gamma", "Z-Image"]),
     "another VAE": ({"pretrained_vae_model_name_or_path": "some/vae"}, ["--pretrained_vae_model_name_or_path"]),
+    "another family's flag (SD3's)": ({"lora_blocks": "0"}, ["--lora_blocks", "Z-Image"]),
     "text encoder sharded by FSDP": ({"fsdp_text_encoder": True}, ["--fsdp_text_encoder", "FSDP"]),
     "lora layer matching no module": ({"lora_layers": "attention.no_such"}, ["--lora_layers", "attention.no_such"]),
     "float8 and nf4 at once": ({"do_fp8_training": True, "bnb_quantization_config_path": "x.json"},
