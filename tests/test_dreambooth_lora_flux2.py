@@ -116,7 +116,8 @@ def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_f
     them: prior preservation (class images given: the pipeline's own 1024 px, 50-step class images take ~20 s each
     here), an nf4-quantized transformer (--bnb_quantization_config_path; bitsandbytes runs on a CPU) with --offload,
     and --final_validation_prompt without --validation_prompt: its images are rendered from the saved LoRA and shown
-    in the model card, no intermediate validation ran. (Rotation and resume: the two-process test.)"""
+    in the model card, no intermediate validation ran. Its checkpoint-2, resumed in a fresh folder (one process,
+    no accumulation; the final images skipped), ends bit for bit like it. (Rotation: the two-process test.)"""
     from conftest import _shape_images
 
     from helpers import write_json
@@ -127,9 +128,9 @@ def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_f
     for index, image in enumerate(_shape_images(2, seed=5)):
         image.save(class_dir / f"{index}.png")
     out = str(tmp_path / "out")
-    result = train(SCRIPT, [
+    command = [
         f"--pretrained_model_name_or_path={tiny_flux2}", f"--instance_data_dir={instance_folder}",
-        f"--output_dir={out}", "--instance_prompt=dog", "--resolution=32", "--train_batch_size=1",
+        "--instance_prompt=dog", "--resolution=32", "--train_batch_size=1",
         "--gradient_accumulation_steps=1", "--max_train_steps=4", "--checkpointing_steps=2", "--cache_latents",
         "--learning_rate", "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
         "--lora_layers", "single_transformer_blocks.0.attn.to_qkv_mlp_proj", "--lora_alpha=8", "--rank=4",
@@ -137,7 +138,8 @@ def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_f
         "--with_prior_preservation", f"--class_data_dir={class_dir}", f"--class_prompt={CLASS_PROMPT}",
         "--num_class_images=2", f"--bnb_quantization_config_path={bnb_config}", "--offload",
         "--final_validation_prompt=a photo of sks dog in a bucket", "--num_validation_images=2",
-        "--validation_height=32", "--validation_width=32", "--validation_inference_steps=2", "--seed=0"])
+        "--validation_height=32", "--validation_width=32", "--validation_inference_steps=2", "--seed=0"]
+    result = train(SCRIPT, command + [f"--output_dir={out}"])
     assert "the latents of centre crops are cached" in result.stderr
     assert "Prior preservation: 2 class images (0 generated this run)" in result.stderr
     assert "Frozen transformer (quantized)" in result.stderr
@@ -151,6 +153,15 @@ def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_f
     assert len(os.listdir(os.path.join(out, "validation", "final"))) == 2
     with open(os.path.join(out, "README.md")) as file:
         assert "Images for `a photo of sks dog in a bucket`" in file.read()
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = train(SCRIPT, command + [f"--output_dir={resumed}", "--resume_from_checkpoint=latest",
+                                      "--skip_final_inference"])
+    assert re.search(r"latents: ([1-9]\d*) of \1 cached", result.stderr), result.stderr[-3000:]
+    for folder in ("checkpoint-4", "."):
+        assert_same_lora(os.path.join(out, folder), os.path.join(resumed, folder))
 
 
 # --------------------------------------------------------------------------------------------------------------------
