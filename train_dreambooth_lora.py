@@ -1213,7 +1213,8 @@ def cache_text_embeddings(accelerator, text_encoders, tokenizers, prompts, args,
     so a different tokenizer or --tokenizer_max_length is a miss too; SDXL entries hold the pooled embedding too."""
     config = {
         "text_encoder": feature_cache.model_fingerprint(text_encoders[0]), "dtype": str(weight_dtype),
-        "max_length": args.tokenizer_max_length or tokenizers[0].model_max_length,
+        # A processor (FLUX.2-dev's PixtralProcessor) has no model_max_length; its family's config holds the length.
+        "max_length": args.tokenizer_max_length or getattr(tokenizers[0], "model_max_length", None),
         "attention_mask": args.text_encoder_use_attention_mask,
     }
     for index, text_encoder in enumerate(text_encoders[1:], start=2):  # SDXL, FLUX.1
