@@ -100,7 +100,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_sd3_
     assert os.path.isdir(tmp_path / "wandb")
     with open(os.path.join(out, "README.md")) as file:
         card = file.read()
-    assert "StableDiffusion3Pipeline.from_pretrained" in card and "\n- sd3\n" in card
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and "\n- sd3\n" in card and "openrail++" in card
 
     pipeline = _pipeline(tiny_sd3)
     base = render(pipeline)

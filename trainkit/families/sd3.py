@@ -26,7 +26,7 @@ class StableDiffusion3(StableDiffusion):
     pipeline_kwargs = {}
     hub_tag = "sd3"
     card_tags = ("template:sd-lora",)  # as upstream's SD3 model card
-    license = "other"  # the Stability AI community license is "other" on the hub
+    license = "openrail++"  # upstream's SD3 model card's (its text links the model's own license)
     # The most T5 prompt tokens StableDiffusion3Pipeline takes (its check_inputs).
     max_sequence_length = 512
     # Upstream's train_dreambooth_lora_sd3.py targets (--lora_layers' default): the joint attention's projections of
