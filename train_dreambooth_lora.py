@@ -35,6 +35,12 @@ objectives.sample_flow_matching_sigmas / flow_matching_inputs / flow_matching_lo
 (--max_sequence_length) and CLIP's pooled embedding; `transformer.*` keys for FluxPipeline.load_lora_weights. Its
 prompts are encoded once and the text encoders freed unless the CLIP LoRA trains (then T5 alone is).
 
+A FLUX.2 [dev] base model (a Flux2Pipeline) switches the script to upstream's `train_dreambooth_lora_flux2.py`
+(trainkit/families/flux2.py): LoRA on the transformer's attention projections; conditioned on the Mistral-3 encoder's
+hidden states of --text_encoder_out_layers side by side per token (the pipeline's chat template and system message,
+padded to --max_sequence_length), encoded once; latents are the VAE distribution's mode, normalised by its batch-norm
+statistics, patchified and packed with 4-axis position ids; --guidance_scale in the guidance embedding.
+
 A Z-Image base model (a ZImagePipeline) switches the script to upstream's `train_dreambooth_lora_z_image.py`
 (trainkit/families/z_image.py): LoRA on the transformer's attention projections; conditioned on the Qwen3 encoder's
 second-to-last hidden state of each prompt's real tokens (a list of per-prompt states, as ZImagePipeline gives them);
@@ -272,11 +278,11 @@ def parse_args(argv=None):
     # FLUX.1 and Qwen-Image (upstream train_dreambooth_lora_flux.py, train_dreambooth_lora_qwen_image.py); refused
     # on SD and SDXL models.
     add("--guidance_scale", type=float, default=None,
-        help="FLUX.1: the guidance the transformer's guidance embedding is given in training (FLUX.1 [dev] is "
-             "guidance-distilled); default 3.5. Z-Image: accepted and ignored with a warning, as upstream's Z-Image "
-             "script takes it (its README passes 5.0) and never reads it.")
+        help="FLUX.1, FLUX.2 [dev]: the guidance the transformer's guidance embedding is given in training (the "
+             "[dev] models are guidance-distilled); default 3.5. Z-Image: accepted and ignored with a warning, as "
+             "upstream's Z-Image script takes it (its README passes 5.0) and never reads it.")
     add("--weighting_scheme", type=str, default=None, choices=objectives.FLOW_WEIGHTING_SCHEMES,
-        help="FLUX.1, Qwen-Image, SD3/3.5: how training timesteps are drawn and the loss weighted (diffusers' "
+        help="FLUX.1, FLUX.2, Qwen-Image, SD3/3.5: how training timesteps are drawn and the loss weighted (diffusers' "
              "SD3/Flux helpers); default none: uniform timesteps and loss (SD3/3.5: logit_normal, as upstream).")
     add("--logit_mean", type=float, default=0.0, help="FLUX.1, Qwen-Image, SD3/3.5: the logit_normal scheme's mean.")
     add("--logit_std", type=float, default=1.0, help="FLUX.1, Qwen-Image, SD3/3.5: the logit_normal scheme's std.")
@@ -285,12 +291,13 @@ def parse_args(argv=None):
     add("--max_sequence_length", type=int, default=None,
         help="FLUX.1: T5 prompt tokens (padded and truncated to this); default 512, its maximum. Qwen-Image: the "
              "prompt states are cut to this many tokens (each prompt keeps its own length below it); default 512, "
-             "at most 1024. Z-Image: the chat-template prompt ids are padded and truncated to this (each prompt then "
+             "at most 1024. FLUX.2: the chat-template prompt ids are padded and truncated to this; default 512, "
+             "at most 512. Z-Image: the chat-template prompt ids are padded and truncated to this (each prompt then "
              "keeps its real tokens, as ZImagePipeline); default 512. SD3/3.5: T5 prompt tokens after the CLIPs' 77; "
              "default 77, as upstream, at most 512.")
     add("--upcast_before_saving", action="store_true",
-        help="FLUX.1, Qwen-Image, SD3/3.5: save the final LoRA weights in fp32 instead of the mixed-precision dtype "
-             "(as upstream).")
+        help="FLUX.1, FLUX.2, Qwen-Image, SD3/3.5: save the final LoRA weights in fp32 instead of the mixed-precision "
+             "dtype (as upstream).")
     add("--enable_npu_flash_attention", action="store_true",
         help="FLUX.1, Z-Image on Ascend NPUs: the transformer's attention by torch_npu's flash attention (upstream's "
              "flag).")
