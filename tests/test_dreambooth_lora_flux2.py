@@ -117,7 +117,8 @@ def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_f
     here), an nf4-quantized transformer (--bnb_quantization_config_path; bitsandbytes runs on a CPU) with --offload,
     and --final_validation_prompt without --validation_prompt: its images are rendered from the saved LoRA and shown
     in the model card, no intermediate validation ran. Its checkpoint-2, resumed in a fresh folder (one process,
-    no accumulation; the final images skipped), ends bit for bit like it. (Rotation: the two-process test.)"""
+    no accumulation; --skip_final_inference: no final images), ends bit for bit like it. (Rotation: the two-process
+    test.)"""
     from conftest import _shape_images
 
     from helpers import write_json
@@ -160,6 +161,7 @@ def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_f
     result = train(SCRIPT, command + [f"--output_dir={resumed}", "--resume_from_checkpoint=latest",
                                       "--skip_final_inference"])
     assert re.search(r"latents: ([1-9]\d*) of \1 cached", result.stderr), result.stderr[-3000:]
+    assert not os.path.exists(os.path.join(resumed, "validation"))  # --skip_final_inference
     for folder in ("checkpoint-4", "."):
         assert_same_lora(os.path.join(out, folder), os.path.join(resumed, folder))
 
