@@ -175,7 +175,8 @@ FLUX2_BUCKETS = "32,48;48,32;32,32"
 
 def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_the_feature_caches(
         tiny_flux2, mixed_aspect_folder, tmp_path):
-    """CPU DDP over gloo on real-dataset settings: accumulation 2, aspect-ratio buckets (position ids per bucket),
+    """CPU DDP over gloo on real-dataset settings: bf16 mixed precision (the LoRA saved in bf16, as upstream),
+    accumulation 2, aspect-ratio buckets (position ids per bucket),
     masks (on the VAE's latent grid), per-image captions, --caption_dropout, prior preservation, logit_normal
     timesteps, --cache_latents and --cache_text_embeddings, 4 steps with a checkpoint every 2 (6 images: the run
     crosses an epoch). The straight run fills the caches; its checkpoint-2, resumed in a fresh folder from them (with
@@ -191,7 +192,8 @@ def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_
                 "aspect_ratio_buckets": FLUX2_BUCKETS, "masked_loss": True, "caption_dropout": 0.3,
                 "center_crop": True, "weighting_scheme": "logit_normal", "with_prior_preservation": True,
                 "class_data_dir": str(class_dir), "class_prompt": CLASS_PROMPT, "num_class_images": 2,
-                "cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": str(tmp_path / "cache")}
+                "cache_latents": True, "cache_text_embeddings": True, "feature_cache_dir": str(tmp_path / "cache"),
+                "mixed_precision": "bf16"}
     straight = str(tmp_path / "straight")
     result = launch(SCRIPT, flux2_args(tiny_flux2, mixed_aspect_folder, straight, **settings), num_processes=2)
     assert "terminate called" not in result.stderr
@@ -214,7 +216,8 @@ def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_
     for folder in ("checkpoint-4", "."):
         assert_same_lora(os.path.join(straight, folder), os.path.join(resumed, folder))
     a, b = lora(os.path.join(straight, "checkpoint-2")), lora(straight)
-    assert any(not torch.equal(a[key], b[key]) for key in a)  # steps 3-4 trained
+    assert any(not torch.equal(a[key], b[key].to(a[key].dtype)) for key in a)  # steps 3-4 trained
+    assert {value.dtype for value in b.values()} == {torch.bfloat16}  # saved in the training dtype, as upstream
 
 
 # --------------------------------------------------------------------------------------------------------------------
