@@ -176,12 +176,11 @@ FLUX2_BUCKETS = "32,48;48,32;32,32"
 def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_the_feature_caches(
         tiny_flux2, mixed_aspect_folder, tmp_path):
     """CPU DDP over gloo on real-dataset settings: bf16 mixed precision (the LoRA saved in bf16, as upstream),
-    accumulation 2, aspect-ratio buckets (position ids per bucket),
-    masks (on the VAE's latent grid), per-image captions, --caption_dropout, prior preservation, logit_normal
-    timesteps, --cache_latents and --cache_text_embeddings, 4 steps with a checkpoint every 2 (6 images: the run
-    crosses an epoch). The straight run fills the caches; its checkpoint-2, resumed in a fresh folder from them (with
-    --checkpoints_total_limit 1, which removes checkpoint-2 once checkpoint-4 is written), ends bit for bit like it;
-    the processes exit cleanly."""
+    accumulation 2, aspect-ratio buckets (position ids per bucket), masks (on the VAE's latent grid), per-image
+    captions, --caption_dropout, prior preservation, logit_normal timesteps, --cache_latents and
+    --cache_text_embeddings, 4 steps with a checkpoint every 2 (6 images: the run crosses an epoch). The straight run
+    fills the caches; its checkpoint-2, resumed in a fresh folder from them (with --checkpoints_total_limit 1, which
+    removes checkpoint-2 once checkpoint-4 is written), ends bit for bit like it; the processes exit cleanly."""
     from conftest import _shape_images
 
     class_dir = tmp_path / "class"
@@ -265,7 +264,7 @@ def test_flux2_bad_input_gets_one_line_error(case, tiny_flux2, instance_folder, 
 
 def test_upstream_defaults_fill_the_flags_left_out(tiny_flux2, instance_folder):
     """train_dreambooth_lora_flux2.py's defaults; its text-encoder learning-rate flags, which it takes and never
-    reads, are accepted with a warning."""
+    reads, are accepted with a warning; the FLUX.2 folder is FLUX.2's, not FLUX.1's."""
     import train_dreambooth_lora as script
 
     args = script.parse_args(["--pretrained_model_name_or_path", tiny_flux2, "--instance_data_dir", instance_folder,
@@ -278,6 +277,11 @@ def test_upstream_defaults_fill_the_flags_left_out(tiny_flux2, instance_folder):
             args.lr_warmup_steps, args.num_validation_images, args.validation_epochs) == \
         (512, 1e-4, 1e-4, "flux-dreambooth-lora", 4, 4, 3.5, "none", 512, 4, 500, 4, 50)
     assert script.FAMILY_DEFAULTS["flux2"]["text_encoder_out_layers"] == [10, 20, 30]
+    # FLUX.1's family does not claim a Flux2Pipeline folder, whatever the detection order.
+    from trainkit.families import FAMILIES
+    from trainkit.families.loading import read_model_index
+
+    assert not FAMILIES["flux"].recognises(tiny_flux2, read_model_index(tiny_flux2))
 
 
 # --------------------------------------------------------------------------------------------------------------------
