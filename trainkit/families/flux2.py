@@ -52,13 +52,14 @@ class Flux2(StableDiffusion):
 
     # --- text encoder (FLUX.2 [klein] overrides these) -------------------------------------------------------------
 
-    # The pipeline class whose encode_prompt, system message and chat template the conditioning follows; the class
-    # recognised in model_index.json.
-    pipeline_class_name = "Flux2Pipeline"
+    @property
+    def pipeline_class_name(self):
+        """The pipeline class whose encode_prompt, system message and chat template the conditioning follows; the
+        class recognised in model_index.json (`pipelines`)."""
+        return self.pipelines["dreambooth_lora"]
+
     # The most prompt tokens the pipeline's text encoding takes (its tokenizer_max_length).
     max_sequence_length = 512
-    # Upstream's --text_encoder_out_layers (the pipeline's default).
-    default_text_encoder_out_layers = (10, 20, 30)
     text_encoder_description = "Mistral-3"  # in messages
 
     def text_encoder_class(self):
