@@ -2,11 +2,11 @@
 train_dreambooth_lora_z_image.py's README command line, the conditioning ZImagePipeline computes (chat template with
 thinking, the second-to-last hidden state, each prompt's real tokens), its latents (scaling and shift factors) and its
 transformer call (a list of latents and a list of prompt states, time (1000 - t) / 1000, the output negated),
---lora_layers, --rank / --lora_alpha in the file's metadata, rotation and exact resume on 1 process, exact resume on 2
-processes with accumulation, aspect-ratio buckets, masks, captions, prior preservation (prompts of different lengths
-in one batch, which upstream's script crashes on) and both feature caches, an nf4 transformer with --offload,
-validation on a CPU (upstream calls enable_model_cpu_offload, which needs a GPU), --final_validation_prompt alone,
-and the one-line errors of the flags that cannot apply.
+--lora_layers, --rank / --lora_alpha in the file's metadata, rotation and exact resume on 1 process, SIGTERM, exact
+resume on 2 processes with accumulation, aspect-ratio buckets, masks, captions, prior preservation (prompts of
+different lengths in one batch, which upstream's script crashes on) and both feature caches, an nf4 transformer with
+--offload, validation on a CPU (upstream calls enable_model_cpu_offload, which needs a GPU), --final_validation_prompt
+alone, and the one-line errors of the flags that cannot apply.
 
 Resolution 32 (a multiple of 16: 4x4 latents, 2x2 tokens); validation images at 32 px (--validation_height/_width).
 Few launches, each read by several checks."""
@@ -14,10 +14,12 @@ Few launches, each read by several checks."""
 import os
 import re
 import shutil
+import signal
 
 import pytest
 import torch
-from helpers import assert_one_line_error, checkpoints, fail_in_process, launch, snapshot, train
+from helpers import (assert_one_line_error, checkpoints, fail_in_process, launch, send_signal_and_wait, snapshot,
+                     start_python, train, wait_for_path)
 from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
 
 SCRIPT = "train_dreambooth_lora.py"
@@ -210,6 +212,25 @@ def test_prior_preservation_quantized_offloaded_lora_layers_and_exact_resume(tin
     assert not os.path.exists(os.path.join(resumed, "validation"))
     assert_same_lora(os.path.join(straight, "checkpoint-4"), os.path.join(resumed, "checkpoint-4"))
     assert_same_lora(straight, resumed)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_z_image, instance_folder, tmp_path):
+    """SIGTERM mid-run (accumulation 2): the current optimizer step ends, a checkpoint of it is saved and named, the
+    exit status is 143, and no final weights are written."""
+    steps = 500
+    out = str(tmp_path / "out")
+    process = start_python(SCRIPT, z_args(tiny_z_image, instance_folder, out, gradient_accumulation_steps=2,
+                                          max_train_steps=steps, checkpointing_steps=2))
+    wait_for_path(os.path.join(out, "checkpoint-2"), process)
+    status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert "Received SIGTERM" in stderr
+    stop_step = max(int(name.split("-")[1]) for name in checkpoints(out))
+    assert 2 <= stop_step < steps, "the signal arrived after the run had finished: the test needs more steps"
+    assert os.path.join(out, f"checkpoint-{stop_step}") in stderr
+    assert "Continue with --resume_from_checkpoint latest" in stdout
+    assert {key.split(".")[0] for key in lora(os.path.join(out, f"checkpoint-{stop_step}"))} == {"transformer"}
+    assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
