@@ -56,6 +56,13 @@ template (padded to 512 tokens, each prompt's real ones kept), and an Autoencode
 with the script's default LoRA (to_k, to_q, to_v, to_out.0 of every layer and refiner; rank 4, alpha 4) on a fixed
 list of latents and of the instance prompt's states.
 
+The `dreambooth_lora_sd3` row trains train_dreambooth_lora.py (base, cached) on an SD3-shaped pipeline: a small
+SD3Transformer2DModel (4 blocks, 4 heads of 32, 2x2 patches), two CLIPTextModelWithProjection encoders (32 and 64
+wide) and a 64-wide T5, the bench VAE's shape with SD3's shift and scaling factors (16x16 latents, 64 image tokens),
+with the dreambooth row's flags and upstream's defaults (77 CLIP + 77 T5 text tokens, logit_normal, preconditioned
+outputs). Its floor is the transformer with the script's default LoRA (both streams' attention projections of every
+block; rank 4, alpha 4) on a fixed batch of those shapes with the pooled embedding.
+
 The `dreambooth_lora_flux_big` row (SPEC §13, big models) trains train_dreambooth_lora.py on a FLUX.1-shaped
 pipeline whose transformer is large enough that its weights dominate memory (FLUX_BIG_TRANSFORMER: 3 double-stream and
 6 single-stream blocks, 12 heads of 64, about 118M parameters; the small text encoders and VAE of the Flux row), with
