@@ -256,6 +256,12 @@ def test_upstream_defaults_fill_the_flags_left_out(tiny_flux2_klein, instance_fo
                               instance_folder, "--instance_prompt", INSTANCE_PROMPT])
     script.validate_args(args)
     assert args.family.name == "flux2_klein"
+    # Neither FLUX.1 nor FLUX.2 [dev] claims a klein folder, whatever the detection order.
+    from trainkit.families import FAMILIES, read_model_index
+
+    index = read_model_index(tiny_flux2_klein)
+    assert [name for name in ("flux", "flux2", "flux2_klein")
+            if FAMILIES[name].recognises(tiny_flux2_klein, index)] == ["flux2_klein"]
     assert (args.resolution, args.learning_rate, args.adam_weight_decay, args.output_dir, args.rank, args.lora_alpha,
             args.weighting_scheme, args.max_sequence_length, list(args.text_encoder_out_layers), args.guidance_scale,
             args.train_batch_size, args.lr_warmup_steps, args.num_validation_images, args.validation_epochs) == \
