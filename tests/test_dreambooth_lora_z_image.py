@@ -214,13 +214,23 @@ def test_prior_preservation_quantized_offloaded_lora_layers_and_exact_resume(tin
     assert_same_lora(straight, resumed)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_z_image, instance_folder, tmp_path):
-    """SIGTERM mid-run (accumulation 2): the current optimizer step ends, a checkpoint of it is saved and named, the
-    exit status is 143, and no final weights are written."""
+def test_readme_prodigy_command_and_sigterm_saves_a_checkpoint_and_exits_143(tiny_z_image, instance_folder,
+                                                                              tmp_path):
+    """README_z_image.md's Prodigy command (bf16, gradient checkpointing, --cache_latents, --guidance_scale 5.0,
+    prodigy at learning rate 1.0, constant_with_warmup, accumulation 4) scaled down (resolution 32, a checkpoint every
+    2 steps, tensorboard instead of wandb, its validation left out: the first test renders it), stopped by SIGTERM
+    mid-run: the current optimizer step ends, a checkpoint of it is saved and named, the exit status is 143, and no
+    final weights are written."""
     steps = 500
     out = str(tmp_path / "out")
-    process = start_python(SCRIPT, z_args(tiny_z_image, instance_folder, out, gradient_accumulation_steps=2,
-                                          max_train_steps=steps, checkpointing_steps=2))
+    process = start_python(SCRIPT, [
+        f"--pretrained_model_name_or_path={tiny_z_image}", f"--instance_data_dir={instance_folder}",
+        f"--output_dir={out}", "--mixed_precision=bf16", "--gradient_checkpointing", "--cache_latents",
+        "--instance_prompt=a photo of sks dog", "--resolution=32", "--train_batch_size=1", "--guidance_scale=5.0",
+        "--gradient_accumulation_steps=4", "--optimizer=prodigy", "--learning_rate=1.0", "--report_to=tensorboard",
+        "--lr_scheduler=constant_with_warmup", "--lr_warmup_steps=100", f"--max_train_steps={steps}", "--seed=0",
+        "--checkpointing_steps=2", f"--feature_cache_dir={tmp_path / 'cache'}",
+    ])
     wait_for_path(os.path.join(out, "checkpoint-2"), process)
     status, stdout, stderr = send_signal_and_wait(process, signal.SIGTERM)
     assert status == 143, stderr[-3000:]
@@ -231,6 +241,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_z_image, instance_folder,
     assert "Continue with --resume_from_checkpoint latest" in stdout
     assert {key.split(".")[0] for key in lora(os.path.join(out, f"checkpoint-{stop_step}"))} == {"transformer"}
     assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    optimizer = torch.load(os.path.join(out, f"checkpoint-{stop_step}", "optimizer.bin"), weights_only=False)
+    assert "d" in optimizer["param_groups"][0]  # Prodigy's step-size estimate: the optimizer asked for
 
 
 # --------------------------------------------------------------------------------------------------------------------
