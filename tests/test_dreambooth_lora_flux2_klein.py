@@ -3,8 +3,8 @@ train_dreambooth_lora_flux2_klein.py's README and test command lines, the condit
 (chat template with thinking off, padded to --max_sequence_length, the hidden states of --text_encoder_out_layers
 side by side), its transformer call (no guidance embedding), --lora_layers, --rank / --lora_alpha in the file's
 metadata, rotation and exact resume on 1 process, SIGTERM (README_flux2.md's Prodigy command), exact resume on 2
-processes with accumulation, aspect-ratio buckets, masks, captions,
---caption_dropout, prior preservation and both feature caches, the one-line errors of the flags that cannot apply.
+processes with accumulation, aspect-ratio buckets, masks, captions, --caption_dropout, prior preservation and both
+feature caches, the one-line errors of the flags that cannot apply.
 
 Resolution 32 (a multiple of 16: 4x4 latents, 2x2 tokens); validation images at 32 px with 2 steps. Few launches,
 each read by several checks."""
