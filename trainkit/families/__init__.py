@@ -1,5 +1,6 @@
 """Model families: which family a base model folder holds, and the one module that knows each (`sd`: Stable Diffusion
-1.x/2.x, `sdxl`, `flux`: FLUX.1, `qwen_image`: Qwen-Image). A script asks `select` for the family of
+1.x/2.x, `sdxl`, `flux`: FLUX.1, `qwen_image`: Qwen-Image, `flux2`: FLUX.2 [dev], `flux2_klein`: FLUX.2 [klein],
+`sd3`: SD3/3.5, `z_image`: Z-Image). A script asks `select` for the family of
 --pretrained_model_name_or_path and calls it for everything that differs between families; the script names a family
 only in its defaults rows (upstream's per-script defaults), which are the task x family matrix: a family without a row
 is refused in one line."""
