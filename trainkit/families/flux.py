@@ -105,13 +105,18 @@ class Flux:
 
     def load_dreambooth_models(self, args):
         """(FlowMatchEulerDiscreteScheduler, [CLIP tokenizer, T5 tokenizer] (fast ones, as FluxPipeline's),
-        [CLIPTextModel, T5EncoderModel], vae, FluxTransformer2DModel). Load errors are InputErrors naming the part."""
+        [CLIPTextModel, T5EncoderModel] in the training dtype, vae, FluxTransformer2DModel). Load errors are
+        InputErrors naming the part."""
         from diffusers import FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+        from trainkit import big_models
+
         noise_scheduler = loading.load_part(args, "scheduler", FlowMatchEulerDiscreteScheduler.from_pretrained)
         tokenizers = [loading.load_part(args, part, AutoTokenizer.from_pretrained) for part in self.tokenizer_parts]
-        text_encoders = [loading.load_part(args, part, model_class.from_pretrained, variant=args.variant)
+        # Straight in the training dtype (T5-XXL is 19 GB in fp32), as the script runs them.
+        text_encoders = [loading.load_part(args, part, model_class.from_pretrained, variant=args.variant,
+                                           torch_dtype=big_models.training_dtype(args))
                          for part, model_class in zip(self.text_encoder_parts, (CLIPTextModel, T5EncoderModel))]
         vae = loading.load_vae(args)
         transformer = loading.load_denoiser(args)  # quantized with --bnb_quantization_config_path

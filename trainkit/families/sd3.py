@@ -112,12 +112,16 @@ class StableDiffusion3(StableDiffusion):
 
     def load_dreambooth_models(self, args):
         """(FlowMatchEulerDiscreteScheduler, [CLIP tokenizer x2, T5 tokenizer], [CLIPTextModelWithProjection x2,
-        T5EncoderModel], vae, SD3Transformer2DModel (quantized with --bnb_quantization_config_path)). Load errors are
-        InputErrors naming the part."""
+        T5EncoderModel, in the training dtype], vae, SD3Transformer2DModel (quantized with
+        --bnb_quantization_config_path)). Load errors are InputErrors naming the part."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        from trainkit import big_models
+
         noise_scheduler = loading.load_part(args, "scheduler", FlowMatchEulerDiscreteScheduler.from_pretrained)
-        return (noise_scheduler, self.load_tokenizers(args), self.load_text_encoders(args), loading.load_vae(args),
+        # The text encoders load straight in the training dtype (T5-XXL is 19 GB in fp32), as the script runs them.
+        text_encoders = self.load_text_encoders(args, torch_dtype=big_models.training_dtype(args))
+        return (noise_scheduler, self.load_tokenizers(args), text_encoders, loading.load_vae(args),
                 loading.load_denoiser(args))
 
     def vae_dtype(self, args, weight_dtype):
