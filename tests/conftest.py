@@ -185,6 +185,15 @@ def tiny_z_image(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def instance_images(tmp_path_factory):
+    """3 non-square images (24 x 20..22) of the transformer families' tests: at batch 1, 3 batches per epoch."""
+    folder = tmp_path_factory.mktemp("instance")
+    for index, image in enumerate(_shape_images(3)):
+        image.save(folder / f"dog_{index}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
 def other_vae(tiny_sdxl, tmp_path_factory):
     """A VAE folder (as --pretrained_vae_model_name_or_path takes it) with other weights than the pipeline's."""
     import torch

@@ -142,6 +142,29 @@ def assert_different_weights(folder_a, folder_b):
     assert any(not torch.equal(a[key], b[key]) for key in a), f"{folder_a} and {folder_b} hold identical weights"
 
 
+def pipeline_from(pipeline_class_name, model):
+    """The diffusers pipeline `pipeline_class_name` loaded from the folder `model`, its progress bars off."""
+    import diffusers
+
+    pipeline = getattr(diffusers, pipeline_class_name).from_pretrained(model)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def lora_rank_and_alpha(pipeline_class_name, folder):
+    """(rank, alpha) of the transformer LoRA in `folder`, from the file's metadata as the pipeline users load it with
+    reads it."""
+    import diffusers
+
+    _, metadata = getattr(diffusers, pipeline_class_name).lora_state_dict(folder, return_lora_metadata=True)
+    return metadata["transformer.r"], metadata["transformer.lora_alpha"]
+
+
+def lora_parts(weights):
+    """The models a LoRA file adapts: its keys' first parts (transformer, text_encoder, ...)."""
+    return {key.split(".")[0] for key in weights}
+
+
 def checkpoints(output_dir):
     return {name for name in os.listdir(output_dir) if "checkpoint" in name}
 

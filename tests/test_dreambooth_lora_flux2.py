@@ -17,25 +17,16 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_one_line_error, checkpoints, fail_in_process, launch, snapshot, train
+from helpers import (assert_one_line_error, checkpoints, fail_in_process, launch, lora_rank_and_alpha, pipeline_from,
+                     snapshot, train)
 from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
 from test_dreambooth_lora import tiny_sd  # noqa: F401 (module fixture: the SD model of the FLUX.2-only flag case)
 
 SCRIPT = "train_dreambooth_lora.py"
+FLUX2_PIPELINE = "Flux2Pipeline"  # what users load the LoRA with
 RESOLUTION = 32
 OUT_LAYERS = ["--text_encoder_out_layers", "1", "2", "3"]
 SMALL_VALIDATION = {"validation_height": RESOLUTION, "validation_width": RESOLUTION}
-
-
-@pytest.fixture(scope="module")
-def instance_folder(tmp_path_factory):
-    """3 non-square images (24 x 20..22): at batch 1, 3 batches per epoch."""
-    from conftest import _shape_images
-
-    folder = tmp_path_factory.mktemp("instance")
-    for index, image in enumerate(_shape_images(3)):
-        image.save(folder / f"dog_{index}.png")
-    return str(folder)
 
 
 def flux2_args(model, data, output_dir, **overrides):
@@ -43,24 +34,9 @@ def flux2_args(model, data, output_dir, **overrides):
     return args + OUT_LAYERS
 
 
-def _pipeline(model):
-    from diffusers import Flux2Pipeline
-
-    pipeline = Flux2Pipeline.from_pretrained(model)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def render(pipeline, prompt=INSTANCE_PROMPT):
     return pipeline(prompt=prompt, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION, output_type="np",
                     text_encoder_out_layers=(1, 2, 3), generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def metadata(folder):
-    from diffusers import Flux2Pipeline
-
-    _, meta = Flux2Pipeline.lora_state_dict(folder, return_lora_metadata=True)
-    return meta["transformer.r"], meta["transformer.lora_alpha"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -68,7 +44,7 @@ def metadata(folder):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_upstream_readme_command_runs_and_the_lora_loads_into_the_flux2_pipeline(tiny_flux2, instance_folder,
+def test_upstream_readme_command_runs_and_the_lora_loads_into_the_flux2_pipeline(tiny_flux2, instance_images,
                                                                                   tmp_path):
     """README_flux2.md's LoRA command (prodigy, constant_with_warmup, accumulation 4, --cache_latents, gradient
     checkpointing, --guidance_scale 1, wandb, validation every 25 epochs) with the tiny model: --resolution (512 ->
@@ -79,7 +55,7 @@ def test_upstream_readme_command_runs_and_the_lora_loads_into_the_flux2_pipeline
     / alpha 4 in the metadata, and Flux2Pipeline.load_lora_weights loads it and renders differently."""
     out = str(tmp_path / "trained-flux2-lora")
     result = launch(SCRIPT, [
-        f"--pretrained_model_name_or_path={tiny_flux2}", f"--instance_data_dir={instance_folder}",
+        f"--pretrained_model_name_or_path={tiny_flux2}", f"--instance_data_dir={instance_images}",
         f"--output_dir={out}", "--gradient_checkpointing", "--cache_text_embeddings", "--cache_latents",
         "--instance_prompt=a photo of sks dog", "--resolution=32", "--train_batch_size=1", "--guidance_scale=1",
         "--gradient_accumulation_steps=4", "--optimizer=prodigy", "--learning_rate=1.", "--report_to=wandb",
@@ -94,7 +70,7 @@ def test_upstream_readme_command_runs_and_the_lora_loads_into_the_flux2_pipeline
     modules = {key.split(".lora_")[0].rsplit(".attn.", 1)[1] for key in weights}
     assert modules == {"to_k", "to_q", "to_v", "to_out.0"}
     assert all(key.startswith("transformer.transformer_blocks.") for key in weights)
-    assert metadata(out) == (4, 4)
+    assert lora_rank_and_alpha(FLUX2_PIPELINE, out) == (4, 4)
     for name in ("epoch_0000", "final"):  # --num_validation_images defaults to 4
         assert len(os.listdir(os.path.join(out, "validation", name))) == 4, name
     assert os.path.isdir(tmp_path / "wandb")
@@ -102,14 +78,14 @@ def test_upstream_readme_command_runs_and_the_lora_loads_into_the_flux2_pipeline
         card = file.read()
     assert "Flux2Pipeline.from_pretrained" in card and "\n- flux2\n" in card and "template:sd-lora" in card
 
-    pipeline = _pipeline(tiny_flux2)
+    pipeline = pipeline_from(FLUX2_PIPELINE, tiny_flux2)
     base = render(pipeline)
     pipeline.load_lora_weights(out)
     assert not (render(pipeline) == base).all()
 
 
 def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_final_validation_prompt_alone(
-        tiny_flux2, instance_folder, tmp_path):
+        tiny_flux2, instance_images, tmp_path):
     """test_dreambooth_lora_flux2.py's command lines folded into one run (--cache_latents, --max_sequence_length 8,
     --lora_layers single_transformer_blocks.0.attn.to_qkv_mlp_proj: the single-stream blocks' fused projection,
     --lora_alpha 8 --rank 4, --learning_rate 5e-4 --scale_lr, a checkpoint every 2 of 4 steps), with ours beside
@@ -130,7 +106,7 @@ def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_f
         image.save(class_dir / f"{index}.png")
     out = str(tmp_path / "out")
     command = [
-        f"--pretrained_model_name_or_path={tiny_flux2}", f"--instance_data_dir={instance_folder}",
+        f"--pretrained_model_name_or_path={tiny_flux2}", f"--instance_data_dir={instance_images}",
         "--instance_prompt=dog", "--resolution=32", "--train_batch_size=1",
         "--gradient_accumulation_steps=1", "--max_train_steps=4", "--checkpointing_steps=2", "--cache_latents",
         "--learning_rate", "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
@@ -148,7 +124,7 @@ def test_upstream_test_command_with_prior_preservation_quantized_offloaded_and_f
     weights = lora(out)
     assert weights and all(key.startswith("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.")
                            for key in weights)
-    assert metadata(out) == (4, 8)
+    assert lora_rank_and_alpha(FLUX2_PIPELINE, out) == (4, 8)
     assert_same_lora(os.path.join(out, "checkpoint-4"), out)
     assert os.listdir(os.path.join(out, "validation")) == ["final"]
     assert len(os.listdir(os.path.join(out, "validation", "final"))) == 2
@@ -245,7 +221,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_flux2_bad_input_gets_one_line_error(case, tiny_flux2, instance_folder, request, tmp_path, capsys):
+def test_flux2_bad_input_gets_one_line_error(case, tiny_flux2, instance_images, request, tmp_path, capsys):
     overrides, expected = BAD_INPUTS[case]
     overrides = dict(overrides)
     model = request.getfixturevalue(overrides.pop("model", "tiny_flux2"))
@@ -254,7 +230,7 @@ def test_flux2_bad_input_gets_one_line_error(case, tiny_flux2, instance_folder, 
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     before = snapshot(str(out))
-    args = base_args(model, instance_folder, str(out), **{"resolution": RESOLUTION, **overrides})
+    args = base_args(model, instance_images, str(out), **{"resolution": RESOLUTION, **overrides})
     args += OUT_LAYERS if layers is None else (["--text_encoder_out_layers", *layers] if layers else [])
     status, stderr = fail_in_process("train_dreambooth_lora", args, capsys)
     assert status == 2
@@ -262,12 +238,12 @@ def test_flux2_bad_input_gets_one_line_error(case, tiny_flux2, instance_folder, 
     assert snapshot(str(out)) == before
 
 
-def test_upstream_defaults_fill_the_flags_left_out(tiny_flux2, instance_folder):
+def test_upstream_defaults_fill_the_flags_left_out(tiny_flux2, instance_images):
     """train_dreambooth_lora_flux2.py's defaults; its text-encoder learning-rate flags, which it takes and never
     reads, are accepted with a warning; the FLUX.2 folder is FLUX.2's, not FLUX.1's."""
     import train_dreambooth_lora as script
 
-    args = script.parse_args(["--pretrained_model_name_or_path", tiny_flux2, "--instance_data_dir", instance_folder,
+    args = script.parse_args(["--pretrained_model_name_or_path", tiny_flux2, "--instance_data_dir", instance_images,
                               "--instance_prompt", INSTANCE_PROMPT, "--text_encoder_lr", "1e-5", *OUT_LAYERS])
     with pytest.warns(UserWarning, match="--text_encoder_lr is ignored"):
         script.validate_args(args)
@@ -298,7 +274,7 @@ def test_prompt_conditioning_is_the_pipelines(tiny_flux2):
     import train_dreambooth_lora as script
     from trainkit.families import FAMILIES
 
-    pipeline = _pipeline(tiny_flux2)
+    pipeline = pipeline_from(FLUX2_PIPELINE, tiny_flux2)
     family = FAMILIES["flux2"]
     long_prompt = "a photo of sks dog in the style of a red painting with a blue background"
     for length, layers in ((64, [1, 2, 3]), (24, [3, 0, -1])):
@@ -329,7 +305,7 @@ def test_latents_and_the_transformer_call_are_the_pipelines(tiny_flux2):
     from trainkit.families import FAMILIES
 
     family = FAMILIES["flux2"]
-    pipeline = _pipeline(tiny_flux2)
+    pipeline = pipeline_from(FLUX2_PIPELINE, tiny_flux2)
     pixels = torch.rand(2, 3, 32, 48) * 2 - 1
     with torch.no_grad():
         latents = family.latent_dist(pipeline.vae, pixels).mode()

@@ -17,50 +17,25 @@ import pytest
 import torch
 import signal
 
-from helpers import (assert_one_line_error, checkpoints, fail_in_process, launch, send_signal_and_wait, snapshot,
-                     start_python, train, wait_for_path)
+from helpers import (assert_one_line_error, checkpoints, fail_in_process, launch, lora_rank_and_alpha, pipeline_from,
+                     send_signal_and_wait, snapshot, start_python, train, wait_for_path)
 from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
 
 SCRIPT = "train_dreambooth_lora.py"
+FLUX2_KLEIN_PIPELINE = "Flux2KleinPipeline"  # what users load the LoRA with
 RESOLUTION = 32
 SMALL_VALIDATION = {"validation_height": RESOLUTION, "validation_width": RESOLUTION, "validation_inference_steps": 2}
 # Upstream's defaults for the klein text encoder (10 20 30) need 30 layers; the tiny one has them.
 UPSTREAM_TARGETS = {"to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "to_out"}
 
 
-@pytest.fixture(scope="module")
-def instance_folder(tmp_path_factory):
-    """3 non-square images (24 x 20..22): at batch 1, 3 batches per epoch."""
-    from conftest import _shape_images
-
-    folder = tmp_path_factory.mktemp("instance")
-    for index, image in enumerate(_shape_images(3)):
-        image.save(folder / f"dog_{index}.png")
-    return str(folder)
-
-
 def klein_args(model, data, output_dir, **overrides):
     return base_args(model, data, output_dir, **{"resolution": RESOLUTION, **overrides})
-
-
-def _pipeline(model):
-    from diffusers import Flux2KleinPipeline
-
-    pipeline = Flux2KleinPipeline.from_pretrained(model)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def render(pipeline, prompt=INSTANCE_PROMPT):
     return pipeline(prompt=prompt, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION, output_type="np",
                     text_encoder_out_layers=(10, 20, 30), generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def metadata(folder):
-    from diffusers import Flux2KleinPipeline
-
-    _, meta = Flux2KleinPipeline.lora_state_dict(folder, return_lora_metadata=True)
-    return meta["transformer.r"], meta["transformer.lora_alpha"]
 
 
 def targets(weights):
@@ -78,7 +53,7 @@ def targets(weights):
 
 
 def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_klein_pipeline(
-        tiny_flux2_klein, instance_folder, tmp_path):
+        tiny_flux2_klein, instance_images, tmp_path):
     """README_flux2.md's command with train_dreambooth_lora_flux2_klein.py's name changed (bf16, gradient
     checkpointing, --cache_latents, --guidance_scale 1, 8-bit AdamW, accumulation 4, wandb, validation every 25
     epochs) on the tiny klein; only --resolution (1024 -> 32) and --max_train_steps (500 -> 2) shrunk, --push_to_hub
@@ -88,7 +63,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_klei
     and renders differently (with true CFG: the tiny base is not distilled)."""
     out = str(tmp_path / "trained-flux2-klein")
     result = launch(SCRIPT, [
-        f"--pretrained_model_name_or_path={tiny_flux2_klein}", f"--instance_data_dir={instance_folder}",
+        f"--pretrained_model_name_or_path={tiny_flux2_klein}", f"--instance_data_dir={instance_images}",
         f"--output_dir={out}", "--mixed_precision=bf16", "--gradient_checkpointing", "--cache_latents",
         "--instance_prompt=a photo of sks dog", "--resolution=32", "--train_batch_size=1", "--guidance_scale=1",
         "--use_8bit_adam", "--gradient_accumulation_steps=4", "--optimizer=adamW", "--learning_rate=1e-4",
@@ -103,7 +78,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_klei
     assert {value.dtype for value in weights.values()} == {torch.bfloat16}
     assert targets(weights) == UPSTREAM_TARGETS
     assert any(key.startswith("transformer.single_transformer_blocks.0.attn.to_out.") for key in weights)
-    assert metadata(out) == (4, 4)
+    assert lora_rank_and_alpha(FLUX2_KLEIN_PIPELINE, out) == (4, 4)
     for name in ("epoch_0000", "final"):  # --num_validation_images defaults to 4
         assert len(os.listdir(os.path.join(out, "validation", name))) == 4, name
     assert os.path.isdir(tmp_path / "wandb")
@@ -111,13 +86,13 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_klei
         card = file.read()
     assert "Flux2KleinPipeline" in card and "\n- flux2-klein\n" in card and "\n- flux2-klein-diffusers\n" in card
 
-    pipeline = _pipeline(tiny_flux2_klein)
+    pipeline = pipeline_from(FLUX2_KLEIN_PIPELINE, tiny_flux2_klein)
     base = render(pipeline)
     pipeline.load_lora_weights(out)
     assert not (render(pipeline) == base).all()
 
 
-def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_flux2_klein, instance_folder,
+def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_flux2_klein, instance_images,
                                                                          tmp_path):
     """test_dreambooth_lora_flux2_klein.py's command lines (--max_sequence_length 8, --text_encoder_out_layers: its
     tiny model's 1, three layers here as the tiny klein's transformer takes), folded into two runs: --cache_latents,
@@ -127,7 +102,7 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_fl
     --final_validation_prompt of its own); and checkpoint-2 resumed in a fresh folder to 4 steps, bit for bit the
     first run's LoRA."""
     out = str(tmp_path / "out")
-    common = [f"--pretrained_model_name_or_path={tiny_flux2_klein}", f"--instance_data_dir={instance_folder}",
+    common = [f"--pretrained_model_name_or_path={tiny_flux2_klein}", f"--instance_data_dir={instance_images}",
               f"--output_dir={out}", "--instance_prompt", "dog", "--resolution", "32", "--train_batch_size", "1",
               "--gradient_accumulation_steps", "1", "--checkpointing_steps=2", "--cache_latents", "--learning_rate",
               "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_sequence_length",
@@ -144,7 +119,7 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_fl
     weights = lora(out)
     assert weights and all(key.startswith("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.")
                            for key in weights)
-    assert metadata(out) == (4, 8)
+    assert lora_rank_and_alpha(FLUX2_KLEIN_PIPELINE, out) == (4, 8)
     # Exact resume, 1 process, no accumulation: checkpoint-2 resumed in a fresh folder ends bit for bit like the run.
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
@@ -166,7 +141,7 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_fl
         assert "a dog in a bucket" in file.read()
 
 
-def test_readme_prodigy_command_and_sigterm_saves_a_checkpoint_and_exits_143(tiny_flux2_klein, instance_folder,
+def test_readme_prodigy_command_and_sigterm_saves_a_checkpoint_and_exits_143(tiny_flux2_klein, instance_images,
                                                                               tmp_path):
     """README_flux2.md's LoRA command (Prodigy at learning rate 1.0, constant_with_warmup, --guidance_scale 1,
     accumulation 4, gradient checkpointing, --cache_latents) with train_dreambooth_lora_flux2_klein.py's name changed,
@@ -176,7 +151,7 @@ def test_readme_prodigy_command_and_sigterm_saves_a_checkpoint_and_exits_143(tin
     steps = 500
     out = str(tmp_path / "out")
     process = start_python(SCRIPT, [
-        f"--pretrained_model_name_or_path={tiny_flux2_klein}", f"--instance_data_dir={instance_folder}",
+        f"--pretrained_model_name_or_path={tiny_flux2_klein}", f"--instance_data_dir={instance_images}",
         f"--output_dir={out}", "--gradient_checkpointing", "--cache_latents", "--instance_prompt=a photo of sks dog",
         "--resolution=32", "--train_batch_size=1", "--guidance_scale=1", "--gradient_accumulation_steps=4",
         "--optimizer=prodigy", "--learning_rate=1.", "--report_to=tensorboard", "--lr_scheduler=constant_with_warmup",
@@ -268,25 +243,25 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_klein_bad_input_gets_one_line_error(case, tiny_flux2_klein, instance_folder, tmp_path, capsys):
+def test_klein_bad_input_gets_one_line_error(case, tiny_flux2_klein, instance_images, tmp_path, capsys):
     overrides, expected = BAD_INPUTS[case]
     out = tmp_path / "existing_output"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     before = snapshot(str(out))
-    status, stderr = fail_in_process("train_dreambooth_lora", klein_args(tiny_flux2_klein, instance_folder, str(out),
+    status, stderr = fail_in_process("train_dreambooth_lora", klein_args(tiny_flux2_klein, instance_images, str(out),
                                                                          **overrides), capsys)
     assert status == 2
     assert_one_line_error(status, stderr, expected)
     assert snapshot(str(out)) == before
 
 
-def test_upstream_defaults_fill_the_flags_left_out(tiny_flux2_klein, instance_folder):
+def test_upstream_defaults_fill_the_flags_left_out(tiny_flux2_klein, instance_images):
     """train_dreambooth_lora_flux2_klein.py's defaults, --text_encoder_out_layers 10 20 30 among them."""
     import train_dreambooth_lora as script
 
     args = script.parse_args(["--pretrained_model_name_or_path", tiny_flux2_klein, "--instance_data_dir",
-                              instance_folder, "--instance_prompt", INSTANCE_PROMPT])
+                              instance_images, "--instance_prompt", INSTANCE_PROMPT])
     script.validate_args(args)
     assert args.family.name == "flux2_klein"
     # Neither FLUX.1 nor FLUX.2 [dev] claims a klein folder, whatever the detection order.
@@ -315,7 +290,7 @@ def test_prompt_conditioning_is_the_pipelines(tiny_flux2_klein):
     import train_dreambooth_lora as script
     from trainkit.families import FAMILIES
 
-    pipeline = _pipeline(tiny_flux2_klein)
+    pipeline = pipeline_from(FLUX2_KLEIN_PIPELINE, tiny_flux2_klein)
     family = FAMILIES["flux2_klein"]
     for length, layers in ((512, [10, 20, 30]), (8, [1, 2, 3])):
         args = argparse.Namespace(family=family, max_sequence_length=length, text_encoder_out_layers=layers,

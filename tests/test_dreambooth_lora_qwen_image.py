@@ -16,52 +16,24 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_one_line_error, checkpoints, fail_in_process, launch, snapshot, train
+from helpers import (assert_one_line_error, checkpoints, fail_in_process, launch, lora_parts, lora_rank_and_alpha,
+                     pipeline_from, snapshot, train)
 from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
 from test_dreambooth_lora import tiny_sd  # noqa: F401 (module fixture: the SD model of the Qwen-only flag case)
 
 SCRIPT = "train_dreambooth_lora.py"
+QWEN_IMAGE_PIPELINE = "QwenImagePipeline"  # what users load the LoRA with
 RESOLUTION = 32
 SMALL_VALIDATION = {"validation_height": RESOLUTION, "validation_width": RESOLUTION}
-
-
-@pytest.fixture(scope="module")
-def instance_folder(tmp_path_factory):
-    """3 non-square images (24 x 20..22): at batch 1, 3 batches per epoch."""
-    from conftest import _shape_images
-
-    folder = tmp_path_factory.mktemp("instance")
-    for index, image in enumerate(_shape_images(3)):
-        image.save(folder / f"dog_{index}.png")
-    return str(folder)
 
 
 def qwen_args(model, data, output_dir, **overrides):
     return base_args(model, data, output_dir, **{"resolution": RESOLUTION, **overrides})
 
 
-def _pipeline(model):
-    from diffusers import QwenImagePipeline
-
-    pipeline = QwenImagePipeline.from_pretrained(model)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def render(pipeline, prompt=INSTANCE_PROMPT):
     return pipeline(prompt, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def parts(weights):
-    return {key.split(".")[0] for key in weights}
-
-
-def metadata(folder):
-    from diffusers import QwenImagePipeline
-
-    _, meta = QwenImagePipeline.lora_state_dict(folder, return_lora_metadata=True)
-    return meta["transformer.r"], meta["transformer.lora_alpha"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -70,7 +42,7 @@ def metadata(folder):
 
 
 def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_qwen_pipeline(
-        tiny_qwen_image, instance_folder, tmp_path):
+        tiny_qwen_image, instance_images, tmp_path):
     """README_qwen.md's command (bf16, 8-bit AdamW, accumulation 4, wandb, validation every 25 epochs) with the tiny
     model; only --resolution (1024 -> 32) and --max_train_steps (500 -> 2) shrunk, --push_to_hub left out (no
     network), and the validation images made small and quick (ours: 2 denoising steps at 32 px). wandb runs
@@ -78,7 +50,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_qwen
     dtype, as upstream), and QwenImagePipeline.load_lora_weights loads it and renders differently."""
     out = str(tmp_path / "trained-qwen-lora")
     result = launch(SCRIPT, [
-        f"--pretrained_model_name_or_path={tiny_qwen_image}", f"--instance_data_dir={instance_folder}",
+        f"--pretrained_model_name_or_path={tiny_qwen_image}", f"--instance_data_dir={instance_images}",
         f"--output_dir={out}", "--mixed_precision=bf16", "--instance_prompt=a photo of sks dog", "--resolution=32",
         "--train_batch_size=1", "--gradient_accumulation_steps=4", "--use_8bit_adam", "--learning_rate=2e-4",
         "--report_to=wandb", "--lr_scheduler=constant", "--lr_warmup_steps=0", "--max_train_steps=2",
@@ -87,12 +59,12 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_qwen
     ], cwd=str(tmp_path))
     assert "2 steps in all, batch 1 per device, total batch 4" in result.stderr
     weights = lora(out)
-    assert parts(weights) == {"transformer"} and all("lora" in key for key in weights)
+    assert lora_parts(weights) == {"transformer"} and all("lora" in key for key in weights)
     assert {value.dtype for value in weights.values()} == {torch.bfloat16}
     # Upstream's targets: to_k, to_q, to_v, to_out.0 of every block.
     modules = {key.split(".lora_")[0].rsplit(".attn.", 1)[1] for key in weights}
     assert modules == {"to_k", "to_q", "to_v", "to_out.0"}
-    assert metadata(out) == (4, 4)
+    assert lora_rank_and_alpha(QWEN_IMAGE_PIPELINE, out) == (4, 4)
     for name in ("epoch_0000", "final"):  # --num_validation_images defaults to 4
         assert len(os.listdir(os.path.join(out, "validation", name))) == 4, name
     assert os.path.isdir(tmp_path / "wandb")
@@ -100,19 +72,19 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_qwen
         card = file.read()
     assert "QwenImagePipeline.from_pretrained" in card and "\n- qwen-image\n" in card and "apache-2.0" in card
 
-    pipeline = _pipeline(tiny_qwen_image)
+    pipeline = pipeline_from(QWEN_IMAGE_PIPELINE, tiny_qwen_image)
     base = render(pipeline)
     pipeline.load_lora_weights(out)
     assert not (render(pipeline) == base).all()
 
 
-def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_qwen_image, instance_folder, tmp_path):
+def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_qwen_image, instance_images, tmp_path):
     """test_dreambooth_lora_qwenimage.py's command lines, folded into two runs: --cache_latents, --lora_layers
     transformer_blocks.0.attn.to_k, --lora_alpha 8 --rank 4, --learning_rate 5e-4 --scale_lr, a checkpoint every 2
     of 4 steps; then resumed from checkpoint-4 to 8 steps with --checkpoints_total_limit 2, which leaves
     checkpoint-6 and checkpoint-8 (with --gradient_checkpointing, which upstream's tests leave out)."""
     out = str(tmp_path / "out")
-    common = [f"--pretrained_model_name_or_path={tiny_qwen_image}", f"--instance_data_dir={instance_folder}",
+    common = [f"--pretrained_model_name_or_path={tiny_qwen_image}", f"--instance_data_dir={instance_images}",
               f"--output_dir={out}", "--instance_prompt=photo", "--resolution=32", "--train_batch_size=1",
               "--gradient_accumulation_steps=1", "--checkpointing_steps=2", "--cache_latents", "--learning_rate",
               "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--lora_layers",
@@ -127,7 +99,7 @@ def test_upstream_test_commands_lora_layers_metadata_rotation_and_resume(tiny_qw
     assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
     weights = lora(out)
     assert weights and all(key.startswith("transformer.transformer_blocks.0.attn.to_k.") for key in weights)
-    assert metadata(out) == (4, 8)
+    assert lora_rank_and_alpha(QWEN_IMAGE_PIPELINE, out) == (4, 8)
     result = train(SCRIPT, common + ["--max_train_steps=8", "--resume_from_checkpoint=checkpoint-4",
                                      "--checkpoints_total_limit=2", "--gradient_checkpointing"])
     assert "latents: 3 of 3 cached" in result.stderr
@@ -186,7 +158,7 @@ def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_
     assert any(not torch.equal(a[key], b[key]) for key in a)  # steps 3-4 trained
 
 
-def test_prior_preservation_quantized_offloaded_and_final_validation_prompt_alone(tiny_qwen_image, instance_folder,
+def test_prior_preservation_quantized_offloaded_and_final_validation_prompt_alone(tiny_qwen_image, instance_images,
                                                                                   tmp_path):
     """Prior preservation (class images given: the pipeline's own 1024 px class images take ~20 s each here) on an
     nf4-quantized transformer (--bnb_quantization_config_path, README_qwen.md's JSON; bitsandbytes runs on a CPU) with
@@ -204,7 +176,7 @@ def test_prior_preservation_quantized_offloaded_and_final_validation_prompt_alon
     for index, image in enumerate(_shape_images(2, seed=5)):
         image.save(class_dir / f"{index}.png")
     out = str(tmp_path / "out")
-    result = train(SCRIPT, qwen_args(tiny_qwen_image, instance_folder, out, with_prior_preservation=True,
+    result = train(SCRIPT, qwen_args(tiny_qwen_image, instance_images, out, with_prior_preservation=True,
                                      class_data_dir=str(class_dir), class_prompt=CLASS_PROMPT, num_class_images=2,
                                      max_train_steps=2, final_validation_prompt="a photo of sks dog in a bucket",
                                      num_validation_images=2, bnb_quantization_config_path=bnb_config,
@@ -215,7 +187,7 @@ def test_prior_preservation_quantized_offloaded_and_final_validation_prompt_alon
     assert len(os.listdir(os.path.join(out, "validation", "final"))) == 2
     with open(os.path.join(out, "README.md")) as file:
         assert "Images for `a photo of sks dog in a bucket`" in file.read()
-    assert parts(lora(out)) == {"transformer"}
+    assert lora_parts(lora(out)) == {"transformer"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -240,7 +212,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_qwen_bad_input_gets_one_line_error(case, tiny_qwen_image, instance_folder, request, tmp_path, capsys):
+def test_qwen_bad_input_gets_one_line_error(case, tiny_qwen_image, instance_images, request, tmp_path, capsys):
     overrides, expected = BAD_INPUTS[case]
     overrides = dict(overrides)
     model = request.getfixturevalue(overrides.pop("model", "tiny_qwen_image"))
@@ -248,19 +220,19 @@ def test_qwen_bad_input_gets_one_line_error(case, tiny_qwen_image, instance_fold
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     before = snapshot(str(out))
-    status, stderr = fail_in_process("train_dreambooth_lora", qwen_args(model, instance_folder, str(out),
+    status, stderr = fail_in_process("train_dreambooth_lora", qwen_args(model, instance_images, str(out),
                                                                         **overrides), capsys)
     assert status == 2
     assert_one_line_error(status, stderr, expected)
     assert snapshot(str(out)) == before
 
 
-def test_upstream_defaults_fill_the_flags_left_out(tiny_qwen_image, instance_folder):
+def test_upstream_defaults_fill_the_flags_left_out(tiny_qwen_image, instance_images):
     """train_dreambooth_lora_qwen_image.py's defaults; its two unread HiDream flags are accepted with a warning."""
     import train_dreambooth_lora as script
 
     args = script.parse_args(["--pretrained_model_name_or_path", tiny_qwen_image, "--instance_data_dir",
-                              instance_folder, "--instance_prompt", INSTANCE_PROMPT,
+                              instance_images, "--instance_prompt", INSTANCE_PROMPT,
                               "--pretrained_tokenizer_4_name_or_path", "meta-llama/Meta-Llama-3.1-8B-Instruct"])
     with pytest.warns(UserWarning, match="--pretrained_tokenizer_4_name_or_path is ignored"):
         script.validate_args(args)
@@ -286,7 +258,7 @@ def test_prompt_conditioning_is_the_pipelines(tiny_qwen_image):
     import train_dreambooth_lora as script
     from trainkit.families import FAMILIES
 
-    pipeline = _pipeline(tiny_qwen_image)
+    pipeline = pipeline_from(QWEN_IMAGE_PIPELINE, tiny_qwen_image)
     family = FAMILIES["qwen_image"]
     long_prompt = "a photo of sks dog in the style of a red painting with a blue background"
     for length in (512, 4):

@@ -16,52 +16,24 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_one_line_error, checkpoints, fail_in_process, launch, snapshot, train
+from helpers import (assert_one_line_error, checkpoints, fail_in_process, launch, lora_parts, lora_rank_and_alpha,
+                     pipeline_from, snapshot, train)
 from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
 from test_dreambooth_lora import tiny_sd  # noqa: F401 (module fixture: the SD model of the SD3-only flag case)
 
 SCRIPT = "train_dreambooth_lora.py"
+SD3_PIPELINE = "StableDiffusion3Pipeline"  # what users load the LoRA with
 RESOLUTION = 32
 SMALL_VALIDATION = {"validation_height": RESOLUTION, "validation_width": RESOLUTION}
-
-
-@pytest.fixture(scope="module")
-def instance_folder(tmp_path_factory):
-    """3 non-square images (24 x 20..22): at batch 1, 3 batches per epoch."""
-    from conftest import _shape_images
-
-    folder = tmp_path_factory.mktemp("instance")
-    for index, image in enumerate(_shape_images(3)):
-        image.save(folder / f"dog_{index}.png")
-    return str(folder)
 
 
 def sd3_args(model, data, output_dir, **overrides):
     return base_args(model, data, output_dir, **{"resolution": RESOLUTION, **overrides})
 
 
-def _pipeline(model):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipeline = StableDiffusion3Pipeline.from_pretrained(model)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def render(pipeline, prompt=INSTANCE_PROMPT):
     return pipeline(prompt, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def parts(weights):
-    return {key.split(".")[0] for key in weights}
-
-
-def metadata(folder):
-    from diffusers import StableDiffusion3Pipeline
-
-    _, meta = StableDiffusion3Pipeline.lora_state_dict(folder, return_lora_metadata=True)
-    return meta["transformer.r"], meta["transformer.lora_alpha"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -70,7 +42,7 @@ def metadata(folder):
 
 
 def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_sd3_pipeline(
-        tiny_sd3, instance_folder, tmp_path):
+        tiny_sd3, instance_images, tmp_path):
     """README_sd3.md's LoRA command (accumulation 4, wandb, validation every 25 epochs) with the tiny model; only
     --resolution (512 -> 32) and --max_train_steps (500 -> 2) shrunk, --mixed_precision fp16 -> bf16 (a CPU), its
     --push_to_hub left out (no network), and the validation images made small and quick. The LoRA: transformer.*
@@ -79,7 +51,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_sd3_
     The model card names the pipeline and SD3's tags."""
     out = str(tmp_path / "trained-sd3-lora")
     result = launch(SCRIPT, [
-        f"--pretrained_model_name_or_path={tiny_sd3}", f"--instance_data_dir={instance_folder}",
+        f"--pretrained_model_name_or_path={tiny_sd3}", f"--instance_data_dir={instance_images}",
         f"--output_dir={out}", "--mixed_precision=bf16", "--instance_prompt=a photo of sks dog", "--resolution=32",
         "--train_batch_size=1", "--gradient_accumulation_steps=4", "--learning_rate=4e-4", "--report_to=wandb",
         "--lr_scheduler=constant", "--lr_warmup_steps=0", "--max_train_steps=2",
@@ -89,12 +61,12 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_sd3_
     ], cwd=str(tmp_path))
     assert "2 steps in all, batch 1 per device, total batch 4" in result.stderr
     weights = lora(out)
-    assert parts(weights) == {"transformer"} and all("lora" in key for key in weights)
+    assert lora_parts(weights) == {"transformer"} and all("lora" in key for key in weights)
     assert {value.dtype for value in weights.values()} == {torch.bfloat16}
     modules = {key.split(".lora_")[0].split(".", 3)[3] for key in weights}
     assert modules == {"attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                        "attn.add_v_proj", "attn.to_add_out"}
-    assert metadata(out) == (4, 4)
+    assert lora_rank_and_alpha(SD3_PIPELINE, out) == (4, 4)
     for name in ("epoch_0000", "final"):
         assert len(os.listdir(os.path.join(out, "validation", name))) == 2, name
     assert os.path.isdir(tmp_path / "wandb")
@@ -102,7 +74,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_sd3_
         card = file.read()
     assert "StableDiffusion3Pipeline.from_pretrained" in card and "\n- sd3\n" in card and "openrail++" in card
 
-    pipeline = _pipeline(tiny_sd3)
+    pipeline = pipeline_from(SD3_PIPELINE, tiny_sd3)
     base = render(pipeline)
     pipeline.load_lora_weights(out)
     assert not (render(pipeline) == base).all()
@@ -131,18 +103,18 @@ def test_text_encoder_readme_command_trains_both_clips_whatever_their_widths(tin
     ])
     assert "The frozen text_encoder_3 encoded the" in result.stderr
     weights = lora(out)
-    assert parts(weights) == {"transformer", "text_encoder", "text_encoder_2"}
+    assert lora_parts(weights) == {"transformer", "text_encoder", "text_encoder_2"}
     widths = {part: {value.shape[1] for key, value in weights.items()
                      if key.startswith(part + ".") and "lora_A" in key and "fc" not in key}
               for part in ("text_encoder", "text_encoder_2")}
     assert widths == {"text_encoder": {16}, "text_encoder_2": {24}}
-    assert metadata(out) == (32, 32)
-    pipeline = _pipeline(tiny_sd3)
+    assert lora_rank_and_alpha(SD3_PIPELINE, out) == (32, 32)
+    pipeline = pipeline_from(SD3_PIPELINE, tiny_sd3)
     pipeline.load_lora_weights(out)
     assert {"text_encoder", "text_encoder_2", "transformer"} <= set(pipeline.get_list_adapters())
 
 
-def test_sd35_lora_blocks_checkpoint_holds_both_clips_and_resumes_exactly(tiny_sd35, instance_folder, tmp_path):
+def test_sd35_lora_blocks_checkpoint_holds_both_clips_and_resumes_exactly(tiny_sd35, instance_images, tmp_path):
     """On the SD3.5 transformer (qk_norm, a dual-attention block): upstream's test command lines folded into one run
     (--cache_latents without --center_crop, --lora_blocks 0, --learning_rate 5e-4 --scale_lr, a checkpoint every 2
     steps) with --train_text_encoder and accumulation 2, 4 steps; its checkpoint-2, resumed in a fresh folder with
@@ -152,18 +124,18 @@ def test_sd35_lora_blocks_checkpoint_holds_both_clips_and_resumes_exactly(tiny_s
     settings = {"max_train_steps": 4, "checkpointing_steps": 2, "gradient_accumulation_steps": 2,
                 "cache_latents": True, "lora_blocks": "0", "learning_rate": 5e-4, "scale_lr": True,
                 "train_text_encoder": True, "feature_cache_dir": str(tmp_path / "cache")}
-    result = train(SCRIPT, sd3_args(tiny_sd35, instance_folder, out, **settings))
+    result = train(SCRIPT, sd3_args(tiny_sd35, instance_images, out, **settings))
     assert "the latents of centre crops are cached" in result.stderr
     assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
     saved = lora(os.path.join(out, "checkpoint-2"))
-    assert parts(saved) == {"transformer", "text_encoder", "text_encoder_2"}
+    assert lora_parts(saved) == {"transformer", "text_encoder", "text_encoder_2"}
     assert all(key.startswith("transformer.transformer_blocks.0.") for key in saved if key.startswith("transformer"))
     assert any(".attn.to_add_out." in key for key in saved)
 
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
-    result = train(SCRIPT, sd3_args(tiny_sd35, instance_folder, resumed, resume_from_checkpoint="latest",
+    result = train(SCRIPT, sd3_args(tiny_sd35, instance_images, resumed, resume_from_checkpoint="latest",
                                     checkpoints_total_limit=1, **settings))
     assert "latents: 3 of 3 cached" in result.stderr
     assert checkpoints(resumed) == {"checkpoint-4"}
@@ -205,7 +177,7 @@ def test_two_processes_resume_exactly_with_clip_lora_buckets_masks_prior_preserv
     assert re.search(r"latents: 0 of [1-9]", result.stderr) and re.search(r"text_embeddings: 0 of [1-9]",
                                                                           result.stderr)
     assert checkpoints(straight) == {"checkpoint-2", "checkpoint-4"}
-    assert parts(lora(straight)) == {"transformer", "text_encoder", "text_encoder_2"}
+    assert lora_parts(lora(straight)) == {"transformer", "text_encoder", "text_encoder_2"}
 
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
@@ -244,7 +216,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_sd3_bad_input_gets_one_line_error(case, tiny_sd3, instance_folder, request, tmp_path, capsys):
+def test_sd3_bad_input_gets_one_line_error(case, tiny_sd3, instance_images, request, tmp_path, capsys):
     overrides, expected = BAD_INPUTS[case]
     overrides = dict(overrides)
     model = request.getfixturevalue(overrides.pop("model", "tiny_sd3"))
@@ -252,18 +224,18 @@ def test_sd3_bad_input_gets_one_line_error(case, tiny_sd3, instance_folder, requ
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     before = snapshot(str(out))
-    status, stderr = fail_in_process("train_dreambooth_lora", sd3_args(model, instance_folder, str(out),
+    status, stderr = fail_in_process("train_dreambooth_lora", sd3_args(model, instance_images, str(out),
                                                                        **overrides), capsys)
     assert status == 2
     assert_one_line_error(status, stderr, expected)
     assert snapshot(str(out)) == before
 
 
-def test_upstream_defaults_fill_the_flags_left_out(tiny_sd3, instance_folder):
+def test_upstream_defaults_fill_the_flags_left_out(tiny_sd3, instance_images):
     """train_dreambooth_lora_sd3.py's defaults; SD3 is detected before SDXL (both have a text_encoder_2)."""
     import train_dreambooth_lora as script
 
-    args = script.parse_args(["--pretrained_model_name_or_path", tiny_sd3, "--instance_data_dir", instance_folder,
+    args = script.parse_args(["--pretrained_model_name_or_path", tiny_sd3, "--instance_data_dir", instance_images,
                               "--instance_prompt", INSTANCE_PROMPT])
     script.validate_args(args)
     assert args.family.name == "sd3"
@@ -290,7 +262,7 @@ def test_prompt_conditioning_is_the_pipelines(tiny_sd3):
     import train_dreambooth_lora as script
     from trainkit.families import FAMILIES
 
-    pipeline = _pipeline(tiny_sd3)
+    pipeline = pipeline_from(SD3_PIPELINE, tiny_sd3)
     family = FAMILIES["sd3"]
     tokenizers = [pipeline.tokenizer, pipeline.tokenizer_2, pipeline.tokenizer_3]
     encoders = [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]

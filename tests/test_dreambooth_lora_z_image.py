@@ -18,25 +18,15 @@ import signal
 
 import pytest
 import torch
-from helpers import (assert_one_line_error, checkpoints, fail_in_process, launch, send_signal_and_wait, snapshot,
-                     start_python, train, wait_for_path)
+from helpers import (assert_one_line_error, checkpoints, fail_in_process, launch, lora_rank_and_alpha, pipeline_from,
+                     send_signal_and_wait, snapshot, start_python, train, wait_for_path)
 from test_dreambooth_lora import CLASS_PROMPT, INSTANCE_PROMPT, assert_same_lora, base_args, lora
 
 SCRIPT = "train_dreambooth_lora.py"
+Z_IMAGE_PIPELINE = "ZImagePipeline"  # what users load the LoRA with
 RESOLUTION = 32
 SMALL_VALIDATION = {"validation_height": RESOLUTION, "validation_width": RESOLUTION}
 LONG_PROMPT = "a photo of sks dog in the style of a red painting with a blue background"
-
-
-@pytest.fixture(scope="module")
-def instance_folder(tmp_path_factory):
-    """3 non-square images (24 x 20..22): at batch 1, 3 batches per epoch."""
-    from conftest import _shape_images
-
-    folder = tmp_path_factory.mktemp("instance")
-    for index, image in enumerate(_shape_images(3)):
-        image.save(folder / f"dog_{index}.png")
-    return str(folder)
 
 
 @pytest.fixture()
@@ -54,24 +44,9 @@ def z_args(model, data, output_dir, **overrides):
     return base_args(model, data, output_dir, **{"resolution": RESOLUTION, **overrides})
 
 
-def _pipeline(model):
-    from diffusers import ZImagePipeline
-
-    pipeline = ZImagePipeline.from_pretrained(model)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def render(pipeline, prompt=INSTANCE_PROMPT):
     return pipeline(prompt, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def metadata(folder):
-    from diffusers import ZImagePipeline
-
-    _, meta = ZImagePipeline.lora_state_dict(folder, return_lora_metadata=True)
-    return meta["transformer.r"], meta["transformer.lora_alpha"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -80,7 +55,7 @@ def metadata(folder):
 
 
 def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_z_image_pipeline(
-        tiny_z_image, instance_folder, tmp_path):
+        tiny_z_image, instance_images, tmp_path):
     """README_z_image.md's command (bf16, gradient checkpointing, --cache_latents without --center_crop,
     --guidance_scale 5.0 (upstream never reads it: a warning here), 8-bit AdamW, accumulation 4, wandb, validation
     every 25 epochs) with the tiny model; only --resolution (1024 -> 32), --max_train_steps (500 -> 2) and the
@@ -91,7 +66,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_z_im
     ZImagePipeline.load_lora_weights loads it and renders differently."""
     out = str(tmp_path / "trained-z-image-lora")
     result = launch(SCRIPT, [
-        f"--pretrained_model_name_or_path={tiny_z_image}", f"--instance_data_dir={instance_folder}",
+        f"--pretrained_model_name_or_path={tiny_z_image}", f"--instance_data_dir={instance_images}",
         f"--output_dir={out}", "--mixed_precision=bf16", "--gradient_checkpointing", "--cache_latents",
         "--instance_prompt=a photo of sks dog", "--resolution=32", "--train_batch_size=1", "--guidance_scale=5.0",
         "--use_8bit_adam", "--gradient_accumulation_steps=4", "--optimizer=adamW", "--learning_rate=1e-4",
@@ -109,7 +84,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_z_im
     assert modules == {"to_k", "to_q", "to_v", "to_out.0"}
     # Every block's attention: the noise and context refiners' and the main layers'.
     assert {key.split(".")[1] for key in weights} == {"noise_refiner", "context_refiner", "layers"}
-    assert metadata(out) == (4, 4)
+    assert lora_rank_and_alpha(Z_IMAGE_PIPELINE, out) == (4, 4)
     for name in ("epoch_0000", "final"):  # --num_validation_images defaults to 4
         assert len(os.listdir(os.path.join(out, "validation", name))) == 4, name
     assert os.path.isdir(tmp_path / "wandb")
@@ -117,7 +92,7 @@ def test_upstream_readme_command_runs_unchanged_and_the_lora_loads_into_the_z_im
         card = file.read()
     assert "ZImagePipeline.from_pretrained" in card and "\n- z-image\n" in card and "apache-2.0" in card
 
-    pipeline = _pipeline(tiny_z_image)
+    pipeline = pipeline_from(Z_IMAGE_PIPELINE, tiny_z_image)
     base = render(pipeline)
     pipeline.load_lora_weights(out)
     assert not (render(pipeline) == base).all()
@@ -167,7 +142,7 @@ def test_two_processes_resume_exactly_with_buckets_masks_prior_preservation_and_
     assert any(not torch.equal(a[key], b[key]) for key in a)  # steps 3-4 trained
 
 
-def test_prior_preservation_quantized_offloaded_lora_layers_and_exact_resume(tiny_z_image, instance_folder,
+def test_prior_preservation_quantized_offloaded_lora_layers_and_exact_resume(tiny_z_image, instance_images,
                                                                             class_folder, tmp_path):
     """Prior preservation at batch 2 (the instance and class prompts differ in length: one batch of four prompt
     states of two lengths, where upstream's torch.cat of its per-prompt lists raises a TypeError) on an
@@ -189,7 +164,7 @@ def test_prior_preservation_quantized_offloaded_lora_layers_and_exact_resume(tin
               "final_validation_prompt": "a photo of sks dog in a bucket", "num_validation_images": 2,
               **SMALL_VALIDATION}
     straight = str(tmp_path / "straight")
-    result = train(SCRIPT, z_args(tiny_z_image, instance_folder, straight, **common))
+    result = train(SCRIPT, z_args(tiny_z_image, instance_images, straight, **common))
     assert "Prior preservation: 2 class images (0 generated this run)" in result.stderr
     assert "Frozen transformer (quantized)" in result.stderr
     assert "4 steps in all, batch 2 per device" in result.stderr
@@ -201,12 +176,12 @@ def test_prior_preservation_quantized_offloaded_lora_layers_and_exact_resume(tin
     weights = lora(straight)
     assert weights and all(key.startswith("transformer.layers.0.attention.to_k.") for key in weights)
     assert {value.dtype for value in weights.values()} == {torch.float32}
-    assert metadata(straight) == (4, 8)
+    assert lora_rank_and_alpha(Z_IMAGE_PIPELINE, straight) == (4, 8)
 
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
-    train(SCRIPT, z_args(tiny_z_image, instance_folder, resumed, resume_from_checkpoint="checkpoint-2",
+    train(SCRIPT, z_args(tiny_z_image, instance_images, resumed, resume_from_checkpoint="checkpoint-2",
                          checkpoints_total_limit=1, skip_final_inference=True, **common))
     assert checkpoints(resumed) == {"checkpoint-4"}
     assert not os.path.exists(os.path.join(resumed, "validation"))
@@ -214,7 +189,7 @@ def test_prior_preservation_quantized_offloaded_lora_layers_and_exact_resume(tin
     assert_same_lora(straight, resumed)
 
 
-def test_readme_prodigy_command_and_sigterm_saves_a_checkpoint_and_exits_143(tiny_z_image, instance_folder,
+def test_readme_prodigy_command_and_sigterm_saves_a_checkpoint_and_exits_143(tiny_z_image, instance_images,
                                                                               tmp_path):
     """README_z_image.md's Prodigy command (bf16, gradient checkpointing, --cache_latents, --guidance_scale 5.0,
     prodigy at learning rate 1.0, constant_with_warmup, accumulation 4) scaled down (resolution 32, a checkpoint every
@@ -224,7 +199,7 @@ def test_readme_prodigy_command_and_sigterm_saves_a_checkpoint_and_exits_143(tin
     steps = 500
     out = str(tmp_path / "out")
     process = start_python(SCRIPT, [
-        f"--pretrained_model_name_or_path={tiny_z_image}", f"--instance_data_dir={instance_folder}",
+        f"--pretrained_model_name_or_path={tiny_z_image}", f"--instance_data_dir={instance_images}",
         f"--output_dir={out}", "--mixed_precision=bf16", "--gradient_checkpointing", "--cache_latents",
         "--instance_prompt=a photo of sks dog", "--resolution=32", "--train_batch_size=1", "--guidance_scale=5.0",
         "--gradient_accumulation_steps=4", "--optimizer=prodigy", "--learning_rate=1.0", "--report_to=tensorboard",
@@ -264,25 +239,25 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_z_image_bad_input_gets_one_line_error(case, tiny_z_image, instance_folder, tmp_path, capsys):
+def test_z_image_bad_input_gets_one_line_error(case, tiny_z_image, instance_images, tmp_path, capsys):
     overrides, expected = BAD_INPUTS[case]
     out = tmp_path / "existing_output"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     before = snapshot(str(out))
-    status, stderr = fail_in_process("train_dreambooth_lora", z_args(tiny_z_image, instance_folder, str(out),
+    status, stderr = fail_in_process("train_dreambooth_lora", z_args(tiny_z_image, instance_images, str(out),
                                                                      **overrides), capsys)
     assert status == 2
     assert_one_line_error(status, stderr, expected)
     assert snapshot(str(out)) == before
 
 
-def test_upstream_defaults_fill_the_flags_left_out(tiny_z_image, instance_folder):
+def test_upstream_defaults_fill_the_flags_left_out(tiny_z_image, instance_images):
     """train_dreambooth_lora_z_image.py's defaults."""
     import train_dreambooth_lora as script
 
     args = script.parse_args(["--pretrained_model_name_or_path", tiny_z_image, "--instance_data_dir",
-                              instance_folder, "--instance_prompt", INSTANCE_PROMPT])
+                              instance_images, "--instance_prompt", INSTANCE_PROMPT])
     script.validate_args(args)
     assert args.family.name == "z_image"
     assert (args.resolution, args.learning_rate, args.adam_weight_decay, args.output_dir, args.rank, args.lora_alpha,
@@ -308,7 +283,7 @@ def test_prompt_conditioning_is_the_pipelines(tiny_z_image):
     import train_dreambooth_lora as script
     from trainkit.families import FAMILIES
 
-    pipeline = _pipeline(tiny_z_image)
+    pipeline = pipeline_from(Z_IMAGE_PIPELINE, tiny_z_image)
     family = FAMILIES["z_image"]
     prompts = [INSTANCE_PROMPT, LONG_PROMPT, ""]
     for length in (512, 8):
@@ -361,7 +336,7 @@ def test_latents_time_and_sign_are_the_pipelines(tiny_z_image):
     from trainkit.families import FAMILIES
 
     family = FAMILIES["z_image"]
-    pipeline = _pipeline(tiny_z_image)
+    pipeline = pipeline_from(Z_IMAGE_PIPELINE, tiny_z_image)
     vae = pipeline.vae
     pixels = torch.rand(2, 3, 32, 48) * 2 - 1
     with torch.no_grad():
