@@ -521,6 +521,30 @@ FLUX2_ROWS = {
 SCRIPTS.update(FLUX2_ROWS)
 
 
+def bench_flux2_image_parts(joint_attention_dim, guidance_embeds):
+    """(vae, transformer, scheduler) of both FLUX.2 bench pipelines: an AutoencoderKLFlux2 with 4 latent channels and
+    batch-norm statistics that are not 0/1, a Flux2Transformer2DModel of 2 double- and 4 single-stream blocks, 4 heads
+    of 32, taking `joint_attention_dim` text features, and the FLUX.2 scheduler's settings."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=RESOLUTION, use_quant_conv=False,
+        use_post_quant_conv=False)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 16))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=joint_attention_dim, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+    return vae, transformer, scheduler
+
+
 def build_bench_flux2_model(folder):
     """A random FLUX.2 [dev]-layout pipeline (Flux2Pipeline: tokenizer/ the tests' chat-template tokenizer,
     text_encoder/ a Mistral3ForConditionalGeneration whose text model is 64 wide with 30 layers, vae/ an
@@ -529,7 +553,7 @@ def build_bench_flux2_model(folder):
     FlowMatchEulerDiscreteScheduler with dynamic shifting): 128 px -> 16x16 latents -> patchified 2x2 into 64 tokens
     of 16 channels."""
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
@@ -548,55 +572,41 @@ def build_bench_flux2_model(folder):
                        "intermediate_size": 37, "image_size": 30, "patch_size": 6, "num_channels": 3},
         bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>"), image_seq_length=4,
         vision_feature_layer=-1, image_token_index=ids("[IMG]"))).eval()
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=RESOLUTION, use_quant_conv=False,
-        use_post_quant_conv=False)
-    with torch.no_grad():
-        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 16))
-        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
-        joint_attention_dim=3 * FLUX2_TEXT_HIDDEN, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=True)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+    vae, transformer, scheduler = bench_flux2_image_parts(3 * FLUX2_TEXT_HIDDEN, guidance_embeds=True)
     Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                   transformer=transformer).save_pretrained(folder)
 
 
-def floor_dreambooth_lora_flux2(model, device):
-    """Only LoRA adapters on the FLUX.2 [dev] transformer train (the script's default targets: FLUX.2's lora_targets,
-    rank 4, alpha 4). The batch is what the script feeds it: the 16x16 latents patchified 2x2 into 64 tokens of 16
-    channels with their 4-axis ids, FLUX2_MAX_SEQUENCE_LENGTH text tokens (3 layers' hidden states side by side) with
-    theirs, a flow-matching timestep in [0, 1), the guidance FLUX2_GUIDANCE_SCALE."""
+def flux2_floor(model, device, family, sequence_length, guidance):
+    """The floor of both FLUX.2 rows: only LoRA adapters on the transformer train (the script's default targets, the
+    family's lora_targets, rank 4, alpha 4), on the batch the script feeds it: the 16x16 latents patchified 2x2 into
+    64 tokens of 16 channels with their 4-axis ids, `sequence_length` text tokens (3 layers' hidden states side by
+    side) with theirs, a flow-matching timestep in [0, 1), `guidance` (None: the transformer has no guidance
+    embedding)."""
     import torch
     from diffusers import Flux2Pipeline, Flux2Transformer2DModel
     from peft import LoraConfig
 
-    sys.path.insert(0, THIS_REPO)
-    from trainkit.families.flux2 import FAMILY
-
     transformer = Flux2Transformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=FAMILY.lora_targets))
+                                       target_modules=family.lora_targets))
     transformer.train()
     config = transformer.config
     generator = torch.Generator().manual_seed(0)
     side = RESOLUTION // 8 // 2
     latents = torch.randn(BATCH_SIZE, config.in_channels, side, side, generator=generator)
-    text = torch.randn(BATCH_SIZE, FLUX2_MAX_SEQUENCE_LENGTH, config.joint_attention_dim, generator=generator)
+    text = torch.randn(BATCH_SIZE, sequence_length, config.joint_attention_dim, generator=generator)
     batch = {
         "hidden_states": Flux2Pipeline._pack_latents(latents),
         "target": torch.randn(BATCH_SIZE, side * side, config.in_channels, generator=generator),
         "encoder_hidden_states": text,
         "timestep": torch.rand(BATCH_SIZE, generator=generator),
-        "guidance": torch.full([BATCH_SIZE], FLUX2_GUIDANCE_SCALE),
         "img_ids": Flux2Pipeline._prepare_latent_ids(latents),
         "txt_ids": Flux2Pipeline._prepare_text_ids(text),
     }
+    if guidance is not None:
+        batch["guidance"] = torch.full([BATCH_SIZE], guidance)
     batch = {key: value.to(device) for key, value in batch.items()}
     inputs = {key: value for key, value in batch.items() if key != "target"}
     trained = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
@@ -604,6 +614,14 @@ def floor_dreambooth_lora_flux2(model, device):
     def loss():
         return mse(transformer(**inputs, return_dict=False)[0], batch)
     return trained, loss
+
+
+def floor_dreambooth_lora_flux2(model, device):
+    """flux2_floor with FLUX2_MAX_SEQUENCE_LENGTH text tokens and the guidance FLUX2_GUIDANCE_SCALE."""
+    sys.path.insert(0, THIS_REPO)
+    from trainkit.families.flux2 import FAMILY
+
+    return flux2_floor(model, device, FAMILY, FLUX2_MAX_SEQUENCE_LENGTH, FLUX2_GUIDANCE_SCALE)
 
 
 # The FLUX.2 [klein] row: train_dreambooth_lora.py (it trains FLUX.2 [klein] when the model folder is a
@@ -626,8 +644,7 @@ def build_bench_flux2_klein_model(folder):
     single-stream blocks, 4 heads of 32, no guidance embedding, scheduler/ FlowMatchEulerDiscreteScheduler with
     dynamic shifting): 128 px -> 16x16 latents -> patchified 2x2 into 64 tokens of 16 channels."""
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, \
-        Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     sys.path.insert(0, os.path.join(THIS_REPO, "tests"))
@@ -639,61 +656,19 @@ def build_bench_flux2_klein_model(folder):
         hidden_size=KLEIN_TEXT_HIDDEN, intermediate_size=256, num_hidden_layers=KLEIN_TEXT_LAYERS,
         num_attention_heads=4, num_key_value_heads=4, head_dim=16, vocab_size=len(tokenizer),
         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)).eval()
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=RESOLUTION, use_quant_conv=False,
-        use_post_quant_conv=False)
-    with torch.no_grad():
-        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 16))
-        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
-        joint_attention_dim=3 * KLEIN_TEXT_HIDDEN, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+    vae, transformer, scheduler = bench_flux2_image_parts(3 * KLEIN_TEXT_HIDDEN, guidance_embeds=False)
     Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                        transformer=transformer).save_pretrained(folder)
 
 
 def floor_dreambooth_lora_flux2_klein(model, device):
-    """Only LoRA adapters on the klein transformer train (the script's default targets: FLUX.2 [klein]'s
-    lora_targets, rank 4, alpha 4). The batch is what the script feeds it: the 16x16 latents patchified 2x2 into 64
-    tokens of 16 channels with their 4-axis ids, KLEIN_MAX_SEQUENCE_LENGTH text tokens (3 layers' hidden states side
-    by side) with theirs, a flow-matching timestep in [0, 1), no guidance."""
-    import torch
-    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-    from peft import LoraConfig
-
+    """flux2_floor with KLEIN_MAX_SEQUENCE_LENGTH text tokens and no guidance (the klein transformer has none)."""
     sys.path.insert(0, THIS_REPO)
     from trainkit.families.flux2_klein import FAMILY
 
-    transformer = Flux2Transformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=DREAMBOOTH_LORA_RANK, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=FAMILY.lora_targets))
-    transformer.train()
-    config = transformer.config
-    generator = torch.Generator().manual_seed(0)
-    side = RESOLUTION // 8 // 2
-    latents = torch.randn(BATCH_SIZE, config.in_channels, side, side, generator=generator)
-    text = torch.randn(BATCH_SIZE, KLEIN_MAX_SEQUENCE_LENGTH, config.joint_attention_dim, generator=generator)
-    batch = {
-        "hidden_states": Flux2KleinPipeline._pack_latents(latents),
-        "target": torch.randn(BATCH_SIZE, side * side, config.in_channels, generator=generator),
-        "encoder_hidden_states": text,
-        "timestep": torch.rand(BATCH_SIZE, generator=generator),
-        "img_ids": Flux2KleinPipeline._prepare_latent_ids(latents),
-        "txt_ids": Flux2KleinPipeline._prepare_text_ids(text),
-    }
-    batch = {key: value.to(device) for key, value in batch.items()}
-    inputs = {key: value for key, value in batch.items() if key != "target"}
-    trained = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+    return flux2_floor(model, device, FAMILY, KLEIN_MAX_SEQUENCE_LENGTH, None)
 
-    def loss():
-        return mse(transformer(**inputs, guidance=None, return_dict=False)[0], batch)
-    return trained, loss
+
 # The SD3 row: train_dreambooth_lora.py (it trains SD3 when the model folder is a StableDiffusion3Pipeline) with the
 # dreambooth row's flags on the bench SD3 pipeline, upstream's 77 T5 tokens (after the CLIPs' 77: 154 text tokens).
 # Its floor is its own (FLOORS): the transformer with the script's default LoRA on a fixed batch of those shapes.
