@@ -307,7 +307,7 @@ class Flux2(StableDiffusion):
         the prompt's text ids (the pipeline's _prepare_text_ids), --guidance_scale in the guidance embedding (none
         for a transformer without one), timesteps / 1000; the image tokens' prediction unpacked by its ids and
         unpatchified again."""
-        from diffusers import Flux2Pipeline
+        from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
         latents = Flux2Pipeline._patchify_latents(noisy_latents)
         latent_ids = Flux2Pipeline._prepare_latent_ids(latents).to(latents.device)
@@ -321,7 +321,11 @@ class Flux2(StableDiffusion):
             hidden_states=packed.to(dtype), timestep=timesteps / 1000, guidance=guidance,
             encoder_hidden_states=prompt_embeds.to(dtype), txt_ids=text_ids, img_ids=latent_ids,
             return_dict=False)[0]
-        prediction = Flux2Pipeline._unpack_latents_with_ids(prediction[:, :packed.shape[1]], latent_ids)
+        # Unpacked by its ids with the grid's size given: Flux2Pipeline's own unpacking reads the size back from the
+        # ids on the device, a host sync every step; the klein pipeline's takes it (the same scatter otherwise).
+        height, width = latents.shape[-2:]
+        prediction = Flux2KleinPipeline._unpack_latents_with_ids(prediction[:, :packed.shape[1]], latent_ids,
+                                                                 height, width)
         return Flux2Pipeline._unpatchify_latents(prediction)
 
 
